@@ -1,0 +1,245 @@
+/*
+** offpath.h - the public C API of liboffpath.
+** Keeps blocking work off the fast path of Lua-scripted engines: named
+** worker pools with their own Lua VMs, coroutine suspend/resume, and
+** non-blocking I/O, all driven by one libuv loop. See docs/api.md.
+**
+** Unless a comment says otherwise, every function here must be called on
+** the loop thread: the thread that runs the runtime's libuv loop.
+*/
+#ifndef OFFPATH_H
+#define OFFPATH_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <lua.h>
+#include <lauxlib.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(OP_BUILDING) && defined(__GNUC__)
+#define OP_EXTERN __attribute__((visibility("default")))
+#else
+#define OP_EXTERN /* nothing */
+#endif
+
+#define OP_VERSION_MAJOR 0
+#define OP_VERSION_MINOR 1
+#define OP_VERSION_PATCH 0
+#define OP_VERSION_STRING "0.1.0"
+#define OP_VERSION_HEX                                                        \
+  ((OP_VERSION_MAJOR << 16) | (OP_VERSION_MINOR << 8) | OP_VERSION_PATCH)
+
+/* The linked library's version, e.g. "0.1.0". */
+OP_EXTERN const char *op_version(void);
+
+/*
+** Error codes. Where the meaning is the same as libuv's, the value is
+** libuv's (OP_EINVAL == UV_EINVAL), so libuv errors pass straight through.
+** Codes only offpath has live in -30000..-30099, which libuv never uses.
+*/
+#define OP_ERRNO_MAP(XX)                                                      \
+  XX(EINVAL, -22, "invalid argument")                                         \
+  XX(ENOMEM, -12, "out of memory")                                            \
+  XX(ENOENT, -2, "no such file or directory")                                 \
+  XX(EBUSY, -16, "resource busy")                                             \
+  XX(EAGAIN, -11, "queue full")                                               \
+  XX(ECANCELED, -125, "operation cancelled")                                  \
+  XX(ETIMEDOUT, -110, "timed out")                                            \
+  XX(ESHUTDOWN, -108, "runtime is shutting down")                             \
+  XX(ESCRIPT, -30001, "script error")                                         \
+  XX(ENOPOOL, -30002, "no such pool")                                         \
+  XX(ECOPY, -30003, "value cannot be copied between Lua states")              \
+  XX(ESTARTED, -30004, "pool already started")                                \
+  XX(ENOHANDLER, -30005, "no such handler")
+
+typedef enum op_errno {
+#define OP_ERRNO_ENUM(name, value, text) OP_##name = (value),
+  OP_ERRNO_MAP(OP_ERRNO_ENUM)
+#undef OP_ERRNO_ENUM
+  OP_EMAX_SENTINEL = -30099
+} op_errno;
+
+/* A static description of an error code; "unknown error" if unknown. */
+OP_EXTERN const char *op_strerror(int err);
+/* The code's name without the prefix, e.g. "ETIMEDOUT". */
+OP_EXTERN const char *op_err_name(int err);
+
+/* ---- configuration ---- */
+
+#define OP_MAX_POOLS     16
+#define OP_POOL_NAME_MAX 32
+
+typedef struct op_pool_config {
+  const char *name;  /* "io", "cpu", or any name up to 31 bytes */
+  int threads;       /* worker threads; 0 means the default */
+  int queue;         /* bounded queue length; 0 means the default (4096) */
+  const char *init;  /* a Lua file run once in each worker VM, or NULL */
+} op_pool_config;
+
+/* What happens to queued tasks when the runtime is freed. */
+typedef enum op_shutdown_mode {
+  OP_SHUTDOWN_DRAIN = 0,  /* queued tasks still run (default) */
+  OP_SHUTDOWN_CANCEL = 1  /* queued tasks end as cancelled */
+} op_shutdown_mode;
+
+/* What happens when an offpath.block section overruns its budget. */
+typedef enum op_block_policy {
+  OP_BLOCK_ABORT = 0,   /* raise an error inside the section (default) */
+  OP_BLOCK_CONTINUE = 1 /* log a warning and let it finish */
+} op_block_policy;
+
+struct uv_loop_s;
+
+typedef struct op_config {
+  struct uv_loop_s *loop;      /* host's loop, or NULL: the runtime makes one */
+  op_pool_config pools[OP_MAX_POOLS]; /* extra pools or overrides of io/cpu */
+  int npools;
+  op_shutdown_mode shutdown;
+  double block_budget;         /* seconds; default 0.1 */
+  op_block_policy block_policy;
+  const char *package_path;    /* prepended to package.path in every VM */
+  int max_inflight;            /* suspended handlers before op_call says
+                                  OP_EAGAIN-worthy backpressure; 0: none */
+} op_config;
+
+/* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,
+** drain at shutdown, block budget 0.1 s with the abort policy. */
+OP_EXTERN void op_config_init(op_config *cfg);
+
+/* Add or override one pool in cfg. Returns 0, OP_EINVAL for a bad name or
+** size, or OP_ENOMEM when cfg already holds OP_MAX_POOLS pools. */
+OP_EXTERN int op_config_pool(op_config *cfg, const char *name, int threads,
+                             int queue);
+
+/* ---- the runtime ---- */
+
+typedef struct op_runtime op_runtime;
+
+/* Make a runtime: the main lua_State with the offpath module loaded, the
+** pools (threads start on first use) and the loop hooks. cfg may be NULL for
+** the defaults; it is copied. Returns 0 and sets *out, or a negative code. */
+OP_EXTERN int op_runtime_new(const op_config *cfg, op_runtime **out);
+
+/* Shut the runtime down: stops intake, drains or cancels queued tasks as
+** configured (every waiter and callback is told exactly once), runs the loop
+** until every task has ended, joins the workers and frees everything. A
+** loop handed in by the host is left open but has no offpath handles left.
+** Returns 0, or OP_ESCRIPT if a handler failed during the drain. */
+OP_EXTERN int op_runtime_free(op_runtime *rt);
+
+/* The main lua_State: push handler arguments here before op_call. */
+OP_EXTERN lua_State *op_runtime_lua(op_runtime *rt);
+
+/* The last error message with detail (file and line for script errors), or
+** "" if none. Valid until the next call into the runtime. */
+OP_EXTERN const char *op_errmsg(op_runtime *rt);
+
+/* ---- loop integration ---- */
+
+/* The libuv loop the runtime runs on, for hosts that use libuv. */
+OP_EXTERN struct uv_loop_s *op_runtime_uv_loop(op_runtime *rt);
+
+/* For hosts with their own poll/epoll loop: a file descriptor that becomes
+** readable when the runtime has work. Watch it for reading, and call
+** op_runtime_poll() when it is readable or when the timeout passes. */
+OP_EXTERN int op_runtime_fd(op_runtime *rt);
+
+/* Run whatever is ready without blocking. Returns the milliseconds until the
+** runtime next needs a call (a timer), -1 if it waits only on the fd, or a
+** negative code below -1 on error. */
+OP_EXTERN int op_runtime_poll(op_runtime *rt);
+
+/* Run the loop until no handler, task or I/O operation is pending.
+** Returns 0, or OP_ESCRIPT if a handler failed meanwhile (see op_errmsg). */
+OP_EXTERN int op_runtime_run(op_runtime *rt);
+
+/* Whether anything is pending: suspended handlers, tasks, timers, I/O. */
+OP_EXTERN int op_runtime_busy(op_runtime *rt);
+
+/* ---- scripts and handlers ---- */
+
+/* Load and run a script's main chunk (from a file, or from memory with a
+** chunk name for messages). Returns 0 or OP_ESCRIPT (see op_errmsg). */
+OP_EXTERN int op_load_script(op_runtime *rt, const char *path);
+OP_EXTERN int op_load_string(op_runtime *rt, const char *chunk,
+                             const char *name);
+
+/* Call the global function `handler` with the nargs values on top of the
+** main lua_State's stack (popped), in a coroutine. Returns at once if the
+** handler suspends. Returns 0 (done or suspended), OP_ENOHANDLER if there is
+** no such global function (the arguments are popped too), or OP_ESCRIPT if
+** it raised before suspending (see op_errmsg). Errors after a suspension
+** are reported through the error callback and counted in op_stats. */
+OP_EXTERN int op_call(op_runtime *rt, const char *handler, int nargs);
+
+/* Like op_call, with the function on the stack below its nargs arguments. */
+OP_EXTERN int op_call_value(op_runtime *rt, int nargs);
+
+/* Called on the loop thread when a handler, task callback or block section
+** fails after it could no longer return the error to a caller. msg has the
+** file, line and traceback. The default prints to stderr. */
+typedef void (*op_error_cb)(op_runtime *rt, const char *msg, void *ud);
+OP_EXTERN void op_runtime_on_error(op_runtime *rt, op_error_cb cb, void *ud);
+
+/* Make `fns` methods of the `engine` object handed to handlers (and reachable
+** as offpath.engine in the main VM and in block sections). ud is the
+** host's; Lua functions get it with op_engine_ud(L). Call before loading. */
+OP_EXTERN int op_register_engine(op_runtime *rt, const luaL_Reg *fns,
+                                 void *ud);
+/* Push the engine object on the main lua_State.  [-0, +1, m] */
+OP_EXTERN void op_push_engine(op_runtime *rt);
+/* The host's pointer given to op_register_engine, from any engine method. */
+OP_EXTERN void *op_engine_ud(lua_State *L);
+/* The runtime that owns a main-VM lua_State (or one of its coroutines). */
+OP_EXTERN op_runtime *op_runtime_from_lua(lua_State *L);
+
+/* Suspended handler coroutines right now (for host backpressure). */
+OP_EXTERN int op_runtime_suspended(op_runtime *rt);
+
+/* ---- C tasks ---- */
+
+/* Work run on a pool thread, then its completion on the loop thread.
+** status is 0 when work ran, or OP_ECANCELED when it never ran (cancelled or
+** drained at shutdown with OP_SHUTDOWN_CANCEL). done runs exactly once. */
+typedef void (*op_work_fn)(void *arg);       /* Thread: worker */
+typedef void (*op_done_fn)(void *arg, int status);
+
+/* Queue work on the named pool. Returns 0 (done will run exactly once),
+** OP_ENOPOOL, OP_EAGAIN if the queue is full, or OP_ESHUTDOWN (done never
+** runs on error). */
+OP_EXTERN int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
+                        op_done_fn done, void *arg);
+
+/* ---- statistics ---- */
+
+typedef struct op_pool_stats {
+  char name[OP_POOL_NAME_MAX];
+  int threads;
+  int queue_cap;
+  uint64_t submitted, completed, failed, timedout, cancelled;
+  uint32_t queued;        /* waiting in the queue now */
+  uint32_t inflight;      /* submitted and not yet ended */
+  uint32_t queue_hwm;     /* most ever waiting in the queue */
+  double p50, p99, max;   /* seconds from submit to completion seen */
+} op_pool_stats;
+
+typedef struct op_stats {
+  int npools;
+  op_pool_stats pools[OP_MAX_POOLS];
+  uint64_t calls;          /* handler calls through op_call */
+  uint64_t call_errors;    /* handlers that ended with an error */
+  uint32_t suspended;      /* handler coroutines suspended now */
+  double call_p50, call_p99, call_max; /* main-thread seconds per resume */
+} op_stats;
+
+/* Fill *out. Returns 0. */
+OP_EXTERN int op_stats_get(op_runtime *rt, op_stats *out);
+#define op_stats(rt, out) op_stats_get((rt), (out))
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* OFFPATH_H */

@@ -1,0 +1,57 @@
+#!/bin/sh
+# deps.sh - install the Debian packages offpath needs to build, test and
+# benchmark, if any are missing. Idempotent: when everything is present it
+# only runs one dpkg-query and exits.
+#
+# usage: scripts/deps.sh [build|test|bench]   (default: test)
+set -eu
+
+build="cmake make gcc pkg-config liblua5.4-dev lua5.4 libuv1-dev
+libcurl4-openssl-dev libpq-dev libhiredis-dev libsqlite3-dev libjansson-dev"
+# Sanitizer runtimes and the real servers the integration tests start.
+test="$build clang libclang-rt-dev redis-server postgresql nginx-light
+ca-certificates procps"
+# Peers measured next to offpath.
+bench="$test lua-luv wrk postgresql-contrib"
+
+case "${1:-test}" in
+build) want=$build ;;
+test) want=$test ;;
+bench) want=$bench ;;
+*) echo "usage: $0 [build|test|bench]" >&2; exit 2 ;;
+esac
+
+missing=""
+for p in $want; do
+  s=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
+  case "$s" in
+  ii*) ;;
+  *) missing="$missing $p" ;;
+  esac
+done
+[ -z "$missing" ] && exit 0
+
+echo "offpath: installing missing Debian packages:$missing" >&2
+if [ "$(id -u)" -eq 0 ]; then
+  sudo=""
+elif command -v sudo >/dev/null 2>&1; then
+  sudo="sudo"
+else
+  echo "offpath: need root or sudo to install:$missing" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+# Services must not start on install (no init system in containers, and the
+# tests start their own servers on free ports).
+policy=/usr/sbin/policy-rc.d
+made_policy=""
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+  $sudo chmod +x "$policy"
+  made_policy=1
+fi
+# shellcheck disable=SC2086
+$sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
+[ -n "$made_policy" ] && $sudo rm -f "$policy"
+exit 0

@@ -1,0 +1,470 @@
+/*
+** internal.h - declarations shared between liboffpath's source files.
+** Nothing here is public. Functions named op__* are built with hidden
+** visibility; each is documented where it is defined.
+*/
+#ifndef OFFPATH_INTERNAL_H
+#define OFFPATH_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <uv.h>
+#include <lua.h>
+#include <lualib.h>
+#include <lauxlib.h>
+
+#include "offpath.h"
+
+/* ---- assertions ---- */
+
+#ifdef OP_DEBUG
+#define op_assert(c)                                                          \
+  ((c) ? (void)0 : op__panic(__FILE__, __LINE__, "assertion failed: " #c))
+#define ALWAYS(c) ((c) ? 1 : (op__panic(__FILE__, __LINE__, #c), 0))
+#define NEVER(c)  ((c) ? (op__panic(__FILE__, __LINE__, #c), 1) : 0)
+#else
+#define op_assert(c) ((void)0)
+#define ALWAYS(c)    (c)
+#define NEVER(c)     (c)
+#endif
+
+/* Print "offpath: file:line: msg" and abort(). For impossible failures. */
+void op__panic(const char *file, int line, const char *msg);
+#define OP_PANIC(msg) op__panic(__FILE__, __LINE__, (msg))
+
+typedef struct op_pool op_pool;
+typedef struct op_task op_task;
+typedef struct op_worker op_worker;
+typedef struct op_co op_co;
+
+/* ---- growable byte buffers (buf.c) ---- */
+
+#define OP_BUF_INLINE 64
+
+/* Owns its bytes; small contents live inline, so short payloads cost no
+** malloc. A buffer may move between threads with the task that owns it. */
+typedef struct op_buf {
+  char *p;      /* == small while len fits, else malloc'ed */
+  size_t len;
+  size_t cap;
+  char small[OP_BUF_INLINE];
+} op_buf;
+
+void op__buf_init(op_buf *b);
+void op__buf_free(op_buf *b);               /* back to empty, inline */
+int op__buf_reserve(op_buf *b, size_t extra); /* 0 or OP_ENOMEM */
+int op__buf_append(op_buf *b, const void *p, size_t n);
+/* Move src's contents into dst (dst freed first); src becomes empty. */
+void op__buf_move(op_buf *dst, op_buf *src);
+
+/* ---- copying Lua values between VMs (transfer.c) ---- */
+
+/* The runtime-wide store of function prototypes: id -> dumped bytecode.
+** Append-only; safe to use from any thread. */
+typedef struct op_protostore op_protostore;
+op_protostore *op__protostore_new(void);
+void op__protostore_free(op_protostore *ps);
+size_t op__protostore_count(op_protostore *ps);
+
+/* The per-lua_State side of transfers: name maps for library values and
+** modules, and the prototype caches. Made once per VM; used only by the
+** thread that owns that VM. */
+typedef struct op_xfer op_xfer;
+
+/* Make the transfer state of L (registry anchors; see transfer.c).
+** Returns NULL on out of memory.  [-0, +0, m] */
+op_xfer *op__xfer_new(lua_State *L, op_protostore *ps);
+/* Release it; call before lua_close(L). */
+void op__xfer_free(op_xfer *x);
+
+/* Append the encoding of the n values at stack index idx.. of L to b.
+** Values are named in refusals as "<label> <first_no+i>" ("argument 2
+** field 'x'"), or "<label>" alone when first_no is 0 and n is 1.
+** Returns 0, or OP_ECOPY / OP_ENOMEM with a message (nul-terminated) in
+** err. Leaves L's stack as it was.  [-0, +0, m] */
+int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
+               const char *label, int first_no, char *err, size_t errlen);
+
+/* Push the values encoded in p[0..len) on L. Returns how many, or a
+** negative code with a message in err if the bytes are not a valid
+** encoding (never trusted blindly).  [-0, +n, m] */
+int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len,
+               char *err, size_t errlen);
+
+/* ---- tasks (task.c) ---- */
+
+/*
+** A unit of work for a pool. Lua tasks carry an encoded function and its
+** arguments (`in`) and get encoded results or an error message back
+** (`out`); C tasks carry a work function. The DESIGN block in task.c has
+** the state machine.
+*/
+typedef enum op_task_state {
+  OP_TASK_QUEUED = 0,
+  OP_TASK_RUNNING,
+  OP_TASK_DONE,
+  OP_TASK_FAILED,
+  OP_TASK_CANCELLED,
+  OP_TASK_TIMEOUT
+} op_task_state;
+
+typedef enum op_task_kind {
+  OP_TASK_LUA = 0,  /* run an encoded function in a worker VM */
+  OP_TASK_C,        /* run work(arg) on a worker thread */
+  OP_TASK_BLOCK     /* a worker asks the loop thread to run a block section */
+} op_task_kind;
+
+struct op_task {
+  op_task *next;          /* link in a pool queue or the completion queue */
+  op_task *prev;          /* link in a pool queue (removal on cancel) */
+  op_pool *pool;
+  uint8_t kind;           /* op_task_kind */
+  uint8_t queued;         /* in the pool queue now (pool lock) */
+  uint8_t ended;          /* waiters told (loop thread) */
+  uint8_t state;          /* op_task_state, as the loop thread sees it */
+  atomic_int stop;        /* 0, or OP_ECANCELED / OP_ETIMEDOUT requested */
+  int status;             /* worker's outcome: 0, OP_ESCRIPT, OP_ECANCELED,
+                             OP_ETIMEDOUT, OP_ECOPY */
+  op_work_fn work;        /* OP_TASK_C */
+  void *arg;
+  op_buf in;              /* OP_TASK_LUA: encoded function and arguments */
+  op_buf out;             /* results, or the error message text */
+  /* Called once on the loop thread when the worker is finished with the
+  ** task (or it was taken off the queue). Owns the task from then on. */
+  void (*complete)(op_task *t);
+  void *owner;            /* the completer's context */
+  uint64_t t_submit;      /* uv_hrtime() */
+  op_worker *worker;      /* OP_TASK_BLOCK: the waiting worker */
+};
+
+void op__task_init(op_task *t, op_task_kind kind);
+void op__task_release(op_task *t); /* frees the buffers, not the task */
+
+/* ---- pools (pool.c) ---- */
+
+op_pool *op__pool_find(op_runtime *rt, const char *name);
+/* Make a pool (threads start on first submit). OP_EINVAL, OP_ENOMEM. */
+int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out);
+/* Resize a pool that has not started. OP_ESTARTED otherwise. */
+int op__pool_configure(op_pool *p, int threads, int queue, const char *init);
+/* Queue t. Returns 0, OP_EAGAIN (full) or OP_ESHUTDOWN; on error the task
+** is untouched and complete() is never called. */
+int op__pool_submit(op_pool *p, op_task *t);
+/* Whether p's queue is full now. */
+int op__pool_full(op_pool *p);
+/* Ask t to stop with code (OP_ECANCELED or OP_ETIMEDOUT). A queued task
+** is taken off the queue and completed; a running one sees the flag. */
+void op__pool_stop_task(op_pool *p, op_task *t, int code);
+/* Cancel every queued task (shutdown with OP_SHUTDOWN_CANCEL). */
+void op__pool_cancel_queued(op_pool *p);
+/* Stop the threads and free the pool; the queue must be empty. */
+void op__pool_free(op_pool *p);
+const char *op__pool_name(op_pool *p);
+void op__pool_stats(op_pool *p, op_pool_stats *out);
+/* Count an ended task in the pool's statistics (loop thread). */
+void op__pool_count_end(op_pool *p, op_task *t, op_task_state how);
+
+/* The runtime a pool belongs to. */
+op_runtime *op__pool_rt(op_pool *p);
+/* The worker gave t back (drain, before t->complete). */
+void op__pool_returned(op_pool *p, op_task *t);
+
+/* The worker running on this thread, or NULL on other threads. */
+op_worker *op__worker_self(void);
+lua_State *op__worker_lua(op_worker *w);
+int op__worker_id(op_worker *w);
+op_pool *op__worker_pool(op_worker *w);
+op_xfer *op__worker_xfer(op_worker *w);
+/* Whether the task running on w was asked to stop. Thread: worker. */
+int op__worker_stopping(op_worker *w);
+/* The task a worker hands to the loop thread for a block section. */
+op_task *op__worker_block_task(op_worker *w);
+/* wait = 1: wait until the loop thread finished the block section (worker);
+** wait = 0: tell the worker it is finished (loop thread). */
+void op__worker_block_sync(op_worker *w, int wait);
+/* Run a block section a worker asked for (drain). Thread: loop. */
+void op__block_run(op_runtime *rt, op_task *t);
+/* Run a block section on the loop thread from a worker: encodes fn and
+** args from the worker's stack, waits, pushes the results or raises.
+** Thread: worker.  [-n, +r, e] */
+int op__worker_block(lua_State *L);
+
+/* ---- the loop thread's completion queue (runtime.c) ---- */
+
+/* Hand a finished task to the loop thread. Thread: any. */
+void op__complete(op_runtime *rt, op_task *t);
+/* Reference the completion handle while pool tasks are in flight. */
+void op__update_ref(op_runtime *rt);
+/* offpath's own Lua modules, built in (generated lua_modules.c). */
+typedef struct op_lua_module {
+  const char *name;         /* "offpath.trisul" */
+  const char *chunkname;    /* "@offpath/trisul.lua" */
+  const unsigned char *src;
+  size_t len;
+} op_lua_module;
+extern const op_lua_module op__lua_modules[];
+
+/* Put offpath's own Lua modules (lua/offpath/NAME.lua, built in) in
+** package.preload of L.  [-0, +0, m] */
+void op__preload_modules(lua_State *L);
+
+/* ---- main-thread task objects (task.c) ---- */
+
+/* The kinds of offpath.task objects. */
+typedef enum op_ltask_kind {
+  OP_LT_POOL = 0,  /* a Lua task on a pool (run, launch, schedule) */
+  OP_LT_GO         /* a main-thread coroutine (offpath.go) */
+} op_ltask_kind;
+
+typedef struct op_ltask op_ltask;
+
+/* Make a pool task for the function at fnidx and the nargs values after it
+** and push the task object on L. Raises on a value that cannot be copied
+** ("cannot copy ..."). timeout <= 0: none.  [-0, +1, e] */
+op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
+                       double timeout, const char *call);
+/* Queue lt on its pool. Returns 0 when queued; when the queue is full,
+** OP_EAGAIN if may_wait is 0 (nothing changed), else 1: the task waits in
+** the pool's backlog and is queued as soon as there is room (call
+** op__task_await_queued to suspend until then). Raises "shutdown" when the
+** runtime is closing.  [-0, +0, e] */
+int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait);
+/* Suspend until a backlogged lt is queued (launch/schedule backpressure).
+** Returns like a wait: the continuation k gets the usual (ok, ...)
+** values; op__wait_yield semantics.  [-0, +0, e] */
+int op__task_await_queued(lua_State *L, op_ltask *lt);
+/* Make a go task running the function at fnidx with nargs arguments; push
+** it and start the coroutine (on the next turn if Lua is running).
+** [-0, +1, e] */
+op_ltask *op__task_go(lua_State *L, int fnidx, int nargs);
+/* Suspend the caller until lt ends; then return its results or raise.
+** own: the caller owns the task (offpath.run), so a cancelled waiter
+** cancels it.  [-0, +n, e] */
+int op__task_await(lua_State *L, op_ltask *lt, double timeout,
+                   const char *call, int own);
+/* Turn lt into a Trisul-style schedule: the values at the stack indices
+** data, onresult, onerror (0: none) are kept and called on the loop thread
+** when it ends.  [-0, +0, m] */
+void op__task_set_schedule(lua_State *L, op_ltask *lt, int data,
+                           int onresult, int onerror);
+/* Queue backlogged tasks of p while it has room. Thread: loop. */
+void op__task_flush_backlog(op_pool *p);
+/* The pool's backlog: tasks waiting for room, FIFO. */
+typedef struct op_backlog {
+  op_ltask *head, *tail;
+  uint32_t n;
+} op_backlog;
+op_backlog *op__pool_backlog(op_pool *p);
+/* Register the offpath.task metatable.  [-0, +0, m] */
+void op__task_open(lua_State *L);
+
+/* ---- statistics helpers (stats.c) ---- */
+
+/* A log-linear latency histogram: 64 octaves of 8 sub-buckets, in ns. */
+typedef struct op_hist {
+  uint64_t count;
+  uint64_t max;
+  uint32_t bucket[64 * 8];
+} op_hist;
+
+void op__hist_add(op_hist *h, uint64_t ns);
+/* The q-quantile (0..1) in seconds, or 0 if empty. */
+double op__hist_quantile(const op_hist *h, double q);
+
+/* ---- main-thread coroutines and waits (sched.c) ---- */
+
+/*
+** A wait: one suspended coroutine waiting on one operation. It is named by
+** a 64-bit id (slot and generation), so a completion or timer that comes
+** after the wait ended finds nothing and only frees its own resources.
+*/
+typedef uint64_t op_wait_id;
+
+/* What to do when a wait times out or its coroutine's task is cancelled:
+** abort the operation behind it. Called once, on the loop thread. The wait
+** is already resolved when it runs; the operation must still release its
+** own resources later (its completion will find the wait gone). */
+typedef void (*op_abort_fn)(void *what, int code);
+
+/* Suspend the running coroutine L on a new wait. timeout is in seconds
+** (<= 0 means none). abort/what may be NULL. Raises if L cannot suspend
+** ("cannot suspend: <call> ..."). Returns the wait id; the caller starts
+** the operation, then returns op__wait_yield(L).  [-0, +0, e] */
+op_wait_id op__wait_new(lua_State *L, const char *call, double timeout,
+                        op_abort_fn abort, void *what);
+
+/* Yield L until the wait resolves; the call then returns the values the
+** resolver pushed, or raises its error.  [-0, +n, e] */
+int op__wait_yield(lua_State *L);
+
+/* The suspended coroutine of a wait, or NULL if the wait is no longer
+** pending (timed out, cancelled, shut down). Push results on it, then call
+** op__wait_resume. */
+lua_State *op__wait_thread(op_runtime *rt, op_wait_id id);
+
+/* Resolve a wait with the nres values pushed on its coroutine. */
+void op__wait_resume(op_runtime *rt, op_wait_id id, int nres);
+
+/* Resolve a wait with an error: the message is used as given (start it with
+** a stable word: "timeout", "cancelled", "exec: ...").  */
+void op__wait_fail(op_runtime *rt, op_wait_id id, const char *msg);
+
+/* Whether the calling code may suspend here.  [-0, +0, -] */
+int op__can_suspend(lua_State *L);
+
+/* Raise "cannot suspend: <call> ..." unless L may suspend.  [-0, +0, e] */
+void op__check_suspend(lua_State *L, const char *call);
+
+/* A handler coroutine ready to run: reused if one finished earlier, else
+** made. Owned by the scheduler; set on_end/data before starting it.
+** [-0, +0, m] (on the main VM) */
+op_co *op__co_acquire(op_runtime *rt);
+
+/* Move the function and its nargs arguments from the top of `from` into c
+** and resume it. Returns 0 if it finished or suspended, or OP_ESCRIPT if it
+** failed before suspending (the message is in op_errmsg; on_end has run if
+** set, else the error was counted). Thread: loop. */
+int op__co_start(op_co *c, lua_State *from, int nargs);
+
+/* Report an error that has nowhere else to go (error callback, counters). */
+void op__report_error(op_runtime *rt, const char *msg);
+
+/* Set the runtime's error message (op_errmsg). */
+void op__set_errmsg(op_runtime *rt, const char *fmt, ...);
+
+/* The runtime of a main-VM state (or its coroutines). */
+op_runtime *op__runtime(lua_State *L);
+
+/* Keep the loop alive and run fn(arg) on the next turn (loop thread). */
+void op__defer(op_runtime *rt, void (*fn)(void *), void *arg);
+
+/* ---- the offpath Lua modules ---- */
+
+/* lua_main.c: open the main-thread module (returns the module table). */
+int op__open_main(lua_State *L);
+/* lua_worker.c: open the worker-side module. Thread: worker. */
+int op__open_worker(lua_State *L);
+/* Set up a fresh VM: libraries, package.path. Used for the main VM and
+** every worker VM. */
+lua_State *op__new_state(op_runtime *rt);
+
+/* Add the io/ modules' functions to the offpath table on top of L (main
+** VM). io/io.c calls each io file's opener, e.g. op__open_io_fs(L).
+** [-0, +0, e] */
+void op__open_io(lua_State *L);
+
+/* Called from op_runtime_free before the loop is drained, so io modules
+** can close idle connections and handles. */
+void op__io_shutdown(op_runtime *rt);
+
+/* ---- the runtime (runtime.c) ---- */
+
+/*
+** A main-thread coroutine as offpath sees it. The address is stored in the
+** thread's LUA_EXTRASPACE, so op__co(L) is one load. The main thread and
+** coroutines the script makes itself point at rt->root (handler == 0).
+*/
+struct op_co {
+  op_runtime *rt;
+  lua_State *L;          /* the coroutine (the main thread for root) */
+  int ref;               /* registry anchor of L */
+  uint8_t handler;       /* offpath runs it: it may suspend */
+  uint8_t waiting;       /* suspended on a wait, not a bare yield */
+  uint8_t counted;       /* counted in rt->suspended */
+  op_wait_id wait;       /* the pending wait, or 0 */
+  int ctx_ref;           /* offpath.context table, or LUA_NOREF */
+  int ready_nargs;       /* values to resume with, while on the ready list */
+  /* Called when the coroutine's function returns (status LUA_OK, results
+  ** on L) or fails (error object on L). Owner: lua_main.c (go tasks). */
+  void (*on_end)(op_co *c, int status, int nres);
+  void *data;
+  op_co *next;           /* free list / deferred list */
+};
+
+typedef struct op_wait op_wait;
+typedef struct op_defer op_defer;
+
+struct op_runtime {
+  uv_loop_t *loop;
+  uv_loop_t own_loop;
+  int own;                 /* loop is own_loop */
+  lua_State *L;            /* the main VM */
+  op_config cfg;
+  char *package_path;      /* owned copy of cfg.package_path */
+  op_pool *pools[OP_MAX_POOLS];
+  int npools;
+  op_protostore *protos;
+  op_xfer *xfer;           /* the main VM's transfer state */
+  uv_thread_t loop_thread;
+
+  /* Completion queue: workers push, the loop thread swaps it out whole. */
+  uv_mutex_t done_mu;
+  op_task *done_head, *done_tail;
+  uv_async_t done_async;
+
+  /* Scheduler (sched.c). */
+  op_co root;
+  op_co *free_cos;         /* finished coroutines kept for reuse */
+  int nfree_cos;
+  op_co *ready_head, *ready_tail; /* resumes deferred to the next turn */
+  op_defer *defer_head, *defer_tail;
+  uv_idle_t idle;          /* runs deferred work without blocking */
+  op_wait *waits;          /* slot array */
+  uint32_t nwaits, free_wait;
+  uint32_t pending_waits;  /* resolved-not-yet waits */
+  int depth;               /* nesting of resumes on the stack */
+  int suspended;           /* handler coroutines suspended now */
+  int live_cos;            /* handler coroutines started and not ended */
+
+  uint64_t inflight;       /* pool tasks submitted and not completed */
+  int closing;
+  int loaded;              /* a script's main chunk ran */
+
+  /* Statistics (loop thread). */
+  uint64_t calls, call_errors;
+  op_hist call_hist;
+
+  op_error_cb on_error;
+  void *on_error_ud;
+  char *errmsg;
+  int engine_ref;          /* the engine object */
+  void *engine_ud;
+  int uv_handles;          /* open uv handles of the runtime itself */
+};
+
+/* The op_co record of L (root for threads offpath does not run). */
+static inline op_co *op__co(lua_State *L) {
+  return *(op_co **)lua_getextraspace(L);
+}
+
+/* Run Lua function on top of L (below nargs arguments) in protected mode
+** with a traceback handler. Returns the lua_pcall status; on error the
+** message (with traceback) is on top.  [-(nargs+1), +(nres|1), -] */
+int op__pcall(lua_State *L, int nargs, int nres);
+/* Message handler: message plus traceback.  [-1, +1, m] */
+int op__traceback(lua_State *L);
+
+/* Start or continue the scheduler parts of rt (sched.c). */
+int op__sched_init(op_runtime *rt);
+void op__sched_close(op_runtime *rt);
+/* Fail every pending wait with "cancelled: runtime shutting down". */
+void op__sched_cancel_all(op_runtime *rt);
+/* Resolve a wait as cancelled (task cancel): abort runs with code. */
+void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg,
+                     int code);
+/* Current position of a suspended or running coroutine, "file:line", in
+** buf (or "?" if unknown). */
+const char *op__where(lua_State *co, char *buf, size_t len);
+
+/* Count of handlers in flight for backpressure, see op_runtime_suspended. */
+
+/* ---- debugging ---- */
+
+#ifdef OP_DEBUG
+void op__assert_loop_thread(op_runtime *rt);
+#else
+#define op__assert_loop_thread(rt) ((void)0)
+#endif
+
+#endif /* OFFPATH_INTERNAL_H */

@@ -1,0 +1,349 @@
+/*
+** lua_main.c - the offpath module of the main VM: run, launch, schedule, go,
+** all, sleep, configure, stats, context, can_suspend, now.
+** Thread: loop.
+*/
+#include <string.h>
+
+#include "internal.h"
+
+/* ---- arguments ---- */
+
+/* Read a pool target at idx: a pool name, a table {pool=, timeout=}, or
+** nil for "io". Raises for an unknown pool.  [-0, +0, e] */
+static op_pool *check_target(lua_State *L, int idx, double *timeout) {
+  op_runtime *rt = op__runtime(L);
+  const char *name = "io";
+  op_pool *p;
+
+  *timeout = 0;
+  switch (lua_type(L, idx)) {
+  case LUA_TSTRING:
+    name = lua_tostring(L, idx);
+    break;
+  case LUA_TTABLE:
+    if (lua_getfield(L, idx, "pool") != LUA_TNIL)
+      name = luaL_checkstring(L, -1);
+    lua_getfield(L, idx, "timeout");
+    *timeout = luaL_optnumber(L, -1, 0);
+    lua_pop(L, 2);
+    if (*timeout < 0)
+      luaL_argerror(L, idx, "timeout must not be negative");
+    break;
+  case LUA_TNIL:
+  case LUA_TNONE:
+    break;
+  default:
+    luaL_typeerror(L, idx, "pool name or {pool=, timeout=}");
+  }
+  p = op__pool_find(rt, name);
+  if (p == NULL)
+    luaL_error(L, "no such pool '%s'", name);
+  return p;
+}
+
+/* ---- offloading ---- */
+
+/* offpath.run(target, fn, ...) */
+static int offpath_run(lua_State *L) {
+  double timeout;
+  op_pool *p = check_target(L, 1, &timeout);
+  op_ltask *lt;
+
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  op__check_suspend(L, "offpath.run");
+  lt = op__task_new(L, p, 2, lua_gettop(L) - 2, timeout, "offpath.run");
+  op__task_enqueue(L, lt, 1);
+  return op__task_await(L, lt, 0, "offpath.run", 1);
+}
+
+/* Queue the task on top of L as launch and schedule do: suspend while the
+** queue is full if the caller can, else raise.  [-0, +0 or yield, e] */
+static int enqueue_or_wait(lua_State *L, op_ltask *lt, const char *call) {
+  int rc = op__task_enqueue(L, lt, op__can_suspend(L));
+
+  if (rc == OP_EAGAIN)
+    return luaL_error(L,
+                      "queue full: %s on pool '%s' (raise its queue size or "
+                      "call from a handler, which waits for room)",
+                      call, op__pool_name(((op_task *)lt)->pool));
+  if (rc == 1)
+    return op__task_await_queued(L, lt);
+  return 1;
+}
+
+/* offpath.launch(target, fn, ...) -> task */
+static int offpath_launch(lua_State *L) {
+  double timeout;
+  op_pool *p = check_target(L, 1, &timeout);
+  op_ltask *lt;
+
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lt = op__task_new(L, p, 2, lua_gettop(L) - 2, timeout, "offpath.launch");
+  return enqueue_or_wait(L, lt, "offpath.launch");
+}
+
+/* offpath.schedule{pool=, data=, onexecute=, onresult=, onerror=,
+** timeout=} -> task */
+static int offpath_schedule(lua_State *L) {
+  double timeout;
+  op_pool *p;
+  op_ltask *lt;
+
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  p = check_target(L, 1, &timeout);
+  lua_getfield(L, 1, "onexecute"); /* 2 */
+  lua_getfield(L, 1, "data");      /* 3 */
+  lua_getfield(L, 1, "onresult");  /* 4 */
+  lua_getfield(L, 1, "onerror");   /* 5 */
+  if (lua_type(L, 2) != LUA_TFUNCTION)
+    return luaL_error(L, "offpath.schedule: 'onexecute' must be a function");
+  if (!lua_isnil(L, 4) && lua_type(L, 4) != LUA_TFUNCTION)
+    return luaL_error(L, "offpath.schedule: 'onresult' must be a function");
+  if (!lua_isnil(L, 5) && lua_type(L, 5) != LUA_TFUNCTION)
+    return luaL_error(L, "offpath.schedule: 'onerror' must be a function");
+  lt = op__task_new(L, p, 2, 1, timeout, "offpath.schedule");
+  op__task_set_schedule(L, lt, 3, lua_isnil(L, 4) ? 0 : 4,
+                        lua_isnil(L, 5) ? 0 : 5);
+  return enqueue_or_wait(L, lt, "offpath.schedule");
+}
+
+/* offpath.go(fn, ...) -> task */
+static int offpath_go(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  op__task_go(L, 1, lua_gettop(L) - 1);
+  return 1;
+}
+
+/* offpath.block(fn, ...) on the main thread: already atomic, just call. */
+static int offpath_block(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* ---- sleep ---- */
+
+static void sleep_close_cb(uv_handle_t *h) {
+  free(h);
+}
+
+static void sleep_cb(uv_timer_t *timer) {
+  op_runtime *rt = timer->loop->data;
+  op_wait_id id = (op_wait_id)(uintptr_t)timer->data;
+
+  uv_close((uv_handle_t *)timer, sleep_close_cb);
+  op__wait_resume(rt, id, 0);
+}
+
+/* The wait ended early (cancel, shutdown): stop the timer. */
+static void sleep_abort(void *what, int code) {
+  uv_timer_t *timer = what;
+
+  (void)code;
+  uv_timer_stop(timer);
+  uv_close((uv_handle_t *)timer, sleep_close_cb);
+}
+
+/* offpath.sleep(seconds) */
+static int offpath_sleep(lua_State *L) {
+  op_runtime *rt = op__runtime(L);
+  double s = luaL_checknumber(L, 1);
+  uv_timer_t *timer;
+  op_wait_id id;
+
+  luaL_argcheck(L, s >= 0, 1, "must not be negative");
+  op__check_suspend(L, "offpath.sleep");
+  timer = malloc(sizeof *timer);
+  if (timer == NULL)
+    return luaL_error(L, "not enough memory");
+  uv_timer_init(rt->loop, timer);
+  id = op__wait_new(L, "offpath.sleep", 0, sleep_abort, timer);
+  timer->data = (void *)(uintptr_t)id;
+  uv_timer_start(timer, sleep_cb, (uint64_t)(s * 1000.0 + 0.5), 0);
+  return op__wait_yield(L);
+}
+
+/* ---- small things ---- */
+
+static int offpath_can_suspend(lua_State *L) {
+  lua_pushboolean(L, op__can_suspend(L));
+  return 1;
+}
+
+static int offpath_now(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)uv_hrtime() / 1e9);
+  return 1;
+}
+
+static void set_number(lua_State *L, const char *k, double v) {
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, k);
+}
+
+static void set_integer(lua_State *L, const char *k, uint64_t v) {
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_setfield(L, -2, k);
+}
+
+/* offpath.stats() -> {pools={name={...}}, calls=, errors=, suspended=,
+** latency={p50=, p99=, max=}} */
+static int offpath_stats(lua_State *L) {
+  op_stats st;
+  int i;
+
+  op_stats_get(op__runtime(L), &st);
+  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, st.npools);
+  for (i = 0; i < st.npools; i++) {
+    op_pool_stats *p = &st.pools[i];
+    lua_createtable(L, 0, 14);
+    set_integer(L, "threads", (uint64_t)p->threads);
+    set_integer(L, "queue_size", (uint64_t)p->queue_cap);
+    set_integer(L, "submitted", p->submitted);
+    set_integer(L, "completed", p->completed);
+    set_integer(L, "failed", p->failed);
+    set_integer(L, "timedout", p->timedout);
+    set_integer(L, "cancelled", p->cancelled);
+    set_integer(L, "queued", p->queued);
+    set_integer(L, "inflight", p->inflight);
+    set_integer(L, "queue_hwm", p->queue_hwm);
+    set_number(L, "p50", p->p50);
+    set_number(L, "p99", p->p99);
+    set_number(L, "max", p->max);
+    lua_setfield(L, -2, p->name);
+  }
+  lua_setfield(L, -2, "pools");
+  set_integer(L, "calls", st.calls);
+  set_integer(L, "errors", st.call_errors);
+  set_integer(L, "suspended", st.suspended);
+  lua_createtable(L, 0, 3);
+  set_number(L, "p50", st.call_p50);
+  set_number(L, "p99", st.call_p99);
+  set_number(L, "max", st.call_max);
+  lua_setfield(L, -2, "latency");
+  return 1;
+}
+
+/* offpath.configure{pools={name={threads=, queue=, init=}}, shutdown=
+** "drain"|"cancel", block_budget=, block_policy="abort"|"continue"} */
+static int offpath_configure(lua_State *L) {
+  static const char *const shutdowns[] = { "drain", "cancel", NULL };
+  static const char *const policies[] = { "abort", "continue", NULL };
+  op_runtime *rt = op__runtime(L);
+  op_pool_config pc;
+  op_pool *p;
+  int rc;
+
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (lua_getfield(L, 1, "pools") == LUA_TTABLE) {
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      memset(&pc, 0, sizeof pc);
+      pc.name = luaL_checkstring(L, -2);
+      luaL_checktype(L, -1, LUA_TTABLE);
+      lua_getfield(L, -1, "threads");
+      pc.threads = (int)luaL_optinteger(L, -1, 0);
+      lua_getfield(L, -2, "queue");
+      pc.queue = (int)luaL_optinteger(L, -1, 0);
+      lua_getfield(L, -3, "init");
+      pc.init = luaL_optstring(L, -1, NULL);
+      p = op__pool_find(rt, pc.name);
+      rc = p != NULL ? op__pool_configure(p, pc.threads, pc.queue, pc.init)
+                     : op__pool_add(rt, &pc, NULL);
+      if (rc == OP_ESTARTED)
+        return luaL_error(L,
+                          "offpath.configure: pool '%s' has already "
+                          "started (configure pools from the main chunk)",
+                          pc.name);
+      if (rc != 0)
+        return luaL_error(L, "offpath.configure: pool '%s': %s", pc.name,
+                          op_strerror(rc));
+      lua_pop(L, 4);
+    }
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, 1, "shutdown") != LUA_TNIL)
+    rt->cfg.shutdown = (op_shutdown_mode)luaL_checkoption(L, -1, NULL,
+                                                          shutdowns);
+  if (lua_getfield(L, 1, "block_budget") != LUA_TNIL)
+    rt->cfg.block_budget = luaL_checknumber(L, -1);
+  if (lua_getfield(L, 1, "block_policy") != LUA_TNIL)
+    rt->cfg.block_policy = (op_block_policy)luaL_checkoption(L, -1, NULL,
+                                                             policies);
+  lua_settop(L, 1);
+  return 0;
+}
+
+/* __index of the module: offpath.context and offpath.engine. */
+static int offpath_index(lua_State *L) {
+  const char *k = lua_tostring(L, 2);
+  op_co *c = op__co(L);
+
+  if (k != NULL && strcmp(k, "context") == 0) {
+    if (c == NULL || !c->handler || c->L != L)
+      return 0;
+    if (c->ctx_ref == LUA_NOREF) {
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      c->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+      return 1;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->ctx_ref);
+    return 1;
+  }
+  if (k != NULL && strcmp(k, "engine") == 0) {
+    op_runtime *rt = op__runtime(L);
+    op_push_engine(rt);
+    lua_xmove(rt->L, L, 1);
+    return 1;
+  }
+  return 0;
+}
+
+/* offpath.all(t1, t2, ...) or offpath.all{t1, t2, ...}: written in Lua,
+** since it only composes task:wait; pcall may yield in Lua 5.4. */
+static const char all_source[] =
+    "local pcall, select, type, pack = pcall, select, type, table.pack\n"
+    "return function(...)\n"
+    "  local ts = pack(...)\n"
+    "  if ts.n == 1 and type(ts[1]) == 'table' and getmetatable(ts[1]) == nil"
+    " then ts = ts[1]; ts.n = #ts end\n"
+    "  local out = {}\n"
+    "  for i = 1, ts.n do\n"
+    "    local t = ts[i]\n"
+    "    out[i] = pack(pcall(t.wait, t))\n"
+    "    out[i].n = nil\n"
+    "  end\n"
+    "  return out\n"
+    "end\n";
+
+int op__open_main(lua_State *L) {
+  static const luaL_Reg funcs[] = { { "run", offpath_run },
+                                    { "launch", offpath_launch },
+                                    { "schedule", offpath_schedule },
+                                    { "go", offpath_go },
+                                    { "block", offpath_block },
+                                    { "sleep", offpath_sleep },
+                                    { "can_suspend", offpath_can_suspend },
+                                    { "now", offpath_now },
+                                    { "stats", offpath_stats },
+                                    { "configure", offpath_configure },
+                                    { NULL, NULL } };
+
+  op__task_open(L);
+  luaL_newlib(L, funcs);
+  if (luaL_loadbuffer(L, all_source, sizeof all_source - 1, "=offpath.all") ||
+      lua_pcall(L, 0, 1, 0))
+    return lua_error(L);
+  lua_setfield(L, -2, "all");
+  lua_pushliteral(L, OP_VERSION_STRING);
+  lua_setfield(L, -2, "version");
+  op__open_io(L);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, offpath_index);
+  lua_setfield(L, -2, "__index");
+  lua_setmetatable(L, -2);
+  return 1;
+}

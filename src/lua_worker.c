@@ -1,0 +1,207 @@
+/*
+** lua_worker.c - the offpath module inside worker VMs (block, cancelled,
+** worker, sleep, now), and the loop-thread half of block sections.
+** Thread: worker, except op__block_run() (loop).
+**
+** A block section: the worker encodes fn and its arguments into its own
+** block task, hands it to the loop thread through the completion queue and
+** waits on its condition variable. The loop thread runs fn in the main VM
+** between two events (so nothing else runs meanwhile: atomic), under a
+** time budget enforced by a count hook, encodes the results and wakes the
+** worker.
+*/
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+
+/* ---- worker side ---- */
+
+static op_worker *check_worker(lua_State *L) {
+  op_worker *w = *(op_worker **)lua_getextraspace(L);
+
+  if (w == NULL || op__worker_self() != w)
+    luaL_error(L, "offpath worker function called outside a worker");
+  return w;
+}
+
+/* offpath.block(fn, ...) -> results of fn run on the main thread */
+static int wk_block(lua_State *L) {
+  op_worker *w = check_worker(L);
+  op_pool *p = op__worker_pool(w);
+  op_task *t = op__worker_block_task(w);
+  char err[512];
+  int rc, n;
+
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  op__buf_free(&t->in);
+  op__buf_free(&t->out);
+  rc = op__encode(op__worker_xfer(w), L, 1, 1, &t->in, "function", 0, err,
+                  sizeof err);
+  if (rc == 0 && lua_gettop(L) > 1)
+    rc = op__encode(op__worker_xfer(w), L, 2, lua_gettop(L) - 1, &t->in,
+                    "argument", 1, err, sizeof err);
+  if (rc != 0) {
+    op__buf_free(&t->in);
+    return luaL_error(L, "%s (in offpath.block)", err);
+  }
+  t->status = 0;
+  op__complete(op__pool_rt(p), t);
+  op__worker_block_sync(w, 1);
+  op__buf_free(&t->in);
+  if (t->status != 0) {
+    lua_pushlstring(L, t->out.p, t->out.len);
+    op__buf_free(&t->out);
+    return lua_error(L);
+  }
+  lua_settop(L, 0);
+  n = op__decode(op__worker_xfer(w), L, t->out.p, t->out.len, err,
+                 sizeof err);
+  op__buf_free(&t->out);
+  if (n < 0)
+    return luaL_error(L, "cannot copy block results: %s", err);
+  return n;
+}
+
+/* offpath.cancelled() -> whether this task was cancelled or timed out */
+static int wk_cancelled(lua_State *L) {
+  lua_pushboolean(L, op__worker_stopping(check_worker(L)));
+  return 1;
+}
+
+/* offpath.worker() -> {pool=, id=} */
+static int wk_worker(lua_State *L) {
+  op_worker *w = check_worker(L);
+
+  lua_createtable(L, 0, 2);
+  lua_pushstring(L, op__pool_name(op__worker_pool(w)));
+  lua_setfield(L, -2, "pool");
+  lua_pushinteger(L, op__worker_id(w));
+  lua_setfield(L, -2, "id");
+  return 1;
+}
+
+/* offpath.sleep(s) in a worker: blocks this worker thread only, in slices
+** so that a cancel or deadline stops it. */
+static int wk_sleep(lua_State *L) {
+  op_worker *w = check_worker(L);
+  double s = luaL_checknumber(L, 1);
+  uint64_t end = uv_hrtime() + (uint64_t)(s * 1e9), now;
+  struct timespec ts;
+
+  while ((now = uv_hrtime()) < end) {
+    if (op__worker_stopping(w))
+      return luaL_error(L, "cancelled: task stopped");
+    uint64_t left = end - now;
+    if (left > 10000000u)
+      left = 10000000u;
+    ts.tv_sec = 0;
+    ts.tv_nsec = (long)left;
+    nanosleep(&ts, NULL);
+  }
+  return 0;
+}
+
+static int wk_now(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)uv_hrtime() / 1e9);
+  return 1;
+}
+
+static int wk_can_suspend(lua_State *L) {
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
+int op__open_worker(lua_State *L) {
+  static const luaL_Reg funcs[] = { { "block", wk_block },
+                                    { "cancelled", wk_cancelled },
+                                    { "worker", wk_worker },
+                                    { "sleep", wk_sleep },
+                                    { "now", wk_now },
+                                    { "can_suspend", wk_can_suspend },
+                                    { NULL, NULL } };
+
+  luaL_newlib(L, funcs);
+  lua_pushliteral(L, OP_VERSION_STRING);
+  lua_setfield(L, -2, "version");
+  return 1;
+}
+
+/* ---- loop side ---- */
+
+static uint64_t block_deadline;
+static int block_warned;
+
+/* Count hook on the main VM during a block section: enforce the budget. */
+static void budget_hook(lua_State *L, lua_Debug *ar) {
+  op_runtime *rt = op__runtime(L);
+
+  (void)ar;
+  if (uv_hrtime() < block_deadline)
+    return;
+  if (rt->cfg.block_policy == OP_BLOCK_CONTINUE) {
+    if (!block_warned) {
+      block_warned = 1;
+      fprintf(stderr,
+              "offpath: warning: block section overran its budget of %g s "
+              "(policy continue)\n",
+              rt->cfg.block_budget);
+    }
+    return;
+  }
+  lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
+  luaL_error(L, "timeout: block section overran its budget of %f s",
+             rt->cfg.block_budget);
+}
+
+/* Decode, run and encode in protected mode.  [-1, +1, e] */
+static int block_body(lua_State *L) {
+  op_runtime *rt = op__runtime(L);
+  op_task *t = lua_touserdata(L, 1);
+  char err[512];
+  int n, base, rc;
+
+  lua_settop(L, 0);
+  lua_pushcfunction(L, op__traceback);
+  base = lua_gettop(L);
+  n = op__decode(rt->xfer, L, t->in.p, t->in.len, err, sizeof err);
+  if (n < 1)
+    return luaL_error(L, "cannot copy into the main VM: %s", err);
+  if (lua_pcall(L, n - 1, LUA_MULTRET, base) != LUA_OK)
+    return lua_error(L);
+  op__buf_free(&t->out);
+  rc = op__encode(rt->xfer, L, base + 1, lua_gettop(L) - base, &t->out,
+                  "result", 1, err, sizeof err);
+  if (rc != 0)
+    return luaL_error(L, "%s (block section results)", err);
+  return 0;
+}
+
+void op__block_run(op_runtime *rt, op_task *t) {
+  lua_State *L = lua_newthread(rt->L);
+  const char *msg;
+  size_t len;
+
+  /* A fresh thread: the section may not suspend (it is not a handler
+  ** coroutine) and leaves no values on rt->L. */
+  block_deadline = uv_hrtime() + (uint64_t)(rt->cfg.block_budget * 1e9);
+  block_warned = 0;
+  lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1000);
+  lua_pushcfunction(L, block_body);
+  lua_pushlightuserdata(L, t);
+  rt->depth++;
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    msg = lua_tolstring(L, -1, &len);
+    if (msg == NULL)
+      msg = "(error object is not a string)", len = strlen(msg);
+    op__buf_free(&t->out);
+    op__buf_append(&t->out, msg, len);
+    t->status = OP_ESCRIPT;
+  } else {
+    t->status = 0;
+  }
+  rt->depth--;
+  lua_sethook(L, NULL, 0, 0);
+  lua_pop(rt->L, 1);
+  op__worker_block_sync(t->worker, 0);
+}

@@ -1,0 +1,562 @@
+/*
+** pool.c - named worker pools: threads, bounded queues, worker lua_States.
+** Thread: op__pool_* on the loop thread; worker_main() on pool threads.
+**
+** DESIGN
+**
+** Each pool has a FIFO queue of op_task under one mutex, and a condition
+** variable idle workers sleep on. Submitting signals the condition only
+** when a worker is idle, so a busy pool costs no futex call per task.
+** A worker pops a task, runs it with no lock held, and hands it to the
+** loop thread through op__complete() (runtime.c).
+**
+** Lock order: pool->mu, then rt->done_mu (op__complete never takes
+** pool->mu). No Lua call is made under either lock.
+**
+** Stopping a task: op__pool_stop_task() takes a queued task off the queue
+** (under pool->mu) and completes it as stopped; for a running task it only
+** sets t->stop. The worker VM's count hook (every HOOK_COUNT instructions)
+** sees the flag and raises, and then keeps raising on every instruction so
+** that a pcall in the task cannot swallow the stop. C code inside a task
+** (os.execute, a blocking read) cannot be interrupted this way.
+**
+** A worker VM is made once, on its thread, when the pool starts: standard
+** libraries, package.path, the worker-side offpath module, _OSTLS, the
+** transfer state and the pool's init script.
+*/
+#include <string.h>
+
+#include "internal.h"
+
+#define HOOK_COUNT     1000
+#define DEFAULT_QUEUE  4096
+
+struct op_worker {
+  op_pool *pool;
+  int id;                /* 1-based within the pool */
+  uv_thread_t thread;
+  lua_State *L;
+  op_xfer *xfer;
+  op_task *current;      /* the task running, for the hook (worker only) */
+  int hook_fast;         /* the hook was switched to fire every instruction */
+  /* Block sections (lua_worker.c). */
+  op_task block;
+  uv_mutex_t block_mu;
+  uv_cond_t block_cv;
+  int block_done;
+};
+
+struct op_pool {
+  op_runtime *rt;
+  char name[OP_POOL_NAME_MAX];
+  int nthreads;
+  int cap;
+  char *init;            /* init script path, or NULL */
+  op_worker *workers;
+  int started;
+
+  uv_mutex_t mu;         /* guards everything down to `stopping` */
+  uv_cond_t cv;
+  op_task *head, *tail;
+  uint32_t queued;
+  uint32_t hwm;
+  int idle;              /* workers waiting on cv */
+  int stopping;
+
+  /* Loop thread only. */
+  op_backlog backlog;
+  uint64_t submitted, completed, failed, timedout, cancelled;
+  uint32_t inflight;
+  op_hist hist;
+};
+
+static _Thread_local op_worker *self;
+
+op_worker *op__worker_self(void) {
+  return self;
+}
+
+lua_State *op__worker_lua(op_worker *w) {
+  return w->L;
+}
+
+op_runtime *op__pool_rt(op_pool *p) {
+  return p->rt;
+}
+
+const char *op__pool_name(op_pool *p) {
+  return p->name;
+}
+
+op_backlog *op__pool_backlog(op_pool *p) {
+  return &p->backlog;
+}
+
+/* ---- worker VMs ---- */
+
+/* The count hook of worker VMs: raise if the running task must stop. */
+static void stop_hook(lua_State *L, lua_Debug *ar) {
+  op_worker *w = *(op_worker **)lua_getextraspace(L);
+  op_task *t;
+  int code;
+
+  (void)ar;
+  if (w == NULL || (t = w->current) == NULL)
+    return;
+  code = atomic_load_explicit(&t->stop, memory_order_relaxed);
+  if (code == 0)
+    return;
+  if (!w->hook_fast) {
+    /* From now on fire on every instruction: pcall cannot swallow it. */
+    w->hook_fast = 1;
+    lua_sethook(L, stop_hook, LUA_MASKCOUNT, 1);
+  }
+  if (code == OP_ETIMEDOUT)
+    luaL_error(L, "timeout: task stopped at its deadline");
+  luaL_error(L, "cancelled: task stopped");
+}
+
+/* Make w's VM, on w's thread. Returns 0 or -1 (message printed). */
+static int worker_open(op_worker *w) {
+  op_pool *p = w->pool;
+  lua_State *L = op__new_state(p->rt);
+
+  if (L == NULL) {
+    fprintf(stderr, "offpath: pool '%s' worker %d: cannot make a Lua state\n",
+            p->name, w->id);
+    return -1;
+  }
+  w->L = L;
+  *(op_worker **)lua_getextraspace(L) = w;
+  luaL_requiref(L, "offpath", op__open_worker, 1);
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_setglobal(L, "_OSTLS");
+  w->xfer = op__xfer_new(L, p->rt->protos);
+  if (w->xfer == NULL) {
+    fprintf(stderr, "offpath: pool '%s' worker %d: out of memory\n", p->name,
+            w->id);
+    return -1;
+  }
+  if (p->init != NULL) {
+    if (luaL_loadfile(L, p->init) != LUA_OK || op__pcall(L, 0, 0) != LUA_OK) {
+      fprintf(stderr, "offpath: pool '%s' worker %d: init script: %s\n",
+              p->name, w->id, lua_tostring(L, -1));
+      lua_pop(L, 1);
+    }
+  }
+  lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  return 0;
+}
+
+static void worker_close(op_worker *w) {
+  if (w->xfer != NULL)
+    op__xfer_free(w->xfer);
+  if (w->L != NULL)
+    lua_close(w->L);
+  w->xfer = NULL;
+  w->L = NULL;
+}
+
+/* The protected body of a Lua task: decode the function and arguments,
+** call the function with a traceback handler, encode its results into
+** t->out. Errors of the function itself become (false, message) on the
+** stack; anything raised here is a failure of the machinery (memory).
+** [-1, +2, e] */
+static int task_body(lua_State *L) {
+  op_worker *w = *(op_worker **)lua_getextraspace(L);
+  op_task *t = lua_touserdata(L, 1);
+  char err[512];
+  int n, base, rc;
+
+  lua_settop(L, 0);
+  lua_pushcfunction(L, op__traceback);
+  base = lua_gettop(L);
+  n = op__decode(w->xfer, L, t->in.p, t->in.len, err, sizeof err);
+  if (n < 1) {
+    lua_pushboolean(L, 0);
+    lua_pushfstring(L, "cannot copy: %s", n < 0 ? err : "no function");
+    return 2;
+  }
+  if (lua_pcall(L, n - 1, LUA_MULTRET, base) != LUA_OK) {
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+    return 2;
+  }
+  n = lua_gettop(L) - base;
+  op__buf_free(&t->out);
+  rc = op__encode(w->xfer, L, base + 1, n, &t->out, "result", 1, err,
+                  sizeof err);
+  lua_settop(L, 0);
+  lua_pushboolean(L, rc == 0);
+  if (rc != 0)
+    lua_pushstring(L, err);
+  else
+    lua_pushnil(L);
+  return 2;
+}
+
+static void run_lua(op_worker *w, op_task *t) {
+  lua_State *L = w->L;
+  size_t len;
+  const char *msg;
+  int stop;
+
+  w->current = t;
+  lua_settop(L, 0);
+  lua_pushcfunction(L, task_body);
+  lua_pushlightuserdata(L, t);
+  if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+  }
+  w->current = NULL;
+  if (w->hook_fast) {
+    w->hook_fast = 0;
+    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  }
+  stop = atomic_load(&t->stop);
+  if (lua_toboolean(L, -2)) {
+    t->status = 0;
+  } else if (stop != 0) {
+    t->status = stop;
+    op__buf_free(&t->out);
+  } else {
+    t->status = OP_ESCRIPT;
+    msg = lua_tolstring(L, -1, &len);
+    if (msg == NULL)
+      msg = "(error object is not a string)", len = strlen(msg);
+    op__buf_free(&t->out);
+    if (op__buf_append(&t->out, msg, len) != 0)
+      t->status = OP_ENOMEM;
+  }
+  lua_settop(L, 0);
+}
+
+static void worker_main(void *arg) {
+  op_worker *w = arg;
+  op_pool *p = w->pool;
+  op_task *t;
+
+  self = w;
+  worker_open(w);
+  for (;;) {
+    uv_mutex_lock(&p->mu);
+    while (p->head == NULL && !p->stopping) {
+      p->idle++;
+      uv_cond_wait(&p->cv, &p->mu);
+      p->idle--;
+    }
+    t = p->head;
+    if (t == NULL) {
+      uv_mutex_unlock(&p->mu);
+      break;
+    }
+    p->head = t->next;
+    if (p->head != NULL)
+      p->head->prev = NULL;
+    else
+      p->tail = NULL;
+    t->queued = 0;
+    p->queued--;
+    uv_mutex_unlock(&p->mu);
+
+    t->next = t->prev = NULL;
+    if (atomic_load(&t->stop) != 0) {
+      t->status = atomic_load(&t->stop);
+    } else if (t->kind == OP_TASK_C) {
+      t->work(t->arg);
+      t->status = 0;
+    } else if (w->L != NULL) {
+      run_lua(w, t);
+    } else {
+      t->status = OP_ESCRIPT;
+      op__buf_free(&t->out);
+      op__buf_append(&t->out, "worker has no Lua state", 23);
+    }
+    op__complete(p->rt, t);
+  }
+  worker_close(w);
+  self = NULL;
+}
+
+/* ---- pools ---- */
+
+static int start(op_pool *p) {
+  int i, rc;
+
+  p->workers = calloc((size_t)p->nthreads, sizeof *p->workers);
+  if (p->workers == NULL)
+    return OP_ENOMEM;
+  for (i = 0; i < p->nthreads; i++) {
+    op_worker *w = &p->workers[i];
+    w->pool = p;
+    w->id = i + 1;
+    op__task_init(&w->block, OP_TASK_BLOCK);
+    w->block.worker = w;
+    if (uv_mutex_init(&w->block_mu) || uv_cond_init(&w->block_cv))
+      OP_PANIC("cannot make a worker's block lock");
+    rc = uv_thread_create(&w->thread, worker_main, w);
+    if (rc != 0)
+      OP_PANIC("cannot start a pool thread");
+  }
+  p->started = 1;
+  return 0;
+}
+
+int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
+  op_pool *p;
+  size_t len;
+
+  if (pc->name == NULL || (len = strlen(pc->name)) == 0 ||
+      len >= OP_POOL_NAME_MAX || pc->threads < 0 || pc->threads > 1024 ||
+      pc->queue < 0)
+    return OP_EINVAL;
+  if (op__pool_find(rt, pc->name) != NULL)
+    return op__pool_configure(op__pool_find(rt, pc->name), pc->threads,
+                              pc->queue, pc->init);
+  if (rt->npools >= OP_MAX_POOLS)
+    return OP_ENOMEM;
+  p = calloc(1, sizeof *p);
+  if (p == NULL)
+    return OP_ENOMEM;
+  p->rt = rt;
+  memcpy(p->name, pc->name, len + 1);
+  p->nthreads = pc->threads > 0 ? pc->threads : 4;
+  p->cap = pc->queue > 0 ? pc->queue : DEFAULT_QUEUE;
+  if (pc->init != NULL && (p->init = strdup(pc->init)) == NULL) {
+    free(p);
+    return OP_ENOMEM;
+  }
+  if (uv_mutex_init(&p->mu) || uv_cond_init(&p->cv))
+    OP_PANIC("cannot make a pool lock");
+  rt->pools[rt->npools++] = p;
+  if (out != NULL)
+    *out = p;
+  return 0;
+}
+
+int op__pool_configure(op_pool *p, int threads, int queue, const char *init) {
+  char *copy = NULL;
+
+  if (threads < 0 || threads > 1024 || queue < 0)
+    return OP_EINVAL;
+  if (p->started)
+    return OP_ESTARTED;
+  if (init != NULL && (copy = strdup(init)) == NULL)
+    return OP_ENOMEM;
+  if (threads > 0)
+    p->nthreads = threads;
+  if (queue > 0)
+    p->cap = queue;
+  if (init != NULL) {
+    free(p->init);
+    p->init = copy;
+  }
+  return 0;
+}
+
+op_pool *op__pool_find(op_runtime *rt, const char *name) {
+  int i;
+
+  for (i = 0; i < rt->npools; i++)
+    if (strcmp(rt->pools[i]->name, name) == 0)
+      return rt->pools[i];
+  return NULL;
+}
+
+int op__pool_full(op_pool *p) {
+  int full;
+
+  uv_mutex_lock(&p->mu);
+  full = p->queued >= (uint32_t)p->cap;
+  uv_mutex_unlock(&p->mu);
+  return full;
+}
+
+int op__pool_submit(op_pool *p, op_task *t) {
+  int rc;
+
+  if (!p->started && (rc = start(p)) != 0)
+    return rc;
+  t->pool = p;
+  t->next = NULL;
+  t->t_submit = uv_hrtime();
+  uv_mutex_lock(&p->mu);
+  if (p->stopping) {
+    uv_mutex_unlock(&p->mu);
+    return OP_ESHUTDOWN;
+  }
+  if (p->queued >= (uint32_t)p->cap) {
+    uv_mutex_unlock(&p->mu);
+    return OP_EAGAIN;
+  }
+  t->prev = p->tail;
+  if (p->tail != NULL)
+    p->tail->next = t;
+  else
+    p->head = t;
+  p->tail = t;
+  t->queued = 1;
+  if (++p->queued > p->hwm)
+    p->hwm = p->queued;
+  if (p->idle > 0)
+    uv_cond_signal(&p->cv);
+  uv_mutex_unlock(&p->mu);
+  p->submitted++;
+  p->inflight++;
+  p->rt->inflight++;
+  op__update_ref(p->rt);
+  return 0;
+}
+
+void op__pool_stop_task(op_pool *p, op_task *t, int code) {
+  int taken = 0;
+
+  uv_mutex_lock(&p->mu);
+  if (t->queued) {
+    if (t->prev != NULL)
+      t->prev->next = t->next;
+    else
+      p->head = t->next;
+    if (t->next != NULL)
+      t->next->prev = t->prev;
+    else
+      p->tail = t->prev;
+    t->next = t->prev = NULL;
+    t->queued = 0;
+    p->queued--;
+    taken = 1;
+  }
+  atomic_store(&t->stop, code);
+  uv_mutex_unlock(&p->mu);
+  if (taken) {
+    t->status = code;
+    op__complete(p->rt, t);
+  }
+}
+
+void op__pool_cancel_queued(op_pool *p) {
+  op_task *t, *list;
+
+  uv_mutex_lock(&p->mu);
+  list = p->head;
+  p->head = p->tail = NULL;
+  p->queued = 0;
+  for (t = list; t != NULL; t = t->next) {
+    t->queued = 0;
+    atomic_store(&t->stop, OP_ECANCELED);
+  }
+  uv_mutex_unlock(&p->mu);
+  while ((t = list) != NULL) {
+    list = t->next;
+    t->next = t->prev = NULL;
+    t->status = OP_ECANCELED;
+    op__complete(p->rt, t);
+  }
+}
+
+void op__pool_free(op_pool *p) {
+  int i;
+
+  uv_mutex_lock(&p->mu);
+  p->stopping = 1;
+  uv_cond_broadcast(&p->cv);
+  uv_mutex_unlock(&p->mu);
+  if (p->started) {
+    for (i = 0; i < p->nthreads; i++) {
+      uv_thread_join(&p->workers[i].thread);
+      uv_mutex_destroy(&p->workers[i].block_mu);
+      uv_cond_destroy(&p->workers[i].block_cv);
+      op__task_release(&p->workers[i].block);
+    }
+  }
+  op_assert(p->head == NULL);
+  free(p->workers);
+  uv_mutex_destroy(&p->mu);
+  uv_cond_destroy(&p->cv);
+  free(p->init);
+  free(p);
+}
+
+/* ---- statistics ---- */
+
+void op__pool_count_end(op_pool *p, op_task *t, op_task_state how) {
+  switch (how) {
+  case OP_TASK_DONE:
+    p->completed++;
+    break;
+  case OP_TASK_FAILED:
+    p->failed++;
+    break;
+  case OP_TASK_TIMEOUT:
+    p->timedout++;
+    break;
+  default:
+    p->cancelled++;
+    break;
+  }
+  op__hist_add(&p->hist, uv_hrtime() - t->t_submit);
+}
+
+/* The worker gave t back (drain, before t->complete). */
+void op__pool_returned(op_pool *p, op_task *t) {
+  (void)t;
+  p->inflight--;
+}
+
+void op__pool_stats(op_pool *p, op_pool_stats *out) {
+  memset(out, 0, sizeof *out);
+  snprintf(out->name, sizeof out->name, "%s", p->name);
+  out->threads = p->nthreads;
+  out->queue_cap = p->cap;
+  out->submitted = p->submitted;
+  out->completed = p->completed;
+  out->failed = p->failed;
+  out->timedout = p->timedout;
+  out->cancelled = p->cancelled;
+  uv_mutex_lock(&p->mu);
+  out->queued = p->queued;
+  out->queue_hwm = p->hwm;
+  uv_mutex_unlock(&p->mu);
+  out->queued += p->backlog.n;
+  out->inflight = p->inflight + p->backlog.n;
+  out->p50 = op__hist_quantile(&p->hist, 0.50);
+  out->p99 = op__hist_quantile(&p->hist, 0.99);
+  out->max = (double)p->hist.max / 1e9;
+}
+
+/* Block sections need the worker's lock and condition (lua_worker.c). */
+void op__worker_block_sync(op_worker *w, int wait) {
+  uv_mutex_lock(&w->block_mu);
+  if (wait) {
+    while (!w->block_done)
+      uv_cond_wait(&w->block_cv, &w->block_mu);
+    w->block_done = 0;
+  } else {
+    w->block_done = 1;
+    uv_cond_signal(&w->block_cv);
+  }
+  uv_mutex_unlock(&w->block_mu);
+}
+
+op_task *op__worker_block_task(op_worker *w) {
+  return &w->block;
+}
+
+int op__worker_id(op_worker *w) {
+  return w->id;
+}
+
+op_pool *op__worker_pool(op_worker *w) {
+  return w->pool;
+}
+
+op_xfer *op__worker_xfer(op_worker *w) {
+  return w->xfer;
+}
+
+int op__worker_stopping(op_worker *w) {
+  op_task *t = w->current;
+  return t != NULL && atomic_load_explicit(&t->stop, memory_order_relaxed);
+}

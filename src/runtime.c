@@ -1,0 +1,547 @@
+/*
+** runtime.c - configuration, lifecycle, loop integration, the completion
+** queue, scripts and handler calls.
+** Thread: loop, except op__complete() (any thread).
+**
+** The completion queue is a mutex-guarded list that workers append to; the
+** loop thread swaps the whole list out and runs the completions with no
+** lock held. Only the producer that finds the list empty sends the wake-up
+** (uv_async_send), so a busy queue costs no syscall per task.
+**
+** The async handle is referenced only while pool tasks are in flight, so
+** op_runtime_run() returns when there is nothing left to wait for.
+*/
+#include <stdarg.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* ---- configuration ---- */
+
+void op_config_init(op_config *cfg) {
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+
+  memset(cfg, 0, sizeof *cfg);
+  cfg->pools[0].name = "io";
+  cfg->pools[0].threads = 4;
+  cfg->pools[1].name = "cpu";
+  cfg->pools[1].threads = cores > 0 ? (int)cores : 1;
+  cfg->npools = 2;
+  cfg->shutdown = OP_SHUTDOWN_DRAIN;
+  cfg->block_budget = 0.1;
+  cfg->block_policy = OP_BLOCK_ABORT;
+}
+
+int op_config_pool(op_config *cfg, const char *name, int threads, int queue) {
+  int i;
+
+  if (name == NULL || name[0] == '\0' || strlen(name) >= OP_POOL_NAME_MAX ||
+      threads < 0 || queue < 0)
+    return OP_EINVAL;
+  for (i = 0; i < cfg->npools; i++) {
+    if (strcmp(cfg->pools[i].name, name) == 0) {
+      if (threads > 0)
+        cfg->pools[i].threads = threads;
+      if (queue > 0)
+        cfg->pools[i].queue = queue;
+      return 0;
+    }
+  }
+  if (cfg->npools >= OP_MAX_POOLS)
+    return OP_ENOMEM;
+  cfg->pools[cfg->npools].name = name;
+  cfg->pools[cfg->npools].threads = threads;
+  cfg->pools[cfg->npools].queue = queue;
+  cfg->npools++;
+  return 0;
+}
+
+/* ---- errors ---- */
+
+void op__set_errmsg(op_runtime *rt, const char *fmt, ...) {
+  va_list ap;
+  int n;
+  char *p;
+
+  va_start(ap, fmt);
+  n = vsnprintf(NULL, 0, fmt, ap);
+  va_end(ap);
+  if (n < 0 || (p = malloc((size_t)n + 1)) == NULL)
+    return;
+  va_start(ap, fmt);
+  vsnprintf(p, (size_t)n + 1, fmt, ap);
+  va_end(ap);
+  free(rt->errmsg);
+  rt->errmsg = p;
+}
+
+const char *op_errmsg(op_runtime *rt) {
+  return rt->errmsg != NULL ? rt->errmsg : "";
+}
+
+void op__report_error(op_runtime *rt, const char *msg) {
+  if (msg == NULL)
+    msg = "(no message)";
+  op__set_errmsg(rt, "%s", msg);
+  if (rt->on_error != NULL)
+    rt->on_error(rt, msg, rt->on_error_ud);
+  else
+    fprintf(stderr, "offpath: %s\n", msg);
+}
+
+void op_runtime_on_error(op_runtime *rt, op_error_cb cb, void *ud) {
+  rt->on_error = cb;
+  rt->on_error_ud = ud;
+}
+
+int op__traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+
+  if (msg == NULL) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+      return 1;
+    msg = lua_pushfstring(L, "(error object is a %s value)",
+                          luaL_typename(L, 1));
+  }
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+int op__pcall(lua_State *L, int nargs, int nres) {
+  int base = lua_gettop(L) - nargs, status;
+
+  lua_pushcfunction(L, op__traceback);
+  lua_insert(L, base);
+  status = lua_pcall(L, nargs, nres, base);
+  lua_remove(L, base);
+  return status;
+}
+
+#ifdef OP_DEBUG
+void op__assert_loop_thread(op_runtime *rt) {
+  uv_thread_t me = uv_thread_self();
+  if (!uv_thread_equal(&me, &rt->loop_thread))
+    OP_PANIC("called off the loop thread");
+}
+#endif
+
+/* ---- Lua states ---- */
+
+/* package.preload loader of a built-in module; upvalue 1 is its entry. */
+static int load_builtin(lua_State *L) {
+  const op_lua_module *m = lua_touserdata(L, lua_upvalueindex(1));
+
+  if (luaL_loadbufferx(L, (const char *)m->src, m->len, m->chunkname, "t"))
+    return lua_error(L);
+  lua_pushstring(L, m->name);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+void op__preload_modules(lua_State *L) {
+  const op_lua_module *m;
+
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  for (m = op__lua_modules; m->name != NULL; m++) {
+    lua_pushlightuserdata(L, (void *)m);
+    lua_pushcclosure(L, load_builtin, 1);
+    lua_setfield(L, -2, m->name);
+  }
+  lua_pop(L, 1);
+}
+
+lua_State *op__new_state(op_runtime *rt) {
+  lua_State *L = luaL_newstate();
+
+  if (L == NULL)
+    return NULL;
+  luaL_openlibs(L);
+  op__preload_modules(L);
+  if (rt->package_path != NULL) {
+    lua_getglobal(L, "package");
+    lua_pushfstring(L, "%s;", rt->package_path);
+    lua_getfield(L, -2, "path");
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "path");
+    lua_pop(L, 1);
+  }
+  return L;
+}
+
+op_runtime *op__runtime(lua_State *L) {
+  return op__co(L)->rt;
+}
+
+op_runtime *op_runtime_from_lua(lua_State *L) {
+  return op__runtime(L);
+}
+
+/* ---- the completion queue ---- */
+
+void op__complete(op_runtime *rt, op_task *t) {
+  int first;
+
+  t->next = NULL;
+  uv_mutex_lock(&rt->done_mu);
+  first = rt->done_head == NULL;
+  if (rt->done_tail != NULL)
+    rt->done_tail->next = t;
+  else
+    rt->done_head = t;
+  rt->done_tail = t;
+  uv_mutex_unlock(&rt->done_mu);
+  if (first)
+    uv_async_send(&rt->done_async);
+}
+
+/* Keep the loop alive exactly while pool tasks are in flight. */
+void op__update_ref(op_runtime *rt) {
+  if (rt->inflight > 0)
+    uv_ref((uv_handle_t *)&rt->done_async);
+  else
+    uv_unref((uv_handle_t *)&rt->done_async);
+}
+
+static void done_cb(uv_async_t *async) {
+  op_runtime *rt = async->data;
+  op_task *t, *list;
+  int i;
+
+  uv_mutex_lock(&rt->done_mu);
+  list = rt->done_head;
+  rt->done_head = rt->done_tail = NULL;
+  uv_mutex_unlock(&rt->done_mu);
+  while ((t = list) != NULL) {
+    list = t->next;
+    t->next = NULL;
+    if (t->kind == OP_TASK_BLOCK) {
+      op__block_run(rt, t);
+      continue;
+    }
+    rt->inflight--;
+    op__pool_returned(t->pool, t);
+    t->complete(t);
+  }
+  for (i = 0; i < rt->npools; i++)
+    if (op__pool_backlog(rt->pools[i])->head != NULL)
+      op__task_flush_backlog(rt->pools[i]);
+  op__update_ref(rt);
+}
+
+/* ---- C tasks ---- */
+
+typedef struct ctask {
+  op_task t;
+  op_done_fn done;
+  void *arg;
+} ctask;
+
+static void ctask_complete(op_task *t) {
+  ctask *c = (ctask *)t;
+  op_done_fn done = c->done;
+  void *arg = c->arg;
+  int status = t->status;
+
+  op__pool_count_end(t->pool, t,
+                     status == 0 ? OP_TASK_DONE : OP_TASK_CANCELLED);
+  op__task_release(t);
+  free(c);
+  done(arg, status);
+}
+
+int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
+              op_done_fn done, void *arg) {
+  op_pool *p;
+  ctask *c;
+  int rc;
+
+  if (work == NULL || done == NULL || pool == NULL)
+    return OP_EINVAL;
+  if (rt->closing)
+    return OP_ESHUTDOWN;
+  if ((p = op__pool_find(rt, pool)) == NULL)
+    return OP_ENOPOOL;
+  if ((c = malloc(sizeof *c)) == NULL)
+    return OP_ENOMEM;
+  op__task_init(&c->t, OP_TASK_C);
+  c->t.work = work;
+  c->t.arg = arg;
+  c->t.complete = ctask_complete;
+  c->done = done;
+  c->arg = arg;
+  rc = op__pool_submit(p, &c->t);
+  if (rc != 0) {
+    free(c);
+    return rc;
+  }
+  return 0;
+}
+
+/* ---- tasks ---- */
+
+void op__task_init(op_task *t, op_task_kind kind) {
+  memset(t, 0, sizeof *t);
+  t->kind = (uint8_t)kind;
+  atomic_init(&t->stop, 0);
+  op__buf_init(&t->in);
+  op__buf_init(&t->out);
+}
+
+void op__task_release(op_task *t) {
+  op__buf_free(&t->in);
+  op__buf_free(&t->out);
+}
+
+/* ---- lifecycle ---- */
+
+static void handle_close_cb(uv_handle_t *h) {
+  op_runtime *rt = h->data;
+  rt->uv_handles--;
+}
+
+int op_runtime_new(const op_config *cfg, op_runtime **out) {
+  op_config defaults;
+  op_runtime *rt;
+  int i, rc;
+
+  *out = NULL;
+  if (cfg == NULL) {
+    op_config_init(&defaults);
+    cfg = &defaults;
+  }
+  rt = calloc(1, sizeof *rt);
+  if (rt == NULL)
+    return OP_ENOMEM;
+  rt->cfg = *cfg;
+  rt->engine_ref = LUA_NOREF;
+  rt->loop_thread = uv_thread_self();
+  if (cfg->package_path != NULL &&
+      (rt->package_path = strdup(cfg->package_path)) == NULL) {
+    free(rt);
+    return OP_ENOMEM;
+  }
+  if (cfg->loop != NULL) {
+    rt->loop = cfg->loop;
+  } else {
+    if ((rc = uv_loop_init(&rt->own_loop)) != 0) {
+      free(rt->package_path);
+      free(rt);
+      return rc;
+    }
+    rt->loop = &rt->own_loop;
+    rt->own = 1;
+    rt->loop->data = rt;
+  }
+  if (rt->loop->data == NULL)
+    rt->loop->data = rt;
+  if (uv_mutex_init(&rt->done_mu))
+    OP_PANIC("cannot make the completion lock");
+  uv_async_init(rt->loop, &rt->done_async, done_cb);
+  rt->done_async.data = rt;
+  rt->uv_handles++;
+  uv_unref((uv_handle_t *)&rt->done_async);
+
+  rt->protos = op__protostore_new();
+  rt->L = op__new_state(rt);
+  if (rt->protos == NULL || rt->L == NULL)
+    goto nomem;
+  op__sched_init(rt);
+  luaL_requiref(rt->L, "offpath", op__open_main, 1);
+  lua_pop(rt->L, 1);
+  rt->xfer = op__xfer_new(rt->L, rt->protos);
+  if (rt->xfer == NULL)
+    goto nomem;
+  for (i = 0; i < cfg->npools; i++) {
+    if ((rc = op__pool_add(rt, &cfg->pools[i], NULL)) != 0) {
+      rt->closing = 1;
+      op_runtime_free(rt);
+      return rc;
+    }
+  }
+  *out = rt;
+  return 0;
+
+nomem:
+  rt->closing = 1;
+  op_runtime_free(rt);
+  return OP_ENOMEM;
+}
+
+/* Run the loop once while there is pool work or ready coroutines. */
+static void drain(op_runtime *rt) {
+  int i, more;
+
+  for (;;) {
+    more = rt->inflight > 0 || rt->ready_head != NULL ||
+           rt->defer_head != NULL;
+    for (i = 0; i < rt->npools && !more; i++)
+      more = op__pool_backlog(rt->pools[i])->head != NULL;
+    if (!more)
+      break;
+    uv_run(rt->loop, UV_RUN_ONCE);
+  }
+}
+
+int op_runtime_free(op_runtime *rt) {
+  int i, rc = 0;
+  uint64_t errors;
+
+  if (rt == NULL)
+    return 0;
+  errors = rt->call_errors;
+  rt->closing = 1;
+  if (rt->L != NULL && rt->waits != NULL) {
+    if (rt->cfg.shutdown == OP_SHUTDOWN_CANCEL)
+      for (i = 0; i < rt->npools; i++)
+        op__pool_cancel_queued(rt->pools[i]);
+    drain(rt);
+    while (rt->pending_waits > 0) {
+      op__sched_cancel_all(rt);
+      drain(rt);
+    }
+  }
+  if (rt->L != NULL)
+    op__io_shutdown(rt);
+  for (i = 0; i < rt->npools; i++)
+    op__pool_free(rt->pools[i]);
+  rt->npools = 0;
+  if (rt->call_errors != errors)
+    rc = OP_ESCRIPT;
+  if (rt->L != NULL) {
+    if (rt->waits != NULL || rt->nwaits == 0)
+      op__sched_close(rt);
+    if (rt->xfer != NULL)
+      op__xfer_free(rt->xfer);
+    lua_close(rt->L);
+  }
+  if (rt->protos != NULL)
+    op__protostore_free(rt->protos);
+  uv_close((uv_handle_t *)&rt->done_async, handle_close_cb);
+  while (rt->uv_handles > 0)
+    uv_run(rt->loop, UV_RUN_NOWAIT);
+  uv_run(rt->loop, UV_RUN_NOWAIT);
+  uv_mutex_destroy(&rt->done_mu);
+  if (rt->own) {
+    if (uv_loop_close(&rt->own_loop) != 0)
+      rc = rc ? rc : OP_EBUSY;
+  } else if (rt->loop->data == rt) {
+    rt->loop->data = NULL;
+  }
+  free(rt->errmsg);
+  free(rt->package_path);
+  free(rt);
+  return rc;
+}
+
+lua_State *op_runtime_lua(op_runtime *rt) {
+  return rt->L;
+}
+
+/* ---- loop integration ---- */
+
+struct uv_loop_s *op_runtime_uv_loop(op_runtime *rt) {
+  return rt->loop;
+}
+
+int op_runtime_fd(op_runtime *rt) {
+  return uv_backend_fd(rt->loop);
+}
+
+int op_runtime_poll(op_runtime *rt) {
+  uv_run(rt->loop, UV_RUN_NOWAIT);
+  if (!uv_loop_alive(rt->loop))
+    return -1;
+  return uv_backend_timeout(rt->loop);
+}
+
+int op_runtime_run(op_runtime *rt) {
+  uint64_t errors = rt->call_errors;
+
+  uv_run(rt->loop, UV_RUN_DEFAULT);
+  return rt->call_errors != errors ? OP_ESCRIPT : 0;
+}
+
+int op_runtime_busy(op_runtime *rt) {
+  return rt->inflight > 0 || rt->live_cos > 0 || rt->pending_waits > 0 ||
+         uv_loop_alive(rt->loop);
+}
+
+int op_runtime_suspended(op_runtime *rt) {
+  return rt->suspended;
+}
+
+/* ---- scripts and handlers ---- */
+
+static int run_chunk(op_runtime *rt, int status) {
+  lua_State *L = rt->L;
+
+  if (status == LUA_OK) {
+    rt->depth++;
+    status = op__pcall(L, 0, 0);
+    rt->depth--;
+  }
+  if (status != LUA_OK) {
+    op__set_errmsg(rt, "%s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return OP_ESCRIPT;
+  }
+  rt->loaded = 1;
+  return 0;
+}
+
+int op_load_script(op_runtime *rt, const char *path) {
+  return run_chunk(rt, luaL_loadfile(rt->L, path));
+}
+
+int op_load_string(op_runtime *rt, const char *chunk, const char *name) {
+  return run_chunk(rt, luaL_loadbuffer(rt->L, chunk, strlen(chunk), name));
+}
+
+int op_call_value(op_runtime *rt, int nargs) {
+  op_co *c;
+
+  rt->calls++;
+  c = op__co_acquire(rt);
+  return op__co_start(c, rt->L, nargs);
+}
+
+int op_call(op_runtime *rt, const char *handler, int nargs) {
+  lua_State *L = rt->L;
+
+  if (lua_getglobal(L, handler) != LUA_TFUNCTION) {
+    lua_pop(L, nargs + 1);
+    op__set_errmsg(rt, "no handler '%s'", handler);
+    return OP_ENOHANDLER;
+  }
+  lua_insert(L, -(nargs + 1));
+  return op_call_value(rt, nargs);
+}
+
+/* ---- the engine object ---- */
+
+int op_register_engine(op_runtime *rt, const luaL_Reg *fns, void *ud) {
+  lua_State *L = rt->L;
+
+  rt->engine_ud = ud;
+  op_push_engine(rt);
+  luaL_setfuncs(L, fns, 0);
+  lua_pop(L, 1);
+  return 0;
+}
+
+void op_push_engine(op_runtime *rt) {
+  lua_State *L = rt->L;
+
+  if (rt->engine_ref == LUA_NOREF) {
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    rt->engine_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, rt->engine_ref);
+}
+
+void *op_engine_ud(lua_State *L) {
+  return op__runtime(L)->engine_ud;
+}

@@ -1,0 +1,546 @@
+/*
+** sched.c - main-thread coroutines and the waits they suspend on.
+** Thread: loop, always.
+**
+** DESIGN
+**
+** Every handler runs in a coroutine (an op_co). A coroutine suspends only
+** through a wait: op__wait_new() takes a slot in rt->waits and returns its
+** id (generation << 32 | slot), the caller starts an operation that
+** remembers the id, and op__wait_yield() yields with a continuation. The
+** wait is resolved exactly once, by whichever comes first:
+**
+**     operation done ---- op__wait_resume / op__wait_fail ----.
+**     deadline ---------- wait_timer_cb (abort: ETIMEDOUT) -----+--> resolved
+**     task cancelled ---- op__wait_cancel (abort: ECANCELED) ---'
+**     shutdown ---------- op__sched_cancel_all -----------------'
+**
+** Resolving frees the slot (the generation moves on), so whatever comes
+** later finds op__wait_thread() == NULL and only frees its own resources.
+** The resolver pushes (true, results...) or (false, message) on the
+** coroutine, which wait_k() turns into return values or an error.
+**
+** A resolution that happens while Lua code is running on the loop thread
+** (rt->depth > 0, e.g. task:cancel() resolving another coroutine's wait)
+** does not resume at once: the coroutine goes on the ready list and runs on
+** the next loop turn, so no C frame is re-entered under its caller.
+**
+** Coroutines that return normally are reused (their stack is empty again);
+** ones that fail are dropped. A bare coroutine.yield() in a handler is a
+** cooperative yield: the coroutine is resumed on the next loop turn.
+*/
+#include <string.h>
+
+#include "internal.h"
+
+#define MAX_FREE_COS 256
+
+struct op_wait {
+  op_co *co;           /* NULL when the slot is free */
+  uint32_t gen;
+  uint32_t next_free;  /* free-list link, UINT32_MAX at the end */
+  uv_timer_t *timer;   /* deadline, or NULL */
+  op_abort_fn abort;
+  void *what;
+  const char *call;    /* static name of the suspending call */
+  double timeout;
+};
+
+struct op_defer {
+  op_defer *next;
+  void (*fn)(void *);
+  void *arg;
+};
+
+static void co_resume(op_co *c, int nargs);
+static void idle_cb(uv_idle_t *idle);
+
+/* Queue c to be resumed with nargs values on the next loop turn. */
+static void ready_push(op_co *c, int nargs) {
+  op_runtime *rt = c->rt;
+
+  c->ready_nargs = nargs;
+  c->next = NULL;
+  if (rt->ready_tail != NULL)
+    rt->ready_tail->next = c;
+  else
+    rt->ready_head = c;
+  rt->ready_tail = c;
+  if (!uv_is_active((uv_handle_t *)&rt->idle))
+    uv_idle_start(&rt->idle, idle_cb);
+}
+
+/* ---- slots ---- */
+
+static op_wait_id wait_id(op_runtime *rt, uint32_t slot) {
+  return ((uint64_t)rt->waits[slot].gen << 32) | slot;
+}
+
+static op_wait *wait_get(op_runtime *rt, op_wait_id id) {
+  uint32_t slot = (uint32_t)(id & 0xffffffffu);
+  op_wait *w;
+
+  if (id == 0 || slot >= rt->nwaits)
+    return NULL;
+  w = &rt->waits[slot];
+  if (w->co == NULL || w->gen != (uint32_t)(id >> 32))
+    return NULL;
+  return w;
+}
+
+/* Take a free slot, growing the array. Returns its index or UINT32_MAX on
+** out of memory. */
+static uint32_t slot_alloc(op_runtime *rt) {
+  uint32_t i, n, slot;
+  op_wait *p;
+
+  if (rt->free_wait == UINT32_MAX) {
+    n = rt->nwaits ? rt->nwaits * 2 : 64;
+    p = realloc(rt->waits, n * sizeof *p);
+    if (p == NULL)
+      return UINT32_MAX;
+    for (i = rt->nwaits; i < n; i++) {
+      memset(&p[i], 0, sizeof p[i]);
+      p[i].gen = 1;
+      p[i].next_free = i + 1 < n ? i + 1 : UINT32_MAX;
+    }
+    rt->waits = p;
+    rt->free_wait = rt->nwaits;
+    rt->nwaits = n;
+  }
+  slot = rt->free_wait;
+  rt->free_wait = rt->waits[slot].next_free;
+  return slot;
+}
+
+static void timer_close_cb(uv_handle_t *h) {
+  free(h);
+}
+
+/* Free the slot of w and detach it from its coroutine. Returns the
+** coroutine that was waiting. */
+static op_co *wait_take(op_runtime *rt, op_wait *w) {
+  op_co *c = w->co;
+  uint32_t slot = (uint32_t)(w - rt->waits);
+
+  if (w->timer != NULL) {
+    uv_timer_stop(w->timer);
+    uv_close((uv_handle_t *)w->timer, timer_close_cb);
+    w->timer = NULL;
+  }
+  w->co = NULL;
+  w->gen++;
+  if (w->gen == 0)
+    w->gen = 1;
+  w->abort = NULL;
+  w->what = NULL;
+  w->next_free = rt->free_wait;
+  rt->free_wait = slot;
+  rt->pending_waits--;
+  c->wait = 0;
+  c->waiting = 0;
+  return c;
+}
+
+/* ---- where a coroutine is ---- */
+
+const char *op__where(lua_State *co, char *buf, size_t len) {
+  lua_Debug ar;
+  int level;
+
+  for (level = 0; level < 8; level++) {
+    if (!lua_getstack(co, level, &ar))
+      break;
+    if (lua_getinfo(co, "Sl", &ar) && ar.currentline > 0) {
+      snprintf(buf, len, "%s:%d", ar.short_src, ar.currentline);
+      return buf;
+    }
+  }
+  snprintf(buf, len, "?");
+  return buf;
+}
+
+/* ---- waits ---- */
+
+int op__can_suspend(lua_State *L) {
+  op_co *c = op__co(L);
+  return c != NULL && c->handler && c->L == L && !c->rt->closing &&
+         lua_isyieldable(L);
+}
+
+void op__check_suspend(lua_State *L, const char *call) {
+  op_co *c = op__co(L);
+
+  if (op__can_suspend(L))
+    return;
+  if (c != NULL && c->rt->closing && c->handler)
+    luaL_error(L, "cannot suspend: %s while the runtime shuts down", call);
+  if (c == NULL || c->L != L || !c->handler) {
+    if (c != NULL && L == c->rt->L)
+      luaL_error(L,
+                 "cannot suspend: %s called outside a handler (the main "
+                 "chunk and callbacks such as onresult must not wait; use "
+                 "offpath.go or a non-suspending form)",
+                 call);
+    luaL_error(L,
+               "cannot suspend: %s called in a coroutine offpath does not "
+               "run (use offpath.go instead of coroutine.create/wrap)",
+               call);
+  }
+  luaL_error(L,
+             "cannot suspend: %s called across a C boundary that cannot "
+             "yield (e.g. a table.sort comparator, __gc or a C callback)",
+             call);
+}
+
+static void wait_timer_cb(uv_timer_t *timer) {
+  op_runtime *rt = timer->loop->data;
+  op_wait *w = wait_get(rt, (op_wait_id)(uintptr_t)timer->data);
+  op_abort_fn abort;
+  void *what;
+  char where[256], msg[512];
+  op_co *c;
+
+  if (w == NULL)
+    return;
+  abort = w->abort;
+  what = w->what;
+  snprintf(msg, sizeof msg, "timeout after %g s in %s at %s", w->timeout,
+           w->call, op__where(w->co->L, where, sizeof where));
+  c = wait_take(rt, w);
+  lua_pushboolean(c->L, 0);
+  lua_pushstring(c->L, msg);
+  if (abort != NULL)
+    abort(what, OP_ETIMEDOUT);
+  co_resume(c, 2);
+}
+
+op_wait_id op__wait_new(lua_State *L, const char *call, double timeout,
+                        op_abort_fn abort, void *what) {
+  op_co *c;
+  op_runtime *rt;
+  uint32_t slot;
+  op_wait *w;
+  uv_timer_t *timer = NULL;
+
+  op__check_suspend(L, call);
+  c = op__co(L);
+  rt = c->rt;
+  op_assert(c->wait == 0);
+  if (timeout > 0) {
+    timer = malloc(sizeof *timer);
+    if (timer == NULL)
+      luaL_error(L, "not enough memory");
+  }
+  slot = slot_alloc(rt);
+  if (slot == UINT32_MAX) {
+    free(timer);
+    luaL_error(L, "not enough memory");
+  }
+  w = &rt->waits[slot];
+  w->co = c;
+  w->abort = abort;
+  w->what = what;
+  w->call = call;
+  w->timeout = timeout;
+  w->timer = timer;
+  rt->pending_waits++;
+  c->wait = wait_id(rt, slot);
+  if (timer != NULL) {
+    uv_timer_init(rt->loop, timer);
+    timer->data = (void *)(uintptr_t)c->wait;
+    uv_timer_start(timer, wait_timer_cb, (uint64_t)(timeout * 1000.0 + 0.5),
+                   0);
+  }
+  return c->wait;
+}
+
+/* Continuation of every wait: the resolver pushed (true, results...) or
+** (false, message) above the yield point ctx.  [-0, +n, e] */
+static int wait_k(lua_State *L, int status, lua_KContext ctx) {
+  int base = (int)ctx;
+
+  (void)status;
+  if (lua_gettop(L) > base && lua_toboolean(L, base + 1))
+    return lua_gettop(L) - base - 1;
+  lua_settop(L, base + 2);
+  return lua_error(L);
+}
+
+int op__wait_yield(lua_State *L) {
+  op_co *c = op__co(L);
+
+  op_assert(c->wait != 0);
+  c->waiting = 1;
+  return lua_yieldk(L, 0, (lua_KContext)lua_gettop(L), wait_k);
+}
+
+lua_State *op__wait_thread(op_runtime *rt, op_wait_id id) {
+  op_wait *w = wait_get(rt, id);
+  return w != NULL ? w->co->L : NULL;
+}
+
+void op__wait_resume(op_runtime *rt, op_wait_id id, int nres) {
+  op_wait *w = wait_get(rt, id);
+  op_co *c;
+
+  if (w == NULL)
+    return;
+  c = wait_take(rt, w);
+  lua_pushboolean(c->L, 1);
+  lua_insert(c->L, -(nres + 1));
+  co_resume(c, nres + 1);
+}
+
+void op__wait_fail(op_runtime *rt, op_wait_id id, const char *msg) {
+  op_wait *w = wait_get(rt, id);
+  op_co *c;
+
+  if (w == NULL)
+    return;
+  c = wait_take(rt, w);
+  lua_pushboolean(c->L, 0);
+  lua_pushstring(c->L, msg);
+  co_resume(c, 2);
+}
+
+void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg,
+                     int code) {
+  op_wait *w = wait_get(rt, id);
+  op_abort_fn abort;
+  void *what;
+  char where[256], text[512];
+  op_co *c;
+
+  if (w == NULL)
+    return;
+  abort = w->abort;
+  what = w->what;
+  snprintf(text, sizeof text, "%s (%s at %s)", msg, w->call,
+           op__where(w->co->L, where, sizeof where));
+  c = wait_take(rt, w);
+  lua_pushboolean(c->L, 0);
+  lua_pushstring(c->L, text);
+  if (abort != NULL)
+    abort(what, code);
+  co_resume(c, 2);
+}
+
+void op__sched_cancel_all(op_runtime *rt) {
+  uint32_t i;
+
+  for (i = 0; i < rt->nwaits; i++)
+    if (rt->waits[i].co != NULL)
+      op__wait_cancel(rt, wait_id(rt, i),
+                      "cancelled: runtime shutting down", OP_ECANCELED);
+}
+
+/* ---- deferred work ---- */
+
+static void idle_start(op_runtime *rt) {
+  if (!uv_is_active((uv_handle_t *)&rt->idle))
+    uv_idle_start(&rt->idle, idle_cb);
+}
+
+void op__defer(op_runtime *rt, void (*fn)(void *), void *arg) {
+  op_defer *d = malloc(sizeof *d);
+
+  if (d == NULL)
+    OP_PANIC("out of memory deferring work");
+  d->next = NULL;
+  d->fn = fn;
+  d->arg = arg;
+  if (rt->defer_tail != NULL)
+    rt->defer_tail->next = d;
+  else
+    rt->defer_head = d;
+  rt->defer_tail = d;
+  idle_start(rt);
+}
+
+static void idle_cb(uv_idle_t *idle) {
+  op_runtime *rt = idle->data;
+  op_co *c, *ready;
+  op_defer *d, *defers;
+
+  ready = rt->ready_head;
+  rt->ready_head = rt->ready_tail = NULL;
+  defers = rt->defer_head;
+  rt->defer_head = rt->defer_tail = NULL;
+  uv_idle_stop(idle);
+  while ((c = ready) != NULL) {
+    ready = c->next;
+    c->next = NULL;
+    co_resume(c, c->ready_nargs);
+  }
+  while ((d = defers) != NULL) {
+    defers = d->next;
+    d->fn(d->arg);
+    free(d);
+  }
+}
+
+/* ---- coroutines ---- */
+
+op_co *op__co_acquire(op_runtime *rt) {
+  lua_State *L = rt->L;
+  op_co *c;
+
+  if ((c = rt->free_cos) != NULL) {
+    rt->free_cos = c->next;
+    rt->nfree_cos--;
+    c->next = NULL;
+    return c;
+  }
+  c = calloc(1, sizeof *c);
+  if (c == NULL)
+    luaL_error(L, "not enough memory");
+  c->rt = rt;
+  c->handler = 1;
+  c->ctx_ref = LUA_NOREF;
+  c->L = lua_newthread(L);
+  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  *(op_co **)lua_getextraspace(c->L) = c;
+  return c;
+}
+
+/* Put c back for reuse, or drop it. */
+static void co_release(op_co *c, int reusable) {
+  op_runtime *rt = c->rt;
+
+  if (c->ctx_ref != LUA_NOREF) {
+    luaL_unref(rt->L, LUA_REGISTRYINDEX, c->ctx_ref);
+    c->ctx_ref = LUA_NOREF;
+  }
+  c->on_end = NULL;
+  c->data = NULL;
+  if (reusable && rt->nfree_cos < MAX_FREE_COS && !rt->closing) {
+    lua_settop(c->L, 0);
+    c->next = rt->free_cos;
+    rt->free_cos = c;
+    rt->nfree_cos++;
+    return;
+  }
+  *(op_co **)lua_getextraspace(c->L) = &rt->root;
+  luaL_unref(rt->L, LUA_REGISTRYINDEX, c->ref);
+  free(c);
+}
+
+/* A coroutine failed: build "message\nstack traceback" of it on rt->L. */
+static void push_co_error(op_co *c) {
+  lua_State *L = c->rt->L;
+  const char *msg = lua_tostring(c->L, -1);
+
+  if (msg == NULL) {
+    if (luaL_callmeta(c->L, -1, "__tostring") &&
+        lua_type(c->L, -1) == LUA_TSTRING)
+      msg = lua_tostring(c->L, -1);
+    else
+      msg = lua_pushfstring(c->L, "(error object is a %s value)",
+                            luaL_typename(c->L, -1));
+  }
+  luaL_traceback(L, c->L, msg, 0);
+}
+
+/* Resume c with the nargs values on its stack, and handle the outcome. */
+static void co_resume(op_co *c, int nargs) {
+  op_runtime *rt = c->rt;
+  int status, nres = 0;
+  uint64_t t0;
+
+  if (rt->depth > 0) {
+    /* Lua is running on this thread: resume on the next turn instead. */
+    ready_push(c, nargs);
+    return;
+  }
+  if (c->counted) {
+    c->counted = 0;
+    rt->suspended--;
+  }
+  t0 = uv_hrtime();
+  rt->depth++;
+  status = lua_resume(c->L, rt->L, nargs, &nres);
+  rt->depth--;
+  op__hist_add(&rt->call_hist, uv_hrtime() - t0);
+
+  if (status == LUA_YIELD) {
+    lua_pop(c->L, nres);
+    c->counted = 1;
+    rt->suspended++;
+    if (!c->waiting) {
+      /* A bare coroutine.yield(): run again on the next turn. */
+      ready_push(c, 0);
+    }
+    return;
+  }
+  rt->live_cos--;
+  if (status == LUA_OK) {
+    if (c->on_end != NULL)
+      c->on_end(c, LUA_OK, nres);
+    co_release(c, 1);
+    return;
+  }
+  if (c->on_end != NULL) {
+    c->on_end(c, status, 1);
+  } else {
+    push_co_error(c);
+    rt->call_errors++;
+    op__report_error(rt, lua_tostring(rt->L, -1));
+    lua_pop(rt->L, 1);
+  }
+  co_release(c, 0);
+}
+
+int op__co_start(op_co *c, lua_State *from, int nargs) {
+  op_runtime *rt = c->rt;
+  uint64_t errors = rt->call_errors;
+
+  lua_xmove(from, c->L, nargs + 1);
+  rt->live_cos++;
+  if (rt->depth > 0) {
+    /* Started from Lua (offpath.go, on_done): run it on the next turn so
+    ** the caller is not re-entered. */
+    c->counted = 1;
+    rt->suspended++;
+    ready_push(c, nargs);
+    return 0;
+  }
+  co_resume(c, nargs);
+  return rt->call_errors != errors ? OP_ESCRIPT : 0;
+}
+
+/* ---- set-up ---- */
+
+int op__sched_init(op_runtime *rt) {
+  rt->root.rt = rt;
+  rt->root.L = rt->L;
+  rt->root.handler = 0;
+  rt->root.ctx_ref = LUA_NOREF;
+  rt->free_wait = UINT32_MAX;
+  *(op_co **)lua_getextraspace(rt->L) = &rt->root;
+  uv_idle_init(rt->loop, &rt->idle);
+  rt->idle.data = rt;
+  rt->uv_handles++;
+  return 0;
+}
+
+static void idle_close_cb(uv_handle_t *h) {
+  op_runtime *rt = h->data;
+  rt->uv_handles--;
+}
+
+void op__sched_close(op_runtime *rt) {
+  op_co *c;
+
+  while ((c = rt->free_cos) != NULL) {
+    rt->free_cos = c->next;
+    *(op_co **)lua_getextraspace(c->L) = &rt->root;
+    luaL_unref(rt->L, LUA_REGISTRYINDEX, c->ref);
+    free(c);
+  }
+  rt->nfree_cos = 0;
+  uv_close((uv_handle_t *)&rt->idle, idle_close_cb);
+  free(rt->waits);
+  rt->waits = NULL;
+  rt->nwaits = 0;
+}

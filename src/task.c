@@ -1,0 +1,740 @@
+/*
+** task.c - the offpath.task objects of the main VM: pool tasks and go tasks,
+** their completion, deadlines, cancellation, waiters and callbacks.
+** Thread: loop, always (the worker side of a pool task is in pool.c).
+**
+** DESIGN
+**
+** A task is a full userdata (op_ltask) whose first member is the op_task a
+** pool works on. While the pool, the backlog or a coroutine may still touch
+** it, it is anchored in the registry (lt->anchor); it is released in
+** maybe_release() once nothing does and it has ended.
+**
+**   new --enqueue--> QUEUED (in_pool) --worker picks--> RUNNING (worker)
+**    |                  |                                  |
+**    |  queue full      | stop: taken off the queue,       | task_complete()
+**    v                  |   completed as cancelled/timeout | (drain)
+**   backlog --room-->   |                                  v
+**   (in_backlog)        +-----------------------------> ended: DONE, FAILED,
+**                                                       CANCELLED, TIMEOUT
+**
+** "Ended" is decided once, on the loop thread, by task_end(): from the
+** worker's outcome in task_complete(), or earlier by task_stop() on a
+** deadline, a cancel or a waiter's timeout. A task stopped early stays
+** anchored until the worker hands it back (the worker sees t->stop at its
+** next instruction-count hook), and that late completion only releases it.
+**
+** Invariants:
+**  - state < OP_TASK_DONE  <=>  the task has not ended; task_end runs once.
+**  - Every waiter is a wait id: waiters that went away (timeout, cancel)
+**    are skipped because their ids no longer resolve.
+**  - on_done callbacks and schedule callbacks run exactly once, at the end.
+**  - pool counters count each task once, at the end (op__pool_count_end).
+*/
+#include <string.h>
+
+#include "internal.h"
+
+struct op_ltask {
+  op_task t;            /* first: the pool's view of the task */
+  op_runtime *rt;
+  uint8_t kind;         /* op_ltask_kind */
+  uint8_t state;        /* op_task_state */
+  uint8_t in_pool;      /* the pool owns t until task_complete() */
+  uint8_t in_backlog;   /* waiting for room in the pool queue */
+  uint8_t sched;        /* schedule: data/onresult/onerror in the uservalue */
+  uint8_t observed;     /* a waiter or callback was attached */
+  int anchor;           /* registry ref, or LUA_NOREF */
+  op_wait_id waiter;    /* the first waiter; more in the uservalue */
+  op_wait_id submit_wait; /* launch suspended on a full queue */
+  uv_timer_t *timer;    /* deadline, or NULL */
+  double timeout;
+  const char *call;     /* "offpath.run", ... for messages */
+  op_co *co;            /* go: the running coroutine, NULL once ended */
+  op_ltask *bl_next;    /* backlog link */
+};
+
+static const char *const state_names[] = { "queued",    "running", "done",
+                                           "failed",    "cancelled",
+                                           "timeout" };
+
+/* Registry key of the metatable. */
+static const char task_mt_key = 'T';
+#define TASK_MT "offpath.task"
+
+/* ---- the object and its uservalue ---- */
+
+/* Push the task object; it is anchored whenever this is called. */
+static void push_task(lua_State *L, op_ltask *lt) {
+  op_assert(lt->anchor != LUA_NOREF);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lt->anchor);
+}
+
+/* Push the uservalue table of the task object at idx, making it if need
+** be.  [-0, +1, m] */
+static void push_uv(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  if (lua_getiuservalue(L, idx, 1) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 4);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, idx, 1);
+  }
+}
+
+static op_ltask *check_task(lua_State *L, int idx) {
+  return luaL_checkudata(L, idx, TASK_MT);
+}
+
+static void anchor(lua_State *L, op_ltask *lt, int idx) {
+  if (lt->anchor == LUA_NOREF) {
+    lua_pushvalue(L, idx);
+    lt->anchor = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+}
+
+static void timer_close_cb(uv_handle_t *h) {
+  free(h);
+}
+
+/* Release the anchor once nothing can touch the task any more. */
+static void maybe_release(op_ltask *lt) {
+  if (lt->state < OP_TASK_DONE || lt->in_pool || lt->in_backlog ||
+      lt->co != NULL || lt->anchor == LUA_NOREF)
+    return;
+  luaL_unref(lt->rt->L, LUA_REGISTRYINDEX, lt->anchor);
+  lt->anchor = LUA_NOREF;
+}
+
+/* ---- results ---- */
+
+/* Push the results of a task that ended DONE on L (any thread of the main
+** VM). Returns how many, or -1 with an error message pushed if the results
+** cannot be decoded here.  [-0, +n, m] */
+static int push_results(lua_State *L, op_ltask *lt) {
+  char err[256];
+  int n, i;
+
+  if (lt->kind == OP_LT_POOL) {
+    n = op__decode(lt->rt->xfer, L, lt->t.out.p, lt->t.out.len, err,
+                   sizeof err);
+    if (n < 0) {
+      lua_pushfstring(L, "cannot copy result: %s", err);
+      return -1;
+    }
+    return n;
+  }
+  push_task(L, lt);
+  push_uv(L, -1);
+  lua_getfield(L, -1, "res");
+  lua_getfield(L, -1, "n");
+  n = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  luaL_checkstack(L, n + 3, "too many results");
+  for (i = 1; i <= n; i++)
+    lua_rawgeti(L, -i, i);
+  /* drop task, uservalue and res from below the results */
+  for (i = 0; i < 3; i++)
+    lua_remove(L, -(n + 1));
+  return n;
+}
+
+/* Push the error message of a task that ended otherwise.  [-0, +1, m] */
+static void push_error(lua_State *L, op_ltask *lt) {
+  switch (lt->state) {
+  case OP_TASK_FAILED:
+    if (lt->kind == OP_LT_POOL) {
+      lua_pushlstring(L, lt->t.out.p, lt->t.out.len);
+    } else {
+      push_task(L, lt);
+      push_uv(L, -1);
+      lua_getfield(L, -1, "err");
+      lua_replace(L, -3);
+      lua_pop(L, 1);
+    }
+    break;
+  case OP_TASK_TIMEOUT:
+    lua_pushfstring(L, "timeout after %f s in %s", lt->timeout, lt->call);
+    break;
+  default:
+    lua_pushfstring(L, "cancelled: %s", lt->call);
+    break;
+  }
+}
+
+/* ---- the end of a task ---- */
+
+/* Tell the waiter with id w how lt ended. */
+static void tell_waiter(op_ltask *lt, op_wait_id w) {
+  op_runtime *rt = lt->rt;
+  lua_State *co = op__wait_thread(rt, w);
+  char msg[128];
+  int n;
+
+  if (co == NULL)
+    return;
+  switch (lt->state) {
+  case OP_TASK_DONE:
+    n = push_results(co, lt);
+    if (n >= 0) {
+      op__wait_resume(rt, w, n);
+    } else {
+      op__wait_fail(rt, w, lua_tostring(co, -1));
+    }
+    return;
+  case OP_TASK_FAILED:
+    push_error(co, lt);
+    op__wait_fail(rt, w, luaL_tolstring(co, -1, NULL));
+    return;
+  case OP_TASK_TIMEOUT:
+    snprintf(msg, sizeof msg, "timeout after %g s", lt->timeout);
+    op__wait_cancel(rt, w, msg, OP_ETIMEDOUT);
+    return;
+  default:
+    op__wait_cancel(rt, w, "cancelled", OP_ECANCELED);
+    return;
+  }
+}
+
+/* Push (ok, results...) or (false, message) on L for a callback.
+** Returns the count.  [-0, +n, m] */
+static int push_outcome(lua_State *L, op_ltask *lt) {
+  int n;
+
+  if (lt->state == OP_TASK_DONE) {
+    lua_pushboolean(L, 1);
+    n = push_results(L, lt);
+    if (n >= 0)
+      return n + 1;
+    lua_remove(L, -2);
+  } else {
+    push_error(L, lt);
+  }
+  lua_pushboolean(L, 0);
+  lua_insert(L, -2);
+  return 2;
+}
+
+/* Run the Trisul callbacks of a schedule: onresult(engine, data, result)
+** or onerror(engine, data, err), on the main thread where nothing may
+** suspend. The task object and its uservalue are on top of L. */
+static void run_schedule(lua_State *L, op_ltask *lt, int uv) {
+  op_runtime *rt = lt->rt;
+  int ok = lt->state == OP_TASK_DONE, top = lua_gettop(L), n;
+
+  lua_getfield(L, uv, ok ? "onresult" : "onerror");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    if (!ok) {
+      push_error(L, lt);
+      lua_pushfstring(L, "offpath.schedule: %s", lua_tostring(L, -1));
+      op__report_error(rt, lua_tostring(L, -1));
+      rt->call_errors++;
+    }
+    lua_settop(L, top);
+    return;
+  }
+  op_push_engine(rt);
+  lua_getfield(L, uv, "data");
+  if (ok) {
+    n = push_results(L, lt);
+    if (n < 0) {
+      n = 1;
+    } else if (n == 0) {
+      lua_pushnil(L);
+      n = 1;
+    }
+    lua_settop(L, top + 3 + 1);  /* onresult(engine, data, first result) */
+    (void)n;
+  } else {
+    push_error(L, lt);
+  }
+  if (op__pcall(L, 3, 0) != LUA_OK) {
+    rt->call_errors++;
+    op__report_error(rt, lua_tostring(L, -1));
+  }
+  lua_settop(L, top);
+}
+
+/* End lt in state (once): stop its deadline, count it, tell its waiters,
+** run its callbacks. */
+static void task_end(op_ltask *lt, int state) {
+  op_runtime *rt = lt->rt;
+  lua_State *L = rt->L;
+  int top = lua_gettop(L), uv, i, n;
+  op_wait_id first = lt->waiter;
+
+  if (lt->state >= OP_TASK_DONE)
+    return;
+  lt->state = (uint8_t)state;
+  lt->waiter = 0;
+  if (lt->timer != NULL) {
+    uv_timer_stop(lt->timer);
+    uv_close((uv_handle_t *)lt->timer, timer_close_cb);
+    lt->timer = NULL;
+  }
+  if (lt->kind == OP_LT_POOL)
+    op__pool_count_end(lt->t.pool, &lt->t, (op_task_state)state);
+
+  push_task(L, lt);
+  push_uv(L, -1);
+  uv = lua_gettop(L);
+  if (first != 0)
+    tell_waiter(lt, first);
+  if (lua_getfield(L, uv, "waits") == LUA_TTABLE) {
+    n = (int)lua_rawlen(L, -1);
+    for (i = 1; i <= n; i++) {
+      lua_rawgeti(L, -1, i);
+      tell_waiter(lt, (op_wait_id)lua_tointeger(L, -1));
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  if (lt->sched)
+    run_schedule(L, lt, uv);
+  if (lua_getfield(L, uv, "cbs") == LUA_TTABLE) {
+    n = (int)lua_rawlen(L, -1);
+    for (i = 1; i <= n; i++) {
+      op_co *c = op__co_acquire(rt);
+      int nargs;
+      lua_rawgeti(L, -1, i);
+      nargs = push_outcome(L, lt);
+      op__co_start(c, L, nargs);
+    }
+  }
+  lua_pop(L, 1);
+  if (state == OP_TASK_FAILED && !lt->observed && !lt->sched) {
+    /* Nobody will hear of it: say it now rather than lose it. */
+    push_error(L, lt);
+    lua_pushfstring(L, "unobserved task failure in %s: %s", lt->call,
+                    lua_tostring(L, -1));
+    rt->call_errors++;
+    op__report_error(rt, lua_tostring(L, -1));
+  }
+  lua_settop(L, top);
+}
+
+/* Stop lt early with code (OP_ECANCELED or OP_ETIMEDOUT). */
+static void task_stop(op_ltask *lt, int code) {
+  op_backlog *bl;
+  op_ltask **pp;
+  op_wait_id w;
+
+  if (lt->state >= OP_TASK_DONE)
+    return;
+  task_end(lt, code == OP_ETIMEDOUT ? OP_TASK_TIMEOUT : OP_TASK_CANCELLED);
+  if (lt->kind == OP_LT_POOL) {
+    if (lt->in_pool) {
+      op__pool_stop_task(lt->t.pool, &lt->t, code);
+    } else if (lt->in_backlog) {
+      bl = op__pool_backlog(lt->t.pool);
+      for (pp = &bl->head; *pp != NULL; pp = &(*pp)->bl_next) {
+        if (*pp == lt) {
+          *pp = lt->bl_next;
+          if (bl->tail == lt) {
+            op_ltask *q;
+            bl->tail = NULL;
+            for (q = bl->head; q != NULL; q = q->bl_next)
+              bl->tail = q;
+          }
+          bl->n--;
+          break;
+        }
+      }
+      lt->in_backlog = 0;
+      if ((w = lt->submit_wait) != 0) {
+        lt->submit_wait = 0;
+        op__wait_cancel(lt->rt, w, "cancelled", code);
+      }
+    }
+  } else if (lt->co != NULL && lt->co->wait != 0) {
+    op__wait_cancel(lt->rt, lt->co->wait,
+                    code == OP_ETIMEDOUT ? "timeout" : "cancelled", code);
+  }
+  maybe_release(lt);
+}
+
+static void deadline_cb(uv_timer_t *timer) {
+  task_stop(timer->data, OP_ETIMEDOUT);
+}
+
+static void start_deadline(op_ltask *lt) {
+  if (lt->timeout <= 0)
+    return;
+  lt->timer = malloc(sizeof *lt->timer);
+  if (lt->timer == NULL)
+    OP_PANIC("out of memory for a task deadline");
+  uv_timer_init(lt->rt->loop, lt->timer);
+  lt->timer->data = lt;
+  uv_timer_start(lt->timer, deadline_cb,
+                 (uint64_t)(lt->timeout * 1000.0 + 0.5), 0);
+}
+
+/* The pool hands a task back (drain). */
+static void task_complete(op_task *t) {
+  op_ltask *lt = (op_ltask *)t;
+  int state;
+
+  lt->in_pool = 0;
+  switch (t->status) {
+  case 0:
+    state = OP_TASK_DONE;
+    break;
+  case OP_ECANCELED:
+    state = OP_TASK_CANCELLED;
+    break;
+  case OP_ETIMEDOUT:
+    state = OP_TASK_TIMEOUT;
+    break;
+  default:
+    state = OP_TASK_FAILED;
+    break;
+  }
+  task_end(lt, state);
+  maybe_release(lt);
+}
+
+/* ---- making and queueing tasks ---- */
+
+static op_ltask *new_task(lua_State *L, int kind, const char *call) {
+  op_runtime *rt = op__runtime(L);
+  op_ltask *lt = lua_newuserdatauv(L, sizeof *lt, 1);
+
+  memset(lt, 0, sizeof *lt);
+  op__task_init(&lt->t, OP_TASK_LUA);
+  lt->rt = rt;
+  lt->kind = (uint8_t)kind;
+  lt->anchor = LUA_NOREF;
+  lt->call = call;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &task_mt_key);
+  lua_setmetatable(L, -2);
+  return lt;
+}
+
+op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
+                       double timeout, const char *call) {
+  op_runtime *rt = op__runtime(L);
+  char err[512];
+  op_ltask *lt;
+  int rc;
+
+  fnidx = lua_absindex(L, fnidx);
+  if (rt->closing)
+    luaL_error(L, "shutdown: %s refused, the runtime is shutting down",
+               call);
+  lt = new_task(L, OP_LT_POOL, call);
+  lt->t.pool = pool;
+  lt->t.complete = task_complete;
+  lt->t.owner = lt;
+  lt->timeout = timeout;
+  rc = op__encode(rt->xfer, L, fnidx, 1, &lt->t.in, "function", 0, err,
+                  sizeof err);
+  if (rc == 0 && nargs > 0)
+    rc = op__encode(rt->xfer, L, fnidx + 1, nargs, &lt->t.in, "argument", 1,
+                    err, sizeof err);
+  if (rc != 0) {
+    op__buf_free(&lt->t.in);
+    luaL_where(L, 1);
+    lua_pushfstring(L, "%s (in %s)", err, call);
+    lua_concat(L, 2);
+    return (op_ltask *)(intptr_t)lua_error(L);
+  }
+  return lt;
+}
+
+int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait) {
+  op_pool *p = lt->t.pool;
+  op_backlog *bl = op__pool_backlog(p);
+  int rc;
+
+  rc = bl->head == NULL ? op__pool_submit(p, &lt->t) : OP_EAGAIN;
+  if (rc == OP_ESHUTDOWN)
+    luaL_error(L, "shutdown: %s refused, the runtime is shutting down",
+               lt->call);
+  anchor(L, lt, -1);
+  if (rc == 0) {
+    lt->in_pool = 1;
+    start_deadline(lt);
+    return 0;
+  }
+  if (!may_wait) {
+    lt->state = OP_TASK_CANCELLED; /* never queued: nothing to count */
+    maybe_release(lt);
+    return OP_EAGAIN;
+  }
+  lt->in_backlog = 1;
+  lt->bl_next = NULL;
+  if (bl->tail != NULL)
+    bl->tail->bl_next = lt;
+  else
+    bl->head = lt;
+  bl->tail = lt;
+  bl->n++;
+  start_deadline(lt);
+  return 1;
+}
+
+int op__task_await_queued(lua_State *L, op_ltask *lt) {
+  lt->submit_wait = op__wait_new(L, lt->call, 0, NULL, NULL);
+  return op__wait_yield(L);
+}
+
+void op__task_flush_backlog(op_pool *p) {
+  op_backlog *bl = op__pool_backlog(p);
+  op_ltask *lt;
+  lua_State *co;
+  op_wait_id w;
+
+  while ((lt = bl->head) != NULL && !op__pool_full(p)) {
+    if (op__pool_submit(p, &lt->t) != 0)
+      break;
+    bl->head = lt->bl_next;
+    if (bl->head == NULL)
+      bl->tail = NULL;
+    bl->n--;
+    lt->in_backlog = 0;
+    lt->in_pool = 1;
+    if ((w = lt->submit_wait) != 0) {
+      lt->submit_wait = 0;
+      if ((co = op__wait_thread(lt->rt, w)) != NULL) {
+        push_task(co, lt);
+        op__wait_resume(lt->rt, w, 1);
+      }
+    }
+  }
+}
+
+/* ---- go tasks ---- */
+
+static void go_end(op_co *c, int status, int nres) {
+  op_ltask *lt = c->data;
+  op_runtime *rt = lt->rt;
+  lua_State *L = rt->L;
+  int i;
+
+  lt->co = NULL;
+  if (lt->state < OP_TASK_DONE) {
+    push_task(L, lt);
+    push_uv(L, -1);
+    if (status == LUA_OK) {
+      lua_createtable(L, nres, 1);
+      for (i = nres; i >= 1; i--) {
+        lua_xmove(c->L, L, 1);
+        lua_rawseti(L, -2, i);
+      }
+      lua_pushinteger(L, nres);
+      lua_setfield(L, -2, "n");
+      lua_setfield(L, -2, "res");
+      lua_pop(L, 2);
+      task_end(lt, OP_TASK_DONE);
+    } else {
+      const char *msg = lua_tostring(c->L, -1);
+      if (msg == NULL)
+        msg = lua_pushfstring(c->L, "(error object is a %s value)",
+                              luaL_typename(c->L, -1));
+      luaL_traceback(L, c->L, msg, 0);
+      lua_setfield(L, -2, "err");
+      lua_pop(L, 2);
+      task_end(lt, OP_TASK_FAILED);
+    }
+  }
+  maybe_release(lt);
+}
+
+op_ltask *op__task_go(lua_State *L, int fnidx, int nargs) {
+  op_runtime *rt = op__runtime(L);
+  op_co *parent = op__co(L);
+  op_ltask *lt;
+  op_co *c;
+  int i;
+
+  fnidx = lua_absindex(L, fnidx);
+  if (rt->closing)
+    luaL_error(L, "shutdown: offpath.go refused, the runtime is shutting "
+                  "down");
+  lt = new_task(L, OP_LT_GO, "offpath.go");
+  lt->state = OP_TASK_RUNNING;
+  anchor(L, lt, -1);
+  c = op__co_acquire(rt);
+  c->on_end = go_end;
+  c->data = lt;
+  lt->co = c;
+  /* A go coroutine shares the session (offpath.context) of its parent. */
+  if (parent != NULL && parent->handler && parent->ctx_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, parent->ctx_ref);
+    c->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  for (i = 0; i <= nargs; i++)
+    lua_pushvalue(L, fnidx + i);
+  lua_xmove(L, rt->L, nargs + 1);
+  op__co_start(c, rt->L, nargs);
+  return lt;
+}
+
+/* ---- waiting ---- */
+
+static void own_abort(void *what, int code) {
+  task_stop(what, code);
+}
+
+static void wait_abort(void *what, int code) {
+  if (code == OP_ETIMEDOUT)
+    task_stop(what, code);
+}
+
+int op__task_await(lua_State *L, op_ltask *lt, double timeout,
+                   const char *call, int own) {
+  op_wait_id w;
+  int n;
+
+  lt->observed = 1;
+  if (lt->state >= OP_TASK_DONE) {
+    if (lt->state == OP_TASK_DONE) {
+      n = push_results(L, lt);
+      if (n >= 0)
+        return n;
+    } else {
+      push_error(L, lt);
+    }
+    return lua_error(L);
+  }
+  w = op__wait_new(L, call, timeout, own ? own_abort : wait_abort, lt);
+  if (lt->waiter == 0) {
+    lt->waiter = w;
+  } else {
+    push_task(L, lt);
+    push_uv(L, -1);
+    if (lua_getfield(L, -1, "waits") != LUA_TTABLE) {
+      lua_pop(L, 1);
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_setfield(L, -3, "waits");
+    }
+    lua_pushinteger(L, (lua_Integer)w);
+    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+    lua_pop(L, 3);
+  }
+  return op__wait_yield(L);
+}
+
+void op__task_set_schedule(lua_State *L, op_ltask *lt, int data,
+                           int onresult, int onerror) {
+  int idx = lua_absindex(L, -1);
+
+  data = data ? lua_absindex(L, data) : 0;
+  onresult = onresult ? lua_absindex(L, onresult) : 0;
+  onerror = onerror ? lua_absindex(L, onerror) : 0;
+  op_assert(lua_touserdata(L, idx) == lt);
+  push_uv(L, idx);
+  if (data) {
+    lua_pushvalue(L, data);
+    lua_setfield(L, -2, "data");
+  }
+  if (onresult) {
+    lua_pushvalue(L, onresult);
+    lua_setfield(L, -2, "onresult");
+  }
+  if (onerror) {
+    lua_pushvalue(L, onerror);
+    lua_setfield(L, -2, "onerror");
+  }
+  lua_pop(L, 1);
+  lt->sched = 1;
+}
+
+/* ---- methods ---- */
+
+/* task:wait([timeout]) */
+static int task_wait(lua_State *L) {
+  op_ltask *lt = check_task(L, 1);
+  double timeout = luaL_optnumber(L, 2, 0);
+
+  if (lt->state >= OP_TASK_DONE)
+    return op__task_await(L, lt, 0, "task:wait", 0);
+  return op__task_await(L, lt, timeout, "task:wait", 0);
+}
+
+/* task:on_done(cb): cb(ok, ...) on the main thread when it ends. */
+static int task_on_done(lua_State *L) {
+  op_ltask *lt = check_task(L, 1);
+  op_co *c;
+  int n;
+
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lt->observed = 1;
+  if (lt->state >= OP_TASK_DONE) {
+    c = op__co_acquire(lt->rt);
+    lua_pushvalue(L, 2);
+    n = push_outcome(L, lt);
+    op__co_start(c, L, n);
+    lua_settop(L, 1);
+    return 1;
+  }
+  push_uv(L, 1);
+  if (lua_getfield(L, -1, "cbs") != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "cbs");
+  }
+  lua_pushvalue(L, 2);
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  lua_settop(L, 1);
+  return 1;
+}
+
+/* task:cancel(): returns true if it stopped the task, false if it had
+** already ended. */
+static int task_cancel(lua_State *L) {
+  op_ltask *lt = check_task(L, 1);
+  int was = lt->state < OP_TASK_DONE;
+
+  task_stop(lt, OP_ECANCELED);
+  lua_pushboolean(L, was);
+  return 1;
+}
+
+/* task:status() */
+static int task_status(lua_State *L) {
+  op_ltask *lt = check_task(L, 1);
+  int st = lt->state;
+
+  if (st == OP_TASK_QUEUED && lt->kind == OP_LT_POOL && lt->in_pool &&
+      !lt->t.queued)
+    st = OP_TASK_RUNNING;
+  lua_pushstring(L, state_names[st]);
+  return 1;
+}
+
+static int task_tostring(lua_State *L) {
+  op_ltask *lt = check_task(L, 1);
+
+  lua_pushfstring(L, "offpath.task (%s, %s): %p", lt->call,
+                  state_names[lt->state], (void *)lt);
+  return 1;
+}
+
+static int task_gc(lua_State *L) {
+  op_ltask *lt = check_task(L, 1);
+
+  op_assert(!lt->in_pool);
+  op__task_release(&lt->t);
+  return 0;
+}
+
+void op__task_open(lua_State *L) {
+  static const luaL_Reg methods[] = { { "wait", task_wait },
+                                      { "on_done", task_on_done },
+                                      { "cancel", task_cancel },
+                                      { "status", task_status },
+                                      { NULL, NULL } };
+
+  luaL_newmetatable(L, TASK_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, task_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushcfunction(L, task_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &task_mt_key);
+}
