@@ -12,23 +12,27 @@ set(OP_TEST_ENV
     "OFFPATH_SOURCE_DIR=${PROJECT_SOURCE_DIR}"
     "OFFPATH_BINARY_DIR=${PROJECT_BINARY_DIR}"
     "OFFPATH=$<TARGET_FILE:offpath>"
+    "OFFPATH_FIXTURES=${PROJECT_BINARY_DIR}/fixtures"
     "LUA_PATH=${PROJECT_SOURCE_DIR}/tests/lua/?.lua;${PROJECT_SOURCE_DIR}/lua/?.lua;;")
 
+# Servers: tests/fixtures/<name>.sh start|stop DIR starts the real server on
+# a free loopback port and writes DIR/<name>.env (shell assignments such as
+# REDIS_PORT=...) for the tests to read.
 set(OP_FIXTURES redis postgres nginx)
 foreach(fx ${OP_FIXTURES})
-  if(NOT EXISTS ${PROJECT_SOURCE_DIR}/tests/fixtures/server.sh)
-    break()
+  if(NOT EXISTS ${PROJECT_SOURCE_DIR}/tests/fixtures/${fx}.sh)
+    continue()
   endif()
   add_test(NAME fixture/${fx}/start
-           COMMAND sh ${PROJECT_SOURCE_DIR}/tests/fixtures/server.sh start ${fx}
+           COMMAND sh ${PROJECT_SOURCE_DIR}/tests/fixtures/${fx}.sh start
                       ${PROJECT_BINARY_DIR}/fixtures)
   add_test(NAME fixture/${fx}/stop
-           COMMAND sh ${PROJECT_SOURCE_DIR}/tests/fixtures/server.sh stop ${fx}
+           COMMAND sh ${PROJECT_SOURCE_DIR}/tests/fixtures/${fx}.sh stop
                       ${PROJECT_BINARY_DIR}/fixtures)
   set_tests_properties(fixture/${fx}/start PROPERTIES FIXTURES_SETUP ${fx}
-                       LABELS "fixture;tsan" TIMEOUT 120)
+                       LABELS "fixture" TIMEOUT 120)
   set_tests_properties(fixture/${fx}/stop PROPERTIES FIXTURES_CLEANUP ${fx}
-                       LABELS "fixture;tsan")
+                       LABELS "fixture" TIMEOUT 60)
 endforeach()
 
 # Read "LABELS: ..." from the head of a test file into OUT.
@@ -54,8 +58,7 @@ function(op_apply_labels test labels)
   set_tests_properties(${test} PROPERTIES LABELS "${labels}"
                        ENVIRONMENT "${OP_TEST_ENV}" TIMEOUT 300)
   if(fixtures)
-    set_tests_properties(${test} PROPERTIES FIXTURES_REQUIRED "${fixtures}"
-                         RESOURCE_LOCK "${fixtures}")
+    set_tests_properties(${test} PROPERTIES FIXTURES_REQUIRED "${fixtures}")
   endif()
 endfunction()
 

@@ -336,8 +336,9 @@ void op__set_errmsg(op_runtime *rt, const char *fmt, ...);
 /* The runtime of a main-VM state (or its coroutines). */
 op_runtime *op__runtime(lua_State *L);
 
-/* Keep the loop alive and run fn(arg) on the next turn (loop thread). */
-void op__defer(op_runtime *rt, void (*fn)(void *), void *arg);
+/* Run fn(rt, arg) on the next loop turn, after the coroutines already
+** ready (loop thread). */
+void op__defer(op_runtime *rt, void (*fn)(op_runtime *, void *), void *arg);
 
 /* ---- the offpath Lua modules ---- */
 
@@ -431,6 +432,9 @@ struct op_runtime {
   int engine_ref;          /* the engine object */
   void *engine_ud;
   int uv_handles;          /* open uv handles of the runtime itself */
+
+  /* io modules: each owns its pointer (src/io/). */
+  void *io_http, *io_redis, *io_pg, *io_sqlite, *io_exec, *io_fs;
 };
 
 /* The op_co record of L (root for threads offpath does not run). */

@@ -146,7 +146,12 @@ static void sleep_abort(void *what, int code) {
   uv_close((uv_handle_t *)timer, sleep_close_cb);
 }
 
-/* offpath.sleep(seconds) */
+/* sleep(0): resume on the next loop turn, after what is already ready. */
+static void yield_cb(op_runtime *rt, void *arg) {
+  op__wait_resume(rt, (op_wait_id)(uintptr_t)arg, 0);
+}
+
+/* offpath.sleep(seconds); 0 yields to everything already ready. */
 static int offpath_sleep(lua_State *L) {
   op_runtime *rt = op__runtime(L);
   double s = luaL_checknumber(L, 1);
@@ -155,6 +160,11 @@ static int offpath_sleep(lua_State *L) {
 
   luaL_argcheck(L, s >= 0, 1, "must not be negative");
   op__check_suspend(L, "offpath.sleep");
+  if (s == 0) {
+    id = op__wait_new(L, "offpath.sleep", 0, NULL, NULL);
+    op__defer(rt, yield_cb, (void *)(uintptr_t)id);
+    return op__wait_yield(L);
+  }
   timer = malloc(sizeof *timer);
   if (timer == NULL)
     return luaL_error(L, "not enough memory");

@@ -391,7 +391,7 @@ int op_runtime_free(op_runtime *rt) {
     return 0;
   errors = rt->call_errors;
   rt->closing = 1;
-  if (rt->L != NULL && rt->waits != NULL) {
+  if (rt->L != NULL && rt->root.rt == rt) {
     if (rt->cfg.shutdown == OP_SHUTDOWN_CANCEL)
       for (i = 0; i < rt->npools; i++)
         op__pool_cancel_queued(rt->pools[i]);
@@ -409,7 +409,7 @@ int op_runtime_free(op_runtime *rt) {
   if (rt->call_errors != errors)
     rc = OP_ESCRIPT;
   if (rt->L != NULL) {
-    if (rt->waits != NULL || rt->nwaits == 0)
+    if (rt->root.rt == rt)
       op__sched_close(rt);
     if (rt->xfer != NULL)
       op__xfer_free(rt->xfer);

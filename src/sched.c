@@ -48,7 +48,7 @@ struct op_wait {
 
 struct op_defer {
   op_defer *next;
-  void (*fn)(void *);
+  void (*fn)(op_runtime *rt, void *arg);
   void *arg;
 };
 
@@ -342,7 +342,7 @@ static void idle_start(op_runtime *rt) {
     uv_idle_start(&rt->idle, idle_cb);
 }
 
-void op__defer(op_runtime *rt, void (*fn)(void *), void *arg) {
+void op__defer(op_runtime *rt, void (*fn)(op_runtime *, void *), void *arg) {
   op_defer *d = malloc(sizeof *d);
 
   if (d == NULL)
@@ -375,7 +375,7 @@ static void idle_cb(uv_idle_t *idle) {
   }
   while ((d = defers) != NULL) {
     defers = d->next;
-    d->fn(d->arg);
+    d->fn(rt, d->arg);
     free(d);
   }
 }

@@ -51,6 +51,7 @@ struct op_ltask {
   double timeout;
   const char *call;     /* "offpath.run", ... for messages */
   op_co *co;            /* go: the running coroutine, NULL once ended */
+  int res_ref;          /* go: results table or error value, LUA_NOREF */
   op_ltask *bl_next;    /* backlog link */
 };
 
@@ -124,18 +125,14 @@ static int push_results(lua_State *L, op_ltask *lt) {
     }
     return n;
   }
-  push_task(L, lt);
-  push_uv(L, -1);
-  lua_getfield(L, -1, "res");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lt->res_ref);
   lua_getfield(L, -1, "n");
   n = (int)lua_tointeger(L, -1);
   lua_pop(L, 1);
-  luaL_checkstack(L, n + 3, "too many results");
+  luaL_checkstack(L, n + 1, "too many results");
   for (i = 1; i <= n; i++)
     lua_rawgeti(L, -i, i);
-  /* drop task, uservalue and res from below the results */
-  for (i = 0; i < 3; i++)
-    lua_remove(L, -(n + 1));
+  lua_remove(L, -(n + 1));
   return n;
 }
 
@@ -143,15 +140,10 @@ static int push_results(lua_State *L, op_ltask *lt) {
 static void push_error(lua_State *L, op_ltask *lt) {
   switch (lt->state) {
   case OP_TASK_FAILED:
-    if (lt->kind == OP_LT_POOL) {
+    if (lt->kind == OP_LT_POOL)
       lua_pushlstring(L, lt->t.out.p, lt->t.out.len);
-    } else {
-      push_task(L, lt);
-      push_uv(L, -1);
-      lua_getfield(L, -1, "err");
-      lua_replace(L, -3);
-      lua_pop(L, 1);
-    }
+    else
+      lua_rawgeti(L, LUA_REGISTRYINDEX, lt->res_ref);
     break;
   case OP_TASK_TIMEOUT:
     lua_pushfstring(L, "timeout after %f s in %s", lt->timeout, lt->call);
@@ -164,9 +156,12 @@ static void push_error(lua_State *L, op_ltask *lt) {
 
 /* ---- the end of a task ---- */
 
-/* Tell the waiter with id w how lt ended. */
+/* Tell the waiter with id w how lt ended. Messages are built on the main
+** thread's stack, never on the waiter's, whose stack must hold exactly
+** what the wait's continuation expects. */
 static void tell_waiter(op_ltask *lt, op_wait_id w) {
   op_runtime *rt = lt->rt;
+  lua_State *L = rt->L;
   lua_State *co = op__wait_thread(rt, w);
   char msg[128];
   int n;
@@ -179,12 +174,15 @@ static void tell_waiter(op_ltask *lt, op_wait_id w) {
     if (n >= 0) {
       op__wait_resume(rt, w, n);
     } else {
-      op__wait_fail(rt, w, lua_tostring(co, -1));
+      lua_xmove(co, L, 1);
+      op__wait_fail(rt, w, lua_tostring(L, -1));
+      lua_pop(L, 1);
     }
     return;
   case OP_TASK_FAILED:
-    push_error(co, lt);
-    op__wait_fail(rt, w, luaL_tolstring(co, -1, NULL));
+    push_error(L, lt);
+    op__wait_fail(rt, w, luaL_tolstring(L, -1, NULL));
+    lua_pop(L, 2);
     return;
   case OP_TASK_TIMEOUT:
     snprintf(msg, sizeof msg, "timeout after %g s", lt->timeout);
@@ -279,17 +277,8 @@ static void task_end(op_ltask *lt, int state) {
   push_task(L, lt);
   push_uv(L, -1);
   uv = lua_gettop(L);
-  if (first != 0)
-    tell_waiter(lt, first);
-  if (lua_getfield(L, uv, "waits") == LUA_TTABLE) {
-    n = (int)lua_rawlen(L, -1);
-    for (i = 1; i <= n; i++) {
-      lua_rawgeti(L, -1, i);
-      tell_waiter(lt, (op_wait_id)lua_tointeger(L, -1));
-      lua_pop(L, 1);
-    }
-  }
-  lua_pop(L, 1);
+  /* Callbacks first, then waiters: a waiter resumed here runs at once, and
+  ** must find the task's callbacks done. */
   if (lt->sched)
     run_schedule(L, lt, uv);
   if (lua_getfield(L, uv, "cbs") == LUA_TTABLE) {
@@ -303,13 +292,15 @@ static void task_end(op_ltask *lt, int state) {
     }
   }
   lua_pop(L, 1);
-  if (state == OP_TASK_FAILED && !lt->observed && !lt->sched) {
-    /* Nobody will hear of it: say it now rather than lose it. */
-    push_error(L, lt);
-    lua_pushfstring(L, "unobserved task failure in %s: %s", lt->call,
-                    lua_tostring(L, -1));
-    rt->call_errors++;
-    op__report_error(rt, lua_tostring(L, -1));
+  if (first != 0)
+    tell_waiter(lt, first);
+  if (lua_getfield(L, uv, "waits") == LUA_TTABLE) {
+    n = (int)lua_rawlen(L, -1);
+    for (i = 1; i <= n; i++) {
+      lua_rawgeti(L, -1, i);
+      tell_waiter(lt, (op_wait_id)lua_tointeger(L, -1));
+      lua_pop(L, 1);
+    }
   }
   lua_settop(L, top);
 }
@@ -405,6 +396,7 @@ static op_ltask *new_task(lua_State *L, int kind, const char *call) {
   lt->rt = rt;
   lt->kind = (uint8_t)kind;
   lt->anchor = LUA_NOREF;
+  lt->res_ref = LUA_NOREF;
   lt->call = call;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &task_mt_key);
   lua_setmetatable(L, -2);
@@ -514,8 +506,6 @@ static void go_end(op_co *c, int status, int nres) {
 
   lt->co = NULL;
   if (lt->state < OP_TASK_DONE) {
-    push_task(L, lt);
-    push_uv(L, -1);
     if (status == LUA_OK) {
       lua_createtable(L, nres, 1);
       for (i = nres; i >= 1; i--) {
@@ -524,8 +514,7 @@ static void go_end(op_co *c, int status, int nres) {
       }
       lua_pushinteger(L, nres);
       lua_setfield(L, -2, "n");
-      lua_setfield(L, -2, "res");
-      lua_pop(L, 2);
+      lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
       task_end(lt, OP_TASK_DONE);
     } else {
       const char *msg = lua_tostring(c->L, -1);
@@ -533,8 +522,7 @@ static void go_end(op_co *c, int status, int nres) {
         msg = lua_pushfstring(c->L, "(error object is a %s value)",
                               luaL_typename(c->L, -1));
       luaL_traceback(L, c->L, msg, 0);
-      lua_setfield(L, -2, "err");
-      lua_pop(L, 2);
+      lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
       task_end(lt, OP_TASK_FAILED);
     }
   }
@@ -714,10 +702,23 @@ static int task_tostring(lua_State *L) {
   return 1;
 }
 
+/* __gc: a failure nobody waited for or listened to is reported now, when
+** it can no longer be observed, rather than lost. */
 static int task_gc(lua_State *L) {
   op_ltask *lt = check_task(L, 1);
 
   op_assert(!lt->in_pool);
+  if (lt->state == OP_TASK_FAILED && !lt->observed && !lt->sched) {
+    push_error(L, lt);
+    lua_pushfstring(L, "unobserved task failure in %s: %s", lt->call,
+                    lua_tostring(L, -1));
+    lt->rt->call_errors++;
+    op__report_error(lt->rt, lua_tostring(L, -1));
+    lua_pop(L, 2);
+  }
+  if (lt->res_ref != LUA_NOREF)
+    luaL_unref(L, LUA_REGISTRYINDEX, lt->res_ref);
+  lt->res_ref = LUA_NOREF;
   op__task_release(&lt->t);
   return 0;
 }

@@ -1,0 +1,1991 @@
+/*
+** transfer.c - copying Lua values between VMs: the wire encoding, the
+** runtime-wide prototype store, and each VM's name maps and caches.
+** Thread: op__encode/op__decode on the thread owning that VM; store: any.
+*/
+
+/*
+** DESIGN
+**
+** Wire format
+** -----------
+** op__encode appends one value after another, with no header and no
+** count: the decoder reads values until the bytes end. Every value starts
+** with a tag byte:
+**
+**   0x00 NIL   0x01 FALSE   0x02 TRUE
+**   0x03 INT     zigzag varint          (integers stay integers)
+**   0x04 FLOAT   8 bytes, host order    (same process: inf, nan, -0.0 kept)
+**   0x05 STR     varint length, bytes   (strings of 32 bytes or more)
+**   0x20+n       a string of n < 32 bytes follows
+**   0x40+v+32    the integer v, -32 <= v <= 159, in the tag alone
+**   0x06 GLOBALS the destination's global table
+**   0x07 NAMED   varint length, name    (a library value or module field)
+**   0x08 CFUNC   varint store id        (a C function without upvalues)
+**   0x09 REF     varint seq             (an object met before)
+**   0x0A UPJOIN  varint seq, byte i     (upvalue slot only: share upvalue
+**                                         i+1 of function seq)
+**   0x10|f TABLE n_arr, n_hash, n_arr values, n_hash key/value pairs,
+**                then the metatable if f & 2 (MT)
+**   0x14|f FUNC  varint prototype id, then one value (or UPJOIN) per
+**                upvalue; f & 2 (FIRST): see below
+**
+** Varints are LEB128 (7 bits a byte, low group first, 0x80 = more). The
+** two table counts are written as 2-byte padded varints and patched when
+** the table is done (a table of 16384 entries or more is shifted to make
+** room). Tables and by-value functions get a sequence number (seq) in the
+** order their tags appear; REF and UPJOIN name them by it. Flag 1 (REFD)
+** on a TABLE or FUNC tag means "something refers back to this object":
+** only then does the decoder remember it, in a refs table made on the
+** first such object, so plain values never pay for cycle support. The
+** encoder sets the flag when it emits the back reference, by patching the
+** tag byte it wrote earlier.
+**
+** Names. A table, C function, Lua function or userdata that is a module in
+** package.loaded, or a field of one (two levels: "offpath.http.request"),
+** travels as its name: module name and fields joined by NUL bytes. Each VM
+** has a names table in its registry holding value -> first name and
+** name -> value, built in op__xfer_new, and extended by a rescan of
+** package.loaded when encoding misses a table, C function or userdata
+** (at most one rescan per op__encode call). The decoder looks the name up
+** and on a miss calls require(module) and walks the fields, protected.
+** The source VM's global table always becomes the destination's globals.
+**
+** Prototype identity
+** ------------------
+** Bytecode never travels in the buffer. The store (op_protostore) maps ids
+** to dumped, unstripped prototypes and to C function pointers; it is
+** append-only. The encoder keys its cache by the Proto pointer, read from
+** the LClosure that lua_topointer returns (Lua 5.4 layout, mirrored in
+** lclosure_mirror and checked once per op_xfer by check_layout(): two
+** closures of one function must share p, a third must not, and the
+** upvals[] slots must equal lua_upvalueid). Fresh closures made per event
+** from one prototype all hit; two functions on one line differ. The first
+** closure of every cached prototype is kept in the anchors table, so the
+** Proto can never be freed and its address reused for other code (it also
+** keeps that one closure's upvalue values alive; the price of one pointer
+** compare per task). If the layout check fails, the key is the lua_dump
+** string itself, interned in a table: correct, but it costs a dump per task.
+**
+** Fresh closures: factories
+** -------------------------
+** Per prototype P with n upvalues, the decoding VM builds once a factory:
+** a binary chunk compiled from a template for n,
+**
+**   return function(u1, ..., un) return function() <uses u1..un> end end
+**
+** dumped, and spliced: the template's inner function is replaced by P's
+** body, with P's upvalue descriptors (instack, idx) copied from the
+** template's inner function, so P captures the factory's parameters. For
+** n > 200 (a function has at most 200 locals) the template nests one more
+** function taking the parameters after u128 (...). Calling the factory with
+** the upvalue values returns a new closure with new upvalue cells, as Lua
+** does for any nested function; no bytecode is touched per task. P keeps
+** its own source string, so tracebacks show the original file and line.
+** A FUNC tag with FIRST set is one whose closure must exist before its
+** upvalues are decoded (it refers to itself, or shares cells through
+** UPJOIN): the factory is called with no arguments, the closure is
+** registered, and each upvalue is set (lua_setupvalue, into the fresh
+** cells) or joined (lua_upvaluejoin). Otherwise the upvalues are decoded
+** straight onto the stack as the factory's arguments.
+**
+** Caches and their lifetime
+** -------------------------
+**   store      runtime-wide; entries live until op__protostore_free.
+**   protos     per VM, C map Proto* -> id; anchors keep the Proto alive.
+**   cfuncs     per VM, C map function pointer -> id.
+**   named      per VM, C map object -> its name (pointer into the Lua
+**              string held by the names table).
+**   seen       per VM, C map object/upvalue cell -> seq, for one encode;
+**              emptied in O(1) by bumping a generation number.
+**   fc         per VM, id -> registry ref of the factory, and n.
+**   tmpl       per VM, factory template pieces by upvalue count.
+** All Lua objects are anchored in the VM's registry under the addresses
+** of static variables; op__xfer_free drops them.
+**
+** Thread safety of the store
+** --------------------------
+** Entries sit in chunks of 64, 128, 256, ... pointers that never move.
+** An insert takes the mutex, fills the entry and its chunk slot, then
+** publishes count with a release store. A lookup loads count with acquire
+** and reads only ids below it, with no lock. Entries are immutable once
+** published. Lock order: the store mutex is a leaf; no Lua call under it.
+**
+** The encoder never raises: the few steps that allocate Lua objects (the
+** names rescan, anchoring a new prototype) run under lua_pcall, so the
+** encoder's C state is always consistent. An encode entered again from a
+** finalizer during those steps uses a private seen map.
+*/
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define MAX_DEPTH  200   /* nested tables and functions, both directions */
+#define NAME_DEPTH 2     /* module.a.b at most */
+#define ONE_LEVEL  200   /* largest n for a one-level factory template */
+#define SPLIT      128   /* parameters of the outer factory when nested */
+
+/* ---- wire tags ---- */
+
+enum {
+  T_NIL = 0x00,
+  T_FALSE = 0x01,
+  T_TRUE = 0x02,
+  T_INT = 0x03,
+  T_FLOAT = 0x04,
+  T_STR = 0x05,
+  T_GLOBALS = 0x06,
+  T_NAMED = 0x07,
+  T_CFUNC = 0x08,
+  T_REF = 0x09,
+  T_UPJOIN = 0x0A,
+  T_TABLE = 0x10, /* | F_REFD | F_MT */
+  T_FUNC = 0x14,  /* | F_REFD | F_FIRST */
+  T_SSTR = 0x20,  /* + length */
+  T_FIXINT = 0x40 /* + value - FIXINT_MIN */
+};
+
+#define F_REFD     0x01
+#define F_MT       0x02
+#define F_FIRST    0x02
+#define SSTR_MAX   31
+#define FIXINT_MIN (-32)
+#define FIXINT_MAX 159
+
+/* ---- pointer maps ---- */
+
+/*
+** Open addressing, linear probing, load factor at most 1/2. A slot is in
+** use iff its gen equals the map's gen, so clearing a map is one increment.
+*/
+typedef struct pslot {
+  const void *key;
+  uintptr_t aux;  /* seen: tag offset, or owner closure (X_UPV); named: name */
+  uint32_t gen;
+  uint32_t val;   /* id, seq, name length or upvalue index */
+  uint32_t extra; /* seen: X_* flags */
+} pslot;
+
+typedef struct pmap {
+  pslot *slot;
+  uint32_t mask;
+  uint32_t count;
+  uint32_t gen;
+} pmap;
+
+#define X_FUNC 1u /* a by-value Lua function */
+#define X_OPEN 2u /* its upvalues are being encoded now */
+#define X_UPV  4u /* an upvalue cell; aux is its owner closure */
+
+static uint32_t phash(const void *k) {
+  return (uint32_t)(((uint64_t)(uintptr_t)k * 0x9E3779B97F4A7C15ull) >> 32);
+}
+
+static void pmap_init(pmap *m) {
+  m->slot = NULL;
+  m->mask = 0;
+  m->count = 0;
+  m->gen = 1;
+}
+
+static void pmap_free(pmap *m) {
+  free(m->slot);
+  pmap_init(m);
+}
+
+static pslot *pmap_find(const pmap *m, const void *key) {
+  uint32_t i;
+  pslot *s;
+
+  if (m->slot == NULL)
+    return NULL;
+  for (i = phash(key) & m->mask;; i = (i + 1) & m->mask) {
+    s = &m->slot[i];
+    if (s->gen != m->gen)
+      return NULL;
+    if (s->key == key)
+      return s;
+  }
+}
+
+static int pmap_grow(pmap *m) {
+  uint32_t oldcap = m->slot ? m->mask + 1 : 0;
+  uint32_t cap = oldcap ? oldcap * 2 : 32, i, j;
+  pslot *ns, *old = m->slot;
+
+  if (cap == 0 || (ns = calloc(cap, sizeof *ns)) == NULL)
+    return OP_ENOMEM;
+  for (i = 0; i < oldcap; i++) {
+    if (old[i].gen != m->gen)
+      continue;
+    for (j = phash(old[i].key) & (cap - 1); ns[j].gen == m->gen;
+         j = (j + 1) & (cap - 1))
+      ;
+    ns[j] = old[i];
+  }
+  free(old);
+  m->slot = ns;
+  m->mask = cap - 1;
+  return 0;
+}
+
+/* Add key (not in the map yet). Returns its zeroed slot, or NULL on out
+** of memory. Invalidates pointers to other slots. */
+static pslot *pmap_add(pmap *m, const void *key) {
+  uint32_t i;
+  pslot *s;
+
+  if (m->slot == NULL || (m->count + 1) * 2 > m->mask + 1) {
+    if (pmap_grow(m) != 0)
+      return NULL;
+  }
+  for (i = phash(key) & m->mask; m->slot[i].gen == m->gen;
+       i = (i + 1) & m->mask)
+    ;
+  s = &m->slot[i];
+  s->key = key;
+  s->aux = 0;
+  s->gen = m->gen;
+  s->val = 0;
+  s->extra = 0;
+  m->count++;
+  return s;
+}
+
+/* Forget every key in O(1); a map that grew huge gives its memory back. */
+static void pmap_clear(pmap *m) {
+  if (m->count == 0)
+    return;
+  m->count = 0;
+  if (m->mask + 1 > 65536) {
+    pmap_free(m);
+    return;
+  }
+  if (++m->gen == 0) {
+    memset(m->slot, 0, (size_t)(m->mask + 1) * sizeof *m->slot);
+    m->gen = 1;
+  }
+}
+
+/* ---- the prototype store (any thread) ---- */
+
+enum { S_PROTO = 1, S_CFUNC = 2 };
+
+typedef struct sentry {
+  uint8_t kind;
+  uint8_t nup;      /* S_PROTO: upvalue count */
+  lua_CFunction fn; /* S_CFUNC */
+  size_t len;       /* S_PROTO: dump length */
+  char bytes[];     /* S_PROTO: lua_dump output, not stripped */
+} sentry;
+
+#define STORE_BASE   6 /* first chunk holds 1 << STORE_BASE entries */
+#define STORE_CHUNKS 40
+
+struct op_protostore {
+  uv_mutex_t mu;
+  sentry **chunk[STORE_CHUNKS]; /* written under mu before count */
+  atomic_size_t count;
+};
+
+static void store_pos(size_t id, unsigned *k, size_t *off) {
+  size_t j = id + ((size_t)1 << STORE_BASE);
+  unsigned hb = 63u - (unsigned)__builtin_clzll((unsigned long long)j);
+
+  *k = hb - STORE_BASE;
+  *off = j - ((size_t)1 << hb);
+}
+
+op_protostore *op__protostore_new(void) {
+  op_protostore *ps = calloc(1, sizeof *ps);
+
+  if (ps == NULL)
+    return NULL;
+  if (uv_mutex_init(&ps->mu) != 0)
+    OP_PANIC("uv_mutex_init failed");
+  atomic_init(&ps->count, 0);
+  return ps;
+}
+
+void op__protostore_free(op_protostore *ps) {
+  size_t i, n;
+  unsigned k;
+  size_t off;
+
+  if (ps == NULL)
+    return;
+  n = atomic_load(&ps->count);
+  for (i = 0; i < n; i++) {
+    store_pos(i, &k, &off);
+    free(ps->chunk[k][off]);
+  }
+  for (k = 0; k < STORE_CHUNKS; k++)
+    free(ps->chunk[k]);
+  uv_mutex_destroy(&ps->mu);
+  free(ps);
+}
+
+/* How many entries (prototypes and C functions) the store holds. Thread:
+** any. */
+size_t op__protostore_count(op_protostore *ps) {
+  return atomic_load_explicit(&ps->count, memory_order_acquire);
+}
+
+/* The entry id, or NULL if there is none. Lock-free. Thread: any. */
+static const sentry *store_get(op_protostore *ps, uint64_t id) {
+  size_t n = atomic_load_explicit(&ps->count, memory_order_acquire);
+  unsigned k;
+  size_t off;
+
+  if (id >= n)
+    return NULL;
+  store_pos((size_t)id, &k, &off);
+  return ps->chunk[k][off];
+}
+
+/* Append an entry (takes ownership of e). Returns 0 and the id in *id, or
+** OP_ENOMEM (e freed). Thread: any. */
+static int store_add(op_protostore *ps, sentry *e, uint32_t *id) {
+  size_t n, off;
+  unsigned k;
+
+  uv_mutex_lock(&ps->mu);
+  n = atomic_load_explicit(&ps->count, memory_order_relaxed);
+  store_pos(n, &k, &off);
+  if (n >= UINT32_MAX || k >= STORE_CHUNKS)
+    goto fail;
+  if (ps->chunk[k] == NULL) {
+    ps->chunk[k] = calloc((size_t)1 << (k + STORE_BASE), sizeof(sentry *));
+    if (ps->chunk[k] == NULL)
+      goto fail;
+  }
+  ps->chunk[k][off] = e;
+  atomic_store_explicit(&ps->count, n + 1, memory_order_release);
+  uv_mutex_unlock(&ps->mu);
+  *id = (uint32_t)n;
+  return 0;
+fail:
+  uv_mutex_unlock(&ps->mu);
+  free(e);
+  return OP_ENOMEM;
+}
+
+/* ---- per-VM state ---- */
+
+/* The pieces of a factory chunk for n upvalues: the template's bytes
+** before and after its inner function, and where the inner function's
+** upvalues come from (instack, idx) pairs. */
+typedef struct tmpl {
+  unsigned char *pre, *suf; /* one allocation: pre then suf */
+  size_t pre_len, suf_len;
+  unsigned char desc[2 * 255];
+} tmpl;
+
+typedef struct fcache {
+  int ref; /* registry ref of the factory; 0: not loaded */
+  int nup;
+} fcache;
+
+struct op_xfer {
+  lua_State *L;
+  op_protostore *ps;
+  int layout_ok; /* lclosure_mirror matches this Lua */
+  int busy;      /* an encode is running (re-entry from a finalizer) */
+  pmap protos;   /* Proto* -> store id */
+  pmap cfuncs;   /* lua_CFunction -> store id */
+  pmap named;    /* object -> name (aux: bytes, val: length) */
+  pmap seen;     /* the current encode's objects and upvalue cells */
+  fcache *fc;    /* store id -> factory */
+  size_t nfc;
+  tmpl *tmpl[256];
+  op_buf dump;   /* scratch for lua_dump */
+};
+
+/* Registry keys: addresses of these variables. */
+static const char names_key = 0;   /* value -> name, name -> value */
+static const char anchors_key = 0; /* Proto* -> one closure of it */
+static const char dumps_key = 0;   /* fallback: dump string -> id */
+
+#if LUA_VERSION_NUM == 504
+/* What lua_topointer returns for a Lua closure in Lua 5.4 (lobject.h). */
+typedef struct lclosure_mirror {
+  void *next;
+  unsigned char tt;
+  unsigned char marked;
+  unsigned char nupvalues;
+  void *gclist;
+  const void *p;
+  void *upvals[1];
+} lclosure_mirror;
+#define LUA_VLCL_TAG 6 /* LUA_TFUNCTION | (0 << 4) */
+#endif
+
+static void setmsg(char *err, size_t errlen, const char *fmt, ...) {
+  va_list ap;
+
+  if (err == NULL || errlen == 0)
+    return;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+}
+
+/* Run f(ud) protected on L. Returns the lua_pcall status; an error
+** message is dropped.  [-0, +0, -] */
+static int protect(lua_State *L, lua_CFunction f, void *ud) {
+  int st;
+
+  if (!lua_checkstack(L, 3))
+    return LUA_ERRMEM;
+  lua_pushcfunction(L, f);
+  lua_pushlightuserdata(L, ud);
+  st = lua_pcall(L, 1, 0, 0);
+  if (st != LUA_OK)
+    lua_pop(L, 1);
+  return st;
+}
+
+/* ---- names of library values and modules ---- */
+
+/* Record that the value at vi is called by the string at ni, in the names
+** table at nt: name -> value always, value -> name if it had none. Returns
+** whether the value got its first name.  [-0, +0, m] */
+static int add_name(op_xfer *x, lua_State *L, int nt, int ni, int vi) {
+  const void *p = lua_topointer(L, vi);
+  pslot *s;
+  size_t len;
+
+  lua_pushvalue(L, ni);
+  lua_pushvalue(L, vi);
+  lua_rawset(L, nt);
+  if (pmap_find(&x->named, p) != NULL)
+    return 0;
+  lua_pushvalue(L, vi);
+  lua_pushvalue(L, ni);
+  lua_rawset(L, nt);
+  if ((s = pmap_add(&x->named, p)) == NULL)
+    luaL_error(L, "out of memory");
+  s->aux = (uintptr_t)lua_tolstring(L, ni, &len); /* anchored by names */
+  s->val = (uint32_t)len;
+  return 1;
+}
+
+/* Whether the value at i can cross by name. */
+static int nameable(lua_State *L, int i, int level) {
+  int t = lua_type(L, i);
+
+  return t == LUA_TTABLE || t == LUA_TFUNCTION ||
+         (t == LUA_TUSERDATA && level <= 1);
+}
+
+/* Name the fields of the table at mi, whose name is at ni: functions,
+** tables and userdata under string keys, and one level further down.
+** For _G (is_g), only functions: user globals are not library values.
+** [-0, +0, m] */
+static void scan_fields(op_xfer *x, lua_State *L, int nt, int ni, int mi,
+                        int level, int is_g) {
+  size_t klen;
+  const char *k;
+  int top;
+
+  luaL_checkstack(L, 8, NULL);
+  lua_pushnil(L);
+  while (lua_next(L, mi)) {
+    top = lua_gettop(L);
+    if (lua_type(L, top - 1) == LUA_TSTRING && nameable(L, top, level) &&
+        !(is_g && lua_type(L, top) != LUA_TFUNCTION)) {
+      k = lua_tolstring(L, top - 1, &klen);
+      if (memchr(k, 0, klen) == NULL) {
+        lua_pushvalue(L, ni);
+        lua_pushlstring(L, "", 1);
+        lua_pushvalue(L, top - 1);
+        lua_concat(L, 3);
+        if (add_name(x, L, nt, top + 1, top) && level < NAME_DEPTH &&
+            lua_type(L, top) == LUA_TTABLE)
+          scan_fields(x, L, nt, top + 1, top, level + 1, 0);
+      }
+    }
+    lua_settop(L, top - 1);
+  }
+}
+
+/* Name every module in package.loaded that has no name yet, then its
+** fields. Lua-callable for protect(); arg 1 is the op_xfer.  [-0, +0, m] */
+static int scan_modules(lua_State *L) {
+  op_xfer *x = lua_touserdata(L, 1);
+  int nt, lt, ft, nfresh = 0, i, top;
+  const char *k;
+  size_t klen;
+
+  luaL_checkstack(L, 12, NULL);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &names_key);
+  nt = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lt = lua_gettop(L);
+  if (!lua_istable(L, nt) || !lua_istable(L, lt))
+    return 0;
+  lua_newtable(L); /* the modules named now, as a list of their names */
+  ft = lua_gettop(L);
+  lua_pushnil(L);
+  while (lua_next(L, lt)) {
+    top = lua_gettop(L);
+    if (lua_type(L, top - 1) == LUA_TSTRING && nameable(L, top, 0)) {
+      k = lua_tolstring(L, top - 1, &klen);
+      if (memchr(k, 0, klen) == NULL && add_name(x, L, nt, top - 1, top)) {
+        lua_pushvalue(L, top - 1);
+        lua_rawseti(L, ft, ++nfresh);
+      }
+    }
+    lua_settop(L, top - 1);
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  for (i = 1; i <= nfresh; i++) {
+    lua_rawgeti(L, ft, i);  /* name */
+    lua_pushvalue(L, -1);
+    lua_rawget(L, lt);      /* module */
+    if (lua_istable(L, -1))
+      scan_fields(x, L, nt, lua_gettop(L) - 1, lua_gettop(L), 1,
+                  lua_rawequal(L, -1, ft + 1));
+    lua_pop(L, 2);
+  }
+  return 0;
+}
+
+/* ---- the LClosure layout check ---- */
+
+/* Whether lclosure_mirror reads Proto pointers correctly here.
+** [-0, +0, -] */
+static int check_layout(lua_State *L) {
+#if LUA_VERSION_NUM == 504
+  static const char chunk[] =
+      "local function mk(a) return function() return a end end "
+      "local function two(a, b) return function() return a, b end end "
+      "return mk(1), mk(2), two(1, 2)";
+  const lclosure_mirror *c[3];
+  int ok = 1, i, top = lua_gettop(L);
+
+  if (!lua_checkstack(L, 4) ||
+      luaL_loadbufferx(L, chunk, sizeof chunk - 1, "=(check)", "t") != 0 ||
+      lua_pcall(L, 0, 3, 0) != 0) {
+    lua_settop(L, top);
+    return 0;
+  }
+  for (i = 0; i < 3; i++) {
+    c[i] = lua_topointer(L, top + 1 + i);
+    if (c[i] == NULL || c[i]->tt != LUA_VLCL_TAG || c[i]->p == NULL ||
+        c[i]->upvals[0] != lua_upvalueid(L, top + 1 + i, 1))
+      ok = 0;
+  }
+  ok = ok && c[0]->p == c[1]->p && c[0]->p != c[2]->p &&
+       c[0]->nupvalues == 1 && c[2]->nupvalues == 2 &&
+       c[0]->upvals[0] != c[1]->upvals[0];
+  lua_settop(L, top);
+  return ok;
+#else
+  (void)L;
+  return 0;
+#endif
+}
+
+/* ---- op_xfer lifetime ---- */
+
+/* Make the registry tables and the names. Lua-callable for protect().
+** [-0, +0, m] */
+static int xfer_init(lua_State *L) {
+  op_xfer *x = lua_touserdata(L, 1);
+
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &names_key);
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &anchors_key);
+  lua_pushcfunction(L, scan_modules);
+  lua_pushlightuserdata(L, x);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+/* Make the transfer state of L: registry tables, the names of library
+** values and modules, and the layout check. One per VM. Returns NULL on
+** out of memory.  [-0, +0, m] */
+op_xfer *op__xfer_new(lua_State *L, op_protostore *ps) {
+  op_xfer *x = calloc(1, sizeof *x);
+
+  if (x == NULL)
+    return NULL;
+  x->L = L;
+  x->ps = ps;
+  pmap_init(&x->protos);
+  pmap_init(&x->cfuncs);
+  pmap_init(&x->named);
+  pmap_init(&x->seen);
+  op__buf_init(&x->dump);
+  x->layout_ok = check_layout(L);
+  if (protect(L, xfer_init, x) != LUA_OK) {
+    op__xfer_free(x);
+    return NULL;
+  }
+  return x;
+}
+
+void op__xfer_free(op_xfer *x) {
+  lua_State *L;
+  size_t i;
+
+  if (x == NULL)
+    return;
+  L = x->L;
+  for (i = 0; i < x->nfc; i++) {
+    if (x->fc[i].ref > 0)
+      luaL_unref(L, LUA_REGISTRYINDEX, x->fc[i].ref);
+  }
+  if (lua_checkstack(L, 1)) {
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &names_key);
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &anchors_key);
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &dumps_key);
+  }
+  for (i = 0; i < 256; i++) {
+    if (x->tmpl[i] != NULL)
+      free(x->tmpl[i]->pre);
+    free(x->tmpl[i]);
+  }
+  free(x->fc);
+  pmap_free(&x->protos);
+  pmap_free(&x->cfuncs);
+  pmap_free(&x->named);
+  pmap_free(&x->seen);
+  op__buf_free(&x->dump);
+  free(x);
+}
+
+/* ---- encoding ---- */
+
+enum { P_ROOT, P_FIELD, P_KEY, P_META, P_UPVAL };
+
+/* One step of the path to the value being encoded, for refusals. */
+typedef struct pathel {
+  int kind;
+  int idx;          /* P_ROOT: number (0: none); P_FIELD: key's index */
+  const char *name; /* P_UPVAL */
+} pathel;
+
+typedef struct enc {
+  op_xfer *x;
+  lua_State *L;
+  op_buf *b;
+  pmap *seen;
+  const void *globals;
+  uint32_t seq;
+  int depth;
+  int rescanned;
+  int npath;
+  const char *label;
+  char *err;
+  size_t errlen;
+  pathel path[MAX_DEPTH + 8];
+} enc;
+
+static int enc_value(enc *e, int idx);
+
+static void path_push(enc *e, int kind, int idx, const char *name) {
+  pathel *p = &e->path[e->npath++];
+
+  op_assert(e->npath <= MAX_DEPTH + 8);
+  p->kind = kind;
+  p->idx = idx;
+  p->name = name;
+}
+
+/* Append a short description of the key at idx to out. */
+static void key_text(lua_State *L, int idx, char *out, size_t n) {
+  size_t len;
+  const char *s;
+
+  switch (lua_type(L, idx)) {
+  case LUA_TSTRING:
+    s = lua_tolstring(L, idx, &len);
+    snprintf(out, n, "'%.*s%s'", (int)(len > 40 ? 40 : len), s,
+             len > 40 ? "..." : "");
+    break;
+  case LUA_TNUMBER:
+    if (lua_isinteger(L, idx))
+      snprintf(out, n, "%lld", (long long)lua_tointeger(L, idx));
+    else
+      snprintf(out, n, "%.14g", (double)lua_tonumber(L, idx));
+    break;
+  case LUA_TBOOLEAN:
+    snprintf(out, n, "%s", lua_toboolean(L, idx) ? "true" : "false");
+    break;
+  default:
+    snprintf(out, n, "(%s)", luaL_typename(L, idx));
+  }
+}
+
+/*
+** Render the path: root "<label> <no>" (or "<label>", or nothing), then
+** " field 'k'" per table level, "key in ..." for a key, "metatable of ..."
+** and "upvalue 'u' of function ..." (just "upvalue 'u'" at an empty root).
+** upto: how many elements to use.
+*/
+static void path_text(enc *e, int upto, char *out, size_t n) {
+  char a[512], b[512], k[64];
+  int i;
+  const pathel *p;
+
+  a[0] = 0;
+  for (i = 0; i < upto; i++) {
+    p = &e->path[i];
+    switch (p->kind) {
+    case P_ROOT:
+      if (e->label == NULL || e->label[0] == 0)
+        a[0] = 0;
+      else if (p->idx == 0)
+        snprintf(a, sizeof a, "%s", e->label);
+      else
+        snprintf(a, sizeof a, "%s %d", e->label, p->idx);
+      break;
+    case P_FIELD:
+      key_text(e->L, p->idx, k, sizeof k);
+      snprintf(b, sizeof b, "%s%sfield %s", a, a[0] ? " " : "", k);
+      memcpy(a, b, sizeof a);
+      break;
+    case P_KEY:
+      snprintf(b, sizeof b, "key in %s", a[0] ? a : "table");
+      memcpy(a, b, sizeof a);
+      break;
+    case P_META:
+      snprintf(b, sizeof b, "metatable of %s", a[0] ? a : "table");
+      memcpy(a, b, sizeof a);
+      break;
+    case P_UPVAL:
+      snprintf(b, sizeof b, "upvalue '%s'%s%s%s", p->name ? p->name : "?",
+               a[0] ? " of " : "",
+               a[0] && strncmp(a, "function", 8) != 0 ? "function " : "", a);
+      memcpy(a, b, sizeof a);
+      break;
+    }
+  }
+  snprintf(out, n, "%s", a);
+}
+
+static int refuse(enc *e, const char *what) {
+  char p[512];
+
+  path_text(e, e->npath, p, sizeof p);
+  if (p[0])
+    setmsg(e->err, e->errlen, "cannot copy %s (%s)", what, p);
+  else
+    setmsg(e->err, e->errlen, "cannot copy %s", what);
+  return OP_ECOPY;
+}
+
+static int too_deep(enc *e) {
+  char p[512];
+
+  path_text(e, 1, p, sizeof p);
+  if (p[0])
+    setmsg(e->err, e->errlen, "cannot copy: nesting too deep (%s)", p);
+  else
+    setmsg(e->err, e->errlen, "cannot copy: nesting too deep");
+  return OP_ECOPY;
+}
+
+static int nomem(enc *e) {
+  setmsg(e->err, e->errlen, "cannot copy: out of memory");
+  return OP_ENOMEM;
+}
+
+/* Make room for n more bytes in e->b. */
+static int room_slow(enc *e, size_t n) {
+  return op__buf_reserve(e->b, n) == 0 ? 0 : nomem(e);
+}
+#define ROOM(e, n)                                                            \
+  ((e)->b->cap - (e)->b->len >= (n) ? 0 : room_slow((e), (n)))
+
+static size_t put_varint(unsigned char *q, uint64_t v) {
+  size_t n = 0;
+
+  while (v >= 0x80) {
+    q[n++] = (unsigned char)(v | 0x80);
+    v >>= 7;
+  }
+  q[n++] = (unsigned char)v;
+  return n;
+}
+
+static size_t varint_len(uint64_t v) {
+  size_t n = 1;
+
+  while (v >= 0x80) {
+    v >>= 7;
+    n++;
+  }
+  return n;
+}
+
+#define WP(e) ((unsigned char *)(e)->b->p + (e)->b->len)
+
+static int put_byte(enc *e, unsigned tag) {
+  if (ROOM(e, 1))
+    return OP_ENOMEM;
+  e->b->p[e->b->len++] = (char)tag;
+  return 0;
+}
+
+/* A tag followed by a varint. */
+static int put_tagv(enc *e, unsigned tag, uint64_t v) {
+  unsigned char *q;
+
+  if (ROOM(e, 11))
+    return OP_ENOMEM;
+  q = WP(e);
+  q[0] = (unsigned char)tag;
+  e->b->len += 1 + put_varint(q + 1, v);
+  return 0;
+}
+
+static int enc_int(enc *e, lua_Integer i) {
+  uint64_t u = (uint64_t)i;
+
+  if (i >= FIXINT_MIN && i <= FIXINT_MAX)
+    return put_byte(e, (unsigned)(T_FIXINT + (i - FIXINT_MIN)));
+  return put_tagv(e, T_INT, (u << 1) ^ (i < 0 ? ~(uint64_t)0 : 0));
+}
+
+static int enc_float(enc *e, lua_Number d) {
+  double v = (double)d;
+
+  if (ROOM(e, 9))
+    return OP_ENOMEM;
+  e->b->p[e->b->len] = (char)T_FLOAT;
+  memcpy(e->b->p + e->b->len + 1, &v, 8);
+  e->b->len += 9;
+  return 0;
+}
+
+static int enc_bytes(enc *e, unsigned tag, const char *s, size_t len) {
+  unsigned char *q;
+
+  if (len > SIZE_MAX - 16 || ROOM(e, len + 11))
+    return nomem(e);
+  q = WP(e);
+  if (tag == T_STR && len <= SSTR_MAX) {
+    q[0] = (unsigned char)(T_SSTR + len);
+    memcpy(q + 1, s, len);
+    e->b->len += 1 + len;
+    return 0;
+  }
+  q[0] = (unsigned char)tag;
+  q += 1 + put_varint(q + 1, len);
+  memcpy(q, s, len);
+  e->b->len = (size_t)(q - (unsigned char *)e->b->p) + len;
+  return 0;
+}
+
+/* A REF to the object of slot s; flags its tag as referred to. */
+static int enc_ref(enc *e, const pslot *s) {
+  unsigned char f = F_REFD;
+
+  if ((s->extra & (X_FUNC | X_OPEN)) == (X_FUNC | X_OPEN))
+    f |= F_FIRST; /* a function referring to itself: create it first */
+  e->b->p[s->aux] = (char)(e->b->p[s->aux] | f);
+  return put_tagv(e, T_REF, s->val);
+}
+
+/* If the object p has a name, write it: returns 1, or < 0 on error, or 0
+** if it has none. With rescan, a miss rescans package.loaded once per
+** encode. */
+static int enc_named(enc *e, const void *p, int rescan) {
+  const pslot *s = pmap_find(&e->x->named, p);
+  int rc;
+
+  if (s == NULL && rescan && !e->rescanned) {
+    e->rescanned = 1;
+    if (protect(e->L, scan_modules, e->x) == LUA_OK)
+      s = pmap_find(&e->x->named, p);
+  }
+  if (s == NULL)
+    return 0;
+  rc = enc_bytes(e, T_NAMED, (const char *)s->aux, s->val);
+  return rc < 0 ? rc : 1;
+}
+
+/* Write the two table counts into the 4 bytes reserved at off; a count
+** of 2^14 or more needs more room, so the contents move and the offsets
+** of the tags written after off move with them. */
+static int put_counts(enc *e, size_t off, uint32_t narr, uint32_t nhash) {
+  unsigned char *q;
+  size_t need, delta, i;
+  pslot *s;
+
+  if (narr < (1u << 14) && nhash < (1u << 14)) {
+    q = (unsigned char *)e->b->p + off;
+    q[0] = (unsigned char)(0x80 | (narr & 0x7f));
+    q[1] = (unsigned char)(narr >> 7);
+    q[2] = (unsigned char)(0x80 | (nhash & 0x7f));
+    q[3] = (unsigned char)(nhash >> 7);
+    return 0;
+  }
+  need = varint_len(narr) + varint_len(nhash);
+  delta = need - 4;
+  if (ROOM(e, delta))
+    return OP_ENOMEM;
+  q = (unsigned char *)e->b->p + off;
+  memmove(q + need, q + 4, e->b->len - off - 4);
+  e->b->len += delta;
+  q += put_varint(q, narr);
+  put_varint(q, nhash);
+  for (i = 0; e->seen->slot && i <= e->seen->mask; i++) {
+    s = &e->seen->slot[i];
+    if (s->gen == e->seen->gen && !(s->extra & X_UPV) && s->aux > off)
+      s->aux += delta;
+  }
+  return 0;
+}
+
+static int enc_table(enc *e, int idx) {
+  lua_State *L = e->L;
+  const void *p = lua_topointer(L, idx);
+  const pslot *cs;
+  pslot *s;
+  size_t tagoff, cntoff;
+  uint32_t narr = 0, nhash = 0;
+  int rc, inarr = 1, top;
+
+  if ((cs = pmap_find(e->seen, p)) != NULL)
+    return enc_ref(e, cs);
+  if (p == e->globals)
+    return put_byte(e, T_GLOBALS);
+  if ((rc = enc_named(e, p, 1)) != 0)
+    return rc < 0 ? rc : 0;
+  if (e->depth >= MAX_DEPTH)
+    return too_deep(e);
+  if (!lua_checkstack(L, 4) || ROOM(e, 5) || (s = pmap_add(e->seen, p)) == NULL)
+    return nomem(e);
+  tagoff = e->b->len;
+  s->val = e->seq++;
+  s->aux = tagoff;
+  e->b->p[tagoff] = (char)T_TABLE;
+  cntoff = tagoff + 1;
+  e->b->len += 5;
+  e->depth++;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    top = lua_gettop(L);
+    if (inarr && lua_isinteger(L, top - 1) &&
+        lua_tointeger(L, top - 1) == (lua_Integer)narr + 1) {
+      narr++;
+    } else {
+      inarr = 0;
+      nhash++;
+      path_push(e, P_KEY, 0, NULL);
+      rc = enc_value(e, top - 1);
+      e->npath--;
+      if (rc)
+        return rc;
+    }
+    path_push(e, P_FIELD, top - 1, NULL);
+    rc = enc_value(e, top);
+    e->npath--;
+    if (rc)
+      return rc;
+    lua_settop(L, top - 1);
+  }
+  if (lua_getmetatable(L, idx)) {
+    e->b->p[tagoff] = (char)(e->b->p[tagoff] | F_MT);
+    path_push(e, P_META, 0, NULL);
+    rc = enc_value(e, lua_gettop(L));
+    e->npath--;
+    if (rc)
+      return rc;
+    lua_pop(L, 1);
+  }
+  e->depth--;
+  return put_counts(e, cntoff, narr, nhash);
+}
+
+static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
+  (void)L;
+  return op__buf_append(ud, p, sz) != 0;
+}
+
+/* Dump the function at idx into x->dump. Returns 0 or OP_ENOMEM. */
+static int dump_fn(op_xfer *x, lua_State *L, int idx) {
+  int st;
+
+  x->dump.len = 0;
+  lua_pushvalue(L, idx);
+  st = lua_dump(L, dump_writer, &x->dump, 0);
+  lua_pop(L, 1);
+  return st == 0 && x->dump.len > 32 ? 0 : OP_ENOMEM;
+}
+
+/* Store x->dump as a new prototype with nup upvalues. */
+static int store_dump(op_xfer *x, int nup, uint32_t *id) {
+  sentry *se = malloc(sizeof *se + x->dump.len);
+
+  if (se == NULL)
+    return OP_ENOMEM;
+  se->kind = S_PROTO;
+  se->nup = (uint8_t)nup;
+  se->fn = NULL;
+  se->len = x->dump.len;
+  memcpy(se->bytes, x->dump.p, x->dump.len);
+  return store_add(x->ps, se, id);
+}
+
+/* anchors[Proto pointer at arg 1] = closure at arg 2. Called through
+** lua_pcall.  [-0, +0, m] */
+static int anchor_fn(lua_State *L) {
+  const void *proto = lua_touserdata(L, 1);
+
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &anchors_key);
+  lua_pushvalue(L, 2);
+  lua_rawsetp(L, -2, proto);
+  return 0;
+}
+
+/* Fallback key: dump -> id through the dumps table. arg 1: {x, &id, nup}.
+** Lua-callable for protect(). Sets id to UINT32_MAX on out of memory. */
+typedef struct fbk {
+  op_xfer *x;
+  uint32_t id;
+  int nup;
+} fbk;
+
+static int fallback_fn(lua_State *L) {
+  fbk *f = lua_touserdata(L, 1);
+
+  f->id = UINT32_MAX;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &dumps_key);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &dumps_key);
+  }
+  lua_pushlstring(L, f->x->dump.p, f->x->dump.len);
+  lua_pushvalue(L, -1);
+  if (lua_rawget(L, -3) == LUA_TNUMBER) {
+    f->id = (uint32_t)lua_tointeger(L, -1);
+    return 0;
+  }
+  lua_pop(L, 1);
+  if (store_dump(f->x, f->nup, &f->id) != 0) {
+    f->id = UINT32_MAX;
+    return 0;
+  }
+  lua_pushinteger(L, f->id);
+  lua_rawset(L, -3);
+  return 0;
+}
+
+/* The store id and upvalue count of the Lua function at idx (pointer p),
+** dumping and storing its prototype the first time. */
+static int proto_id(enc *e, int idx, const void *p, uint32_t *id, int *nup) {
+  op_xfer *x = e->x;
+  lua_State *L = e->L;
+  const pslot *cs;
+  pslot *s;
+  const void *proto;
+  lua_Debug ar;
+  fbk f;
+
+#if LUA_VERSION_NUM == 504
+  if (x->layout_ok) {
+    proto = ((const lclosure_mirror *)p)->p;
+    *nup = ((const lclosure_mirror *)p)->nupvalues;
+    if ((cs = pmap_find(&x->protos, proto)) != NULL) {
+      *id = cs->val;
+      return 0;
+    }
+    /* anchor, store, then cache: a failure before the cache only costs
+    ** a second dump next time */
+    lua_pushcfunction(L, anchor_fn);
+    lua_pushlightuserdata(L, (void *)proto);
+    lua_pushvalue(L, idx);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+      lua_pop(L, 1);
+      return nomem(e);
+    }
+    if (dump_fn(x, L, idx) != 0 || store_dump(x, *nup, id) != 0 ||
+        (s = pmap_add(&x->protos, proto)) == NULL)
+      return nomem(e);
+    s->val = *id;
+    return 0;
+  }
+#endif
+  (void)p;
+  (void)cs;
+  (void)s;
+  (void)proto;
+  lua_pushvalue(L, idx);
+  lua_getinfo(L, ">u", &ar);
+  *nup = ar.nups;
+  if (dump_fn(x, L, idx) != 0)
+    return nomem(e);
+  f.x = x;
+  f.nup = *nup;
+  if (protect(L, fallback_fn, &f) != LUA_OK || f.id == UINT32_MAX)
+    return nomem(e);
+  *id = f.id;
+  return 0;
+}
+
+static int enc_lfunc(enc *e, int idx) {
+  lua_State *L = e->L;
+  const void *p = lua_topointer(L, idx);
+  const pslot *cs, *os;
+  pslot *s;
+  size_t tagoff;
+  uint32_t id;
+  int nup, i, rc;
+  void *uid;
+  const char *name;
+  unsigned char *q;
+
+  if ((cs = pmap_find(e->seen, p)) != NULL)
+    return enc_ref(e, cs);
+  if ((rc = enc_named(e, p, 0)) != 0)
+    return rc < 0 ? rc : 0;
+  if (e->depth >= MAX_DEPTH)
+    return too_deep(e);
+  if (!lua_checkstack(L, 4))
+    return nomem(e);
+  if ((rc = proto_id(e, idx, p, &id, &nup)) != 0)
+    return rc;
+  if (ROOM(e, 6) || (s = pmap_add(e->seen, p)) == NULL)
+    return nomem(e);
+  tagoff = e->b->len;
+  s->val = e->seq++;
+  s->aux = tagoff;
+  s->extra = X_FUNC | X_OPEN;
+  q = WP(e);
+  q[0] = T_FUNC;
+  e->b->len += 1 + put_varint(q + 1, id);
+  e->depth++;
+  for (i = 1; i <= nup; i++) {
+    uid = lua_upvalueid(L, idx, i);
+    if ((cs = pmap_find(e->seen, uid)) != NULL) {
+      /* a cell shared with an upvalue of a function met before */
+      os = pmap_find(e->seen, (const void *)cs->aux);
+      if (NEVER(os == NULL) || ROOM(e, 12))
+        return nomem(e);
+      e->b->p[os->aux] = (char)(e->b->p[os->aux] | F_REFD |
+                                ((os->extra & X_OPEN) ? F_FIRST : 0));
+      e->b->p[tagoff] = (char)(e->b->p[tagoff] | F_FIRST);
+      q = WP(e);
+      q[0] = T_UPJOIN;
+      q += 1 + put_varint(q + 1, os->val);
+      *q++ = (unsigned char)cs->val;
+      e->b->len = (size_t)(q - (unsigned char *)e->b->p);
+      continue;
+    }
+    if ((s = pmap_add(e->seen, uid)) == NULL)
+      return nomem(e);
+    s->aux = (uintptr_t)p;
+    s->val = (uint32_t)(i - 1);
+    s->extra = X_UPV;
+    name = lua_getupvalue(L, idx, i);
+    path_push(e, P_UPVAL, 0, name);
+    rc = enc_value(e, lua_gettop(L));
+    e->npath--;
+    if (rc)
+      return rc;
+    lua_pop(L, 1);
+  }
+  e->depth--;
+  if ((s = (pslot *)pmap_find(e->seen, p)) != NULL)
+    s->extra &= ~X_OPEN;
+  return 0;
+}
+
+static int enc_cfunc(enc *e, int idx) {
+  lua_State *L = e->L;
+  lua_CFunction fn;
+  const pslot *cs;
+  pslot *s;
+  sentry *se;
+  uint32_t id;
+  int rc;
+
+  if ((rc = enc_named(e, lua_topointer(L, idx), 1)) != 0)
+    return rc < 0 ? rc : 0;
+  if (lua_getupvalue(L, idx, 1) != NULL) {
+    lua_pop(L, 1);
+    return refuse(e, "C function with upvalues");
+  }
+  fn = lua_tocfunction(L, idx);
+  if ((cs = pmap_find(&e->x->cfuncs, (const void *)(uintptr_t)fn)) != NULL)
+    return put_tagv(e, T_CFUNC, cs->val);
+  if ((se = malloc(sizeof *se)) == NULL)
+    return nomem(e);
+  se->kind = S_CFUNC;
+  se->nup = 0;
+  se->fn = fn;
+  se->len = 0;
+  if (store_add(e->x->ps, se, &id) != 0)
+    return nomem(e);
+  if ((s = pmap_add(&e->x->cfuncs, (const void *)(uintptr_t)fn)) != NULL)
+    s->val = id; /* else: stored again next time; harmless */
+  return put_tagv(e, T_CFUNC, id);
+}
+
+static int enc_value(enc *e, int idx) {
+  lua_State *L = e->L;
+  size_t len;
+  const char *s;
+  int rc;
+
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL:
+    return put_byte(e, T_NIL);
+  case LUA_TBOOLEAN:
+    return put_byte(e, lua_toboolean(L, idx) ? T_TRUE : T_FALSE);
+  case LUA_TNUMBER:
+    if (lua_isinteger(L, idx))
+      return enc_int(e, lua_tointeger(L, idx));
+    return enc_float(e, lua_tonumber(L, idx));
+  case LUA_TSTRING:
+    s = lua_tolstring(L, idx, &len);
+    return enc_bytes(e, T_STR, s, len);
+  case LUA_TTABLE:
+    return enc_table(e, idx);
+  case LUA_TFUNCTION:
+    return lua_iscfunction(L, idx) ? enc_cfunc(e, idx) : enc_lfunc(e, idx);
+  case LUA_TUSERDATA:
+    if ((rc = enc_named(e, lua_topointer(L, idx), 1)) != 0)
+      return rc < 0 ? rc : 0;
+    return refuse(e, "userdata");
+  case LUA_TLIGHTUSERDATA:
+    return refuse(e, "userdata");
+  default:
+    return refuse(e, luaL_typename(L, idx));
+  }
+}
+
+/* Append the encoding of the n values at idx.. of L to b; see the DESIGN
+** block for the format. Refusals name the value's path (see path_text).
+** Returns 0, or OP_ECOPY / OP_ENOMEM with a message in err, leaving b as
+** it was. Never raises.  [-0, +0, -] */
+int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
+               const char *label, int first_no, char *err, size_t errlen) {
+  enc e;
+  pmap priv;
+  size_t len0 = b->len;
+  int top = lua_gettop(L), i, rc = 0;
+
+  idx = lua_absindex(L, idx);
+  e.x = x;
+  e.L = L;
+  e.b = b;
+  e.seq = 0;
+  e.depth = 0;
+  e.rescanned = 0;
+  e.npath = 0;
+  e.label = label;
+  e.err = err;
+  e.errlen = errlen;
+  e.globals = NULL;
+  if (err != NULL && errlen > 0)
+    err[0] = 0;
+  if (x->busy) {
+    pmap_init(&priv); /* entered again from a finalizer */
+    e.seen = &priv;
+  } else {
+    e.seen = &x->seen;
+  }
+  x->busy++;
+  if (lua_checkstack(L, 2)) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    e.globals = lua_topointer(L, -1);
+    lua_pop(L, 1);
+  } else {
+    rc = nomem(&e);
+  }
+  for (i = 0; i < n && rc == 0; i++) {
+    path_push(&e, P_ROOT, first_no == 0 && n == 1 ? 0 : first_no + i, NULL);
+    rc = enc_value(&e, idx + i);
+    e.npath--;
+  }
+  x->busy--;
+  if (e.seen == &priv)
+    pmap_free(&priv);
+  else
+    pmap_clear(&x->seen);
+  if (rc != 0)
+    b->len = len0;
+  lua_settop(L, top);
+  return rc;
+}
+
+/* ---- binary chunks (Lua 5.4 ldump.c format) ---- */
+
+#define HEADER_LEN 31 /* signature .. LUAC_NUM; then the upvalue count */
+
+typedef struct fninfo {
+  size_t upv_off;    /* first upvalue descriptor */
+  size_t nup;
+  size_t protos_off; /* first nested function */
+  size_t nprotos;
+} fninfo;
+
+static int ck_size(const unsigned char *s, size_t len, size_t *pos,
+                   size_t *v) {
+  size_t x = 0;
+  unsigned c;
+
+  do {
+    if (*pos >= len || x >= (SIZE_MAX >> 7))
+      return -1;
+    c = s[(*pos)++];
+    x = (x << 7) | (c & 0x7f);
+  } while ((c & 0x80) == 0);
+  *v = x;
+  return 0;
+}
+
+static int ck_skip(size_t len, size_t *pos, size_t n) {
+  if (n > len - *pos)
+    return -1;
+  *pos += n;
+  return 0;
+}
+
+static int ck_string(const unsigned char *s, size_t len, size_t *pos) {
+  size_t n;
+
+  if (ck_size(s, len, pos, &n))
+    return -1;
+  return n == 0 ? 0 : ck_skip(len, pos, n - 1);
+}
+
+/* Walk one function of a dumped chunk at *pos, checking bounds; fi (may be
+** NULL) gets the offsets of its upvalue descriptors and first child. */
+static int ck_function(const unsigned char *s, size_t len, size_t *pos,
+                       fninfo *fi, int depth) {
+  size_t n, i, v;
+
+  if (depth > 250 || ck_string(s, len, pos) || ck_size(s, len, pos, &v) ||
+      ck_size(s, len, pos, &v) || ck_skip(len, pos, 3))
+    return -1;
+  if (ck_size(s, len, pos, &n) || n > len / 4 || ck_skip(len, pos, n * 4))
+    return -1; /* code */
+  if (ck_size(s, len, pos, &n))
+    return -1; /* constants */
+  for (i = 0; i < n; i++) {
+    if (*pos >= len)
+      return -1;
+    switch (s[(*pos)++]) {
+    case 0x00: case 0x01: case 0x11: /* nil, false, true */
+      break;
+    case 0x03: case 0x13: /* integer, float */
+      if (ck_skip(len, pos, 8))
+        return -1;
+      break;
+    case 0x04: case 0x14: /* short, long string */
+      if (ck_string(s, len, pos))
+        return -1;
+      break;
+    default:
+      return -1;
+    }
+  }
+  if (ck_size(s, len, pos, &n) || n > 255)
+    return -1;
+  if (fi != NULL) {
+    fi->upv_off = *pos;
+    fi->nup = n;
+  }
+  if (ck_skip(len, pos, n * 3) || ck_size(s, len, pos, &n))
+    return -1;
+  if (fi != NULL) {
+    fi->protos_off = *pos;
+    fi->nprotos = n;
+  }
+  for (i = 0; i < n; i++) {
+    if (ck_function(s, len, pos, NULL, depth + 1))
+      return -1;
+  }
+  if (ck_size(s, len, pos, &n) || ck_skip(len, pos, n))
+    return -1; /* lineinfo */
+  if (ck_size(s, len, pos, &n))
+    return -1; /* abslineinfo */
+  for (i = 0; i < n; i++) {
+    if (ck_size(s, len, pos, &v) || ck_size(s, len, pos, &v))
+      return -1;
+  }
+  if (ck_size(s, len, pos, &n))
+    return -1; /* locvars */
+  for (i = 0; i < n; i++) {
+    if (ck_string(s, len, pos) || ck_size(s, len, pos, &v) ||
+        ck_size(s, len, pos, &v))
+      return -1;
+  }
+  if (ck_size(s, len, pos, &n))
+    return -1; /* upvalue names */
+  for (i = 0; i < n; i++) {
+    if (ck_string(s, len, pos))
+      return -1;
+  }
+  return 0;
+}
+
+static void put_num(op_buf *b, int i) {
+  char t[16];
+
+  snprintf(t, sizeof t, "u%d", i);
+  op__buf_append(b, t, strlen(t));
+}
+
+#define PUTS(b, s) op__buf_append((b), (s), sizeof(s) - 1)
+
+/* Build the template pieces for n upvalues. Returns 0, or an error code
+** with a message.  [-0, +0, m] */
+static int build_tmpl(op_xfer *x, lua_State *L, int n, tmpl **out,
+                      char *err, size_t errlen) {
+  op_buf src, bin;
+  int i, lvl = n > ONE_LEVEL ? 2 : 1, st, rc = OP_ENOMEM;
+  int inner = lvl + 1; /* depth of the function P replaces */
+  size_t pos, start = 0, end = 0;
+  fninfo fi;
+  tmpl *t = NULL;
+
+  op__buf_init(&src);
+  op__buf_init(&bin);
+  PUTS(&src, "return function(");
+  for (i = 1; i <= (lvl == 1 ? n : SPLIT); i++) {
+    if (i > 1)
+      PUTS(&src, ",");
+    put_num(&src, i);
+  }
+  if (lvl == 2) {
+    PUTS(&src, ",...) return (function(");
+    for (i = SPLIT + 1; i <= n; i++) {
+      if (i > SPLIT + 1)
+        PUTS(&src, ",");
+      put_num(&src, i);
+    }
+  }
+  PUTS(&src, ") return function() local _");
+  for (i = 1; i <= n; i++) {
+    PUTS(&src, " _=");
+    put_num(&src, i);
+  }
+  PUTS(&src, " end end");
+  if (lvl == 2)
+    PUTS(&src, ")(...) end");
+  if (op__buf_append(&src, "", 1) != 0 || !lua_checkstack(L, 2))
+    goto done;
+  st = luaL_loadbufferx(L, src.p, src.len - 1, "=(offpath factory)", "t");
+  op__buf_free(&src);
+  if (st != LUA_OK) {
+    setmsg(err, errlen, "cannot copy: factory template: %s",
+           lua_tostring(L, -1));
+    lua_pop(L, 1);
+    rc = st == LUA_ERRMEM ? OP_ENOMEM : OP_EINVAL;
+    goto done;
+  }
+  st = lua_dump(L, dump_writer, &bin, 0);
+  lua_pop(L, 1);
+  if (st != 0)
+    goto done;
+  /* main -> factory [-> inner factory] -> the function P will replace */
+  pos = HEADER_LEN + 1;
+  for (i = 0; i <= inner; i++) {
+    start = pos;
+    if (ck_function((unsigned char *)bin.p, bin.len, &pos, &fi, 0) != 0 ||
+        (i < inner && fi.nprotos != 1))
+      goto bad;
+    end = pos;
+    pos = fi.protos_off;
+  }
+  if (fi.nup != (size_t)n)
+    goto bad;
+  if ((t = calloc(1, sizeof *t)) == NULL ||
+      (t->pre = malloc(start + (bin.len - end) + 1)) == NULL)
+    goto done;
+  t->pre_len = start;
+  t->suf_len = bin.len - end;
+  t->suf = t->pre + start;
+  memcpy(t->pre, bin.p, start);
+  memcpy(t->suf, bin.p + end, t->suf_len);
+  for (i = 0; i < n; i++) {
+    t->desc[2 * i] = (unsigned char)bin.p[fi.upv_off + 3 * (size_t)i];
+    t->desc[2 * i + 1] = (unsigned char)bin.p[fi.upv_off + 3 * (size_t)i + 1];
+  }
+  if (x->tmpl[n] == NULL) {
+    x->tmpl[n] = t;
+  } else { /* built meanwhile by a nested call */
+    free(t->pre);
+    free(t);
+  }
+  *out = x->tmpl[n];
+  t = NULL;
+  rc = 0;
+  goto done;
+bad:
+  setmsg(err, errlen, "cannot copy: unexpected binary chunk layout");
+  rc = OP_EINVAL;
+done:
+  if (t != NULL) {
+    free(t->pre);
+    free(t);
+  }
+  op__buf_free(&src);
+  op__buf_free(&bin);
+  if (rc == OP_ENOMEM && err != NULL && errlen > 0 && err[0] == 0)
+    setmsg(err, errlen, "cannot copy: out of memory");
+  return rc;
+}
+
+/* ---- decoding ---- */
+
+typedef struct dec {
+  op_xfer *x;
+  lua_State *L;
+  const unsigned char *p, *end, *start;
+  uint32_t seq;
+  int depth;
+  int refs;     /* stack slot of the refs table (nil until needed) */
+  char *err;
+  size_t errlen;
+} dec;
+
+static int dec_value(dec *d);
+
+static int corrupt(dec *d, const char *what) {
+  setmsg(d->err, d->errlen, "corrupt encoding: %s at offset %zu", what,
+         (size_t)(d->p - d->start));
+  return OP_EINVAL;
+}
+
+static int dnomem(dec *d) {
+  setmsg(d->err, d->errlen, "cannot decode: out of memory");
+  return OP_ENOMEM;
+}
+
+static int get_varint(dec *d, uint64_t *v) {
+  uint64_t r = 0;
+  unsigned shift = 0, c;
+
+  do {
+    if (d->p >= d->end)
+      return corrupt(d, "truncated varint");
+    c = *d->p++;
+    if (shift == 63 && (c & 0x7e) != 0)
+      return corrupt(d, "varint overflow");
+    if (shift > 63)
+      return corrupt(d, "varint too long");
+    r |= (uint64_t)(c & 0x7f) << shift;
+    shift += 7;
+  } while (c & 0x80);
+  *v = r;
+  return 0;
+}
+
+/* Remember the object on top of L as sequence number seq. */
+static void dec_register(dec *d, uint32_t seq) {
+  lua_State *L = d->L;
+
+  if (lua_isnil(L, d->refs)) {
+    lua_createtable(L, 0, 4);
+    lua_replace(L, d->refs);
+  }
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->refs, (lua_Integer)seq + 1);
+}
+
+/* Push the object with sequence number seq, if it was registered. */
+static int dec_ref(dec *d, uint64_t seq) {
+  lua_State *L = d->L;
+
+  if (seq >= d->seq || !lua_istable(L, d->refs))
+    return corrupt(d, "bad reference");
+  if (lua_rawgeti(L, d->refs, (lua_Integer)seq + 1) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return corrupt(d, "bad reference");
+  }
+  return 0;
+}
+
+/* Find a name missing from the names table: require the module, walk the
+** fields. Lua-callable: name in arg 1; returns the value or nothing. */
+static int resolve_name(lua_State *L) {
+  size_t len, i, j;
+  const char *s = luaL_checklstring(L, 1, &len);
+
+  for (i = 0; i < len && s[i] != 0; i++)
+    ;
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushlstring(L, s, i);
+  if (lua_istable(L, -2) && lua_rawget(L, -2) != LUA_TNIL) {
+    /* loaded already */
+  } else {
+    lua_settop(L, 1);
+    if (lua_getglobal(L, "require") != LUA_TFUNCTION)
+      return 0;
+    lua_pushlstring(L, s, i);
+    lua_call(L, 1, 1);
+  }
+  while (i < len) {
+    for (j = ++i; j < len && s[j] != 0; j++)
+      ;
+    if (!lua_istable(L, -1) && !lua_isuserdata(L, -1))
+      return 0;
+    lua_pushlstring(L, s + i, j - i);
+    lua_gettable(L, -2);
+    i = j;
+  }
+  return lua_isnil(L, -1) ? 0 : 1;
+}
+
+static int dec_named(dec *d, size_t len) {
+  lua_State *L = d->L;
+  const char *s = (const char *)d->p;
+  char show[128];
+  size_t i;
+  int top = lua_gettop(L);
+
+  d->p += len;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &names_key);
+  lua_pushlstring(L, s, len);
+  if (lua_istable(L, top + 1) && lua_rawget(L, top + 1) != LUA_TNIL) {
+    lua_replace(L, top + 1);
+    return 0;
+  }
+  lua_settop(L, top + 1);
+  lua_pushcfunction(L, resolve_name);
+  lua_pushlstring(L, s, len);
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && !lua_isnil(L, -1)) {
+    if (lua_istable(L, top + 1)) { /* cache name -> value */
+      lua_pushlstring(L, s, len);
+      lua_pushvalue(L, -2);
+      lua_rawset(L, top + 1);
+    }
+    lua_replace(L, top + 1);
+    return 0;
+  }
+  lua_settop(L, top);
+  for (i = 0; i < len && i < sizeof show - 1; i++)
+    show[i] = s[i] == 0 ? '.' : s[i];
+  show[i] = 0;
+  setmsg(d->err, d->errlen, "cannot copy: no value named '%s' in this VM",
+         show);
+  return OP_ECOPY;
+}
+
+/* Load the factory for store entry id and cache it.  [-0, +0, m] */
+static int load_factory(dec *d, uint64_t id) {
+  op_xfer *x = d->x;
+  lua_State *L = d->L;
+  const sentry *se = store_get(x->ps, id);
+  const unsigned char *pb;
+  tmpl *t;
+  fninfo fi;
+  op_buf c;
+  size_t pos, i, n;
+  fcache *nfc;
+  int rc, st, ref;
+
+  if (se == NULL || se->kind != S_PROTO)
+    return corrupt(d, "bad prototype id");
+  n = se->nup;
+  if ((t = x->tmpl[n]) == NULL &&
+      (rc = build_tmpl(x, L, (int)n, &t, d->err, d->errlen)) != 0)
+    return rc;
+  pb = (const unsigned char *)se->bytes;
+  pos = HEADER_LEN + 1;
+  if (se->len <= pos || memcmp(pb, t->pre, HEADER_LEN) != 0 ||
+      pb[HEADER_LEN] != n ||
+      ck_function(pb, se->len, &pos, &fi, 0) != 0 || pos != se->len ||
+      fi.nup != n) {
+    setmsg(d->err, d->errlen, "cannot copy: stored prototype %llu is bad",
+           (unsigned long long)id);
+    return OP_EINVAL;
+  }
+  /* template head, P up to its upvalue descriptors, the rewritten
+  ** descriptors, the rest of P, template tail */
+  op__buf_init(&c);
+  if (op__buf_reserve(&c, t->pre_len + se->len + t->suf_len) != 0)
+    return dnomem(d);
+  op__buf_append(&c, t->pre, t->pre_len);
+  op__buf_append(&c, pb + HEADER_LEN + 1, fi.upv_off - (HEADER_LEN + 1));
+  for (i = 0; i < n; i++) {
+    c.p[c.len++] = (char)t->desc[2 * i];
+    c.p[c.len++] = (char)t->desc[2 * i + 1];
+    c.p[c.len++] = (char)pb[fi.upv_off + 3 * i + 2]; /* P's kind */
+  }
+  op__buf_append(&c, pb + fi.upv_off + 3 * n, se->len - fi.upv_off - 3 * n);
+  op__buf_append(&c, t->suf, t->suf_len);
+  st = luaL_loadbufferx(L, c.p, c.len, "=(offpath factory)", "b");
+  op__buf_free(&c);
+  if (st != LUA_OK) {
+    setmsg(d->err, d->errlen, "cannot copy: loading factory: %s",
+           lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return st == LUA_ERRMEM ? OP_ENOMEM : OP_EINVAL;
+  }
+  lua_call(L, 0, 1); /* the chunk returns the factory */
+  if (id >= x->nfc) {
+    size_t cap = x->nfc ? x->nfc : 16;
+    while (cap <= id)
+      cap *= 2;
+    if ((nfc = realloc(x->fc, cap * sizeof *nfc)) == NULL) {
+      lua_pop(L, 1);
+      return dnomem(d);
+    }
+    memset(nfc + x->nfc, 0, (cap - x->nfc) * sizeof *nfc);
+    x->fc = nfc;
+    x->nfc = cap;
+  }
+  ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (x->fc[id].ref > 0) /* loaded meanwhile by a nested decode */
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+  else
+    x->fc[id].ref = ref;
+  x->fc[id].nup = (int)n;
+  return 0;
+}
+
+static int dec_func(dec *d, unsigned flags) {
+  lua_State *L = d->L;
+  op_xfer *x = d->x;
+  uint64_t id, s;
+  uint32_t seq;
+  int nup, i, rc, fi, j;
+
+  if ((rc = get_varint(d, &id)) != 0)
+    return rc;
+  if (d->depth >= MAX_DEPTH)
+    return corrupt(d, "nesting too deep");
+  if (id >= x->nfc || x->fc[id].ref <= 0) {
+    if ((rc = load_factory(d, id)) != 0)
+      return rc;
+  }
+  nup = x->fc[id].nup;
+  if (!lua_checkstack(L, nup + 8))
+    return dnomem(d);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, x->fc[id].ref);
+  seq = d->seq++;
+  d->depth++;
+  if (!(flags & F_FIRST)) {
+    for (i = 0; i < nup; i++) {
+      if ((rc = dec_value(d)) != 0)
+        return rc;
+    }
+    lua_call(L, nup, 1);
+    if (flags & F_REFD)
+      dec_register(d, seq);
+    d->depth--;
+    return 0;
+  }
+  /* made first: it refers to itself, or shares upvalue cells */
+  lua_call(L, 0, 1);
+  fi = lua_gettop(L);
+  if (flags & F_REFD)
+    dec_register(d, seq);
+  for (i = 1; i <= nup; i++) {
+    if (d->p < d->end && *d->p == T_UPJOIN) {
+      d->p++;
+      if ((rc = get_varint(d, &s)) != 0)
+        return rc;
+      if (d->p >= d->end)
+        return corrupt(d, "truncated upvalue join");
+      j = *d->p++ + 1;
+      if ((rc = dec_ref(d, s)) != 0)
+        return rc;
+      if (lua_type(L, -1) != LUA_TFUNCTION || lua_iscfunction(L, -1) ||
+          lua_getupvalue(L, -1, j) == NULL)
+        return corrupt(d, "bad upvalue join");
+      lua_pop(L, 1);
+      lua_upvaluejoin(L, fi, i, -1, j);
+      lua_pop(L, 1);
+      continue;
+    }
+    if ((rc = dec_value(d)) != 0)
+      return rc;
+    lua_setupvalue(L, fi, i);
+  }
+  d->depth--;
+  return 0;
+}
+
+static int dec_table(dec *d, unsigned flags) {
+  lua_State *L = d->L;
+  uint64_t narr, nhash, i;
+  size_t left;
+  uint32_t seq;
+  int rc, t;
+
+  if ((rc = get_varint(d, &narr)) != 0 || (rc = get_varint(d, &nhash)) != 0)
+    return rc;
+  left = (size_t)(d->end - d->p);
+  if (narr > left || nhash > left / 2)
+    return corrupt(d, "bad table size");
+  if (d->depth >= MAX_DEPTH)
+    return corrupt(d, "nesting too deep");
+  if (!lua_checkstack(L, 8))
+    return dnomem(d);
+  lua_createtable(L, narr > INT_MAX ? INT_MAX : (int)narr,
+                  nhash > INT_MAX ? INT_MAX : (int)nhash);
+  t = lua_gettop(L);
+  seq = d->seq++;
+  if (flags & F_REFD)
+    dec_register(d, seq);
+  d->depth++;
+  for (i = 1; i <= narr; i++) {
+    if ((rc = dec_value(d)) != 0)
+      return rc;
+    lua_rawseti(L, t, (lua_Integer)i);
+  }
+  for (i = 0; i < nhash; i++) {
+    if ((rc = dec_value(d)) != 0)
+      return rc;
+    if (lua_isnil(L, -1) ||
+        (lua_type(L, -1) == LUA_TNUMBER && !lua_isinteger(L, -1) &&
+         isnan((double)lua_tonumber(L, -1))))
+      return corrupt(d, "bad table key");
+    if ((rc = dec_value(d)) != 0)
+      return rc;
+    lua_rawset(L, t);
+  }
+  if (flags & F_MT) {
+    if ((rc = dec_value(d)) != 0)
+      return rc;
+    if (!lua_istable(L, -1))
+      return corrupt(d, "metatable is not a table");
+    lua_setmetatable(L, t);
+  }
+  d->depth--;
+  return 0;
+}
+
+static int dec_value(dec *d) {
+  lua_State *L = d->L;
+  unsigned tag;
+  uint64_t v;
+  double f;
+  const sentry *se;
+  int rc;
+
+  if (d->p >= d->end)
+    return corrupt(d, "truncated value");
+  tag = *d->p++;
+  if (tag >= T_FIXINT) {
+    lua_pushinteger(L, (lua_Integer)tag - T_FIXINT + FIXINT_MIN);
+    return 0;
+  }
+  if (tag >= T_SSTR) {
+    v = tag - T_SSTR;
+    if (v > (uint64_t)(d->end - d->p))
+      return corrupt(d, "truncated string");
+    lua_pushlstring(L, (const char *)d->p, (size_t)v);
+    d->p += v;
+    return 0;
+  }
+  switch (tag) {
+  case T_NIL:
+    lua_pushnil(L);
+    return 0;
+  case T_FALSE:
+  case T_TRUE:
+    lua_pushboolean(L, tag == T_TRUE);
+    return 0;
+  case T_INT:
+    if ((rc = get_varint(d, &v)) != 0)
+      return rc;
+    lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (~(v & 1) + 1)));
+    return 0;
+  case T_FLOAT:
+    if (d->end - d->p < 8)
+      return corrupt(d, "truncated float");
+    memcpy(&f, d->p, 8);
+    d->p += 8;
+    lua_pushnumber(L, (lua_Number)f);
+    return 0;
+  case T_STR:
+  case T_NAMED:
+    if ((rc = get_varint(d, &v)) != 0)
+      return rc;
+    if (v > (uint64_t)(d->end - d->p))
+      return corrupt(d, "truncated string");
+    if (tag == T_NAMED)
+      return v == 0 ? corrupt(d, "empty name") : dec_named(d, (size_t)v);
+    lua_pushlstring(L, (const char *)d->p, (size_t)v);
+    d->p += v;
+    return 0;
+  case T_GLOBALS:
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    return 0;
+  case T_CFUNC:
+    if ((rc = get_varint(d, &v)) != 0)
+      return rc;
+    se = store_get(d->x->ps, v);
+    if (se == NULL || se->kind != S_CFUNC)
+      return corrupt(d, "bad C function id");
+    lua_pushcfunction(L, se->fn);
+    return 0;
+  case T_REF:
+    if ((rc = get_varint(d, &v)) != 0)
+      return rc;
+    return dec_ref(d, v);
+  case T_TABLE:
+  case T_TABLE | F_REFD:
+  case T_TABLE | F_MT:
+  case T_TABLE | F_REFD | F_MT:
+    return dec_table(d, tag & 3);
+  case T_FUNC:
+  case T_FUNC | F_REFD:
+  case T_FUNC | F_FIRST:
+  case T_FUNC | F_REFD | F_FIRST:
+    return dec_func(d, tag & 3);
+  default:
+    d->p--;
+    return corrupt(d, "bad tag");
+  }
+}
+
+/* Push the values encoded in p[0..len) on L. Returns how many, or a
+** negative code with a message in err (OP_EINVAL: not a valid encoding;
+** OP_ECOPY: a named value this VM lacks; OP_ENOMEM), pushing nothing.
+** [-0, +n, m] */
+int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len,
+               char *err, size_t errlen) {
+  dec d;
+  int top = lua_gettop(L), n = 0, rc;
+
+  d.x = x;
+  d.L = L;
+  d.p = d.start = (const unsigned char *)p;
+  d.end = d.p + len;
+  d.seq = 0;
+  d.depth = 0;
+  d.err = err;
+  d.errlen = errlen;
+  if (err != NULL && errlen > 0)
+    err[0] = 0;
+  if (!lua_checkstack(L, 8))
+    return dnomem(&d);
+  lua_pushnil(L); /* the refs slot */
+  d.refs = top + 1;
+  while (d.p < d.end) {
+    if (!lua_checkstack(L, 8)) {
+      rc = corrupt(&d, "too many values");
+      goto fail;
+    }
+    if ((rc = dec_value(&d)) != 0)
+      goto fail;
+    n++;
+  }
+  lua_remove(L, d.refs);
+  return n;
+fail:
+  lua_settop(L, top);
+  return rc;
+}

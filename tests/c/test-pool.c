@@ -1,0 +1,204 @@
+/*
+** test-pool.c - pools through the C API: C tasks, completion exactly once,
+** full queues, shutdown draining or cancelling, poll-loop integration.
+** LABELS: tsan
+*/
+#include <poll.h>
+#include <stdatomic.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "offpath.h"
+#include "test.h"
+
+typedef struct job {
+  int in, out;
+  int done_calls;
+  int status;
+  atomic_int *gate;    /* if set, work spins until it is non-zero */
+} job;
+
+static void work_add(void *arg) {
+  job *j = arg;
+
+  if (j->gate != NULL)
+    while (atomic_load(j->gate) == 0)
+      usleep(100);
+  j->out = j->in + 1;
+}
+
+static int done_total;
+
+static void done_count(void *arg, int status) {
+  job *j = arg;
+  j->done_calls++;
+  j->status = status;
+  done_total++;
+}
+
+static op_runtime *make(int threads, int queue, op_shutdown_mode mode) {
+  op_config cfg;
+  op_runtime *rt;
+
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "p", threads, queue));
+  cfg.shutdown = mode;
+  ASSERT_OK(op_runtime_new(&cfg, &rt));
+  return rt;
+}
+
+/* 10,000 C tasks over two pools: each done callback runs exactly once. */
+static void test_many(void) {
+  enum { N = 10000 };
+  static job jobs[N];
+  op_runtime *rt = make(2, N, OP_SHUTDOWN_DRAIN);
+  op_stats st;
+  int i;
+
+  done_total = 0;
+  for (i = 0; i < N; i++) {
+    jobs[i] = (job){ .in = i };
+    ASSERT_OK(op_submit(rt, i % 2 ? "p" : "io", work_add, done_count,
+                        &jobs[i]));
+  }
+  ASSERT_OK(op_runtime_run(rt));
+  ASSERT_EQ(done_total, N);
+  for (i = 0; i < N; i++) {
+    ASSERT_EQ(jobs[i].done_calls, 1);
+    ASSERT_EQ(jobs[i].status, 0);
+    ASSERT_EQ(jobs[i].out, i + 1);
+  }
+  ASSERT_OK(op_stats_get(rt, &st));
+  ASSERT_EQ(st.pools[0].completed + st.pools[2].completed, N);
+  ASSERT_EQ(st.pools[2].inflight, 0);
+  ASSERT_OK(op_runtime_free(rt));
+}
+
+/* A full queue refuses with OP_EAGAIN and never calls done. */
+static void test_full(void) {
+  static job jobs[4];
+  atomic_int gate = 0;
+  op_runtime *rt = make(1, 2, OP_SHUTDOWN_DRAIN);
+  int i;
+
+  done_total = 0;
+  for (i = 0; i < 4; i++)
+    jobs[i] = (job){ .in = i, .gate = &gate };
+  ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[0]));
+  usleep(20000); /* the worker takes job 0 and waits at the gate */
+  ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[1]));
+  ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[2]));
+  ASSERT_EQ(op_submit(rt, "p", work_add, done_count, &jobs[3]), OP_EAGAIN);
+  ASSERT_EQ(op_submit(rt, "nope", work_add, done_count, &jobs[3]),
+            OP_ENOPOOL);
+  ASSERT_EQ(op_submit(rt, "p", NULL, done_count, &jobs[3]), OP_EINVAL);
+  atomic_store(&gate, 1);
+  ASSERT_OK(op_runtime_run(rt));
+  ASSERT_EQ(done_total, 3);
+  ASSERT_EQ(jobs[3].done_calls, 0);
+  ASSERT_OK(op_runtime_free(rt));
+}
+
+/* Shutdown drains queued tasks by default... */
+static void test_shutdown_drain(void) {
+  static job jobs[20];
+  op_runtime *rt = make(1, 100, OP_SHUTDOWN_DRAIN);
+  int i;
+
+  done_total = 0;
+  for (i = 0; i < 20; i++) {
+    jobs[i] = (job){ .in = i };
+    ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[i]));
+  }
+  ASSERT_OK(op_runtime_free(rt));
+  ASSERT_EQ(done_total, 20);
+  for (i = 0; i < 20; i++) {
+    ASSERT_EQ(jobs[i].done_calls, 1);
+    ASSERT_EQ(jobs[i].status, 0);
+  }
+}
+
+/* ...or cancels them, and the running one still finishes. */
+static atomic_int release_gate;
+
+static void open_gate(void *arg) {
+  (void)arg;
+  usleep(50000);
+  atomic_store(&release_gate, 1);
+}
+
+static void test_shutdown_cancel(void) {
+  static job jobs[10];
+  op_runtime *rt = make(1, 100, OP_SHUTDOWN_CANCEL);
+  uv_thread_t opener;
+  int i;
+
+  done_total = 0;
+  atomic_store(&release_gate, 0);
+  for (i = 0; i < 10; i++) {
+    jobs[i] = (job){ .in = i, .gate = &release_gate };
+    ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[i]));
+  }
+  usleep(20000); /* job 0 is running */
+  ASSERT_OK(uv_thread_create(&opener, open_gate, NULL));
+  ASSERT_OK(op_runtime_free(rt));
+  uv_thread_join(&opener);
+  ASSERT_EQ(done_total, 10);
+  ASSERT_EQ(jobs[0].status, 0);
+  ASSERT_EQ(jobs[0].out, 1);
+  for (i = 1; i < 10; i++) {
+    ASSERT_EQ(jobs[i].done_calls, 1);
+    ASSERT_EQ(jobs[i].status, OP_ECANCELED);
+  }
+}
+
+/* A host with its own poll loop: watch op_runtime_fd, call poll. */
+static void test_poll_loop(void) {
+  static job jobs[100];
+  op_runtime *rt = make(2, 0, OP_SHUTDOWN_DRAIN);
+  struct pollfd pfd;
+  int i, timeout, rounds = 0;
+
+  done_total = 0;
+  pfd.fd = op_runtime_fd(rt);
+  pfd.events = POLLIN;
+  ASSERT_GE(pfd.fd, 0);
+  for (i = 0; i < 100; i++) {
+    jobs[i] = (job){ .in = i };
+    ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[i]));
+  }
+  while (done_total < 100 && rounds++ < 10000) {
+    timeout = op_runtime_poll(rt);
+    if (done_total == 100)
+      break;
+    ASSERT_GE(poll(&pfd, 1, timeout < 0 ? 1000 : timeout), 0);
+  }
+  ASSERT_EQ(done_total, 100);
+  ASSERT_OK(op_runtime_free(rt));
+}
+
+static void test_errors(void) {
+  op_config cfg;
+
+  ASSERT_STR_EQ(op_err_name(OP_ETIMEDOUT), "ETIMEDOUT");
+  ASSERT_EQ(OP_EINVAL, UV_EINVAL);
+  ASSERT_EQ(OP_ECANCELED, UV_ECANCELED);
+  ASSERT_STR_EQ(op_strerror(OP_ECOPY),
+                "value cannot be copied between Lua states");
+  ASSERT_STR_EQ(op_strerror(UV_EPIPE), uv_strerror(UV_EPIPE));
+  op_config_init(&cfg);
+  ASSERT_EQ(op_config_pool(&cfg, "", 1, 1), OP_EINVAL);
+  ASSERT_EQ(op_config_pool(&cfg, "p", -1, 1), OP_EINVAL);
+  ASSERT_STR_EQ(op_version(), OP_VERSION_STRING);
+}
+
+int main(void) {
+  test_errors();
+  test_many();
+  test_full();
+  test_shutdown_drain();
+  test_shutdown_cancel();
+  test_poll_loop();
+  printf("test-pool: ok\n");
+  return 0;
+}

@@ -1,0 +1,213 @@
+-- core.lua - run/launch/schedule/go, waits, errors, timeouts, cancellation.
+-- LABELS: core
+local T = require "_tap"
+local offpath = require "offpath"
+
+offpath.configure { pools = {
+  small = { threads = 1, queue = 2 },
+  two = { threads = 2 },
+} }
+
+T.test("run returns every value kind", function()
+  local a, b, c, d, e, f = offpath.run("io", function(x, y)
+    return x + 1, y, 2^53, 1.5, "s\0z", nil
+  end, 41, true)
+  T.eq(a, 42); T.eq(math.type(a), "integer"); T.eq(b, true)
+  T.eq(c, 2^53); T.eq(math.type(c), "float"); T.eq(d, 1.5); T.eq(e, "s\0z")
+  T.eq(f, nil)
+end)
+
+T.test("tables keep cycles and shared references", function()
+  local shared = { 1, 2 }
+  local t = { a = shared, b = shared, nested = { deep = { x = "y" } } }
+  t.self = t
+  local r = offpath.run("io", function(v)
+    v.count = (v.a == v.b) and 2 or 0
+    return v
+  end, t)
+  T.eq(r.self, r); T.eq(r.a, r.b); T.eq(r.count, 2); T.eq(r.nested.deep.x, "y")
+end)
+
+T.test("closures carry upvalues by value, recursively", function()
+  local n = 10
+  local function add(x) return x + n end
+  local fmt = string.format
+  local function twice(x) return add(add(x)) end
+  local r = offpath.run("io", function(x) return fmt("%d", twice(x)) end, 1)
+  T.eq(r, "21")
+  -- two closures of one prototype with different upvalues
+  local function mk(v) return function() return v end end
+  local p, q = mk(1), mk(2)
+  local s = offpath.run("io", function() return p() * 10 + q() end)
+  T.eq(s, 12)
+  -- two functions on one line
+  local f, g = function() return "f" end, function() return "g" end
+  T.eq(offpath.run("io", function() return f() .. g() end), "fg")
+end)
+
+T.test("the worker side module crosses by name", function()
+  local w = offpath.run("two", function()
+    local me = offpath.worker()
+    return me.pool, me.id, offpath.cancelled()
+  end)
+  T.eq(w, "two")
+end)
+
+T.test("errors carry the worker's traceback and position", function()
+  local e = T.err("core.lua:%d+: boom", offpath.run, "io", function()
+    error("boom")
+  end)
+  T.ok(e:find("stack traceback", 1, true), "traceback in " .. e)
+  -- pcall across run keeps working and the handler goes on
+  local ok, err = pcall(offpath.run, "io", function() error({}) end)
+  T.eq(ok, false); T.ok(tostring(err):find("error object"), err)
+end)
+
+T.test("values that cannot cross are refused at submit time", function()
+  local failed = offpath.stats().pools.io.failed
+  local co = coroutine.create(function() end)
+  T.err("cannot copy thread %(argument 2 field 'x'%)", offpath.run, "io",
+    function() end, 1, { x = co })
+  local fh = io.tmpfile()
+  T.err("cannot copy userdata %(upvalue 'fh'", offpath.run, "io",
+    function() return fh end)
+  fh:close()
+  -- library values cross by name, even userdata ones
+  local out = io.stdout
+  T.eq(offpath.run("io", function() return io.type(out) end), "file")
+  local cc = string.gmatch("a", "a")  -- a C function with upvalues
+  T.err("cannot copy .*upvalue 'cc'", offpath.launch, "io",
+    function() return cc end)
+  T.eq(offpath.stats().pools.io.failed, failed,
+    "refusals are not task failures")
+end)
+
+T.test("10,000 concurrent tasks over two pools end exactly once", function()
+  local done = 0
+  local tasks = {}
+  local cb = T.expect(function(ok, v) if ok then done = done + 1 end end, 10000)
+  for i = 1, 10000 do
+    local t = offpath.launch(i % 2 == 0 and "io" or "two", function(x)
+      return x * 2
+    end, i)
+    t:on_done(cb)
+    tasks[i] = t
+  end
+  local sum = 0
+  for i = 1, 10000 do sum = sum + tasks[i]:wait() end
+  T.eq(sum, 10000 * 10001)
+  offpath.sleep(0.01)
+  T.eq(done, 10000)
+end)
+
+T.test("a running task times out, its worker is reused", function()
+  local t0 = offpath.now()
+  local e = T.err("^timeout", offpath.run, { pool = "small", timeout = 0.1 },
+    function() while true do end end)
+  T.ok(offpath.now() - t0 < 2, "timeout fired late")
+  T.ok(e:find("offpath.run", 1, true), e)
+  -- pcall inside the task cannot swallow the stop
+  T.err("^timeout", offpath.run, { pool = "small", timeout = 0.1 },
+    function() while true do pcall(function() while true do end end) end end)
+  T.eq(offpath.run("small", function() return "alive" end), "alive")
+  local st = offpath.stats().pools.small
+  T.eq(st.timedout, 2)
+end)
+
+T.test("cancel a running and a queued task", function()
+  local running = offpath.launch("small", function() while true do end end)
+  local queued = offpath.launch("small", function() return "never" end)
+  offpath.sleep(0.05)
+  T.eq(running:status(), "running")
+  T.eq(queued:status(), "queued")
+  T.eq(queued:cancel(), true)
+  T.eq(queued:status(), "cancelled")
+  T.eq(running:cancel(), true)
+  T.eq(running:cancel(), false, "second cancel is a no-op")
+  T.err("^cancelled", running.wait, running)
+  T.err("^cancelled", queued.wait, queued)
+  T.eq(offpath.run("small", function() return 7 end), 7)
+end)
+
+T.test("task:wait with a timeout cancels the work", function()
+  local t = offpath.launch("small", function() while true do end end)
+  T.err("^timeout after 0.05 s in task:wait", t.wait, t, 0.05)
+  T.eq(t:status(), "timeout")
+  T.eq(offpath.run("small", function() return 1 end), 1)
+end)
+
+T.test("a full queue suspends the submitter until there is room", function()
+  -- small: 1 thread, queue 2. Fill it, then keep launching.
+  local ts = {}
+  for i = 1, 8 do
+    ts[i] = offpath.launch("small", function(x)
+      local t = os.clock() + 0.01
+      while os.clock() < t do end
+      return x
+    end, i)
+  end
+  local st = offpath.stats().pools.small
+  T.ok(st.queue_hwm <= 2, "queue hwm " .. st.queue_hwm)
+  for i = 1, 8 do T.eq(ts[i]:wait(), i) end
+end)
+
+T.test("go, all and on_done", function()
+  local a = offpath.go(function(x) offpath.sleep(0.01); return x + 1 end, 1)
+  local b = offpath.launch("io", function() return "b" end)
+  local c = offpath.go(function() error("c failed") end)
+  local r = offpath.all(a, b, c)
+  T.eq(r[1][1], true); T.eq(r[1][2], 2)
+  T.eq(r[2][1], true); T.eq(r[2][2], "b")
+  T.eq(r[3][1], false); T.ok(tostring(r[3][2]):find("c failed"))
+  T.eq(a:status(), "done"); T.eq(c:status(), "failed")
+  local seen
+  a:on_done(T.expect(function(ok, v) seen = v end, 1))
+  offpath.sleep(0)
+  T.eq(seen, 2)
+end)
+
+T.test("schedule runs onresult with the original data", function()
+  local data = { name = "x" }
+  local got
+  local t = offpath.schedule {
+    pool = "io", data = data,
+    onexecute = function(d) return d.name .. "!" end,
+    onresult = T.expect(function(engine, d, result)
+      T.eq(d, data); got = result
+      T.eq(offpath.can_suspend(), false)
+    end, 1),
+  }
+  t:wait()
+  T.eq(got, "x!")
+  local errs = 0
+  offpath.schedule {
+    data = 1, onexecute = function() error("bad") end,
+    onresult = T.expect(nil, 0),
+    onerror = T.expect(function(engine, d, err)
+      errs = errs + 1; T.ok(tostring(err):find("bad"))
+    end, 1),
+  }
+  offpath.sleep(0.05)
+  T.eq(errs, 1)
+end)
+
+T.test("can_suspend and context", function()
+  T.eq(offpath.can_suspend(), true)
+  offpath.context.user = "alice"
+  offpath.sleep(0.001)
+  T.eq(offpath.context.user, "alice")
+  local inner = offpath.go(function() return offpath.context.user end)
+  T.eq(inner:wait(), "alice")
+  local co = coroutine.wrap(function() return offpath.can_suspend() end)
+  T.eq(co(), false)
+  T.err("cannot suspend: offpath.sleep called in a coroutine", coroutine.wrap(
+    function() offpath.sleep(0) end))
+end)
+
+T.test("stats count per pool", function()
+  local s = offpath.stats()
+  T.ok(s.pools.io.submitted > 0)
+  T.eq(s.pools.io.inflight, 0)
+  T.ok(s.pools.io.p99 >= s.pools.io.p50)
+  T.ok(s.latency.max >= 0)
+end)
