@@ -9,9 +9,10 @@
 **
 ** Wire format
 ** -----------
-** op__encode appends one value after another, with no header and no
-** count: the decoder reads values until the bytes end. Every value starts
-** with a tag byte:
+** op__encode appends a header byte, then one value after another, with no
+** count: the decoder reads values until the bytes end (several encodings
+** appended to one buffer decode as one list). Every value starts with a
+** tag byte:
 **
 **   0x00 NIL   0x01 FALSE   0x02 TRUE
 **   0x03 INT     zigzag varint          (integers stay integers)
@@ -25,6 +26,8 @@
 **   0x09 REF     varint seq             (an object met before)
 **   0x0A UPJOIN  varint seq, byte i     (upvalue slot only: share upvalue
 **                                         i+1 of function seq)
+**   0x0B HDR     starts the output of each op__encode call; 0x0C HDR_REFS
+**                if REF or UPJOIN occur in it
 **   0x10|f TABLE n_arr, n_hash, n_arr values, n_hash key/value pairs,
 **                then the metatable if f & 2 (MT)
 **   0x14|f FUNC  varint prototype id, then one value (or UPJOIN) per
@@ -37,19 +40,26 @@
 ** order their tags appear; REF and UPJOIN name them by it. Flag 1 (REFD)
 ** on a TABLE or FUNC tag means "something refers back to this object":
 ** only then does the decoder remember it, in a refs table made on the
-** first such object, so plain values never pay for cycle support. The
-** encoder sets the flag when it emits the back reference, by patching the
-** tag byte it wrote earlier.
+** first such object, so plain values never pay for cycle support; the
+** header says whether the decoder needs a stack slot for that table. The
+** encoder sets both when it emits the back reference, by patching the
+** bytes it wrote earlier. Sequence numbers restart at each header.
 **
 ** Names. A table, C function, Lua function or userdata that is a module in
 ** package.loaded, or a field of one (two levels: "offpath.http.request"),
 ** travels as its name: module name and fields joined by NUL bytes. Each VM
 ** has a names table in its registry holding value -> first name and
-** name -> value, built in op__xfer_new, and extended by a rescan of
-** package.loaded when encoding misses a table, C function or userdata
-** (at most one rescan per op__encode call). The decoder looks the name up
-** and on a miss calls require(module) and walks the fields, protected.
-** The source VM's global table always becomes the destination's globals.
+** name -> value, built in op__xfer_new. When encoding misses a table, C
+** function or userdata, package.loaded is rescanned (at most once per
+** op__encode call) if a module was added since the last scan. To know
+** that in O(1), op__xfer_new gives package.loaded a metatable whose
+** __newindex stores the key and bumps a counter (require stores modules
+** with lua_setfield, which calls it); if package.loaded already has a
+** metatable, or a script replaces ours (checked on every 64th miss),
+** every miss rescans instead: slower, same result. The decoder looks the
+** name up and on a miss calls require(module) and walks the fields,
+** protected. The source VM's global table becomes the destination's
+** globals.
 **
 ** Prototype identity
 ** ------------------
@@ -111,6 +121,17 @@
 ** and reads only ids below it, with no lock. Entries are immutable once
 ** published. Lock order: the store mutex is a leaf; no Lua call under it.
 **
+** Encoding fast paths
+** -------------------
+** Per task the encoder avoids the Lua API where it can: scalar upvalues
+** (nil, booleans, numbers) are read from the cell through upval_mirror
+** (UpVal and TValue of Lua 5.4, checked by check_upvals() against
+** lua_getupvalue for open and closed cells; off if that check fails), and
+** the cells of the first by-value function of an encoding are put in the
+** seen map only when a second function appears (nothing can share them
+** before). The reference map is C memory kept in the op_xfer, so a tiny
+** closure costs no allocation at all.
+**
 ** The encoder never raises: the few steps that allocate Lua objects (the
 ** names rescan, anchoring a new prototype) run under lua_pcall, so the
 ** encoder's C state is always consistent. An encode entered again from a
@@ -123,10 +144,10 @@
 
 #include "internal.h"
 
-#define MAX_DEPTH  200   /* nested tables and functions, both directions */
-#define NAME_DEPTH 2     /* module.a.b at most */
-#define ONE_LEVEL  200   /* largest n for a one-level factory template */
-#define SPLIT      128   /* parameters of the outer factory when nested */
+#define MAX_DEPTH  200 /* nested tables and functions, both directions */
+#define NAME_DEPTH 2   /* module.a.b at most */
+#define ONE_LEVEL  200 /* largest n for a one-level factory template */
+#define SPLIT      128 /* parameters of the outer factory when nested */
 
 /* ---- wire tags ---- */
 
@@ -142,10 +163,12 @@ enum {
   T_CFUNC = 0x08,
   T_REF = 0x09,
   T_UPJOIN = 0x0A,
-  T_TABLE = 0x10, /* | F_REFD | F_MT */
-  T_FUNC = 0x14,  /* | F_REFD | F_FIRST */
-  T_SSTR = 0x20,  /* + length */
-  T_FIXINT = 0x40 /* + value - FIXINT_MIN */
+  T_HDR = 0x0B,      /* starts each op__encode output */
+  T_HDR_REFS = 0x0C, /* the same, with back references inside */
+  T_TABLE = 0x10,    /* | F_REFD | F_MT */
+  T_FUNC = 0x14,     /* | F_REFD | F_FIRST */
+  T_SSTR = 0x20,     /* + length */
+  T_FIXINT = 0x40    /* + value - FIXINT_MIN */
 };
 
 #define F_REFD     0x01
@@ -163,7 +186,7 @@ enum {
 */
 typedef struct pslot {
   const void *key;
-  uintptr_t aux;  /* seen: tag offset, or owner closure (X_UPV); named: name */
+  uintptr_t aux; /* seen: tag offset, or owner closure (X_UPV); named: name */
   uint32_t gen;
   uint32_t val;   /* id, seq, name length or upvalue index */
   uint32_t extra; /* seen: X_* flags */
@@ -397,17 +420,26 @@ struct op_xfer {
   pmap protos;   /* Proto* -> store id */
   pmap cfuncs;   /* lua_CFunction -> store id */
   pmap named;    /* object -> name (aux: bytes, val: length) */
-  pmap seen;     /* the current encode's objects and upvalue cells */
-  fcache *fc;    /* store id -> factory */
+  pmap named_lf; /* the same for Lua closures (usually empty) */
+  int fast_uv;   /* upval_mirror matches: read scalar upvalues directly */
+  const lua_Integer *epoch; /* bumped per new package.loaded key, or NULL */
+  lua_Integer scanned;      /* *epoch at the last scan */
+  const void *hook_mt;      /* our metatable of package.loaded */
+  unsigned checks;          /* loaded_changed calls, to space out checks */
+  const void *globals;      /* L's global table (anchored in names) */
+  pmap seen;                /* the current encode's objects and upvalue cells */
+  fcache *fc;               /* store id -> factory */
   size_t nfc;
   tmpl *tmpl[256];
-  op_buf dump;   /* scratch for lua_dump */
+  op_buf dump; /* scratch for lua_dump */
 };
 
 /* Registry keys: addresses of these variables. */
-static const char names_key = 0;   /* value -> name, name -> value */
-static const char anchors_key = 0; /* Proto* -> one closure of it */
-static const char dumps_key = 0;   /* fallback: dump string -> id */
+static char names_key;   /* value -> name, name -> value */
+static char anchors_key; /* Proto* -> one closure of it */
+static char dumps_key;   /* fallback: dump string -> id */
+static char loaded_key;  /* package.loaded, as hooked */
+static char hook_key;    /* its metatable (anchors the epoch) */
 
 #if LUA_VERSION_NUM == 504
 /* What lua_topointer returns for a Lua closure in Lua 5.4 (lobject.h). */
@@ -418,9 +450,35 @@ typedef struct lclosure_mirror {
   unsigned char nupvalues;
   void *gclist;
   const void *p;
-  void *upvals[1];
+  void *upvals[]; /* UpVal *, what lua_upvalueid returns */
 } lclosure_mirror;
 #define LUA_VLCL_TAG 6 /* LUA_TFUNCTION | (0 << 4) */
+
+/* A TValue and an UpVal (lobject.h), to read scalar upvalues without
+** pushing them. */
+typedef struct tvalue_mirror {
+  union {
+    void *p;
+    lua_Integer i;
+    lua_Number n;
+  } v;
+  unsigned char tt;
+} tvalue_mirror;
+
+typedef struct upval_mirror {
+  void *next;
+  unsigned char tt;
+  unsigned char marked;
+  unsigned char tbc;
+  const tvalue_mirror *v; /* the stack slot while open, else u.value */
+} upval_mirror;
+
+#define LUA_VUPVAL_TAG 9 /* LUA_NUMTYPES | (0 << 4) */
+#define VT_NIL         0x00
+#define VT_FALSE       0x01
+#define VT_TRUE        0x11
+#define VT_INT         0x03
+#define VT_FLOAT       0x13
 #endif
 
 static void setmsg(char *err, size_t errlen, const char *fmt, ...) {
@@ -455,25 +513,28 @@ static int protect(lua_State *L, lua_CFunction f, void *ud) {
 ** whether the value got its first name.  [-0, +0, m] */
 static int add_name(op_xfer *x, lua_State *L, int nt, int ni, int vi) {
   const void *p = lua_topointer(L, vi);
+  pmap *m = lua_type(L, vi) == LUA_TFUNCTION && !lua_iscfunction(L, vi)
+                ? &x->named_lf
+                : &x->named;
   pslot *s;
   size_t len;
 
   lua_pushvalue(L, ni);
   lua_pushvalue(L, vi);
   lua_rawset(L, nt);
-  if (pmap_find(&x->named, p) != NULL)
+  if (pmap_find(m, p) != NULL)
     return 0;
   lua_pushvalue(L, vi);
   lua_pushvalue(L, ni);
   lua_rawset(L, nt);
-  if ((s = pmap_add(&x->named, p)) == NULL)
+  if ((s = pmap_add(m, p)) == NULL)
     luaL_error(L, "out of memory");
   s->aux = (uintptr_t)lua_tolstring(L, ni, &len); /* anchored by names */
   s->val = (uint32_t)len;
   return 1;
 }
 
-/* Whether the value at i can cross by name. */
+/* Whether the value at i can cross by name.  [-0, +0, -] */
 static int nameable(lua_State *L, int i, int level) {
   int t = lua_type(L, i);
 
@@ -521,6 +582,8 @@ static int scan_modules(lua_State *L) {
   size_t klen;
 
   luaL_checkstack(L, 12, NULL);
+  if (x->epoch != NULL)
+    x->scanned = *x->epoch;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &names_key);
   nt = lua_gettop(L);
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
@@ -543,9 +606,9 @@ static int scan_modules(lua_State *L) {
   }
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
   for (i = 1; i <= nfresh; i++) {
-    lua_rawgeti(L, ft, i);  /* name */
+    lua_rawgeti(L, ft, i); /* name */
     lua_pushvalue(L, -1);
-    lua_rawget(L, lt);      /* module */
+    lua_rawget(L, lt); /* module */
     if (lua_istable(L, -1))
       scan_fields(x, L, nt, lua_gettop(L) - 1, lua_gettop(L), 1,
                   lua_rawequal(L, -1, ft + 1));
@@ -579,9 +642,87 @@ static int check_layout(lua_State *L) {
         c[i]->upvals[0] != lua_upvalueid(L, top + 1 + i, 1))
       ok = 0;
   }
-  ok = ok && c[0]->p == c[1]->p && c[0]->p != c[2]->p &&
-       c[0]->nupvalues == 1 && c[2]->nupvalues == 2 &&
-       c[0]->upvals[0] != c[1]->upvals[0];
+  ok = ok && c[0]->p == c[1]->p && c[0]->p != c[2]->p && c[0]->nupvalues == 1 &&
+       c[2]->nupvalues == 2 && c[0]->upvals[0] != c[1]->upvals[0];
+  lua_settop(L, top);
+  return ok;
+#else
+  (void)L;
+  return 0;
+#endif
+}
+
+#if LUA_VERSION_NUM == 504
+/* Whether the scalar upvalues of the closure at idx read through the
+** mirrors equal what lua_getupvalue says.  [-0, +0, -] */
+static int upvals_match(lua_State *L, int idx, int n) {
+  const lclosure_mirror *cl = lua_topointer(L, idx);
+  const upval_mirror *uv;
+  const tvalue_mirror *tv;
+  int i, ok = 1;
+
+  if (cl == NULL || cl->nupvalues != n)
+    return 0;
+  for (i = 0; i < n && ok; i++) {
+    uv = cl->upvals[i];
+    if (uv == NULL || uv->tt != LUA_VUPVAL_TAG || uv->v == NULL)
+      return 0;
+    tv = uv->v;
+    lua_getupvalue(L, idx, i + 1);
+    switch (tv->tt) {
+    case VT_NIL:
+      ok = lua_isnil(L, -1);
+      break;
+    case VT_FALSE:
+    case VT_TRUE:
+      ok = lua_isboolean(L, -1) && lua_toboolean(L, -1) == (tv->tt == VT_TRUE);
+      break;
+    case VT_INT:
+      ok = lua_isinteger(L, -1) && lua_tointeger(L, -1) == tv->v.i;
+      break;
+    case VT_FLOAT:
+      ok = lua_type(L, -1) == LUA_TNUMBER && !lua_isinteger(L, -1) &&
+           lua_tonumber(L, -1) == tv->v.n;
+      break;
+    default:
+      ok = lua_type(L, -1) == LUA_TSTRING; /* the one other kind used */
+    }
+    lua_pop(L, 1);
+  }
+  return ok;
+}
+
+/* Called with an open-upvalue closure: checks it and returns the result.
+** [-0, +1, -] */
+static int check_open(lua_State *L) {
+  lua_pushboolean(L, upvals_match(L, 1, 2));
+  return 1;
+}
+#endif
+
+/* Whether upval_mirror reads scalar upvalues correctly here, open and
+** closed: values and tags are compared with lua_getupvalue.  [-0, +0, -] */
+static int check_upvals(lua_State *L) {
+#if LUA_VERSION_NUM == 504
+  static const char chunk[] =
+      "local check = ... "
+      "local a, b, c, d, e, f = 81985529216486895, 2.5, true, false, nil, 's' "
+      "local g = function() return a, b, c, d, e, f end "
+      "local x, y = -7, 0.25 "
+      "return g, check(function() return x, y end)";
+  int ok, top = lua_gettop(L);
+
+  if (!lua_checkstack(L, 6) ||
+      luaL_loadbufferx(L, chunk, sizeof chunk - 1, "=(check)", "t") != 0) {
+    lua_settop(L, top);
+    return 0;
+  }
+  lua_pushcfunction(L, check_open);
+  if (lua_pcall(L, 1, 2, 0) != 0) {
+    lua_settop(L, top);
+    return 0;
+  }
+  ok = lua_toboolean(L, -1) && upvals_match(L, top + 1, 6);
   lua_settop(L, top);
   return ok;
 #else
@@ -592,12 +733,96 @@ static int check_layout(lua_State *L) {
 
 /* ---- op_xfer lifetime ---- */
 
+/* package.loaded's __newindex: store, and count a new module.
+** [-3, +0, e] */
+static int loaded_newindex(lua_State *L) {
+  lua_Integer *epoch = lua_touserdata(L, lua_upvalueindex(1));
+
+  lua_settop(L, 3);
+  lua_rawset(L, 1);
+  (*epoch)++;
+  return 0;
+}
+
+/* Hook package.loaded so that adding a module is seen in O(1): require
+** stores modules with lua_setfield, which calls __newindex for new keys.
+** Not done if it has a metatable already (then every encode that misses
+** rescans). [-0, +0, m] */
+static void hook_loaded(op_xfer *x, lua_State *L) {
+  lua_Integer *epoch;
+  int top = lua_gettop(L);
+
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (!lua_istable(L, top + 1) || lua_getmetatable(L, top + 1)) {
+    lua_settop(L, top);
+    return;
+  }
+  epoch = lua_newuserdatauv(L, sizeof *epoch, 0);
+  *epoch = 0;
+  lua_createtable(L, 0, 1);
+  lua_pushvalue(L, top + 2);
+  lua_pushcclosure(L, loaded_newindex, 1);
+  lua_setfield(L, top + 3, "__newindex");
+  lua_pushvalue(L, top + 3);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
+  lua_pushvalue(L, top + 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &loaded_key);
+  x->hook_mt = lua_topointer(L, top + 3);
+  lua_setmetatable(L, top + 1);
+  x->epoch = epoch;
+  lua_settop(L, top);
+}
+
+/* Whether package.loaded may hold modules not scanned yet: the epoch
+** moved, or our hook is gone (a script set another metatable; looked at
+** on every 64th call only, as it costs a registry lookup). top is L's
+** stack top. Never raises.  [-0, +0, -] */
+static int loaded_changed(op_xfer *x, lua_State *L, int top) {
+  int same;
+
+  if (x->epoch == NULL || *x->epoch != x->scanned)
+    return 1;
+  if ((x->checks++ & 63) != 0)
+    return 0;
+  if (!lua_checkstack(L, 2))
+    return 1;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &loaded_key);
+  same = lua_getmetatable(L, -1) && lua_topointer(L, -1) == x->hook_mt;
+  lua_settop(L, top);
+  if (!same)
+    x->epoch = NULL; /* from now on, every miss rescans */
+  return !same;
+}
+
+/* Take the hook off package.loaded if it is still ours.  [-0, +0, -] */
+static void unhook_loaded(op_xfer *x, lua_State *L) {
+  int top = lua_gettop(L);
+
+  if (x->epoch == NULL || !lua_checkstack(L, 3))
+    return;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &loaded_key);
+  if (lua_getmetatable(L, top + 1) && lua_topointer(L, -1) == x->hook_mt) {
+    lua_pushnil(L);
+    lua_setmetatable(L, top + 1);
+  }
+  lua_settop(L, top);
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &loaded_key);
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
+  x->epoch = NULL;
+}
+
 /* Make the registry tables and the names. Lua-callable for protect().
 ** [-0, +0, m] */
 static int xfer_init(lua_State *L) {
   op_xfer *x = lua_touserdata(L, 1);
 
+  hook_loaded(x, L);
   lua_newtable(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  x->globals = lua_topointer(L, -1);
+  lua_rawsetp(L, -2, &names_key); /* anchors the globals */
   lua_rawsetp(L, LUA_REGISTRYINDEX, &names_key);
   lua_newtable(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &anchors_key);
@@ -620,9 +845,20 @@ op_xfer *op__xfer_new(lua_State *L, op_protostore *ps) {
   pmap_init(&x->protos);
   pmap_init(&x->cfuncs);
   pmap_init(&x->named);
+  pmap_init(&x->named_lf);
   pmap_init(&x->seen);
   op__buf_init(&x->dump);
   x->layout_ok = check_layout(L);
+#ifdef OP_DEBUG
+  if (getenv("OFFPATH_XFER_NO_MIRROR") != NULL)
+    x->layout_ok = 0; /* tests: take the fallback paths */
+  if (lua_checkstack(L, 1)) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &names_key);
+    op_assert(lua_isnil(L, -1)); /* one op_xfer per VM */
+    lua_pop(L, 1);
+  }
+#endif
+  x->fast_uv = x->layout_ok && check_upvals(L);
   if (protect(L, xfer_init, x) != LUA_OK) {
     op__xfer_free(x);
     return NULL;
@@ -637,6 +873,7 @@ void op__xfer_free(op_xfer *x) {
   if (x == NULL)
     return;
   L = x->L;
+  unhook_loaded(x, L);
   for (i = 0; i < x->nfc; i++) {
     if (x->fc[i].ref > 0)
       luaL_unref(L, LUA_REGISTRYINDEX, x->fc[i].ref);
@@ -658,6 +895,7 @@ void op__xfer_free(op_xfer *x) {
   pmap_free(&x->protos);
   pmap_free(&x->cfuncs);
   pmap_free(&x->named);
+  pmap_free(&x->named_lf);
   pmap_free(&x->seen);
   op__buf_free(&x->dump);
   free(x);
@@ -679,8 +917,13 @@ typedef struct enc {
   lua_State *L;
   op_buf *b;
   pmap *seen;
-  const void *globals;
+  size_t hdr; /* offset of this encoding's header byte */
   uint32_t seq;
+  int top;      /* L's stack top, tracked to save lua_gettop calls */
+  int room;     /* lua_checkstack made room up to this index */
+  int cells_on; /* upvalue cells are being registered */
+  int first_nup;
+  const void *first_fn; /* the function whose cells are not registered */
   int depth;
   int rescanned;
   int npath;
@@ -701,7 +944,7 @@ static void path_push(enc *e, int kind, int idx, const char *name) {
   p->name = name;
 }
 
-/* Append a short description of the key at idx to out. */
+/* A short description of the key at idx, in out.  [-0, +0, -] */
 static void key_text(lua_State *L, int idx, char *out, size_t n) {
   size_t len;
   const char *s;
@@ -726,11 +969,23 @@ static void key_text(lua_State *L, int idx, char *out, size_t n) {
   }
 }
 
+/* Append s to the nul-terminated string in dst[0..n), truncating. */
+static void cat(char *dst, size_t n, const char *s) {
+  size_t l = strlen(dst), m = strlen(s);
+
+  if (l + 1 >= n)
+    return;
+  if (m > n - l - 1)
+    m = n - l - 1;
+  memcpy(dst + l, s, m);
+  dst[l + m] = 0;
+}
+
 /*
 ** Render the path: root "<label> <no>" (or "<label>", or nothing), then
 ** " field 'k'" per table level, "key in ..." for a key, "metatable of ..."
 ** and "upvalue 'u' of function ..." (just "upvalue 'u'" at an empty root).
-** upto: how many elements to use.
+** upto: how many elements to use.  [-0, +0, -]
 */
 static void path_text(enc *e, int upto, char *out, size_t n) {
   char a[512], b[512], k[64];
@@ -740,39 +995,47 @@ static void path_text(enc *e, int upto, char *out, size_t n) {
   a[0] = 0;
   for (i = 0; i < upto; i++) {
     p = &e->path[i];
+    b[0] = 0;
     switch (p->kind) {
     case P_ROOT:
-      if (e->label == NULL || e->label[0] == 0)
-        a[0] = 0;
-      else if (p->idx == 0)
-        snprintf(a, sizeof a, "%s", e->label);
-      else
-        snprintf(a, sizeof a, "%s %d", e->label, p->idx);
+      if (e->label != NULL && e->label[0] != 0) {
+        cat(b, sizeof b, e->label);
+        if (p->idx != 0) {
+          snprintf(k, sizeof k, " %d", p->idx);
+          cat(b, sizeof b, k);
+        }
+      }
       break;
     case P_FIELD:
       key_text(e->L, p->idx, k, sizeof k);
-      snprintf(b, sizeof b, "%s%sfield %s", a, a[0] ? " " : "", k);
-      memcpy(a, b, sizeof a);
+      cat(b, sizeof b, a);
+      cat(b, sizeof b, a[0] ? " field " : "field ");
+      cat(b, sizeof b, k);
       break;
     case P_KEY:
-      snprintf(b, sizeof b, "key in %s", a[0] ? a : "table");
-      memcpy(a, b, sizeof a);
-      break;
     case P_META:
-      snprintf(b, sizeof b, "metatable of %s", a[0] ? a : "table");
-      memcpy(a, b, sizeof a);
+      cat(b, sizeof b, p->kind == P_KEY ? "key in " : "metatable of ");
+      cat(b, sizeof b, a[0] ? a : "table");
       break;
     case P_UPVAL:
-      snprintf(b, sizeof b, "upvalue '%s'%s%s%s", p->name ? p->name : "?",
-               a[0] ? " of " : "",
-               a[0] && strncmp(a, "function", 8) != 0 ? "function " : "", a);
-      memcpy(a, b, sizeof a);
+      cat(b, sizeof b, "upvalue '");
+      cat(b, sizeof b, p->name ? p->name : "?");
+      cat(b, sizeof b, "'");
+      if (a[0]) {
+        cat(b, sizeof b, " of ");
+        if (strncmp(a, "function", 8) != 0)
+          cat(b, sizeof b, "function ");
+        cat(b, sizeof b, a);
+      }
       break;
     }
+    memcpy(a, b, sizeof a);
   }
-  snprintf(out, n, "%s", a);
+  out[0] = 0;
+  cat(out, n, a);
 }
 
+/* Fail with "cannot copy <what> (<path>)".  [-0, +0, -] */
 static int refuse(enc *e, const char *what) {
   char p[512];
 
@@ -784,6 +1047,7 @@ static int refuse(enc *e, const char *what) {
   return OP_ECOPY;
 }
 
+/* Fail with "cannot copy: nesting too deep (<root>)".  [-0, +0, -] */
 static int too_deep(enc *e) {
   char p[512];
 
@@ -800,12 +1064,20 @@ static int nomem(enc *e) {
   return OP_ENOMEM;
 }
 
+/* Make sure L has n free stack slots above e->top.  [-0, +0, -] */
+static int need_slow(enc *e, int n) {
+  if (!lua_checkstack(e->L, n + 16))
+    return nomem(e);
+  e->room = e->top + n + 16;
+  return 0;
+}
+#define NEED(e, n) ((e)->top + (n) <= (e)->room ? 0 : need_slow((e), (n)))
+
 /* Make room for n more bytes in e->b. */
 static int room_slow(enc *e, size_t n) {
   return op__buf_reserve(e->b, n) == 0 ? 0 : nomem(e);
 }
-#define ROOM(e, n)                                                            \
-  ((e)->b->cap - (e)->b->len >= (n) ? 0 : room_slow((e), (n)))
+#define ROOM(e, n) ((e)->b->cap - (e)->b->len >= (n) ? 0 : room_slow((e), (n)))
 
 static size_t put_varint(unsigned char *q, uint64_t v) {
   size_t n = 0;
@@ -894,25 +1166,89 @@ static int enc_ref(enc *e, const pslot *s) {
   if ((s->extra & (X_FUNC | X_OPEN)) == (X_FUNC | X_OPEN))
     f |= F_FIRST; /* a function referring to itself: create it first */
   e->b->p[s->aux] = (char)(e->b->p[s->aux] | f);
+  e->b->p[e->hdr] = (char)T_HDR_REFS;
   return put_tagv(e, T_REF, s->val);
 }
 
 /* If the object p has a name, write it: returns 1, or < 0 on error, or 0
 ** if it has none. With rescan, a miss rescans package.loaded once per
-** encode. */
+** encode.  [-0, +0, -] */
 static int enc_named(enc *e, const void *p, int rescan) {
   const pslot *s = pmap_find(&e->x->named, p);
   int rc;
 
   if (s == NULL && rescan && !e->rescanned) {
-    e->rescanned = 1;
-    if (protect(e->L, scan_modules, e->x) == LUA_OK)
+    e->rescanned = 1; /* at most once per encode */
+    if (loaded_changed(e->x, e->L, e->top) &&
+        protect(e->L, scan_modules, e->x) == LUA_OK)
       s = pmap_find(&e->x->named, p);
   }
   if (s == NULL)
     return 0;
   rc = enc_bytes(e, T_NAMED, (const char *)s->aux, s->val);
   return rc < 0 ? rc : 1;
+}
+
+/* Register the upvalue cells of function p (n of them) in the seen map. */
+static int add_cells(enc *e, const void *p, int n) {
+#if LUA_VERSION_NUM == 504
+  const lclosure_mirror *cl = p;
+  pslot *s;
+  int i;
+
+  for (i = 0; i < n; i++) {
+    if ((s = pmap_add(e->seen, cl->upvals[i])) == NULL)
+      return nomem(e);
+    s->aux = (uintptr_t)p;
+    s->val = (uint32_t)i;
+    s->extra = X_UPV;
+  }
+#else
+  (void)e;
+  (void)p;
+  (void)n;
+#endif
+  return 0;
+}
+
+/*
+** Whether the upvalue cells of function p (nup of them) may go without
+** registration: only those of the first by-value function of an encoding,
+** if it has few cells and no two are the same, so a graph with one
+** closure never touches the map for them. When a second function comes,
+** the first one's cells are registered then. Returns 1 (skip), 0
+** (register) or an error.
+*/
+static int lazy_cells(enc *e, const void *p, int nup) {
+  int i, j;
+
+  if (e->cells_on)
+    return 0;
+#if LUA_VERSION_NUM == 504
+  if (e->first_fn == NULL && e->x->layout_ok && nup <= 4) {
+    const lclosure_mirror *cl = p;
+
+    for (i = 0; i < nup; i++) {
+      for (j = i + 1; j < nup; j++) {
+        if (cl->upvals[i] == cl->upvals[j])
+          goto register_all;
+      }
+    }
+    e->first_fn = p;
+    e->first_nup = nup;
+    return 1;
+  }
+register_all:
+#else
+  (void)p;
+  (void)nup;
+  (void)i;
+  (void)j;
+#endif
+  e->cells_on = 1;
+  if (e->first_fn != NULL)
+    return add_cells(e, e->first_fn, e->first_nup);
+  return 0;
 }
 
 /* Write the two table counts into the 4 bytes reserved at off; a count
@@ -948,6 +1284,9 @@ static int put_counts(enc *e, size_t off, uint32_t narr, uint32_t nhash) {
   return 0;
 }
 
+/* Encode the table at idx: a REF, GLOBALS, its name, or its contents and
+** metatable. The encoders below return 0 or an error code with the
+** message set.  [-0, +0, -] */
 static int enc_table(enc *e, int idx) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
@@ -955,17 +1294,19 @@ static int enc_table(enc *e, int idx) {
   pslot *s;
   size_t tagoff, cntoff;
   uint32_t narr = 0, nhash = 0;
-  int rc, inarr = 1, top;
+  int rc, inarr = 1, k;
 
   if ((cs = pmap_find(e->seen, p)) != NULL)
     return enc_ref(e, cs);
-  if (p == e->globals)
+  if (NEED(e, 4))
+    return OP_ENOMEM;
+  if (p == e->x->globals)
     return put_byte(e, T_GLOBALS);
   if ((rc = enc_named(e, p, 1)) != 0)
     return rc < 0 ? rc : 0;
   if (e->depth >= MAX_DEPTH)
     return too_deep(e);
-  if (!lua_checkstack(L, 4) || ROOM(e, 5) || (s = pmap_add(e->seen, p)) == NULL)
+  if (ROOM(e, 5) || (s = pmap_add(e->seen, p)) == NULL)
     return nomem(e);
   tagoff = e->b->len;
   s->val = e->seq++;
@@ -975,35 +1316,39 @@ static int enc_table(enc *e, int idx) {
   e->b->len += 5;
   e->depth++;
   lua_pushnil(L);
+  k = ++e->top; /* key at k, value at k + 1 */
   while (lua_next(L, idx)) {
-    top = lua_gettop(L);
-    if (inarr && lua_isinteger(L, top - 1) &&
-        lua_tointeger(L, top - 1) == (lua_Integer)narr + 1) {
+    e->top = k + 1;
+    if (inarr && lua_isinteger(L, k) &&
+        lua_tointeger(L, k) == (lua_Integer)narr + 1) {
       narr++;
     } else {
       inarr = 0;
       nhash++;
       path_push(e, P_KEY, 0, NULL);
-      rc = enc_value(e, top - 1);
+      rc = enc_value(e, k);
       e->npath--;
       if (rc)
         return rc;
     }
-    path_push(e, P_FIELD, top - 1, NULL);
-    rc = enc_value(e, top);
+    path_push(e, P_FIELD, k, NULL);
+    rc = enc_value(e, k + 1);
     e->npath--;
     if (rc)
       return rc;
-    lua_settop(L, top - 1);
+    lua_settop(L, k);
+    e->top = k;
   }
+  e->top = k - 1;
   if (lua_getmetatable(L, idx)) {
     e->b->p[tagoff] = (char)(e->b->p[tagoff] | F_MT);
+    e->top++;
     path_push(e, P_META, 0, NULL);
-    rc = enc_value(e, lua_gettop(L));
+    rc = enc_value(e, e->top);
     e->npath--;
     if (rc)
       return rc;
-    lua_pop(L, 1);
+    lua_settop(L, --e->top);
   }
   e->depth--;
   return put_counts(e, cntoff, narr, nhash);
@@ -1014,7 +1359,8 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
   return op__buf_append(ud, p, sz) != 0;
 }
 
-/* Dump the function at idx into x->dump. Returns 0 or OP_ENOMEM. */
+/* Dump the function at idx into x->dump. Returns 0 or OP_ENOMEM.
+** [-0, +0, -] */
 static int dump_fn(op_xfer *x, lua_State *L, int idx) {
   int st;
 
@@ -1058,6 +1404,7 @@ typedef struct fbk {
   int nup;
 } fbk;
 
+/* [-0, +0, m] */
 static int fallback_fn(lua_State *L) {
   fbk *f = lua_touserdata(L, 1);
 
@@ -1086,7 +1433,7 @@ static int fallback_fn(lua_State *L) {
 }
 
 /* The store id and upvalue count of the Lua function at idx (pointer p),
-** dumping and storing its prototype the first time. */
+** dumping and storing its prototype the first time.  [-0, +0, -] */
 static int proto_id(enc *e, int idx, const void *p, uint32_t *id, int *nup) {
   op_xfer *x = e->x;
   lua_State *L = e->L;
@@ -1137,6 +1484,8 @@ static int proto_id(enc *e, int idx, const void *p, uint32_t *id, int *nup) {
   return 0;
 }
 
+/* Encode the Lua function at idx: a REF, its name, or FUNC with its
+** prototype id and upvalues.  [-0, +0, -] */
 static int enc_lfunc(enc *e, int idx) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
@@ -1144,19 +1493,19 @@ static int enc_lfunc(enc *e, int idx) {
   pslot *s;
   size_t tagoff;
   uint32_t id;
-  int nup, i, rc;
-  void *uid;
+  int nup, i, rc, lazy;
+  const void *uid;
   const char *name;
   unsigned char *q;
 
   if ((cs = pmap_find(e->seen, p)) != NULL)
     return enc_ref(e, cs);
-  if ((rc = enc_named(e, p, 0)) != 0)
-    return rc < 0 ? rc : 0;
+  if ((cs = pmap_find(&e->x->named_lf, p)) != NULL)
+    return enc_bytes(e, T_NAMED, (const char *)cs->aux, cs->val);
   if (e->depth >= MAX_DEPTH)
     return too_deep(e);
-  if (!lua_checkstack(L, 4))
-    return nomem(e);
+  if (NEED(e, 4))
+    return OP_ENOMEM;
   if ((rc = proto_id(e, idx, p, &id, &nup)) != 0)
     return rc;
   if (ROOM(e, 6) || (s = pmap_add(e->seen, p)) == NULL)
@@ -1168,10 +1517,17 @@ static int enc_lfunc(enc *e, int idx) {
   q = WP(e);
   q[0] = T_FUNC;
   e->b->len += 1 + put_varint(q + 1, id);
+  if ((lazy = lazy_cells(e, p, nup)) < 0)
+    return lazy;
   e->depth++;
   for (i = 1; i <= nup; i++) {
+#if LUA_VERSION_NUM == 504
+    uid = e->x->layout_ok ? ((const lclosure_mirror *)p)->upvals[i - 1]
+                          : lua_upvalueid(L, idx, i);
+#else
     uid = lua_upvalueid(L, idx, i);
-    if ((cs = pmap_find(e->seen, uid)) != NULL) {
+#endif
+    if (!lazy && (cs = pmap_find(e->seen, uid)) != NULL) {
       /* a cell shared with an upvalue of a function met before */
       os = pmap_find(e->seen, (const void *)cs->aux);
       if (NEVER(os == NULL) || ROOM(e, 12))
@@ -1179,6 +1535,7 @@ static int enc_lfunc(enc *e, int idx) {
       e->b->p[os->aux] = (char)(e->b->p[os->aux] | F_REFD |
                                 ((os->extra & X_OPEN) ? F_FIRST : 0));
       e->b->p[tagoff] = (char)(e->b->p[tagoff] | F_FIRST);
+      e->b->p[e->hdr] = (char)T_HDR_REFS;
       q = WP(e);
       q[0] = T_UPJOIN;
       q += 1 + put_varint(q + 1, os->val);
@@ -1186,18 +1543,49 @@ static int enc_lfunc(enc *e, int idx) {
       e->b->len = (size_t)(q - (unsigned char *)e->b->p);
       continue;
     }
-    if ((s = pmap_add(e->seen, uid)) == NULL)
-      return nomem(e);
-    s->aux = (uintptr_t)p;
-    s->val = (uint32_t)(i - 1);
-    s->extra = X_UPV;
+    if (!lazy) {
+      if ((s = pmap_add(e->seen, uid)) == NULL)
+        return nomem(e);
+      s->aux = (uintptr_t)p;
+      s->val = (uint32_t)(i - 1);
+      s->extra = X_UPV;
+    }
+#if LUA_VERSION_NUM == 504
+    if (e->x->fast_uv) { /* scalars straight from the cell */
+      const tvalue_mirror *tv = ((const upval_mirror *)uid)->v;
+
+      rc = 1;
+      switch (tv->tt) {
+      case VT_NIL:
+        rc = put_byte(e, T_NIL);
+        break;
+      case VT_FALSE:
+        rc = put_byte(e, T_FALSE);
+        break;
+      case VT_TRUE:
+        rc = put_byte(e, T_TRUE);
+        break;
+      case VT_INT:
+        rc = enc_int(e, tv->v.i);
+        break;
+      case VT_FLOAT:
+        rc = enc_float(e, tv->v.n);
+        break;
+      }
+      if (rc <= 0) {
+        if (rc < 0)
+          return rc;
+        continue;
+      }
+    }
+#endif
     name = lua_getupvalue(L, idx, i);
     path_push(e, P_UPVAL, 0, name);
-    rc = enc_value(e, lua_gettop(L));
+    rc = enc_value(e, ++e->top);
     e->npath--;
     if (rc)
       return rc;
-    lua_pop(L, 1);
+    lua_settop(L, --e->top);
   }
   e->depth--;
   if ((s = (pslot *)pmap_find(e->seen, p)) != NULL)
@@ -1205,6 +1593,8 @@ static int enc_lfunc(enc *e, int idx) {
   return 0;
 }
 
+/* Encode the C function at idx: its name, or its store id if it has no
+** upvalues.  [-0, +0, -] */
 static int enc_cfunc(enc *e, int idx) {
   lua_State *L = e->L;
   lua_CFunction fn;
@@ -1216,6 +1606,8 @@ static int enc_cfunc(enc *e, int idx) {
 
   if ((rc = enc_named(e, lua_topointer(L, idx), 1)) != 0)
     return rc < 0 ? rc : 0;
+  if (NEED(e, 2))
+    return OP_ENOMEM;
   if (lua_getupvalue(L, idx, 1) != NULL) {
     lua_pop(L, 1);
     return refuse(e, "C function with upvalues");
@@ -1236,6 +1628,7 @@ static int enc_cfunc(enc *e, int idx) {
   return put_tagv(e, T_CFUNC, id);
 }
 
+/* Encode the value at idx (an absolute index).  [-0, +0, -] */
 static int enc_value(enc *e, int idx) {
   lua_State *L = e->L;
   size_t len;
@@ -1272,26 +1665,32 @@ static int enc_value(enc *e, int idx) {
 /* Append the encoding of the n values at idx.. of L to b; see the DESIGN
 ** block for the format. Refusals name the value's path (see path_text).
 ** Returns 0, or OP_ECOPY / OP_ENOMEM with a message in err, leaving b as
-** it was. Never raises.  [-0, +0, -] */
+** it was. Never raises (stricter than internal.h's m).  [-0, +0, -] */
 int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
                const char *label, int first_no, char *err, size_t errlen) {
   enc e;
   pmap priv;
   size_t len0 = b->len;
-  int top = lua_gettop(L), i, rc = 0;
+  int top = lua_gettop(L), i, rc;
 
-  idx = lua_absindex(L, idx);
+  if (idx < 0 && idx > LUA_REGISTRYINDEX)
+    idx = top + idx + 1;
   e.x = x;
   e.L = L;
   e.b = b;
+  e.hdr = len0;
   e.seq = 0;
+  e.top = top;
+  e.room = top;
+  e.cells_on = 0;
+  e.first_nup = 0;
+  e.first_fn = NULL;
   e.depth = 0;
   e.rescanned = 0;
   e.npath = 0;
   e.label = label;
   e.err = err;
   e.errlen = errlen;
-  e.globals = NULL;
   if (err != NULL && errlen > 0)
     err[0] = 0;
   if (x->busy) {
@@ -1301,13 +1700,7 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
     e.seen = &x->seen;
   }
   x->busy++;
-  if (lua_checkstack(L, 2)) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-    e.globals = lua_topointer(L, -1);
-    lua_pop(L, 1);
-  } else {
-    rc = nomem(&e);
-  }
+  rc = put_byte(&e, T_HDR);
   for (i = 0; i < n && rc == 0; i++) {
     path_push(&e, P_ROOT, first_no == 0 && n == 1 ? 0 : first_no + i, NULL);
     rc = enc_value(&e, idx + i);
@@ -1318,9 +1711,11 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
     pmap_free(&priv);
   else
     pmap_clear(&x->seen);
-  if (rc != 0)
+  if (rc != 0) {
     b->len = len0;
-  lua_settop(L, top);
+    lua_settop(L, top);
+  }
+  op_assert(rc != 0 || lua_gettop(L) == top);
   return rc;
 }
 
@@ -1329,14 +1724,13 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
 #define HEADER_LEN 31 /* signature .. LUAC_NUM; then the upvalue count */
 
 typedef struct fninfo {
-  size_t upv_off;    /* first upvalue descriptor */
+  size_t upv_off; /* first upvalue descriptor */
   size_t nup;
   size_t protos_off; /* first nested function */
   size_t nprotos;
 } fninfo;
 
-static int ck_size(const unsigned char *s, size_t len, size_t *pos,
-                   size_t *v) {
+static int ck_size(const unsigned char *s, size_t len, size_t *pos, size_t *v) {
   size_t x = 0;
   unsigned c;
 
@@ -1382,13 +1776,17 @@ static int ck_function(const unsigned char *s, size_t len, size_t *pos,
     if (*pos >= len)
       return -1;
     switch (s[(*pos)++]) {
-    case 0x00: case 0x01: case 0x11: /* nil, false, true */
+    case 0x00:
+    case 0x01:
+    case 0x11: /* nil, false, true */
       break;
-    case 0x03: case 0x13: /* integer, float */
+    case 0x03:
+    case 0x13: /* integer, float */
       if (ck_skip(len, pos, 8))
         return -1;
       break;
-    case 0x04: case 0x14: /* short, long string */
+    case 0x04:
+    case 0x14: /* short, long string */
       if (ck_string(s, len, pos))
         return -1;
       break;
@@ -1447,8 +1845,8 @@ static void put_num(op_buf *b, int i) {
 
 /* Build the template pieces for n upvalues. Returns 0, or an error code
 ** with a message.  [-0, +0, m] */
-static int build_tmpl(op_xfer *x, lua_State *L, int n, tmpl **out,
-                      char *err, size_t errlen) {
+static int build_tmpl(op_xfer *x, lua_State *L, int n, tmpl **out, char *err,
+                      size_t errlen) {
   op_buf src, bin;
   int i, lvl = n > ONE_LEVEL ? 2 : 1, st, rc = OP_ENOMEM;
   int inner = lvl + 1; /* depth of the function P replaces */
@@ -1552,7 +1950,7 @@ typedef struct dec {
   const unsigned char *p, *end, *start;
   uint32_t seq;
   int depth;
-  int refs;     /* stack slot of the refs table (nil until needed) */
+  int refs; /* stack slot of the refs table (nil until needed), or 0 */
   char *err;
   size_t errlen;
 } dec;
@@ -1589,23 +1987,27 @@ static int get_varint(dec *d, uint64_t *v) {
   return 0;
 }
 
-/* Remember the object on top of L as sequence number seq. */
-static void dec_register(dec *d, uint32_t seq) {
+/* Remember the object on top of L as sequence number seq.  [-0, +0, m] */
+static int dec_register(dec *d, uint32_t seq) {
   lua_State *L = d->L;
 
+  if (d->refs == 0)
+    return corrupt(d, "back reference without header flag");
   if (lua_isnil(L, d->refs)) {
     lua_createtable(L, 0, 4);
     lua_replace(L, d->refs);
   }
   lua_pushvalue(L, -1);
   lua_rawseti(L, d->refs, (lua_Integer)seq + 1);
+  return 0;
 }
 
-/* Push the object with sequence number seq, if it was registered. */
+/* Push the object with sequence number seq, if it was registered.
+** [-0, +1, -] on success, [-0, +0, -] on error */
 static int dec_ref(dec *d, uint64_t seq) {
   lua_State *L = d->L;
 
-  if (seq >= d->seq || !lua_istable(L, d->refs))
+  if (seq >= d->seq || d->refs == 0 || !lua_istable(L, d->refs))
     return corrupt(d, "bad reference");
   if (lua_rawgeti(L, d->refs, (lua_Integer)seq + 1) == LUA_TNIL) {
     lua_pop(L, 1);
@@ -1615,7 +2017,8 @@ static int dec_ref(dec *d, uint64_t seq) {
 }
 
 /* Find a name missing from the names table: require the module, walk the
-** fields. Lua-callable: name in arg 1; returns the value or nothing. */
+** fields. Lua-callable: name in arg 1; returns the value or nothing.
+** [-1, +(0|1), e] */
 static int resolve_name(lua_State *L) {
   size_t len, i, j;
   const char *s = luaL_checklstring(L, 1, &len);
@@ -1645,6 +2048,8 @@ static int resolve_name(lua_State *L) {
   return lua_isnil(L, -1) ? 0 : 1;
 }
 
+/* Push the value named by the len bytes at d->p.  [-0, +1, m] (on
+** error nothing is pushed) */
 static int dec_named(dec *d, size_t len) {
   lua_State *L = d->L;
   const char *s = (const char *)d->p;
@@ -1702,9 +2107,8 @@ static int load_factory(dec *d, uint64_t id) {
   pb = (const unsigned char *)se->bytes;
   pos = HEADER_LEN + 1;
   if (se->len <= pos || memcmp(pb, t->pre, HEADER_LEN) != 0 ||
-      pb[HEADER_LEN] != n ||
-      ck_function(pb, se->len, &pos, &fi, 0) != 0 || pos != se->len ||
-      fi.nup != n) {
+      pb[HEADER_LEN] != n || ck_function(pb, se->len, &pos, &fi, 0) != 0 ||
+      pos != se->len || fi.nup != n) {
     setmsg(d->err, d->errlen, "cannot copy: stored prototype %llu is bad",
            (unsigned long long)id);
     return OP_EINVAL;
@@ -1753,6 +2157,10 @@ static int load_factory(dec *d, uint64_t id) {
   return 0;
 }
 
+/* Decode a FUNC after its tag: push a fresh closure from the factory.
+** The decoders push one value and return 0, or return an error code with
+** the message set, leaving the stack for op__decode to reset.
+** [-0, +1, m] */
 static int dec_func(dec *d, unsigned flags) {
   lua_State *L = d->L;
   op_xfer *x = d->x;
@@ -1780,16 +2188,16 @@ static int dec_func(dec *d, unsigned flags) {
         return rc;
     }
     lua_call(L, nup, 1);
-    if (flags & F_REFD)
-      dec_register(d, seq);
+    if ((flags & F_REFD) && (rc = dec_register(d, seq)) != 0)
+      return rc;
     d->depth--;
     return 0;
   }
   /* made first: it refers to itself, or shares upvalue cells */
   lua_call(L, 0, 1);
   fi = lua_gettop(L);
-  if (flags & F_REFD)
-    dec_register(d, seq);
+  if ((flags & F_REFD) && (rc = dec_register(d, seq)) != 0)
+    return rc;
   for (i = 1; i <= nup; i++) {
     if (d->p < d->end && *d->p == T_UPJOIN) {
       d->p++;
@@ -1816,6 +2224,7 @@ static int dec_func(dec *d, unsigned flags) {
   return 0;
 }
 
+/* Decode a TABLE after its tag.  [-0, +1, m] */
 static int dec_table(dec *d, unsigned flags) {
   lua_State *L = d->L;
   uint64_t narr, nhash, i;
@@ -1836,8 +2245,8 @@ static int dec_table(dec *d, unsigned flags) {
                   nhash > INT_MAX ? INT_MAX : (int)nhash);
   t = lua_gettop(L);
   seq = d->seq++;
-  if (flags & F_REFD)
-    dec_register(d, seq);
+  if ((flags & F_REFD) && (rc = dec_register(d, seq)) != 0)
+    return rc;
   d->depth++;
   for (i = 1; i <= narr; i++) {
     if ((rc = dec_value(d)) != 0)
@@ -1866,6 +2275,7 @@ static int dec_table(dec *d, unsigned flags) {
   return 0;
 }
 
+/* Decode one value.  [-0, +1, m] */
 static int dec_value(dec *d) {
   lua_State *L = d->L;
   unsigned tag;
@@ -1955,8 +2365,8 @@ static int dec_value(dec *d) {
 ** negative code with a message in err (OP_EINVAL: not a valid encoding;
 ** OP_ECOPY: a named value this VM lacks; OP_ENOMEM), pushing nothing.
 ** [-0, +n, m] */
-int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len,
-               char *err, size_t errlen) {
+int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
+               size_t errlen) {
   dec d;
   int top = lua_gettop(L), n = 0, rc;
 
@@ -1966,24 +2376,38 @@ int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len,
   d.end = d.p + len;
   d.seq = 0;
   d.depth = 0;
+  d.refs = 0;
   d.err = err;
   d.errlen = errlen;
   if (err != NULL && errlen > 0)
     err[0] = 0;
-  if (!lua_checkstack(L, 8))
-    return dnomem(&d);
-  lua_pushnil(L); /* the refs slot */
-  d.refs = top + 1;
+  if (len > 0 && *d.p != T_HDR && *d.p != T_HDR_REFS)
+    return corrupt(&d, "missing header");
   while (d.p < d.end) {
-    if (!lua_checkstack(L, 8)) {
+    if ((n & 7) == 0 && !lua_checkstack(L, 16)) {
       rc = corrupt(&d, "too many values");
       goto fail;
+    }
+    if (*d.p == T_HDR || *d.p == T_HDR_REFS) {
+      /* a new encoding: sequence numbers restart */
+      d.seq = 0;
+      if (d.refs != 0) {
+        lua_pushnil(L);
+        lua_replace(L, d.refs);
+      } else if (*d.p == T_HDR_REFS) {
+        lua_pushnil(L);
+        lua_insert(L, top + 1); /* below the values decoded so far */
+        d.refs = top + 1;
+      }
+      d.p++;
+      continue;
     }
     if ((rc = dec_value(&d)) != 0)
       goto fail;
     n++;
   }
-  lua_remove(L, d.refs);
+  if (d.refs != 0)
+    lua_remove(L, d.refs);
   return n;
 fail:
   lua_settop(L, top);
