@@ -101,8 +101,6 @@ typedef struct op_config {
   double block_budget;         /* seconds; default 0.1 */
   op_block_policy block_policy;
   const char *package_path;    /* prepended to package.path in every VM */
-  int max_inflight;            /* suspended handlers before op_call says
-                                  OP_EAGAIN-worthy backpressure; 0: none */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,

@@ -281,6 +281,23 @@ double op__hist_quantile(const op_hist *h, double q);
 */
 typedef uint64_t op_wait_id;
 
+/* A timer that knows its runtime and the wait it serves; the host may own
+** loop->data, so callbacks never look there. Freed in its close callback
+** (op__timer_close). */
+typedef struct op_timer {
+  uv_timer_t h;
+  op_runtime *rt;
+  op_wait_id id;
+  void *data;
+} op_timer;
+
+/* Make and start a one-shot timer of ms milliseconds. Returns NULL on out of
+** memory. */
+op_timer *op__timer_start(op_runtime *rt, uint64_t ms, uv_timer_cb cb,
+                          op_wait_id id, void *data);
+/* Stop and close it (freed in the close callback). */
+void op__timer_close(op_timer *t);
+
 /* What to do when a wait times out or its coroutine's task is cancelled:
 ** abort the operation behind it. Called once, on the loop thread. The wait
 ** is already resolved when it runs; the operation must still release its
@@ -293,6 +310,10 @@ typedef void (*op_abort_fn)(void *what, int code);
 ** the operation, then returns op__wait_yield(L).  [-0, +0, e] */
 op_wait_id op__wait_new(lua_State *L, const char *call, double timeout,
                         op_abort_fn abort, void *what);
+
+/* Set what the wait's abort gets, once the operation exists. */
+void op__wait_set_abort(op_runtime *rt, op_wait_id id, op_abort_fn abort,
+                        void *what);
 
 /* Yield L until the wait resolves; the call then returns the values the
 ** resolver pushed, or raises its error.  [-0, +n, e] */
@@ -359,6 +380,53 @@ void op__open_io(lua_State *L);
 ** can close idle connections and handles. */
 void op__io_shutdown(op_runtime *rt);
 
+/* ---- io/exec.c and io/fs.c: offpath.exec and the file calls ---- */
+
+/* Add exec / copy, cat, readfile, writefile to the offpath table on top
+** of L.  [-0, +0, e] */
+void op__open_io_exec(lua_State *L);
+void op__open_io_fs(lua_State *L);
+/* At runtime shutdown (every wait already ended): kill children still
+** running, run the loop until their handles are closed, free the module
+** state. */
+void op__io_exec_shutdown(op_runtime *rt);
+void op__io_fs_shutdown(op_runtime *rt);
+
+/* A set-up guard (fs.c): a small userdata whose __gc calls discard(L, p)
+** unless p was cleared, so a malloc'ed operation that is being set up in a
+** Lua call is not leaked when something raises before the operation is
+** handed to the loop. Set p after the allocation, clear it once the wait
+** owns the operation.  [-0, +1, m] */
+typedef struct op_guard {
+  void *p;
+  void (*discard)(lua_State *L, void *p);
+} op_guard;
+op_guard *op__guard_new(lua_State *L, void (*discard)(lua_State *, void *));
+
+/* ---- io/http.c and io/redis.c: offpath.http and offpath.redis ---- */
+
+/* Add the offpath.http / offpath.redis tables to the offpath table on top
+** of L.  [-0, +0, m] */
+void op__open_io_http(lua_State *L);
+void op__open_io_redis(lua_State *L);
+/* At runtime shutdown (every wait already ended): close connections and
+** their handles (freed by the loop's next turn) and free the module state
+** (rt->io_http / rt->io_redis). */
+void op__io_http_shutdown(op_runtime *rt);
+void op__io_redis_shutdown(op_runtime *rt);
+
+/* ---- io/pg.c and io/sqlite.c: offpath.pg and offpath.sqlite ---- */
+
+/* Add the offpath.pg / offpath.sqlite tables to the offpath table on top
+** of L.  [-0, +0, m] */
+void op__open_io_pg(lua_State *L);
+void op__open_io_sqlite(lua_State *L);
+/* At runtime shutdown (every wait already ended): close the connections,
+** run the loop until their handles are closed, free the module state
+** (rt->io_pg / rt->io_sqlite). */
+void op__io_pg_shutdown(op_runtime *rt);
+void op__io_sqlite_shutdown(op_runtime *rt);
+
 /* ---- the runtime (runtime.c) ---- */
 
 /*
@@ -373,6 +441,8 @@ struct op_co {
   uint8_t handler;       /* offpath runs it: it may suspend */
   uint8_t waiting;       /* suspended on a wait, not a bare yield */
   uint8_t counted;       /* counted in rt->suspended */
+  uint8_t quiet;         /* first resume from op_call: errors are returned,
+                            not reported */
   op_wait_id wait;       /* the pending wait, or 0 */
   int ctx_ref;           /* offpath.context table, or LUA_NOREF */
   int ready_nargs;       /* values to resume with, while on the ready list */

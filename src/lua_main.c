@@ -125,25 +125,17 @@ static int offpath_block(lua_State *L) {
 
 /* ---- sleep ---- */
 
-static void sleep_close_cb(uv_handle_t *h) {
-  free(h);
-}
-
 static void sleep_cb(uv_timer_t *timer) {
-  op_runtime *rt = timer->loop->data;
-  op_wait_id id = (op_wait_id)(uintptr_t)timer->data;
+  op_timer *t = (op_timer *)timer;
 
-  uv_close((uv_handle_t *)timer, sleep_close_cb);
-  op__wait_resume(rt, id, 0);
+  op__timer_close(t);
+  op__wait_resume(t->rt, t->id, 0);
 }
 
 /* The wait ended early (cancel, shutdown): stop the timer. */
 static void sleep_abort(void *what, int code) {
-  uv_timer_t *timer = what;
-
   (void)code;
-  uv_timer_stop(timer);
-  uv_close((uv_handle_t *)timer, sleep_close_cb);
+  op__timer_close(what);
 }
 
 /* sleep(0): resume on the next loop turn, after what is already ready. */
@@ -155,7 +147,7 @@ static void yield_cb(op_runtime *rt, void *arg) {
 static int offpath_sleep(lua_State *L) {
   op_runtime *rt = op__runtime(L);
   double s = luaL_checknumber(L, 1);
-  uv_timer_t *timer;
+  op_timer *timer;
   op_wait_id id;
 
   luaL_argcheck(L, s >= 0, 1, "must not be negative");
@@ -165,13 +157,12 @@ static int offpath_sleep(lua_State *L) {
     op__defer(rt, yield_cb, (void *)(uintptr_t)id);
     return op__wait_yield(L);
   }
-  timer = malloc(sizeof *timer);
+  id = op__wait_new(L, "offpath.sleep", 0, NULL, NULL);
+  timer = op__timer_start(rt, (uint64_t)(s * 1000.0 + 0.5), sleep_cb, id,
+                          NULL);
   if (timer == NULL)
-    return luaL_error(L, "not enough memory");
-  uv_timer_init(rt->loop, timer);
-  id = op__wait_new(L, "offpath.sleep", 0, sleep_abort, timer);
-  timer->data = (void *)(uintptr_t)id;
-  uv_timer_start(timer, sleep_cb, (uint64_t)(s * 1000.0 + 0.5), 0);
+    OP_PANIC("out of memory for a sleep timer");
+  op__wait_set_abort(rt, id, sleep_abort, timer);
   return op__wait_yield(L);
 }
 

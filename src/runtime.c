@@ -331,10 +331,7 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
     }
     rt->loop = &rt->own_loop;
     rt->own = 1;
-    rt->loop->data = rt;
   }
-  if (rt->loop->data == NULL)
-    rt->loop->data = rt;
   if (uv_mutex_init(&rt->done_mu))
     OP_PANIC("cannot make the completion lock");
   uv_async_init(rt->loop, &rt->done_async, done_cb);
@@ -422,12 +419,8 @@ int op_runtime_free(op_runtime *rt) {
     uv_run(rt->loop, UV_RUN_NOWAIT);
   uv_run(rt->loop, UV_RUN_NOWAIT);
   uv_mutex_destroy(&rt->done_mu);
-  if (rt->own) {
-    if (uv_loop_close(&rt->own_loop) != 0)
-      rc = rc ? rc : OP_EBUSY;
-  } else if (rt->loop->data == rt) {
-    rt->loop->data = NULL;
-  }
+  if (rt->own && uv_loop_close(&rt->own_loop) != 0)
+    rc = rc ? rc : OP_EBUSY;
   free(rt->errmsg);
   free(rt->package_path);
   free(rt);
@@ -464,7 +457,7 @@ int op_runtime_run(op_runtime *rt) {
 
 int op_runtime_busy(op_runtime *rt) {
   return rt->inflight > 0 || rt->live_cos > 0 || rt->pending_waits > 0 ||
-         uv_loop_alive(rt->loop);
+         rt->ready_head != NULL || rt->defer_head != NULL;
 }
 
 int op_runtime_suspended(op_runtime *rt) {
@@ -503,6 +496,7 @@ int op_call_value(op_runtime *rt, int nargs) {
 
   rt->calls++;
   c = op__co_acquire(rt);
+  c->quiet = rt->depth == 0;
   return op__co_start(c, rt->L, nargs);
 }
 

@@ -39,7 +39,7 @@ struct op_wait {
   op_co *co;           /* NULL when the slot is free */
   uint32_t gen;
   uint32_t next_free;  /* free-list link, UINT32_MAX at the end */
-  uv_timer_t *timer;   /* deadline, or NULL */
+  op_timer *timer;     /* deadline, or NULL */
   op_abort_fn abort;
   void *what;
   const char *call;    /* static name of the suspending call */
@@ -117,6 +117,25 @@ static void timer_close_cb(uv_handle_t *h) {
   free(h);
 }
 
+op_timer *op__timer_start(op_runtime *rt, uint64_t ms, uv_timer_cb cb,
+                          op_wait_id id, void *data) {
+  op_timer *t = malloc(sizeof *t);
+
+  if (t == NULL)
+    return NULL;
+  uv_timer_init(rt->loop, &t->h);
+  t->rt = rt;
+  t->id = id;
+  t->data = data;
+  uv_timer_start(&t->h, cb, ms, 0);
+  return t;
+}
+
+void op__timer_close(op_timer *t) {
+  uv_timer_stop(&t->h);
+  uv_close((uv_handle_t *)&t->h, timer_close_cb);
+}
+
 /* Free the slot of w and detach it from its coroutine. Returns the
 ** coroutine that was waiting. */
 static op_co *wait_take(op_runtime *rt, op_wait *w) {
@@ -124,8 +143,7 @@ static op_co *wait_take(op_runtime *rt, op_wait *w) {
   uint32_t slot = (uint32_t)(w - rt->waits);
 
   if (w->timer != NULL) {
-    uv_timer_stop(w->timer);
-    uv_close((uv_handle_t *)w->timer, timer_close_cb);
+    op__timer_close(w->timer);
     w->timer = NULL;
   }
   w->co = NULL;
@@ -194,8 +212,9 @@ void op__check_suspend(lua_State *L, const char *call) {
 }
 
 static void wait_timer_cb(uv_timer_t *timer) {
-  op_runtime *rt = timer->loop->data;
-  op_wait *w = wait_get(rt, (op_wait_id)(uintptr_t)timer->data);
+  op_timer *t = (op_timer *)timer;
+  op_runtime *rt = t->rt;
+  op_wait *w = wait_get(rt, t->id);
   op_abort_fn abort;
   void *what;
   char where[256], msg[512];
@@ -221,38 +240,40 @@ op_wait_id op__wait_new(lua_State *L, const char *call, double timeout,
   op_runtime *rt;
   uint32_t slot;
   op_wait *w;
-  uv_timer_t *timer = NULL;
 
   op__check_suspend(L, call);
   c = op__co(L);
   rt = c->rt;
   op_assert(c->wait == 0);
-  if (timeout > 0) {
-    timer = malloc(sizeof *timer);
-    if (timer == NULL)
-      luaL_error(L, "not enough memory");
-  }
   slot = slot_alloc(rt);
-  if (slot == UINT32_MAX) {
-    free(timer);
+  if (slot == UINT32_MAX)
     luaL_error(L, "not enough memory");
-  }
   w = &rt->waits[slot];
   w->co = c;
   w->abort = abort;
   w->what = what;
   w->call = call;
   w->timeout = timeout;
-  w->timer = timer;
+  w->timer = NULL;
   rt->pending_waits++;
   c->wait = wait_id(rt, slot);
-  if (timer != NULL) {
-    uv_timer_init(rt->loop, timer);
-    timer->data = (void *)(uintptr_t)c->wait;
-    uv_timer_start(timer, wait_timer_cb, (uint64_t)(timeout * 1000.0 + 0.5),
-                   0);
+  if (timeout > 0) {
+    w->timer = op__timer_start(rt, (uint64_t)(timeout * 1000.0 + 0.5),
+                               wait_timer_cb, c->wait, NULL);
+    if (w->timer == NULL)
+      OP_PANIC("out of memory for a wait's timer");
   }
   return c->wait;
+}
+
+void op__wait_set_abort(op_runtime *rt, op_wait_id id, op_abort_fn abort,
+                        void *what) {
+  op_wait *w = wait_get(rt, id);
+
+  if (w != NULL) {
+    w->abort = abort;
+    w->what = what;
+  }
 }
 
 /* Continuation of every wait: the resolver pushed (true, results...) or
@@ -463,6 +484,7 @@ static void co_resume(op_co *c, int nargs) {
   rt->depth--;
   op__hist_add(&rt->call_hist, uv_hrtime() - t0);
 
+  c->quiet = 0;
   if (status == LUA_YIELD) {
     lua_pop(c->L, nres);
     c->counted = 1;
@@ -485,7 +507,10 @@ static void co_resume(op_co *c, int nargs) {
   } else {
     push_co_error(c);
     rt->call_errors++;
-    op__report_error(rt, lua_tostring(rt->L, -1));
+    if (c->quiet)  /* op_call returns the error: only record it */
+      op__set_errmsg(rt, "%s", lua_tostring(rt->L, -1));
+    else
+      op__report_error(rt, lua_tostring(rt->L, -1));
     lua_pop(rt->L, 1);
   }
   co_release(c, 0);

@@ -44,6 +44,7 @@ struct op_ltask {
   uint8_t in_backlog;   /* waiting for room in the pool queue */
   uint8_t sched;        /* schedule: data/onresult/onerror in the uservalue */
   uint8_t observed;     /* a waiter or callback was attached */
+  uint8_t has_uv;       /* the uservalue table exists */
   int anchor;           /* registry ref, or LUA_NOREF */
   op_wait_id waiter;    /* the first waiter; more in the uservalue */
   op_wait_id submit_wait; /* launch suspended on a full queue */
@@ -71,10 +72,11 @@ static void push_task(lua_State *L, op_ltask *lt) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, lt->anchor);
 }
 
-/* Push the uservalue table of the task object at idx, making it if need
+/* Push the uservalue table of the task object lt at idx, making it if need
 ** be.  [-0, +1, m] */
-static void push_uv(lua_State *L, int idx) {
+static void push_uv(lua_State *L, int idx, op_ltask *lt) {
   idx = lua_absindex(L, idx);
+  lt->has_uv = 1;
   if (lua_getiuservalue(L, idx, 1) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_createtable(L, 0, 4);
@@ -274,8 +276,14 @@ static void task_end(op_ltask *lt, int state) {
   if (lt->kind == OP_LT_POOL)
     op__pool_count_end(lt->t.pool, &lt->t, (op_task_state)state);
 
+  if (!lt->has_uv) {
+    /* The common case: one waiter, no callbacks. */
+    if (first != 0)
+      tell_waiter(lt, first);
+    return;
+  }
   push_task(L, lt);
-  push_uv(L, -1);
+  push_uv(L, -1, lt);
   uv = lua_gettop(L);
   /* Callbacks first, then waiters: a waiter resumed here runs at once, and
   ** must find the task's callbacks done. */
@@ -591,7 +599,7 @@ int op__task_await(lua_State *L, op_ltask *lt, double timeout,
     lt->waiter = w;
   } else {
     push_task(L, lt);
-    push_uv(L, -1);
+    push_uv(L, -1, lt);
     if (lua_getfield(L, -1, "waits") != LUA_TTABLE) {
       lua_pop(L, 1);
       lua_newtable(L);
@@ -613,7 +621,7 @@ void op__task_set_schedule(lua_State *L, op_ltask *lt, int data,
   onresult = onresult ? lua_absindex(L, onresult) : 0;
   onerror = onerror ? lua_absindex(L, onerror) : 0;
   op_assert(lua_touserdata(L, idx) == lt);
-  push_uv(L, idx);
+  push_uv(L, idx, lt);
   if (data) {
     lua_pushvalue(L, data);
     lua_setfield(L, -2, "data");
@@ -658,7 +666,7 @@ static int task_on_done(lua_State *L) {
     lua_settop(L, 1);
     return 1;
   }
-  push_uv(L, 1);
+  push_uv(L, 1, lt);
   if (lua_getfield(L, -1, "cbs") != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
