@@ -1,81 +1,539 @@
 /*
-** main.c - the offpath command (minimal form): offpath run SCRIPT
-** [--input FILE]. Feeds lines to on_event(engine, line).
-** Thread: main (the loop thread).
+** main.c - the offpath command: options, the runtime's set-up, the
+** lifecycle (on_start, inputs, on_tick, signals and the grace period,
+** on_stop, the summary) and rate-limited messages on stderr.
+** Thread: main (the runtime's loop thread).
+**
+** Lifecycle:
+**
+**   load script -> open output and inputs -> on_start -+-> records flow
+**                                                      |   (on_tick)
+**   inputs at their end, or SIGINT/SIGTERM (inputs     |
+**   closed, grace period, then suspended handlers      v
+**   cancelled) ------> nothing left to run ------> on_stop -> summary
 */
-#include <stdio.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
-#include "offpath.h"
-#include <uv.h>
+#include "host.h"
 
-static int call0(op_runtime *rt, const char *name) {
-  lua_State *L = op_runtime_lua(rt);
+enum {
+  EXIT_OK = 0,
+  EXIT_SCRIPT = 1, /* missing or broken script, on_start/on_stop failed */
+  EXIT_USAGE = 2,  /* unknown option, bad value */
+  EXIT_INPUT = 3   /* an input or the output cannot be opened */
+};
+
+static const char usage_text[] =
+    "usage: offpath run SCRIPT [options]\n"
+    "       offpath --help | --version\n"
+    "\n"
+    "Feeds records from the inputs to SCRIPT's on_event(engine, record).\n"
+    "\n"
+    "options:\n"
+    "  --input SRC           - (stdin, the default), a file or FIFO path,\n"
+    "                        tcp://HOST:PORT or udp://HOST:PORT (port 0\n"
+    "                        picks a free one); repeat for more inputs\n"
+    "  --format lines|json   a record is a line (default) or a line of\n"
+    "                        JSON decoded to a table\n"
+    "  --output FILE         where engine:emit writes (default: stdout)\n"
+    "  --pool NAME=THREADS   size of a worker pool; repeat for more\n"
+    "  --tick SECONDS        on_tick interval (default 1)\n"
+    "  --max-inflight N      stop reading while N on_event handlers are\n"
+    "                        suspended (default 1000)\n"
+    "  --grace SECONDS       on SIGINT/SIGTERM, time for handlers in\n"
+    "                        flight before they are cancelled (default 5)\n"
+    "  --stats               print statistics on stderr every second\n"
+    "  --json                print the exit summary as JSON on stderr\n"
+    "\n"
+    "exit status: 0 ok, 1 script error, 2 usage error, 3 an input or the\n"
+    "output cannot be opened. See docs/cli.md.\n";
+
+/* ---- messages ---- */
+
+void host_report(host *h, const char *fmt, ...) {
+  uint64_t now = uv_hrtime();
+  va_list ap;
+
+  if (now - h->report_window >= 1000000000u) {
+    h->report_window = now;
+    h->reports = 0;
+    if (h->suppressed > 0) {
+      fprintf(stderr, "offpath: %llu more messages suppressed\n",
+              (unsigned long long)h->suppressed);
+      h->suppressed = 0;
+    }
+  }
+  if (h->reports >= HOST_REPORTS_SEC) {
+    h->suppressed++;
+    return;
+  }
+  h->reports++;
+  if (h->stats_line_open) {
+    fputs("\r\033[K", stderr);
+    h->stats_line_open = 0;
+  }
+  fputs("offpath: ", stderr);
+  va_start(ap, fmt);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fputc('\n', stderr);
+}
+
+static int usage_error(const char *fmt, ...) {
+  va_list ap;
+
+  fputs("offpath: ", stderr);
+  va_start(ap, fmt);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fputs("\nTry 'offpath --help'.\n", stderr);
+  return EXIT_USAGE;
+}
+
+/* ---- options ---- */
+
+static int parse_double(const char *s, double *out) {
+  char *end;
+
+  errno = 0;
+  *out = strtod(s, &end);
+  return *s != '\0' && *end == '\0' && errno == 0 && isfinite(*out);
+}
+
+static int parse_int(const char *s, long lo, long hi, int *out) {
+  char *end;
+  long v;
+
+  errno = 0;
+  v = strtol(s, &end, 10);
+  if (*s == '\0' || *end != '\0' || errno != 0 || v < lo || v > hi)
+    return 0;
+  *out = (int)v;
+  return 1;
+}
+
+/* Parse "offpath run ..." into h->o. Returns -1 to go on, or an exit
+** status (after --help, --version or an error). */
+static int parse_args(host *h, int argc, char **argv) {
+  host_opts *o = &h->o;
+  const char *arg, *val, *eq;
+  char name[64];
+  size_t n;
+  int i, nopt = 0;
+
+  o->tick = 1.0;
+  o->max_inflight = 1000;
+  o->grace = 5.0;
+  if (argc < 2)
+    return usage_error("missing command");
+  if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+      strcmp(argv[1], "help") == 0) {
+    fputs(usage_text, stdout);
+    return EXIT_OK;
+  }
+  if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
+    printf("offpath %s (liboffpath %s, %s, libuv %s)\n", OP_VERSION_STRING,
+           op_version(), LUA_RELEASE, uv_version_string());
+    return EXIT_OK;
+  }
+  if (strcmp(argv[1], "run") != 0)
+    return usage_error("unknown command '%s'", argv[1]);
+  for (i = 2; i < argc; i++) {
+    arg = argv[i];
+    if (arg[0] != '-' || arg[1] == '\0' || nopt) {
+      if (o->script != NULL)
+        return usage_error("unexpected argument '%s'", arg);
+      o->script = arg;
+      continue;
+    }
+    if (strcmp(arg, "--") == 0) {
+      nopt = 1;
+      continue;
+    }
+    if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+      fputs(usage_text, stdout);
+      return EXIT_OK;
+    }
+    if (strcmp(arg, "--stats") == 0) {
+      o->stats = 1;
+      continue;
+    }
+    if (strcmp(arg, "--json") == 0) {
+      o->summary_json = 1;
+      continue;
+    }
+    /* Options with a value: "--opt value" or "--opt=value". */
+    eq = strchr(arg, '=');
+    n = eq != NULL ? (size_t)(eq - arg) : strlen(arg);
+    if (n >= sizeof name)
+      return usage_error("unknown option '%s'", arg);
+    memcpy(name, arg, n);
+    name[n] = '\0';
+    if (strcmp(name, "--input") && strcmp(name, "-i") &&
+        strcmp(name, "--format") && strcmp(name, "--output") &&
+        strcmp(name, "-o") && strcmp(name, "--pool") &&
+        strcmp(name, "--tick") && strcmp(name, "--max-inflight") &&
+        strcmp(name, "--grace"))
+      return usage_error("unknown option '%s'", arg);
+    if (eq != NULL) {
+      val = eq + 1;
+    } else {
+      if (i + 1 >= argc)
+        return usage_error("option '%s' needs a value", arg);
+      val = argv[++i];
+    }
+    if (!strcmp(name, "--input") || !strcmp(name, "-i")) {
+      if (o->ninputs >= HOST_MAX_INPUTS)
+        return usage_error("too many inputs (at most %d)", HOST_MAX_INPUTS);
+      o->inputs[o->ninputs++] = val;
+    } else if (!strcmp(name, "--format")) {
+      if (!strcmp(val, "json"))
+        o->json = 1;
+      else if (!strcmp(val, "lines"))
+        o->json = 0;
+      else
+        return usage_error("--format must be 'lines' or 'json', not '%s'", val);
+    } else if (!strcmp(name, "--output") || !strcmp(name, "-o")) {
+      o->output = val;
+    } else if (!strcmp(name, "--pool")) {
+      const char *e = strchr(val, '=');
+      pool_opt *p;
+      if (e == NULL || e == val || (size_t)(e - val) >= OP_POOL_NAME_MAX)
+        return usage_error("--pool expects NAME=THREADS, not '%s'", val);
+      if (o->npools >= OP_MAX_POOLS)
+        return usage_error("too many --pool options");
+      p = &o->pools[o->npools];
+      if (!parse_int(e + 1, 1, 1024, &p->threads))
+        return usage_error("--pool %s: THREADS must be 1..1024", val);
+      p->name = strndup(val, (size_t)(e - val));
+      if (p->name == NULL)
+        return usage_error("out of memory");
+      o->npools++;
+    } else if (!strcmp(name, "--tick")) {
+      if (!parse_double(val, &o->tick) || o->tick < 0.001)
+        return usage_error("--tick must be a number of seconds >= 0.001, "
+                           "not '%s'",
+                           val);
+    } else if (!strcmp(name, "--max-inflight")) {
+      if (!parse_int(val, 1, 1000000000, &o->max_inflight))
+        return usage_error("--max-inflight must be an integer >= 1, not "
+                           "'%s'",
+                           val);
+    } else if (!strcmp(name, "--grace")) {
+      if (!parse_double(val, &o->grace) || o->grace < 0)
+        return usage_error("--grace must be a number of seconds >= 0, not "
+                           "'%s'",
+                           val);
+    }
+  }
+  if (o->script == NULL)
+    return usage_error("run: missing SCRIPT");
+  if (o->ninputs == 0)
+    o->inputs[o->ninputs++] = "-";
+  return -1;
+}
+
+static void free_opts(host_opts *o) {
+  int i;
+
+  for (i = 0; i < o->npools; i++)
+    free(o->pools[i].name);
+}
+
+/* ---- timers and signals ---- */
+
+/* Say how many messages the rate limit held back, if any. */
+static void report_flush(host *h) {
+  if (h->suppressed > 0) {
+    fprintf(stderr, "offpath: %llu more messages suppressed\n",
+            (unsigned long long)h->suppressed);
+    h->suppressed = 0;
+    h->reports = 0;
+    h->report_window = uv_hrtime();
+  }
+}
+
+static void second_cb(uv_timer_t *t) {
+  host *h = t->data;
+
+  report_flush(h);
+  if (h->o.stats)
+    stats_line(h);
+}
+
+static void tick_cb(uv_timer_t *t) {
+  host *h = t->data;
   int rc;
 
-  lua_getglobal(L, name);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    return 0;
+  if (!h->started || h->start_failed)
+    return;
+  if (h->tick_running) {
+    if (h->tick_running == 1)
+      host_report(h,
+                  "warning: on_tick still running after its %g s "
+                  "interval; ticks skipped until it ends",
+                  h->o.tick);
+    h->tick_running = 2;
+    return;
   }
-  op_push_engine(rt);
-  lua_insert(L, -1);
-  rc = op_call_value(rt, 1);
+  h->tick_running = 1;
+  h->ticks++;
+  rc = engine_call_lifecycle(h, "on_tick", REC_TICK);
+  if (rc <= 0) {
+    h->tick_running = 0;
+    h->ticks--;
+    if (rc == 0)
+      uv_timer_stop(t); /* the script has no on_tick */
+  }
+}
+
+static void grace_cb(uv_timer_t *t) {
+  host *h = t->data;
+
+  if (!h->cancelled_all && h->inflight > 0)
+    host_report(h, "grace period over: cancelling %u handlers in flight",
+                h->inflight);
+  h->cancelled_all = 1;
+  engine_cancel_all(h);
+}
+
+static void signal_cb(uv_signal_t *sig, int signum) {
+  host *h = sig->data;
+  const char *name = signum == SIGINT ? "SIGINT" : "SIGTERM";
+  static int count;
+
+  count++;
+  if (count >= 3) {
+    fprintf(stderr, "offpath: %s again: exiting now\n", name);
+    _exit(128 + signum);
+  }
+  if (count == 2) {
+    host_report(h, "%s again: cancelling %u handlers in flight", name,
+                h->inflight);
+    h->cancelled_all = 1;
+    engine_cancel_all(h);
+    uv_timer_start(&h->grace_timer, grace_cb, 250, 250);
+    return;
+  }
+  h->stop_signal = signum;
+  host_report(h,
+              "%s: inputs closed; waiting up to %g s for %u handlers "
+              "in flight",
+              name, h->o.grace, h->inflight);
+  input_close_all(h);
+  uv_timer_start(&h->grace_timer, grace_cb,
+                 (uint64_t)(h->o.grace * 1000.0 + 0.5), 250);
+}
+
+static void init_handles(host *h) {
+  uv_timer_init(h->loop, &h->tick_timer);
+  uv_timer_init(h->loop, &h->second_timer);
+  uv_timer_init(h->loop, &h->grace_timer);
+  uv_idle_init(h->loop, &h->pump_idle);
+  uv_signal_init(h->loop, &h->sigint);
+  uv_signal_init(h->loop, &h->sigterm);
+  h->tick_timer.data = h->second_timer.data = h->grace_timer.data = h;
+  h->pump_idle.data = h->sigint.data = h->sigterm.data = h;
+  /* None of these keeps the loop alive: inputs, handlers and tasks do. */
+  uv_unref((uv_handle_t *)&h->tick_timer);
+  uv_unref((uv_handle_t *)&h->second_timer);
+  uv_unref((uv_handle_t *)&h->grace_timer);
+  uv_unref((uv_handle_t *)&h->sigint);
+  uv_unref((uv_handle_t *)&h->sigterm);
+  uv_signal_start(&h->sigint, signal_cb, SIGINT);
+  uv_signal_start(&h->sigterm, signal_cb, SIGTERM);
+  h->handles_open = 1;
+}
+
+static void close_handles(host *h) {
+  if (!h->handles_open)
+    return;
+  uv_close((uv_handle_t *)&h->tick_timer, NULL);
+  uv_close((uv_handle_t *)&h->second_timer, NULL);
+  uv_close((uv_handle_t *)&h->grace_timer, NULL);
+  uv_close((uv_handle_t *)&h->pump_idle, NULL);
+  uv_close((uv_handle_t *)&h->sigint, NULL);
+  uv_close((uv_handle_t *)&h->sigterm, NULL);
+  h->handles_open = 0;
+}
+
+/* ---- set-up ---- */
+
+/* Make the offpath module a global of the main VM, as scripts expect. */
+static void set_global(lua_State *L) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_getfield(L, -1, "offpath");
+  lua_setglobal(L, "offpath");
+  lua_pop(L, 1);
+}
+
+/* offpath.configure{pools={NAME={threads=N}}} from the script's main chunk
+** may have resized a pool: --pool wins, so apply it again.  */
+static int reapply_pools_p(lua_State *L) {
+  host *h = lua_touserdata(L, 1);
+  int i;
+
+  if (lua_getglobal(L, "offpath") != LUA_TTABLE)
+    return 0;
+  lua_getfield(L, -1, "configure");
+  lua_createtable(L, 0, 1);
+  lua_createtable(L, 0, h->o.npools);
+  for (i = 0; i < h->o.npools; i++) {
+    lua_createtable(L, 0, 1);
+    lua_pushinteger(L, h->o.pools[i].threads);
+    lua_setfield(L, -2, "threads");
+    lua_setfield(L, -2, h->o.pools[i].name);
+  }
+  lua_setfield(L, -2, "pools");
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+static void reapply_pools(host *h) {
+  lua_State *L = h->L;
+
+  if (h->o.npools == 0)
+    return;
+  lua_pushcfunction(L, reapply_pools_p);
+  lua_pushlightuserdata(L, h);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    host_report(h, "warning: --pool not applied: %s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
+}
+
+/* Run the loop until nothing is left; restart reading if it ran dry while
+** inputs were still open (handlers suspended on nothing). */
+static void run_records(host *h) {
+  uint64_t last_in = (uint64_t)-1;
+
+  for (;;) {
+    op_runtime_run(h->rt);
+    if (h->nopen == 0 || h->stopping)
+      break;
+    if (h->in != last_in) {
+      /* Records moved since the last look: try reading again. */
+      last_in = h->in;
+      input_kick(h);
+      continue;
+    }
+    host_report(h,
+                "stalled: %u handlers suspended with nothing pending; "
+                "stopping",
+                h->inflight);
+    input_close_all(h);
+    engine_cancel_all(h);
+  }
+}
+
+static int run(host *h) {
+  op_config cfg;
+  char err[512];
+  int i, rc;
+
+  op_config_init(&cfg);
+  for (i = 0; i < h->o.npools; i++) {
+    rc = op_config_pool(&cfg, h->o.pools[i].name, h->o.pools[i].threads, 0);
+    if (rc != 0)
+      return usage_error("--pool %s: %s", h->o.pools[i].name, op_strerror(rc));
+  }
+  if (access(h->o.script, R_OK) != 0) {
+    fprintf(stderr, "offpath: cannot open script %s: %s\n", h->o.script,
+            strerror(errno));
+    return EXIT_SCRIPT;
+  }
+  if ((rc = op_runtime_new(&cfg, &h->rt)) != 0) {
+    fprintf(stderr, "offpath: cannot start the runtime: %s\n", op_strerror(rc));
+    return EXIT_SCRIPT;
+  }
+  h->loop = op_runtime_uv_loop(h->rt);
+  h->L = op_runtime_lua(h->rt);
+  engine_setup(h);
+  set_global(h->L);
+  init_handles(h);
+  h->stats_tty = isatty(2);
+  h->t_start = uv_hrtime();
+
+  rc = EXIT_OK;
+  if (op_load_script(h->rt, h->o.script) != 0) {
+    fprintf(stderr, "offpath: script error: %s\n", op_errmsg(h->rt));
+    rc = EXIT_SCRIPT;
+    goto done;
+  }
+  reapply_pools(h);
+  if (engine_output_open(h, err, sizeof err) != 0) {
+    fprintf(stderr, "offpath: %s\n", err);
+    rc = EXIT_INPUT;
+    goto done;
+  }
+  for (i = 0; i < h->o.ninputs; i++) {
+    if (input_open(h, h->o.inputs[i], err, sizeof err) != 0) {
+      fprintf(stderr, "offpath: cannot open input %s: %s\n", h->o.inputs[i],
+              err);
+      input_close_all(h);
+      rc = EXIT_INPUT;
+      goto done;
+    }
+  }
+
+  uv_timer_start(&h->second_timer, second_cb, 1000, 1000);
+  if (engine_call_lifecycle(h, "on_start", REC_START) == 0) {
+    h->started = 1;
+    input_kick(h);
+  }
+  uv_timer_start(&h->tick_timer, tick_cb, (uint64_t)(h->o.tick * 1000.0 + 0.5),
+                 (uint64_t)(h->o.tick * 1000.0 + 0.5));
+  run_records(h);
+  uv_timer_stop(&h->tick_timer);
+  uv_timer_stop(&h->grace_timer);
+  if (!h->start_failed) {
+    engine_call_lifecycle(h, "on_stop", REC_STOP);
+    op_runtime_run(h->rt);
+  }
+  uv_timer_stop(&h->second_timer);
+  /* Task failures nobody observed are reported when their objects are
+  ** collected: collect now, so the summary counts them. */
+  lua_gc(h->L, LUA_GCCOLLECT, 0);
+  lua_gc(h->L, LUA_GCCOLLECT, 0);
+  report_flush(h);
+  stats_summary(h);
+  if ((h->start_failed && !h->start_cancelled) || h->stop_failed)
+    rc = EXIT_SCRIPT;
+
+done:
+  close_handles(h);
+  input_close_all(h);
+  op_runtime_run(h->rt); /* close callbacks, last writes */
+  engine_output_close(h);
+  input_free_all(h);
+  i = op_runtime_free(h->rt);
+  if (i != 0 && i != OP_ESCRIPT)
+    fprintf(stderr, "offpath: shutdown: %s\n", op_strerror(i));
+  free(h->recs);
+  if (h->stdin_flags != -1)
+    fcntl(0, F_SETFL, h->stdin_flags);
   return rc;
 }
 
 int main(int argc, char **argv) {
-  op_runtime *rt;
-  const char *script, *input = "-";
-  FILE *in;
-  char line[65536];
-  int i, rc, failed = 0;
-  lua_State *L;
+  static host h;
+  int rc;
 
-  if (argc < 3 || strcmp(argv[1], "run") != 0) {
-    fprintf(stderr, "usage: offpath run SCRIPT [--input FILE]\n");
-    return 2;
+  h.stdin_flags = -1;
+  h.out_fd = -1;
+  h.free_rec = UINT32_MAX;
+  rc = parse_args(&h, argc, argv);
+  if (rc < 0) {
+    signal(SIGPIPE, SIG_IGN); /* a closed output is an error, not death */
+    rc = run(&h);
   }
-  script = argv[2];
-  for (i = 3; i + 1 < argc; i += 2)
-    if (strcmp(argv[i], "--input") == 0)
-      input = argv[i + 1];
-  if ((rc = op_runtime_new(NULL, &rt)) != 0) {
-    fprintf(stderr, "offpath: %s\n", op_strerror(rc));
-    return 1;
-  }
-  L = op_runtime_lua(rt);
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "loaded");
-  lua_getfield(L, -1, "offpath");
-  lua_setglobal(L, "offpath");
-  lua_pop(L, 2);
-  if (op_load_script(rt, script) != 0) {
-    fprintf(stderr, "offpath: %s\n", op_errmsg(rt));
-    op_runtime_free(rt);
-    return 1;
-  }
-  failed |= call0(rt, "on_start") != 0;
-  op_runtime_run(rt);
-  in = strcmp(input, "-") == 0 ? stdin : fopen(input, "r");
-  if (in == NULL) {
-    perror(input);
-    op_runtime_free(rt);
-    return 1;
-  }
-  while (fgets(line, sizeof line, in) != NULL) {
-    line[strcspn(line, "\n")] = '\0';
-    lua_getglobal(L, "on_event");
-    op_push_engine(rt);
-    lua_pushstring(L, line);
-    failed |= op_call_value(rt, 2) != 0;
-    op_runtime_run(rt);
-  }
-  if (in != stdin)
-    fclose(in);
-  op_runtime_run(rt);
-  failed |= call0(rt, "on_stop") != 0;
-  op_runtime_run(rt);
-  rc = op_runtime_free(rt);
-  return failed || rc != 0 ? 1 : 0;
+  free_opts(&h.o);
+  return rc;
 }

@@ -1,0 +1,290 @@
+/*
+** host.h - private declarations of the offpath command: the host state,
+** input sources, the line splitter, record decoding and statistics.
+** Thread: loop (the command runs everything on the runtime's loop thread).
+*/
+#ifndef OFFPATH_HOST_H
+#define OFFPATH_HOST_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <uv.h>
+#include <lua.h>
+#include <lauxlib.h>
+
+#include "offpath.h"
+
+#define HOST_MAX_INPUTS  64
+#define HOST_MAX_LINE    (1024 * 1024) /* longer lines are dropped */
+#define HOST_OUT_HIGH    (8u << 20)    /* output bytes that pause inputs */
+#define HOST_PUMP_BATCH  64            /* records per source per turn */
+#define HOST_REPORTS_SEC 20            /* error messages printed per second */
+
+/* ---- the line splitter (lines.c) ---- */
+
+/*
+** Splits a byte stream into lines. Bytes are appended at the end (read
+** straight into ls_space(), or copied with ls_append()) and lines are taken
+** from the front with ls_next(), so a reader can stop taking lines at any
+** point (backpressure) and go on later. A line longer than max is dropped
+** and reported once as LS_OVERSIZE; memory stays below max plus one read.
+*/
+typedef struct linesplit {
+  char *buf;
+  size_t cap;
+  size_t start;   /* first byte not yet returned */
+  size_t end;     /* end of the bytes read */
+  size_t scan;    /* no '\n' in [start, scan) */
+  size_t max;     /* longest line kept */
+  size_t dropped; /* length of the oversize line being dropped */
+  int discarding; /* inside an oversize line: skip to the next '\n' */
+} linesplit;
+
+enum { LS_NONE = 0, LS_LINE = 1, LS_OVERSIZE = 2 };
+
+void ls_init(linesplit *ls, size_t max);
+void ls_free(linesplit *ls);
+/* Room for at least want bytes after the end (the front is compacted
+** first). Returns where to write and sets *avail, or NULL on out of
+** memory. Call ls_commit() with what was written. */
+char *ls_space(linesplit *ls, size_t want, size_t *avail);
+void ls_commit(linesplit *ls, size_t n);
+/* Copy n bytes in. Returns 0, or -1 on out of memory. */
+int ls_append(linesplit *ls, const char *p, size_t n);
+/* Take the next line: LS_LINE with *line and *len set (no '\n', a trailing
+** '\r' removed; valid until the next ls_* call), LS_OVERSIZE when a line
+** longer than the maximum was dropped (*len: its length), or LS_NONE if no
+** complete line is buffered. With eof set, unterminated bytes at the end
+** are returned as a last line. */
+int ls_next(linesplit *ls, int eof, const char **line, size_t *len);
+/* Complete or partial lines still buffered (for accounting at shutdown). */
+uint64_t ls_pending(const linesplit *ls);
+
+/* ---- JSON (json.c) ---- */
+
+/* Parse one line of JSON text with jansson and push its Lua value on L:
+** objects and arrays become tables, null becomes nil (keys with null values
+** are left out), integers stay integers. Returns 1 with the value pushed,
+** or 0 with nothing pushed and a message in err ("... at column N").
+** Raises only on out of memory.  [-0, +(0|1), m] */
+int json_push_line(lua_State *L, const char *p, size_t len, char *err,
+                   size_t errlen);
+
+/* A growable byte buffer owned by a Lua userdata (freed by its __gc), so
+** it is safe to hold while Lua may raise. */
+typedef struct jbuf {
+  char *p;
+  size_t len, cap;
+} jbuf;
+
+/* Push a new empty buffer.  [-0, +1, m] */
+jbuf *jbuf_new(lua_State *L);
+/* Append n bytes; raises "not enough memory".  [-0, +0, m] */
+void jbuf_add(lua_State *L, jbuf *b, const char *s, size_t n);
+
+/* Append the JSON text of the Lua value at idx to b (compact, object keys
+** sorted, floats in their shortest exact form). Raises a message starting
+** with what ("emit: ...") for a value JSON cannot hold: a function,
+** userdata, a thread, a non-string non-integer key, invalid UTF-8, or a
+** table nested deeper than 1000 levels (a cycle).  [-0, +0, e] */
+void json_encode(lua_State *L, int idx, jbuf *b, const char *what);
+
+/* ---- statistics helpers (stats.c) ---- */
+
+/* A log-linear latency histogram in nanoseconds: 8 sub-buckets per
+** octave, so every value is reported within 12.5%. */
+typedef struct hist {
+  uint64_t count, max;
+  uint32_t bucket[64 * 8];
+} hist;
+
+void hist_add(hist *h, uint64_t ns);
+double hist_quantile(const hist *h, double q); /* seconds; 0 if empty */
+
+/* ---- the host ---- */
+
+typedef struct host host;
+typedef struct src src;
+
+typedef enum src_kind {
+  SRC_FILE = 0,   /* regular file or device: uv_fs_read in chunks */
+  SRC_STREAM,     /* pipe, FIFO, socket or terminal: uv_read */
+  SRC_TCP_SERVER, /* tcp://HOST:PORT listener */
+  SRC_TCP_CLIENT, /* one accepted connection */
+  SRC_UDP         /* udp://HOST:PORT, read with recvmmsg */
+} src_kind;
+
+/* One input source. Freed once its handle is closed and no record that
+** came from it is in flight (refs). */
+struct src {
+  host *h;
+  src *next; /* the host's list of sources */
+  src *top;  /* the listener of a TCP client, else itself */
+  src_kind kind;
+  char *name; /* as given, or "tcp://... client ADDR" */
+  linesplit ls;
+  int fd;             /* SRC_FILE, SRC_UDP: owned; -1 when none */
+  int own_fd;         /* close fd when done */
+  int refs;           /* records in flight + 1 while open */
+  uint8_t has_handle; /* u.handle was initialised */
+  uint8_t reading;    /* stream: uv_read_start; udp: polling */
+  uint8_t req_busy;   /* file: a read is outstanding */
+  uint8_t eof;        /* no more bytes will come */
+  uint8_t closing;    /* src_close() ran */
+  uint8_t closed;     /* the handle or fd is closed */
+  uint8_t counted;    /* counted in h->nopen */
+  uint64_t lineno;    /* lines taken so far */
+  uint64_t records, malformed, oversize, bytes;
+  uint64_t clients;   /* TCP listener: connections accepted */
+  uint64_t drops;     /* UDP: datagrams the kernel dropped */
+  uint64_t truncated; /* UDP: datagrams longer than the buffer */
+  char *udp_buf;      /* UDP: receive buffers */
+  uv_fs_t req;        /* SRC_FILE reads */
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_pipe_t pipe;
+    uv_tty_t tty;
+    uv_tcp_t tcp;
+    uv_poll_t poll;
+  } u;
+};
+
+typedef enum rec_kind { REC_EVENT = 0, REC_START, REC_TICK, REC_STOP } rec_kind;
+
+/* A handler call in flight: a record, or a lifecycle handler. */
+typedef struct rec {
+  src *s;        /* SRC of an event (referenced), else NULL */
+  uint64_t line; /* line number within s */
+  uint64_t t0;   /* uv_hrtime() when it was handed over */
+  uint32_t next_free;
+  uint8_t kind; /* rec_kind */
+  uint8_t live;
+} rec;
+
+/* Output: emit() appends to `pending`; one uv_fs_write at a time writes
+** `writing` (on libuv's threads), so the loop thread never blocks. */
+typedef struct outbuf {
+  char *p;
+  size_t len, off, cap;
+} outbuf;
+
+typedef struct pool_opt {
+  char *name;
+  int threads;
+} pool_opt;
+
+typedef struct host_opts {
+  const char *script;
+  const char *inputs[HOST_MAX_INPUTS];
+  int ninputs;
+  int json;           /* --format json */
+  const char *output; /* NULL or "-": stdout */
+  pool_opt pools[OP_MAX_POOLS];
+  int npools;
+  double tick; /* seconds */
+  int max_inflight;
+  double grace; /* seconds */
+  int stats;
+  int summary_json;
+} host_opts;
+
+struct host {
+  host_opts o;
+  op_runtime *rt;
+  uv_loop_t *loop;
+  lua_State *L;
+  uint64_t t_start;
+
+  /* Sources. */
+  src *srcs;
+  int nopen;       /* inputs not yet at their end */
+  int stdin_flags; /* fcntl flags of fd 0 to restore, or -1 */
+
+  /* Handler calls in flight. */
+  rec *recs;
+  uint32_t nrecs, free_rec;
+  uint32_t inflight; /* on_event calls started and not ended */
+  uint32_t inflight_max;
+  int pumping; /* inside pump_all(): no re-entry */
+  int paused;  /* reading stopped by backpressure */
+  int no_handler_warned;
+
+  /* Lifecycle. */
+  int started; /* on_start ended (or there was none) */
+  int start_failed, stop_failed;
+  int start_cancelled; /* on_start was cancelled by a signal */
+  int stopping;        /* inputs closed: signal or on_start failure */
+  int stop_signal;     /* signal number that began the stop, or 0 */
+  int cancelled_all;   /* the grace period ran out */
+  int tick_running;
+  uint64_t tick_t0;
+
+  /* Counters. */
+  uint64_t in, processed, failed, cancelled, timeouts;
+  uint64_t malformed, oversize, skipped, out, alerts;
+  uint64_t rt_errors; /* reported by the runtime's error callback */
+  uint64_t ticks, tick_overruns, tick_failed;
+  uint64_t pauses; /* times reading stopped for backpressure */
+  uint64_t paused_ns, paused_since;
+  uint64_t out_errors;
+  hist rec_hist; /* record latency, read to handler end */
+  int counters_ref, gauges_ref;
+
+  /* Rate limit of messages. */
+  uint64_t report_window;
+  int reports;
+  uint64_t suppressed;
+
+  /* Output. */
+  int out_fd;
+  int out_own;
+  int out_busy;
+  int out_failed;
+  outbuf out_pending, out_writing;
+  uv_fs_t out_req;
+
+  /* Handles (all unreferenced: they never keep the loop alive). */
+  uv_timer_t tick_timer, second_timer, grace_timer;
+  uv_idle_t pump_idle;
+  uv_signal_t sigint, sigterm;
+  int handles_open;
+
+  /* --stats line */
+  int stats_tty;
+  int stats_line_open;
+  uint64_t last_in, last_t;
+};
+
+/* main.c */
+void host_report(host *h, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* input.c */
+int input_open(host *h, const char *spec, char *err, size_t errlen);
+void input_pump_all(host *h);
+void input_kick(host *h);
+void input_close_all(host *h);
+void input_free_all(host *h);
+void input_src_unref(src *s);
+void input_udp_refresh_drops(src *s);
+const char *input_kind_name(src_kind k);
+
+/* engine.c */
+int engine_setup(host *h);
+int engine_blocked(host *h);
+int engine_dispatch(host *h, src *s, const char *line, size_t len);
+int engine_call_lifecycle(host *h, const char *name, rec_kind kind);
+void engine_cancel_all(host *h);
+int engine_output_open(host *h, char *err, size_t errlen);
+void engine_output_close(host *h);
+void engine_on_error(op_runtime *rt, const char *msg, void *ud);
+
+/* stats.c */
+void stats_line(host *h);
+void stats_summary(host *h);
+void stats_push_table(host *h, lua_State *L);
+uint64_t stats_drops(host *h);
+
+#endif /* OFFPATH_HOST_H */
