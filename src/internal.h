@@ -131,8 +131,12 @@ struct op_task {
   op_buf in;              /* OP_TASK_LUA: encoded function and arguments */
   op_buf out;             /* results, or the error message text */
   /* Called once on the loop thread when the worker is finished with the
-  ** task (or it was taken off the queue). Owns the task from then on. */
+  ** task (or it was taken off the queue). Owns the task from then on.
+  ** settle, if set, runs first for every task of a drained batch, then
+  ** complete for each (see done_cb in runtime.c). */
+  void (*settle)(op_task *t);
   void (*complete)(op_task *t);
+  uint8_t notify;         /* settle left work for complete */
   void *owner;            /* the completer's context */
   uint64_t t_submit;      /* uv_hrtime() */
   op_worker *worker;      /* OP_TASK_BLOCK: the waiting worker */

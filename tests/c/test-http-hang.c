@@ -1,0 +1,182 @@
+/*
+** test-http-hang.c - offpath.http against a connect that never completes
+** (tests/c/hang.h): the request's timeout fires, curl's own connect
+** timeout fires, a cancel ends it, each exactly once, the socket is closed
+** afterwards, and all the while the loop keeps serving other events (a C
+** timer of the host and a Lua coroutine ticking on offpath.sleep).
+*/
+#include <string.h>
+#include <uv.h>
+
+#include "offpath.h"
+#include "hang.h"
+#include "test.h"
+
+static const char chunk[] =
+    "local offpath = require 'offpath'\n"
+    "local http = offpath.http\n"
+    "ticks, calls = 0, 0\n"
+    "function ticker()\n"
+    "  while not stop do offpath.sleep(0.01); ticks = ticks + 1 end\n"
+    "  ticker_done = true\n"
+    "end\n"
+    "local function url(port) return 'http://127.0.0.1:' .. port .. '/' end\n"
+    "function refused()\n"
+    "  local ok, err = pcall(http.get, 'http://127.0.0.1:1/')\n"
+    "  result, calls, done = err, calls + 1, true\n"
+    "end\n"
+    "function with_timeout(port)\n"
+    "  local t0 = offpath.now()\n"
+    "  local ok, err = pcall(http.get, url(port), { timeout = 0.5 })\n"
+    "  took = offpath.now() - t0\n"
+    "  result, calls, done = err, calls + 1, true\n"
+    "end\n"
+    "function with_connect_timeout(port)\n"
+    "  local ok, err = pcall(http.request, { url = url(port),\n"
+    "    connect_timeout = 0.3 })\n"
+    "  result, calls, done = err, calls + 1, true\n"
+    "end\n"
+    "function cancel_start(port)\n"
+    "  task = offpath.go(function()\n"
+    "    local ok, err = pcall(http.get, url(port))\n"
+    "    result, calls, done = err, calls + 1, true\n"
+    "  end)\n"
+    "end\n"
+    "function cancel_now() task:cancel() end\n";
+
+static int c_ticks;
+
+static void tick_cb(uv_timer_t *t) {
+  (void)t;
+  c_ticks++;
+}
+
+static int global_is_set(op_runtime *rt, const char *name) {
+  lua_State *L = op_runtime_lua(rt);
+  int set = lua_getglobal(L, name) != LUA_TNIL;
+  lua_pop(L, 1);
+  return set;
+}
+
+static double global_num(op_runtime *rt, const char *name) {
+  lua_State *L = op_runtime_lua(rt);
+  double v;
+  lua_getglobal(L, name);
+  v = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+static void global_str(op_runtime *rt, const char *name, char *buf,
+                       size_t len) {
+  lua_State *L = op_runtime_lua(rt);
+  lua_getglobal(L, name);
+  snprintf(buf, len, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
+  lua_pop(L, 1);
+}
+
+static void clear_global(op_runtime *rt, const char *name) {
+  lua_State *L = op_runtime_lua(rt);
+  lua_pushnil(L);
+  lua_setglobal(L, name);
+}
+
+/* Run the loop until the global `flag` is set (10 s at most). */
+static void run_until(op_runtime *rt, const char *flag) {
+  uint64_t deadline = uv_hrtime() + 10000000000u;
+
+  while (!global_is_set(rt, flag)) {
+    ASSERT(uv_hrtime() < deadline);
+    uv_run(op_runtime_uv_loop(rt), UV_RUN_ONCE);
+  }
+}
+
+/* Run the loop for about ms milliseconds. */
+static void run_for(op_runtime *rt, int ms) {
+  uint64_t end = uv_hrtime() + (uint64_t)ms * 1000000u;
+
+  while (uv_hrtime() < end)
+    uv_run(op_runtime_uv_loop(rt), UV_RUN_ONCE);
+}
+
+static void call_port(op_runtime *rt, const char *fn, int port) {
+  lua_pushinteger(op_runtime_lua(rt), port);
+  ASSERT_OK(op_call(rt, fn, 1));
+}
+
+int main(void) {
+  op_runtime *rt;
+  hang_listener h;
+  uv_timer_t timer;
+  char msg[1024];
+  int base, c0;
+  double l0;
+
+  hang_open(&h);
+  ASSERT_OK(op_runtime_new(NULL, &rt));
+  ASSERT_OK(op_load_string(rt, chunk, "=hang.lua"));
+  uv_timer_init(op_runtime_uv_loop(rt), &timer);
+  uv_timer_start(&timer, tick_cb, 10, 10);
+  ASSERT_OK(op_call(rt, "ticker", 0));
+
+  /* A refused connect first: it makes curl's multi handle (and its own
+  ** descriptors), so the count below is of the transfers alone. */
+  ASSERT_OK(op_call(rt, "refused", 0));
+  run_until(rt, "done");
+  global_str(rt, "result", msg, sizeof msg);
+  ASSERT_STR_HAS(msg, "http: connection refused");
+  run_for(rt, 20);
+  base = open_fds();
+
+  /* The request's own timeout (the wait's timer). */
+  clear_global(rt, "done");
+  c0 = c_ticks;
+  l0 = global_num(rt, "ticks");
+  call_port(rt, "with_timeout", h.port);
+  run_for(rt, 100);
+  ASSERT_EQ(open_fds(), base + 1); /* the hanging connect's socket */
+  run_until(rt, "done");
+  global_str(rt, "result", msg, sizeof msg);
+  ASSERT_STR_HAS(msg, "timeout after 0.5 s in offpath.http.request");
+  ASSERT(global_num(rt, "took") >= 0.45 && global_num(rt, "took") < 3.0);
+  ASSERT_EQ(global_num(rt, "calls"), 2);
+  /* Other events were served meanwhile: about 50 of each. */
+  ASSERT_GE(c_ticks - c0, 20);
+  ASSERT_GE(global_num(rt, "ticks") - l0, 20);
+  run_for(rt, 20);
+  ASSERT_EQ(open_fds(), base); /* the transfer was removed */
+
+  /* curl's connect timeout. */
+  clear_global(rt, "done");
+  call_port(rt, "with_connect_timeout", h.port);
+  run_until(rt, "done");
+  global_str(rt, "result", msg, sizeof msg);
+  ASSERT_STR_HAS(msg, "timeout: http GET http://127.0.0.1:");
+  ASSERT_EQ(global_num(rt, "calls"), 3);
+  run_for(rt, 20);
+  ASSERT_EQ(open_fds(), base);
+
+  /* A cancel while connecting. */
+  clear_global(rt, "done");
+  call_port(rt, "cancel_start", h.port);
+  run_for(rt, 200);
+  ASSERT(!global_is_set(rt, "done"));
+  ASSERT_EQ(open_fds(), base + 1);
+  ASSERT_OK(op_call(rt, "cancel_now", 0));
+  run_until(rt, "done");
+  global_str(rt, "result", msg, sizeof msg);
+  ASSERT_STR_HAS(msg, "cancelled");
+  ASSERT_EQ(global_num(rt, "calls"), 4);
+  run_for(rt, 50);
+  ASSERT_EQ(open_fds(), base);
+  ASSERT_EQ(global_num(rt, "calls"), 4); /* nothing came twice */
+
+  /* Stop the ticker, then everything closes to zero. */
+  lua_pushboolean(op_runtime_lua(rt), 1);
+  lua_setglobal(op_runtime_lua(rt), "stop");
+  run_until(rt, "ticker_done");
+  uv_close((uv_handle_t *)&timer, NULL);
+  ASSERT_OK(op_runtime_free(rt));
+  hang_close(&h);
+  return 0;
+}

@@ -1,0 +1,165 @@
+/*
+** test-redis-hang.c - offpath.redis against a connect that never
+** completes (tests/c/hang.h): connect's timeout, a call's timeout on a
+** client made in the main chunk (which connects lazily), and a cancel each
+** end their waiter exactly once, close the hanging socket, and the loop
+** keeps serving other events meanwhile.
+*/
+#include <string.h>
+#include <uv.h>
+
+#include "offpath.h"
+#include "hang.h"
+#include "test.h"
+
+static const char chunk[] =
+    "local offpath = require 'offpath'\n"
+    "ticks, calls = 0, 0\n"
+    "function ticker()\n"
+    "  while not stop do offpath.sleep(0.01); ticks = ticks + 1 end\n"
+    "  ticker_done = true\n"
+    "end\n"
+    "function connect(port)\n"
+    "  local t0 = offpath.now()\n"
+    "  local ok, err = pcall(offpath.redis.connect, '127.0.0.1:' .. port,\n"
+    "    { timeout = 0.5 })\n"
+    "  took = offpath.now() - t0\n"
+    "  result, calls, done = err, calls + 1, true\n"
+    "end\n"
+    "function call()\n"
+    "  local ok, err = pcall(early.call, early, 'PING')\n"
+    "  result, calls, done = err, calls + 1, true\n"
+    "end\n"
+    "function cancel_start()\n"
+    "  task = offpath.go(function()\n"
+    "    local ok, err = pcall(early.call_timeout, early, 60, 'PING')\n"
+    "    result, calls, done = err, calls + 1, true\n"
+    "  end)\n"
+    "end\n"
+    "function cancel_now() task:cancel() end\n";
+
+static int c_ticks;
+
+static void tick_cb(uv_timer_t *t) {
+  (void)t;
+  c_ticks++;
+}
+
+static int global_is_set(op_runtime *rt, const char *name) {
+  lua_State *L = op_runtime_lua(rt);
+  int set = lua_getglobal(L, name) != LUA_TNIL;
+  lua_pop(L, 1);
+  return set;
+}
+
+static double global_num(op_runtime *rt, const char *name) {
+  lua_State *L = op_runtime_lua(rt);
+  double v;
+  lua_getglobal(L, name);
+  v = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+static void global_str(op_runtime *rt, const char *name, char *buf,
+                       size_t len) {
+  lua_State *L = op_runtime_lua(rt);
+  lua_getglobal(L, name);
+  snprintf(buf, len, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
+  lua_pop(L, 1);
+}
+
+static void clear_global(op_runtime *rt, const char *name) {
+  lua_State *L = op_runtime_lua(rt);
+  lua_pushnil(L);
+  lua_setglobal(L, name);
+}
+
+static void run_until(op_runtime *rt, const char *flag) {
+  uint64_t deadline = uv_hrtime() + 10000000000u;
+
+  while (!global_is_set(rt, flag)) {
+    ASSERT(uv_hrtime() < deadline);
+    uv_run(op_runtime_uv_loop(rt), UV_RUN_ONCE);
+  }
+}
+
+static void run_for(op_runtime *rt, int ms) {
+  uint64_t end = uv_hrtime() + (uint64_t)ms * 1000000u;
+
+  while (uv_hrtime() < end)
+    uv_run(op_runtime_uv_loop(rt), UV_RUN_ONCE);
+}
+
+int main(void) {
+  op_runtime *rt;
+  hang_listener h;
+  uv_timer_t timer;
+  char msg[1024], early[256];
+  int base, c0;
+  double l0;
+
+  hang_open(&h);
+  ASSERT_OK(op_runtime_new(NULL, &rt));
+  ASSERT_OK(op_load_string(rt, chunk, "=hang.lua"));
+  uv_timer_init(op_runtime_uv_loop(rt), &timer);
+  uv_timer_start(&timer, tick_cb, 10, 10);
+  ASSERT_OK(op_call(rt, "ticker", 0));
+  run_for(rt, 20);
+  base = open_fds();
+
+  /* connect suspends until the server answers: here, until its timeout. */
+  c0 = c_ticks;
+  l0 = global_num(rt, "ticks");
+  lua_pushinteger(op_runtime_lua(rt), h.port);
+  ASSERT_OK(op_call(rt, "connect", 1));
+  run_for(rt, 100);
+  ASSERT_EQ(open_fds(), base + 1);
+  run_until(rt, "done");
+  global_str(rt, "result", msg, sizeof msg);
+  ASSERT_STR_HAS(msg, "timeout after 0.5 s in offpath.redis call");
+  ASSERT(global_num(rt, "took") >= 0.45 && global_num(rt, "took") < 3.0);
+  ASSERT_EQ(global_num(rt, "calls"), 1);
+  ASSERT_GE(c_ticks - c0, 20);
+  ASSERT_GE(global_num(rt, "ticks") - l0, 20);
+  run_for(rt, 20);
+  ASSERT_EQ(open_fds(), base); /* the connecting socket was closed */
+
+  /* A client made in a main chunk connects on its first command; the
+  ** command's timeout closes the connection that never connected. */
+  snprintf(early, sizeof early,
+           "early = offpath.redis.connect('127.0.0.1:%d', { timeout = 0.3 })",
+           h.port);
+  ASSERT_OK(op_load_string(rt, early, "=early.lua"));
+  ASSERT_EQ(open_fds(), base); /* nothing made yet */
+  clear_global(rt, "done");
+  ASSERT_OK(op_call(rt, "call", 0));
+  run_until(rt, "done");
+  global_str(rt, "result", msg, sizeof msg);
+  ASSERT_STR_HAS(msg, "timeout after 0.3 s in offpath.redis call");
+  ASSERT_EQ(global_num(rt, "calls"), 2);
+  run_for(rt, 20);
+  ASSERT_EQ(open_fds(), base);
+
+  /* A cancel while connecting. */
+  clear_global(rt, "done");
+  ASSERT_OK(op_call(rt, "cancel_start", 0));
+  run_for(rt, 200);
+  ASSERT(!global_is_set(rt, "done"));
+  ASSERT_EQ(open_fds(), base + 1);
+  ASSERT_OK(op_call(rt, "cancel_now", 0));
+  run_until(rt, "done");
+  global_str(rt, "result", msg, sizeof msg);
+  ASSERT_STR_HAS(msg, "cancelled");
+  run_for(rt, 50);
+  ASSERT_EQ(open_fds(), base);
+  ASSERT_EQ(global_num(rt, "calls"), 3);
+
+  lua_pushboolean(op_runtime_lua(rt), 1);
+  lua_setglobal(op_runtime_lua(rt), "stop");
+  run_until(rt, "ticker_done");
+  uv_close((uv_handle_t *)&timer, NULL);
+  ASSERT_OK(op_runtime_free(rt));
+  hang_close(&h);
+  return 0;
+}
