@@ -159,33 +159,27 @@ static void worker_close(op_worker *w) {
 }
 
 /* The protected body of a Lua task: decode the function and arguments,
-** call the function with a traceback handler, encode its results into
-** t->out. Errors of the function itself become (false, message) on the
-** stack; anything raised here is a failure of the machinery (memory).
-** [-1, +2, e] */
+** call the function, encode its results into t->out. Pushes (true) or
+** (false, message) when decoding or encoding fails; an error of the
+** function itself propagates to run_lua's pcall, whose message handler
+** adds the traceback (one protected call per task).  [-1, +2, e] */
 static int task_body(lua_State *L) {
   op_worker *w = *(op_worker **)lua_getextraspace(L);
   op_task *t = lua_touserdata(L, 1);
   char err[512];
-  int n, base, rc;
+  int n, rc;
 
   lua_settop(L, 0);
-  lua_pushcfunction(L, op__traceback);
-  base = lua_gettop(L);
   n = op__decode(w->xfer, L, t->in.p, t->in.len, err, sizeof err);
   if (n < 1) {
+    lua_settop(L, 0);
     lua_pushboolean(L, 0);
     lua_pushfstring(L, "cannot copy: %s", n < 0 ? err : "no function");
     return 2;
   }
-  if (lua_pcall(L, n - 1, LUA_MULTRET, base) != LUA_OK) {
-    lua_pushboolean(L, 0);
-    lua_insert(L, -2);
-    return 2;
-  }
-  n = lua_gettop(L) - base;
+  lua_call(L, n - 1, LUA_MULTRET);
   op__buf_free(&t->out);
-  rc = op__encode(w->xfer, L, base + 1, n, &t->out, "result", 1, err,
+  rc = op__encode(w->xfer, L, 1, lua_gettop(L), &t->out, "result", 1, err,
                   sizeof err);
   lua_settop(L, 0);
   lua_pushboolean(L, rc == 0);
@@ -204,9 +198,10 @@ static void run_lua(op_worker *w, op_task *t) {
 
   w->current = t;
   lua_settop(L, 0);
+  lua_pushcfunction(L, op__traceback);
   lua_pushcfunction(L, task_body);
   lua_pushlightuserdata(L, t);
-  if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
+  if (lua_pcall(L, 1, 2, 1) != LUA_OK) {
     lua_pushboolean(L, 0);
     lua_insert(L, -2);
   }

@@ -157,6 +157,9 @@ lua_State *op__new_state(op_runtime *rt) {
   if (L == NULL)
     return NULL;
   luaL_openlibs(L);
+  /* Tasks make many short-lived objects: generational collection costs a
+  ** fraction of incremental collection for them (see docs/benchmarks.md). */
+  lua_gc(L, LUA_GCGEN, 0, 0);
   op__preload_modules(L);
   if (rt->package_path != NULL) {
     lua_getglobal(L, "package");
@@ -212,16 +215,23 @@ static void done_cb(uv_async_t *async) {
   list = rt->done_head;
   rt->done_head = rt->done_tail = NULL;
   uv_mutex_unlock(&rt->done_mu);
+  /* Settle the whole batch before telling anyone, so a coroutine resumed
+  ** for one task finds the rest of the batch ended too. */
+  for (t = list; t != NULL; t = t->next) {
+    if (t->kind == OP_TASK_BLOCK)
+      continue;
+    rt->inflight--;
+    op__pool_returned(t->pool, t);
+    if (t->settle != NULL)
+      t->settle(t);
+  }
   while ((t = list) != NULL) {
     list = t->next;
     t->next = NULL;
-    if (t->kind == OP_TASK_BLOCK) {
+    if (t->kind == OP_TASK_BLOCK)
       op__block_run(rt, t);
-      continue;
-    }
-    rt->inflight--;
-    op__pool_returned(t->pool, t);
-    t->complete(t);
+    else
+      t->complete(t);
   }
   for (i = 0; i < rt->npools; i++)
     if (op__pool_backlog(rt->pools[i])->head != NULL)

@@ -60,9 +60,14 @@ static const char *const state_names[] = { "queued",    "running", "done",
                                            "failed",    "cancelled",
                                            "timeout" };
 
-/* Registry key of the metatable. */
+/* Registry keys of the two metatables. Most tasks hold nothing a finalizer
+** must free (their payloads fit inline), and a finalizer costs the
+** collector a separate pass, so only tasks that need one get the metatable
+** with __gc (see needs_gc). */
 static const char task_mt_key = 'T';
-#define TASK_MT "offpath.task"
+static const char task_gc_mt_key = 'G';
+#define TASK_MT    "offpath.task"
+#define TASK_GC_MT "offpath.task (finalized)"
 
 /* ---- the object and its uservalue ---- */
 
@@ -86,7 +91,36 @@ static void push_uv(lua_State *L, int idx, op_ltask *lt) {
 }
 
 static op_ltask *check_task(lua_State *L, int idx) {
-  return luaL_checkudata(L, idx, TASK_MT);
+  op_ltask *lt = lua_touserdata(L, idx);
+
+  if (lt != NULL && lua_getmetatable(L, idx)) {
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &task_mt_key) &&
+        lua_rawequal(L, -1, -2)) {
+      lua_pop(L, 2);
+      return lt;
+    }
+    lua_pop(L, 1);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &task_gc_mt_key);
+    if (lua_rawequal(L, -1, -2)) {
+      lua_pop(L, 2);
+      return lt;
+    }
+    lua_pop(L, 2);
+  }
+  luaL_typeerror(L, idx, TASK_MT);
+  return NULL;
+}
+
+/* Whether lt holds something only a finalizer can release. */
+static int needs_gc(op_ltask *lt) {
+  return lt->t.out.p != lt->t.out.small || lt->res_ref != LUA_NOREF ||
+         (lt->state == OP_TASK_FAILED && !lt->sched);
+}
+
+/* Give the task object on top of L the finalizing metatable.  [-0, +0, -] */
+static void set_gc(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &task_gc_mt_key);
+  lua_setmetatable(L, -2);
 }
 
 static void anchor(lua_State *L, op_ltask *lt, int idx) {
@@ -258,16 +292,14 @@ static void run_schedule(lua_State *L, op_ltask *lt, int uv) {
 
 /* End lt in state (once): stop its deadline, count it, tell its waiters,
 ** run its callbacks. */
-static void task_end(op_ltask *lt, int state) {
-  op_runtime *rt = lt->rt;
-  lua_State *L = rt->L;
-  int top = lua_gettop(L), uv, i, n;
-  op_wait_id first = lt->waiter;
+/* The first half of ending lt in state: decide it (once), stop its
+** deadline, count it. Returns 0 if it had already ended. */
+static int task_settle(op_ltask *lt, int state) {
+  lua_State *L = lt->rt->L;
 
   if (lt->state >= OP_TASK_DONE)
-    return;
+    return 0;
   lt->state = (uint8_t)state;
-  lt->waiter = 0;
   if (lt->timer != NULL) {
     uv_timer_stop(lt->timer);
     uv_close((uv_handle_t *)lt->timer, timer_close_cb);
@@ -275,7 +307,23 @@ static void task_end(op_ltask *lt, int state) {
   }
   if (lt->kind == OP_LT_POOL)
     op__pool_count_end(lt->t.pool, &lt->t, (op_task_state)state);
+  if (needs_gc(lt)) {
+    push_task(L, lt);
+    set_gc(L);
+    lua_pop(L, 1);
+  }
+  return 1;
+}
 
+/* The second half: run the callbacks and tell the waiters of a task that
+** task_settle() has ended. */
+static void task_notify(op_ltask *lt) {
+  op_runtime *rt = lt->rt;
+  lua_State *L = rt->L;
+  int top = lua_gettop(L), uv, i, n;
+  op_wait_id first = lt->waiter;
+
+  lt->waiter = 0;
   if (!lt->has_uv) {
     /* The common case: one waiter, no callbacks. */
     if (first != 0)
@@ -311,6 +359,13 @@ static void task_end(op_ltask *lt, int state) {
     }
   }
   lua_settop(L, top);
+}
+
+/* End lt in state (once): stop its deadline, count it, run its callbacks
+** and tell its waiters. */
+static void task_end(op_ltask *lt, int state) {
+  if (task_settle(lt, state))
+    task_notify(lt);
 }
 
 /* Stop lt early with code (OP_ECANCELED or OP_ETIMEDOUT). */
@@ -369,12 +424,20 @@ static void start_deadline(op_ltask *lt) {
                  (uint64_t)(lt->timeout * 1000.0 + 0.5), 0);
 }
 
-/* The pool hands a task back (drain). */
-static void task_complete(op_task *t) {
+/* The pool hands a task back. The drain calls settle for a whole batch
+** first and complete after, so a waiter resumed for the first task of a
+** batch finds the others already ended and does not suspend again. */
+static void task_settle_cb(op_task *t) {
   op_ltask *lt = (op_ltask *)t;
   int state;
 
   lt->in_pool = 0;
+  op__buf_free(&t->in);  /* the worker is done with it */
+  if (lt->state >= OP_TASK_DONE) {
+    op__buf_free(&t->out);  /* stopped earlier: nobody reads it */
+    t->notify = 0;
+    return;
+  }
   switch (t->status) {
   case 0:
     state = OP_TASK_DONE;
@@ -389,7 +452,16 @@ static void task_complete(op_task *t) {
     state = OP_TASK_FAILED;
     break;
   }
-  task_end(lt, state);
+  t->notify = (uint8_t)task_settle(lt, state);
+}
+
+static void task_complete(op_task *t) {
+  op_ltask *lt = (op_ltask *)t;
+
+  if (t->notify) {
+    t->notify = 0;
+    task_notify(lt);
+  }
   maybe_release(lt);
 }
 
@@ -424,6 +496,7 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
                call);
   lt = new_task(L, OP_LT_POOL, call);
   lt->t.pool = pool;
+  lt->t.settle = task_settle_cb;
   lt->t.complete = task_complete;
   lt->t.owner = lt;
   lt->timeout = timeout;
@@ -448,9 +521,11 @@ int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait) {
   int rc;
 
   rc = bl->head == NULL ? op__pool_submit(p, &lt->t) : OP_EAGAIN;
-  if (rc == OP_ESHUTDOWN)
+  if (rc == OP_ESHUTDOWN) {
+    op__buf_free(&lt->t.in);
     luaL_error(L, "shutdown: %s refused, the runtime is shutting down",
                lt->call);
+  }
   anchor(L, lt, -1);
   if (rc == 0) {
     lt->in_pool = 1;
@@ -458,6 +533,7 @@ int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait) {
     return 0;
   }
   if (!may_wait) {
+    op__buf_free(&lt->t.in);
     lt->state = OP_TASK_CANCELLED; /* never queued: nothing to count */
     maybe_release(lt);
     return OP_EAGAIN;
@@ -738,12 +814,22 @@ void op__task_open(lua_State *L) {
                                       { "status", task_status },
                                       { NULL, NULL } };
 
-  luaL_newmetatable(L, TASK_MT);
   luaL_newlib(L, methods);
+  luaL_newmetatable(L, TASK_MT);
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, task_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &task_mt_key);
+  luaL_newmetatable(L, TASK_GC_MT);
+  lua_pushvalue(L, -2);
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, task_tostring);
   lua_setfield(L, -2, "__tostring");
   lua_pushcfunction(L, task_gc);
   lua_setfield(L, -2, "__gc");
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &task_mt_key);
+  lua_pushliteral(L, TASK_MT);
+  lua_setfield(L, -2, "__name");
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &task_gc_mt_key);
+  lua_pop(L, 1);
 }

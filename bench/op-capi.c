@@ -1,0 +1,201 @@
+/*
+** op-capi.c - offpath's C API round trip: x + 1 through op_submit on a pool
+** of N workers, pipelined (up to 1024 in flight) or one at a time; the
+** counterpart of bench/peer-cpool.c.
+** Thread: main() and every done callback on the loop thread; work() on the
+** pool's worker threads.
+**
+** The loop is driven by op_runtime_run(): done() consumes a result and
+** submits the next task from inside the completion callback, so the window
+** stays full without returning to main(). The pool's threads (and their Lua
+** VMs, which C tasks do not use) start on first use; a warm-up of a few
+** tasks per worker runs before the clock starts.
+*/
+#include <errno.h>
+#include <inttypes.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include "offpath.h"
+
+#define WINDOW      1024 /* tasks in flight in pipelined mode */
+#define MAX_WORKERS 64
+
+struct slot {
+  int64_t x;
+  int64_t result;
+};
+
+static struct {
+  op_runtime *rt;
+  long ntasks;
+  long submitted;
+  long finished;
+  int64_t sum;
+  int failed;
+} B;
+
+static struct slot slots[WINDOW];
+
+/* Return CLOCK_MONOTONIC in nanoseconds. */
+static uint64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Parse a non-negative integer option value; exit with usage on error. */
+static long parse_long(const char *opt, const char *s, long min, long max) {
+  char *end;
+  long v;
+
+  errno = 0;
+  v = strtol(s, &end, 10);
+  if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
+    fprintf(stderr, "op-capi: bad value for %s: '%s' (%ld..%ld)\n", opt, s,
+            min, max);
+    exit(2);
+  }
+  return v;
+}
+
+/* The task. Thread: worker. */
+static void work(void *arg) {
+  struct slot *s = arg;
+  s->result = s->x + 1;
+}
+
+static void done(void *arg, int status);
+
+/* Submit the next task in slot s. */
+static void submit(struct slot *s) {
+  int rc;
+
+  s->x = B.submitted++;
+  rc = op_submit(B.rt, "b", work, done, s);
+  if (rc != 0) {
+    fprintf(stderr, "op-capi: op_submit: %s\n", op_strerror(rc));
+    exit(1);
+  }
+}
+
+/* Consume a result and reuse its slot for the next task. */
+static void done(void *arg, int status) {
+  struct slot *s = arg;
+
+  if (status != 0) {
+    B.failed++;
+    return;
+  }
+  B.sum += s->result;
+  B.finished++;
+  if (B.submitted < B.ntasks) {
+    submit(s);
+  }
+}
+
+static void usage(void) {
+  fprintf(stderr, "usage: op-capi --workers N --mode pipelined|serial "
+                  "--tasks N\n"
+                  "  pipelined: up to %d tasks in flight, prints ns_per_trip\n"
+                  "  serial:    one task at a time, prints us_per_trip\n",
+          WINDOW);
+  exit(2);
+}
+
+int main(int argc, char **argv) {
+  op_config cfg;
+  struct rusage ru;
+  const char *mode = "pipelined";
+  long window, i, n;
+  int workers = 1, rc;
+  uint64_t t0, wall;
+  int64_t want;
+  double cpu_user, cpu_sys, wall_s;
+
+  for (i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (i + 1 >= argc) {
+      usage();
+    } else if (strcmp(a, "--workers") == 0) {
+      workers = (int)parse_long(a, argv[++i], 1, MAX_WORKERS);
+    } else if (strcmp(a, "--tasks") == 0) {
+      B.ntasks = parse_long(a, argv[++i], 1, 1000000000L);
+    } else if (strcmp(a, "--mode") == 0) {
+      mode = argv[++i];
+      if (strcmp(mode, "pipelined") != 0 && strcmp(mode, "serial") != 0) {
+        usage();
+      }
+    } else {
+      usage();
+    }
+  }
+  if (B.ntasks == 0) {
+    usage();
+  }
+  window = strcmp(mode, "pipelined") == 0 ? WINDOW : 1;
+  if (window > B.ntasks) {
+    window = B.ntasks;
+  }
+
+  op_config_init(&cfg);
+  if ((rc = op_config_pool(&cfg, "b", workers, 2048)) != 0 ||
+      (rc = op_runtime_new(&cfg, &B.rt)) != 0) {
+    fprintf(stderr, "op-capi: runtime: %s\n", op_strerror(rc));
+    return 1;
+  }
+
+  /* Warm-up: start the pool's threads. */
+  n = B.ntasks;
+  B.ntasks = workers * 4;
+  for (i = 0; i < B.ntasks; i++) {
+    submit(&slots[i]);
+  }
+  op_runtime_run(B.rt);
+  B.ntasks = n;
+  B.submitted = B.finished = 0;
+  B.sum = 0;
+
+  t0 = now_ns();
+  for (i = 0; i < window; i++) {
+    submit(&slots[i]);
+  }
+  if ((rc = op_runtime_run(B.rt)) != 0) {
+    fprintf(stderr, "op-capi: op_runtime_run: %s\n", op_strerror(rc));
+    return 1;
+  }
+  wall = now_ns() - t0;
+  getrusage(RUSAGE_SELF, &ru);
+  if ((rc = op_runtime_free(B.rt)) != 0) {
+    fprintf(stderr, "op-capi: op_runtime_free: %s\n", op_strerror(rc));
+    return 1;
+  }
+
+  want = (int64_t)B.ntasks * (B.ntasks - 1) / 2 + B.ntasks;
+  if (B.failed != 0 || B.finished != B.ntasks || B.sum != want) {
+    fprintf(stderr,
+            "op-capi: %ld of %ld tasks, %d failed, sum %" PRId64
+            ", want %" PRId64 "\n",
+            B.finished, B.ntasks, B.failed, B.sum, want);
+    return 1;
+  }
+
+  cpu_user = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
+  cpu_sys = (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+  wall_s = (double)wall / 1e9;
+  printf("name=offpath-c workers=%d mode=%s tasks=%ld", workers, mode,
+         B.ntasks);
+  if (window > 1) {
+    printf(" ns_per_trip=%.1f", (double)wall / (double)B.ntasks);
+  } else {
+    printf(" us_per_trip=%.2f", (double)wall / (double)B.ntasks / 1e3);
+  }
+  printf(" wall_s=%.3f cpu_user=%.3f cpu_sys=%.3f cpu_pct=%.1f maxrss_kb=%ld\n",
+         wall_s, cpu_user, cpu_sys, 100.0 * (cpu_user + cpu_sys) / wall_s,
+         ru.ru_maxrss);
+  return 0;
+}
