@@ -165,6 +165,12 @@ OP_EXTERN int op_load_script(op_runtime *rt, const char *path);
 OP_EXTERN int op_load_string(op_runtime *rt, const char *chunk,
                              const char *name);
 
+/* Start the threads of every pool now. Pools otherwise start on their
+** first task, which then pays for making the threads and their Lua states
+** (tens of ms for big pools) on the loop thread. Call it once the script
+** has configured its pools. Returns 0 or OP_ENOMEM. */
+OP_EXTERN int op_runtime_start(op_runtime *rt);
+
 /* Call the global function `handler` with the nargs values on top of the
 ** main lua_State's stack (popped), in a coroutine. Returns at once if the
 ** handler suspends. Returns 0 (done or suspended), OP_ENOHANDLER if there is
@@ -196,6 +202,12 @@ OP_EXTERN op_runtime *op_runtime_from_lua(lua_State *L);
 
 /* Suspended handler coroutines right now (for host backpressure). */
 OP_EXTERN int op_runtime_suspended(op_runtime *rt);
+
+/* Cancel every suspended wait: each handler gets "cancelled: ..." raised
+** at its suspension point, and the operation behind the wait is aborted
+** (a task stopped, a child killed, a request removed). For a host's
+** shutdown deadline. Returns how many waits were cancelled. */
+OP_EXTERN int op_runtime_cancel(op_runtime *rt);
 
 /* ---- C tasks ---- */
 

@@ -155,6 +155,8 @@ int op__pool_configure(op_pool *p, int threads, int queue, const char *init);
 /* Queue t. Returns 0, OP_EAGAIN (full) or OP_ESHUTDOWN; on error the task
 ** is untouched and complete() is never called. */
 int op__pool_submit(op_pool *p, op_task *t);
+/* Start p's threads now if they have not started. 0 or OP_ENOMEM. */
+int op__pool_start(op_pool *p);
 /* Whether p's queue is full now. */
 int op__pool_full(op_pool *p);
 /* Ask t to stop with code (OP_ECANCELED or OP_ETIMEDOUT). A queued task
@@ -169,6 +171,8 @@ void op__pool_stats(op_pool *p, op_pool_stats *out);
 /* Count an ended task in the pool's statistics (loop thread). */
 void op__pool_count_end(op_pool *p, op_task *t, op_task_state how);
 
+/* Append the tasks p's workers finished to the list head..tail (drain). */
+void op__pool_take_done(op_pool *p, op_task **head, op_task **tail);
 /* The runtime a pool belongs to. */
 op_runtime *op__pool_rt(op_pool *p);
 /* The worker gave t back (drain, before t->complete). */
@@ -493,6 +497,10 @@ struct op_runtime {
   int live_cos;            /* handler coroutines started and not ended */
 
   uint64_t inflight;       /* pool tasks submitted and not completed */
+  uint64_t batch_now;      /* uv_hrtime() at the start of the drain or
+                              resume running now, or 0 */
+  op_task *free_ctasks;    /* finished C tasks kept for reuse */
+  int nfree_ctasks;
   int closing;
   int loaded;              /* a script's main chunk ran */
 
@@ -510,6 +518,11 @@ struct op_runtime {
   /* io modules: each owns its pointer (src/io/). */
   void *io_http, *io_redis, *io_pg, *io_sqlite, *io_exec, *io_fs;
 };
+
+/* Now, in ns: one clock read serves a whole drained batch. */
+static inline uint64_t op__now(op_runtime *rt) {
+  return rt->batch_now ? rt->batch_now : uv_hrtime();
+}
 
 /* The op_co record of L (root for threads offpath does not run). */
 static inline op_co *op__co(lua_State *L) {

@@ -4,11 +4,17 @@
 **
 ** DESIGN
 **
-** Each pool has a FIFO queue of op_task under one mutex, and a condition
-** variable idle workers sleep on. Submitting signals the condition only
-** when a worker is idle, so a busy pool costs no futex call per task.
-** A worker pops a task, runs it with no lock held, and hands it to the
-** loop thread through op__complete() (runtime.c).
+** Each pool has a FIFO queue of op_task and a list of finished tasks,
+** both under one mutex, and a condition variable idle workers sleep on.
+** A worker hands in the task it finished and takes its next one in the
+** same critical section, so a busy pool costs one lock per task. The
+** producer that makes the finished list non-empty wakes the loop thread
+** (uv_async_send, which coalesces); the loop thread swaps the lists of
+** every pool out whole (op__pool_take_done).
+**
+** Submitting signals the condition only when more workers are idle than
+** have already been signalled, so a burst of submits wakes a sleeping
+** worker once.
 **
 ** Lock order: pool->mu, then rt->done_mu (op__complete never takes
 ** pool->mu). No Lua call is made under either lock.
@@ -58,9 +64,11 @@ struct op_pool {
   uv_mutex_t mu;         /* guards everything down to `stopping` */
   uv_cond_t cv;
   op_task *head, *tail;
+  op_task *done_head, *done_tail; /* finished, for the loop thread */
   uint32_t queued;
   uint32_t hwm;
   int idle;              /* workers waiting on cv */
+  int signalled;         /* of those, signalled and not yet running */
   int stopping;
 
   /* Loop thread only. */
@@ -231,30 +239,55 @@ static void run_lua(op_worker *w, op_task *t) {
 static void worker_main(void *arg) {
   op_worker *w = arg;
   op_pool *p = w->pool;
-  op_task *t;
+  op_task *t, *done = NULL;
+  int wake;
 
   self = w;
   worker_open(w);
   for (;;) {
     uv_mutex_lock(&p->mu);
+    wake = 0;
+    if (done != NULL) {
+      /* Hand in the finished task in the same critical section. */
+      done->next = NULL;
+      wake = p->done_head == NULL;
+      if (p->done_tail != NULL)
+        p->done_tail->next = done;
+      else
+        p->done_head = done;
+      p->done_tail = done;
+      done = NULL;
+    }
     while (p->head == NULL && !p->stopping) {
+      if (wake) {
+        /* About to sleep: wake the loop thread first, without the lock. */
+        uv_mutex_unlock(&p->mu);
+        uv_async_send(&p->rt->done_async);
+        wake = 0;
+        uv_mutex_lock(&p->mu);
+        continue;
+      }
       p->idle++;
       uv_cond_wait(&p->cv, &p->mu);
       p->idle--;
+      if (p->signalled > 0)
+        p->signalled--;
     }
     t = p->head;
-    if (t == NULL) {
-      uv_mutex_unlock(&p->mu);
-      break;
+    if (t != NULL) {
+      p->head = t->next;
+      if (p->head != NULL)
+        p->head->prev = NULL;
+      else
+        p->tail = NULL;
+      t->queued = 0;
+      p->queued--;
     }
-    p->head = t->next;
-    if (p->head != NULL)
-      p->head->prev = NULL;
-    else
-      p->tail = NULL;
-    t->queued = 0;
-    p->queued--;
     uv_mutex_unlock(&p->mu);
+    if (wake)
+      uv_async_send(&p->rt->done_async);
+    if (t == NULL)
+      break;
 
     t->next = t->prev = NULL;
     if (atomic_load(&t->stop) != 0) {
@@ -269,10 +302,30 @@ static void worker_main(void *arg) {
       op__buf_free(&t->out);
       op__buf_append(&t->out, "worker has no Lua state", 23);
     }
-    op__complete(p->rt, t);
+    done = t;
   }
   worker_close(w);
   self = NULL;
+}
+
+/* Take the tasks p's workers finished, appending them to the list
+** from *head to *tail.
+** Thread: loop. */
+void op__pool_take_done(op_pool *p, op_task **head, op_task **tail) {
+  op_task *h, *t;
+
+  uv_mutex_lock(&p->mu);
+  h = p->done_head;
+  t = p->done_tail;
+  p->done_head = p->done_tail = NULL;
+  uv_mutex_unlock(&p->mu);
+  if (h == NULL)
+    return;
+  if (*tail != NULL)
+    (*tail)->next = h;
+  else
+    *head = h;
+  *tail = t;
 }
 
 /* ---- pools ---- */
@@ -369,6 +422,10 @@ int op__pool_full(op_pool *p) {
   return full;
 }
 
+int op__pool_start(op_pool *p) {
+  return p->started ? 0 : start(p);
+}
+
 int op__pool_submit(op_pool *p, op_task *t) {
   int rc;
 
@@ -376,7 +433,7 @@ int op__pool_submit(op_pool *p, op_task *t) {
     return rc;
   t->pool = p;
   t->next = NULL;
-  t->t_submit = uv_hrtime();
+  t->t_submit = op__now(p->rt);
   uv_mutex_lock(&p->mu);
   if (p->stopping) {
     uv_mutex_unlock(&p->mu);
@@ -395,8 +452,13 @@ int op__pool_submit(op_pool *p, op_task *t) {
   t->queued = 1;
   if (++p->queued > p->hwm)
     p->hwm = p->queued;
-  if (p->idle > 0)
+  if (p->idle > p->signalled) {
+    /* Signalled under the lock: measured faster when the loop thread and
+    ** the worker share a CPU (the worker cannot preempt its waker for
+    ** every task), and no slower across CPUs (docs/benchmarks.md). */
+    p->signalled++;
     uv_cond_signal(&p->cv);
+  }
   uv_mutex_unlock(&p->mu);
   p->submitted++;
   p->inflight++;
@@ -491,7 +553,7 @@ void op__pool_count_end(op_pool *p, op_task *t, op_task_state how) {
     p->cancelled++;
     break;
   }
-  op__hist_add(&p->hist, uv_hrtime() - t->t_submit);
+  op__hist_add(&p->hist, op__now(p->rt) - t->t_submit);
 }
 
 /* The worker gave t back (drain, before t->complete). */

@@ -208,15 +208,19 @@ void op__update_ref(op_runtime *rt) {
 
 static void done_cb(uv_async_t *async) {
   op_runtime *rt = async->data;
-  op_task *t, *list;
+  op_task *t, *list, *tail;
   int i;
 
   uv_mutex_lock(&rt->done_mu);
   list = rt->done_head;
+  tail = rt->done_tail;
   rt->done_head = rt->done_tail = NULL;
   uv_mutex_unlock(&rt->done_mu);
+  for (i = 0; i < rt->npools; i++)
+    op__pool_take_done(rt->pools[i], &list, &tail);
   /* Settle the whole batch before telling anyone, so a coroutine resumed
   ** for one task finds the rest of the batch ended too. */
+  rt->batch_now = uv_hrtime();
   for (t = list; t != NULL; t = t->next) {
     if (t->kind == OP_TASK_BLOCK)
       continue;
@@ -233,6 +237,7 @@ static void done_cb(uv_async_t *async) {
     else
       t->complete(t);
   }
+  rt->batch_now = 0;
   for (i = 0; i < rt->npools; i++)
     if (op__pool_backlog(rt->pools[i])->head != NULL)
       op__task_flush_backlog(rt->pools[i]);
@@ -245,18 +250,28 @@ typedef struct ctask {
   op_task t;
   op_done_fn done;
   void *arg;
+  op_runtime *rt;
 } ctask;
+
+#define MAX_FREE_CTASKS 1024
 
 static void ctask_complete(op_task *t) {
   ctask *c = (ctask *)t;
+  op_runtime *rt = c->rt;
   op_done_fn done = c->done;
   void *arg = c->arg;
   int status = t->status;
 
   op__pool_count_end(t->pool, t,
                      status == 0 ? OP_TASK_DONE : OP_TASK_CANCELLED);
-  op__task_release(t);
-  free(c);
+  /* Keep it for the next op_submit: no malloc per C task. */
+  if (rt->nfree_ctasks < MAX_FREE_CTASKS) {
+    t->next = rt->free_ctasks;
+    rt->free_ctasks = t;
+    rt->nfree_ctasks++;
+  } else {
+    free(c);
+  }
   done(arg, status);
 }
 
@@ -272,9 +287,15 @@ int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
     return OP_ESHUTDOWN;
   if ((p = op__pool_find(rt, pool)) == NULL)
     return OP_ENOPOOL;
-  if ((c = malloc(sizeof *c)) == NULL)
+  if (rt->free_ctasks != NULL) {
+    c = (ctask *)rt->free_ctasks;
+    rt->free_ctasks = c->t.next;
+    rt->nfree_ctasks--;
+  } else if ((c = malloc(sizeof *c)) == NULL) {
     return OP_ENOMEM;
+  }
   op__task_init(&c->t, OP_TASK_C);
+  c->rt = rt;
   c->t.work = work;
   c->t.arg = arg;
   c->t.complete = ctask_complete;
@@ -282,7 +303,9 @@ int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
   c->arg = arg;
   rc = op__pool_submit(p, &c->t);
   if (rc != 0) {
-    free(c);
+    c->t.next = rt->free_ctasks;
+    rt->free_ctasks = &c->t;
+    rt->nfree_ctasks++;
     return rc;
   }
   return 0;
@@ -431,6 +454,11 @@ int op_runtime_free(op_runtime *rt) {
   uv_mutex_destroy(&rt->done_mu);
   if (rt->own && uv_loop_close(&rt->own_loop) != 0)
     rc = rc ? rc : OP_EBUSY;
+  while (rt->free_ctasks != NULL) {
+    op_task *t = rt->free_ctasks;
+    rt->free_ctasks = t->next;
+    free(t);
+  }
   free(rt->errmsg);
   free(rt->package_path);
   free(rt);
@@ -474,6 +502,13 @@ int op_runtime_suspended(op_runtime *rt) {
   return rt->suspended;
 }
 
+int op_runtime_cancel(op_runtime *rt) {
+  int n = (int)rt->pending_waits;
+
+  op__sched_cancel_all(rt);
+  return n;
+}
+
 /* ---- scripts and handlers ---- */
 
 static int run_chunk(op_runtime *rt, int status) {
@@ -490,6 +525,15 @@ static int run_chunk(op_runtime *rt, int status) {
     return OP_ESCRIPT;
   }
   rt->loaded = 1;
+  return 0;
+}
+
+int op_runtime_start(op_runtime *rt) {
+  int i, rc;
+
+  for (i = 0; i < rt->npools; i++)
+    if ((rc = op__pool_start(rt->pools[i])) != 0)
+      return rc;
   return 0;
 }
 

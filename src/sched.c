@@ -353,7 +353,10 @@ void op__sched_cancel_all(op_runtime *rt) {
   for (i = 0; i < rt->nwaits; i++)
     if (rt->waits[i].co != NULL)
       op__wait_cancel(rt, wait_id(rt, i),
-                      "cancelled: runtime shutting down", OP_ECANCELED);
+                      rt->closing ? "cancelled: runtime shutting down"
+                                  : "cancelled: the host cancelled "
+                                    "suspended handlers",
+                      OP_ECANCELED);
 }
 
 /* ---- deferred work ---- */
@@ -467,7 +470,7 @@ static void push_co_error(op_co *c) {
 static void co_resume(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
   int status, nres = 0;
-  uint64_t t0;
+  uint64_t t0, saved_now;
 
   if (rt->depth > 0) {
     /* Lua is running on this thread: resume on the next turn instead. */
@@ -479,9 +482,12 @@ static void co_resume(op_co *c, int nargs) {
     rt->suspended--;
   }
   t0 = uv_hrtime();
+  saved_now = rt->batch_now;
+  rt->batch_now = t0;  /* submits made by this resume read it */
   rt->depth++;
   status = lua_resume(c->L, rt->L, nargs, &nres);
   rt->depth--;
+  rt->batch_now = saved_now;
   op__hist_add(&rt->call_hist, uv_hrtime() - t0);
 
   c->quiet = 0;

@@ -280,19 +280,11 @@ int engine_call_lifecycle(host *h, const char *name, rec_kind kind) {
   return 1;
 }
 
-/*
-** Cancel every suspended handler: each pending wait fails with
+/* Cancel every suspended handler: each pending wait fails with
 ** "cancelled: ..." and the operation behind it is aborted (owned tasks
-** cancelled, children killed).
-**
-** The public API has no such call yet, so this uses the scheduler's own
-** shutdown step, which op_runtime_free() runs too. Replace it with a public
-** op_runtime_cancel(rt) once the library exports one.
-*/
-void op__sched_cancel_all(op_runtime *rt);
-
+** cancelled, children killed). */
 void engine_cancel_all(host *h) {
-  op__sched_cancel_all(h->rt);
+  op_runtime_cancel(h->rt);
 }
 
 void engine_on_error(op_runtime *rt, const char *msg, void *ud) {

@@ -468,6 +468,7 @@ static int run(host *h) {
     goto done;
   }
   reapply_pools(h);
+  op_runtime_start(h->rt);
   if (engine_output_open(h, err, sizeof err) != 0) {
     fprintf(stderr, "offpath: %s\n", err);
     rc = EXIT_INPUT;

@@ -510,6 +510,7 @@ static http_mod *get_mod(lua_State *L, op_runtime *rt) {
   if (m->multi == NULL) {
     free(m);
     luaL_error(L, "http: cannot make a curl multi handle");
+    return NULL; /* not reached: luaL_error does not return */
   }
   if (curl_multi_setopt(m->multi, CURLMOPT_SOCKETFUNCTION, sock_cb) ||
       curl_multi_setopt(m->multi, CURLMOPT_SOCKETDATA, m) ||
