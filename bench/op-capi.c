@@ -56,8 +56,8 @@ static long parse_long(const char *opt, const char *s, long min, long max) {
   errno = 0;
   v = strtol(s, &end, 10);
   if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
-    fprintf(stderr, "op-capi: bad value for %s: '%s' (%ld..%ld)\n", opt, s,
-            min, max);
+    fprintf(stderr, "op-capi: bad value for %s: '%s' (%ld..%ld)\n", opt, s, min,
+            max);
     exit(2);
   }
   return v;
@@ -99,10 +99,11 @@ static void done(void *arg, int status) {
 }
 
 static void usage(void) {
-  fprintf(stderr, "usage: op-capi --workers N --mode pipelined|serial "
-                  "--tasks N\n"
-                  "  pipelined: up to %d tasks in flight, prints ns_per_trip\n"
-                  "  serial:    one task at a time, prints us_per_trip\n",
+  fprintf(stderr,
+          "usage: op-capi --workers N --mode pipelined|serial "
+          "--tasks N\n"
+          "  pipelined: up to %d tasks in flight, prints ns_per_trip\n"
+          "  serial:    one task at a time, prints us_per_trip\n",
           WINDOW);
   exit(2);
 }

@@ -105,9 +105,10 @@ int main(int argc, char **argv) {
     }
     while (i < due) {
       long n = i + 1;
-      len = snprintf(buf, sizeof buf,
-                     "%010ld,2024-01-01T00:%02ld:%02ldZ,user%06ld,GET,/item/%ld,200",
-                     n, n / 60 % 60, n % 60, n % 1000003, n % 9973);
+      len = snprintf(
+          buf, sizeof buf,
+          "%010ld,2024-01-01T00:%02ld:%02ldZ,user%06ld,GET,/item/%ld,200", n,
+          n / 60 % 60, n % 60, n % 1000003, n % 9973);
       if (sendto(fd, buf, (size_t)len, 0, (struct sockaddr *)&to, sizeof to) <
           0) {
         if (errno == ENOBUFS || errno == EAGAIN || errno == EINTR) {

@@ -25,11 +25,11 @@ extern "C" {
 #define OP_EXTERN /* nothing */
 #endif
 
-#define OP_VERSION_MAJOR 0
-#define OP_VERSION_MINOR 1
-#define OP_VERSION_PATCH 0
+#define OP_VERSION_MAJOR  0
+#define OP_VERSION_MINOR  1
+#define OP_VERSION_PATCH  0
 #define OP_VERSION_STRING "0.1.0"
-#define OP_VERSION_HEX                                                        \
+#define OP_VERSION_HEX                                                         \
   ((OP_VERSION_MAJOR << 16) | (OP_VERSION_MINOR << 8) | OP_VERSION_PATCH)
 
 /* The linked library's version, e.g. "0.1.0". */
@@ -40,26 +40,26 @@ OP_EXTERN const char *op_version(void);
 ** libuv's (OP_EINVAL == UV_EINVAL), so libuv errors pass straight through.
 ** Codes only offpath has live in -30000..-30099, which libuv never uses.
 */
-#define OP_ERRNO_MAP(XX)                                                      \
-  XX(EINVAL, -22, "invalid argument")                                         \
-  XX(ENOMEM, -12, "out of memory")                                            \
-  XX(ENOENT, -2, "no such file or directory")                                 \
-  XX(EBUSY, -16, "resource busy")                                             \
-  XX(EAGAIN, -11, "queue full")                                               \
-  XX(ECANCELED, -125, "operation cancelled")                                  \
-  XX(ETIMEDOUT, -110, "timed out")                                            \
-  XX(ESHUTDOWN, -108, "runtime is shutting down")                             \
-  XX(ESCRIPT, -30001, "script error")                                         \
-  XX(ENOPOOL, -30002, "no such pool")                                         \
-  XX(ECOPY, -30003, "value cannot be copied between Lua states")              \
-  XX(ESTARTED, -30004, "pool already started")                                \
+#define OP_ERRNO_MAP(XX)                                                       \
+  XX(EINVAL, -22, "invalid argument")                                          \
+  XX(ENOMEM, -12, "out of memory")                                             \
+  XX(ENOENT, -2, "no such file or directory")                                  \
+  XX(EBUSY, -16, "resource busy")                                              \
+  XX(EAGAIN, -11, "queue full")                                                \
+  XX(ECANCELED, -125, "operation cancelled")                                   \
+  XX(ETIMEDOUT, -110, "timed out")                                             \
+  XX(ESHUTDOWN, -108, "runtime is shutting down")                              \
+  XX(ESCRIPT, -30001, "script error")                                          \
+  XX(ENOPOOL, -30002, "no such pool")                                          \
+  XX(ECOPY, -30003, "value cannot be copied between Lua states")               \
+  XX(ESTARTED, -30004, "pool already started")                                 \
   XX(ENOHANDLER, -30005, "no such handler")
 
 typedef enum op_errno {
 #define OP_ERRNO_ENUM(name, value, text) OP_##name = (value),
   OP_ERRNO_MAP(OP_ERRNO_ENUM)
 #undef OP_ERRNO_ENUM
-  OP_EMAX_SENTINEL = -30099
+      OP_EMAX_SENTINEL = -30099
 } op_errno;
 
 /* A static description of an error code; "unknown error" if unknown. */
@@ -73,16 +73,16 @@ OP_EXTERN const char *op_err_name(int err);
 #define OP_POOL_NAME_MAX 32
 
 typedef struct op_pool_config {
-  const char *name;  /* "io", "cpu", or any name up to 31 bytes */
-  int threads;       /* worker threads; 0 means the default */
-  int queue;         /* bounded queue length; 0 means the default (4096) */
-  const char *init;  /* a Lua file run once in each worker VM, or NULL */
+  const char *name; /* "io", "cpu", or any name up to 31 bytes */
+  int threads;      /* worker threads; 0 means the default */
+  int queue;        /* bounded queue length; 0 means the default (4096) */
+  const char *init; /* a Lua file run once in each worker VM, or NULL */
 } op_pool_config;
 
 /* What happens to queued tasks when the runtime is freed. */
 typedef enum op_shutdown_mode {
-  OP_SHUTDOWN_DRAIN = 0,  /* queued tasks still run (default) */
-  OP_SHUTDOWN_CANCEL = 1  /* queued tasks end as cancelled */
+  OP_SHUTDOWN_DRAIN = 0, /* queued tasks still run (default) */
+  OP_SHUTDOWN_CANCEL = 1 /* queued tasks end as cancelled */
 } op_shutdown_mode;
 
 /* What happens when an offpath.block section overruns its budget. */
@@ -94,13 +94,13 @@ typedef enum op_block_policy {
 struct uv_loop_s;
 
 typedef struct op_config {
-  struct uv_loop_s *loop;      /* host's loop, or NULL: the runtime makes one */
+  struct uv_loop_s *loop; /* host's loop, or NULL: the runtime makes one */
   op_pool_config pools[OP_MAX_POOLS]; /* extra pools or overrides of io/cpu */
   int npools;
   op_shutdown_mode shutdown;
-  double block_budget;         /* seconds; default 0.1 */
+  double block_budget; /* seconds; default 0.1 */
   op_block_policy block_policy;
-  const char *package_path;    /* prepended to package.path in every VM */
+  const char *package_path; /* prepended to package.path in every VM */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,
@@ -191,8 +191,7 @@ OP_EXTERN void op_runtime_on_error(op_runtime *rt, op_error_cb cb, void *ud);
 /* Make `fns` methods of the `engine` object handed to handlers (and reachable
 ** as offpath.engine in the main VM and in block sections). ud is the
 ** host's; Lua functions get it with op_engine_ud(L). Call before loading. */
-OP_EXTERN int op_register_engine(op_runtime *rt, const luaL_Reg *fns,
-                                 void *ud);
+OP_EXTERN int op_register_engine(op_runtime *rt, const luaL_Reg *fns, void *ud);
 /* Push the engine object on the main lua_State.  [-0, +1, m] */
 OP_EXTERN void op_push_engine(op_runtime *rt);
 /* The host's pointer given to op_register_engine, from any engine method. */
@@ -214,7 +213,7 @@ OP_EXTERN int op_runtime_cancel(op_runtime *rt);
 /* Work run on a pool thread, then its completion on the loop thread.
 ** status is 0 when work ran, or OP_ECANCELED when it never ran (cancelled or
 ** drained at shutdown with OP_SHUTDOWN_CANCEL). done runs exactly once. */
-typedef void (*op_work_fn)(void *arg);       /* Thread: worker */
+typedef void (*op_work_fn)(void *arg); /* Thread: worker */
 typedef void (*op_done_fn)(void *arg, int status);
 
 /* Queue work on the named pool. Returns 0 (done will run exactly once),
@@ -230,18 +229,18 @@ typedef struct op_pool_stats {
   int threads;
   int queue_cap;
   uint64_t submitted, completed, failed, timedout, cancelled;
-  uint32_t queued;        /* waiting in the queue now */
-  uint32_t inflight;      /* submitted and not yet ended */
-  uint32_t queue_hwm;     /* most ever waiting in the queue */
-  double p50, p99, max;   /* seconds from submit to completion seen */
+  uint32_t queued;      /* waiting in the queue now */
+  uint32_t inflight;    /* submitted and not yet ended */
+  uint32_t queue_hwm;   /* most ever waiting in the queue */
+  double p50, p99, max; /* seconds from submit to completion seen */
 } op_pool_stats;
 
 typedef struct op_stats {
   int npools;
   op_pool_stats pools[OP_MAX_POOLS];
-  uint64_t calls;          /* handler calls through op_call */
-  uint64_t call_errors;    /* handlers that ended with an error */
-  uint32_t suspended;      /* handler coroutines suspended now */
+  uint64_t calls;                      /* handler calls through op_call */
+  uint64_t call_errors;                /* handlers that ended with an error */
+  uint32_t suspended;                  /* handler coroutines suspended now */
   double call_p50, call_p99, call_max; /* main-thread seconds per resume */
 } op_stats;
 

@@ -19,7 +19,7 @@
 /* ---- assertions ---- */
 
 #ifdef OP_DEBUG
-#define op_assert(c)                                                          \
+#define op_assert(c)                                                           \
   ((c) ? (void)0 : op__panic(__FILE__, __LINE__, "assertion failed: " #c))
 #define ALWAYS(c) ((c) ? 1 : (op__panic(__FILE__, __LINE__, #c), 0))
 #define NEVER(c)  ((c) ? (op__panic(__FILE__, __LINE__, #c), 1) : 0)
@@ -45,14 +45,14 @@ typedef struct op_co op_co;
 /* Owns its bytes; small contents live inline, so short payloads cost no
 ** malloc. A buffer may move between threads with the task that owns it. */
 typedef struct op_buf {
-  char *p;      /* == small while len fits, else malloc'ed */
+  char *p; /* == small while len fits, else malloc'ed */
   size_t len;
   size_t cap;
   char small[OP_BUF_INLINE];
 } op_buf;
 
 void op__buf_init(op_buf *b);
-void op__buf_free(op_buf *b);               /* back to empty, inline */
+void op__buf_free(op_buf *b);                 /* back to empty, inline */
 int op__buf_reserve(op_buf *b, size_t extra); /* 0 or OP_ENOMEM */
 int op__buf_append(op_buf *b, const void *p, size_t n);
 /* Move src's contents into dst (dst freed first); src becomes empty. */
@@ -89,8 +89,8 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
 /* Push the values encoded in p[0..len) on L. Returns how many, or a
 ** negative code with a message in err if the bytes are not a valid
 ** encoding (never trusted blindly).  [-0, +n, m] */
-int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len,
-               char *err, size_t errlen);
+int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
+               size_t errlen);
 
 /* ---- tasks (task.c) ---- */
 
@@ -110,36 +110,36 @@ typedef enum op_task_state {
 } op_task_state;
 
 typedef enum op_task_kind {
-  OP_TASK_LUA = 0,  /* run an encoded function in a worker VM */
-  OP_TASK_C,        /* run work(arg) on a worker thread */
-  OP_TASK_BLOCK     /* a worker asks the loop thread to run a block section */
+  OP_TASK_LUA = 0, /* run an encoded function in a worker VM */
+  OP_TASK_C,       /* run work(arg) on a worker thread */
+  OP_TASK_BLOCK    /* a worker asks the loop thread to run a block section */
 } op_task_kind;
 
 struct op_task {
-  op_task *next;          /* link in a pool queue or the completion queue */
-  op_task *prev;          /* link in a pool queue (removal on cancel) */
+  op_task *next; /* link in a pool queue or the completion queue */
+  op_task *prev; /* link in a pool queue (removal on cancel) */
   op_pool *pool;
-  uint8_t kind;           /* op_task_kind */
-  uint8_t queued;         /* in the pool queue now (pool lock) */
-  uint8_t ended;          /* waiters told (loop thread) */
-  uint8_t state;          /* op_task_state, as the loop thread sees it */
-  atomic_int stop;        /* 0, or OP_ECANCELED / OP_ETIMEDOUT requested */
-  int status;             /* worker's outcome: 0, OP_ESCRIPT, OP_ECANCELED,
+  uint8_t kind;    /* op_task_kind */
+  uint8_t queued;  /* in the pool queue now (pool lock) */
+  uint8_t ended;   /* waiters told (loop thread) */
+  uint8_t state;   /* op_task_state, as the loop thread sees it */
+  atomic_int stop; /* 0, or OP_ECANCELED / OP_ETIMEDOUT requested */
+  int status;      /* worker's outcome: 0, OP_ESCRIPT, OP_ECANCELED,
                              OP_ETIMEDOUT, OP_ECOPY */
-  op_work_fn work;        /* OP_TASK_C */
+  op_work_fn work; /* OP_TASK_C */
   void *arg;
-  op_buf in;              /* OP_TASK_LUA: encoded function and arguments */
-  op_buf out;             /* results, or the error message text */
+  op_buf in;  /* OP_TASK_LUA: encoded function and arguments */
+  op_buf out; /* results, or the error message text */
   /* Called once on the loop thread when the worker is finished with the
   ** task (or it was taken off the queue). Owns the task from then on.
   ** settle, if set, runs first for every task of a drained batch, then
   ** complete for each (see done_cb in runtime.c). */
   void (*settle)(op_task *t);
   void (*complete)(op_task *t);
-  uint8_t notify;         /* settle left work for complete */
-  void *owner;            /* the completer's context */
-  uint64_t t_submit;      /* uv_hrtime() */
-  op_worker *worker;      /* OP_TASK_BLOCK: the waiting worker */
+  uint8_t notify;    /* settle left work for complete */
+  void *owner;       /* the completer's context */
+  uint64_t t_submit; /* uv_hrtime() */
+  op_worker *worker; /* OP_TASK_BLOCK: the waiting worker */
 };
 
 void op__task_init(op_task *t, op_task_kind kind);
@@ -206,8 +206,8 @@ void op__complete(op_runtime *rt, op_task *t);
 void op__update_ref(op_runtime *rt);
 /* offpath's own Lua modules, built in (generated lua_modules.c). */
 typedef struct op_lua_module {
-  const char *name;         /* "offpath.trisul" */
-  const char *chunkname;    /* "@offpath/trisul.lua" */
+  const char *name;      /* "offpath.trisul" */
+  const char *chunkname; /* "@offpath/trisul.lua" */
   const unsigned char *src;
   size_t len;
 } op_lua_module;
@@ -221,8 +221,8 @@ void op__preload_modules(lua_State *L);
 
 /* The kinds of offpath.task objects. */
 typedef enum op_ltask_kind {
-  OP_LT_POOL = 0,  /* a Lua task on a pool (run, launch, schedule) */
-  OP_LT_GO         /* a main-thread coroutine (offpath.go) */
+  OP_LT_POOL = 0, /* a Lua task on a pool (run, launch, schedule) */
+  OP_LT_GO        /* a main-thread coroutine (offpath.go) */
 } op_ltask_kind;
 
 typedef struct op_ltask op_ltask;
@@ -249,13 +249,13 @@ op_ltask *op__task_go(lua_State *L, int fnidx, int nargs);
 /* Suspend the caller until lt ends; then return its results or raise.
 ** own: the caller owns the task (offpath.run), so a cancelled waiter
 ** cancels it.  [-0, +n, e] */
-int op__task_await(lua_State *L, op_ltask *lt, double timeout,
-                   const char *call, int own);
+int op__task_await(lua_State *L, op_ltask *lt, double timeout, const char *call,
+                   int own);
 /* Turn lt into a Trisul-style schedule: the values at the stack indices
 ** data, onresult, onerror (0: none) are kept and called on the loop thread
 ** when it ends.  [-0, +0, m] */
-void op__task_set_schedule(lua_State *L, op_ltask *lt, int data,
-                           int onresult, int onerror);
+void op__task_set_schedule(lua_State *L, op_ltask *lt, int data, int onresult,
+                           int onerror);
 /* Queue backlogged tasks of p while it has room. Thread: loop. */
 void op__task_flush_backlog(op_pool *p);
 /* The pool's backlog: tasks waiting for room, FIFO. */
@@ -444,21 +444,21 @@ void op__io_sqlite_shutdown(op_runtime *rt);
 */
 struct op_co {
   op_runtime *rt;
-  lua_State *L;          /* the coroutine (the main thread for root) */
-  int ref;               /* registry anchor of L */
-  uint8_t handler;       /* offpath runs it: it may suspend */
-  uint8_t waiting;       /* suspended on a wait, not a bare yield */
-  uint8_t counted;       /* counted in rt->suspended */
-  uint8_t quiet;         /* first resume from op_call: errors are returned,
+  lua_State *L;    /* the coroutine (the main thread for root) */
+  int ref;         /* registry anchor of L */
+  uint8_t handler; /* offpath runs it: it may suspend */
+  uint8_t waiting; /* suspended on a wait, not a bare yield */
+  uint8_t counted; /* counted in rt->suspended */
+  uint8_t quiet;   /* first resume from op_call: errors are returned,
                             not reported */
-  op_wait_id wait;       /* the pending wait, or 0 */
-  int ctx_ref;           /* offpath.context table, or LUA_NOREF */
-  int ready_nargs;       /* values to resume with, while on the ready list */
+  op_wait_id wait; /* the pending wait, or 0 */
+  int ctx_ref;     /* offpath.context table, or LUA_NOREF */
+  int ready_nargs; /* values to resume with, while on the ready list */
   /* Called when the coroutine's function returns (status LUA_OK, results
   ** on L) or fails (error object on L). Owner: lua_main.c (go tasks). */
   void (*on_end)(op_co *c, int status, int nres);
   void *data;
-  op_co *next;           /* free list / deferred list */
+  op_co *next; /* free list / deferred list */
 };
 
 typedef struct op_wait op_wait;
@@ -467,14 +467,14 @@ typedef struct op_defer op_defer;
 struct op_runtime {
   uv_loop_t *loop;
   uv_loop_t own_loop;
-  int own;                 /* loop is own_loop */
-  lua_State *L;            /* the main VM */
+  int own;      /* loop is own_loop */
+  lua_State *L; /* the main VM */
   op_config cfg;
-  char *package_path;      /* owned copy of cfg.package_path */
+  char *package_path; /* owned copy of cfg.package_path */
   op_pool *pools[OP_MAX_POOLS];
   int npools;
   op_protostore *protos;
-  op_xfer *xfer;           /* the main VM's transfer state */
+  op_xfer *xfer; /* the main VM's transfer state */
   uv_thread_t loop_thread;
 
   /* Completion queue: workers push, the loop thread swaps it out whole. */
@@ -484,25 +484,25 @@ struct op_runtime {
 
   /* Scheduler (sched.c). */
   op_co root;
-  op_co *free_cos;         /* finished coroutines kept for reuse */
+  op_co *free_cos; /* finished coroutines kept for reuse */
   int nfree_cos;
   op_co *ready_head, *ready_tail; /* resumes deferred to the next turn */
   op_defer *defer_head, *defer_tail;
-  uv_idle_t idle;          /* runs deferred work without blocking */
-  op_wait *waits;          /* slot array */
+  uv_idle_t idle; /* runs deferred work without blocking */
+  op_wait *waits; /* slot array */
   uint32_t nwaits, free_wait;
-  uint32_t pending_waits;  /* resolved-not-yet waits */
-  int depth;               /* nesting of resumes on the stack */
-  int suspended;           /* handler coroutines suspended now */
-  int live_cos;            /* handler coroutines started and not ended */
+  uint32_t pending_waits; /* resolved-not-yet waits */
+  int depth;              /* nesting of resumes on the stack */
+  int suspended;          /* handler coroutines suspended now */
+  int live_cos;           /* handler coroutines started and not ended */
 
-  uint64_t inflight;       /* pool tasks submitted and not completed */
-  uint64_t batch_now;      /* uv_hrtime() at the start of the drain or
+  uint64_t inflight;    /* pool tasks submitted and not completed */
+  uint64_t batch_now;   /* uv_hrtime() at the start of the drain or
                               resume running now, or 0 */
-  op_task *free_ctasks;    /* finished C tasks kept for reuse */
+  op_task *free_ctasks; /* finished C tasks kept for reuse */
   int nfree_ctasks;
   int closing;
-  int loaded;              /* a script's main chunk ran */
+  int loaded; /* a script's main chunk ran */
 
   /* Statistics (loop thread). */
   uint64_t calls, call_errors;
@@ -511,9 +511,9 @@ struct op_runtime {
   op_error_cb on_error;
   void *on_error_ud;
   char *errmsg;
-  int engine_ref;          /* the engine object */
+  int engine_ref; /* the engine object */
   void *engine_ud;
-  int uv_handles;          /* open uv handles of the runtime itself */
+  int uv_handles; /* open uv handles of the runtime itself */
 
   /* io modules: each owns its pointer (src/io/). */
   void *io_http, *io_redis, *io_pg, *io_sqlite, *io_exec, *io_fs;
@@ -542,8 +542,7 @@ void op__sched_close(op_runtime *rt);
 /* Fail every pending wait with "cancelled: runtime shutting down". */
 void op__sched_cancel_all(op_runtime *rt);
 /* Resolve a wait as cancelled (task cancel): abort runs with code. */
-void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg,
-                     int code);
+void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg, int code);
 /* Current position of a suspended or running coroutine, "file:line", in
 ** buf (or "?" if unknown). */
 const char *op__where(lua_State *co, char *buf, size_t len);

@@ -158,8 +158,7 @@ static int offpath_sleep(lua_State *L) {
     return op__wait_yield(L);
   }
   id = op__wait_new(L, "offpath.sleep", 0, NULL, NULL);
-  timer = op__timer_start(rt, (uint64_t)(s * 1000.0 + 0.5), sleep_cb, id,
-                          NULL);
+  timer = op__timer_start(rt, (uint64_t)(s * 1000.0 + 0.5), sleep_cb, id, NULL);
   if (timer == NULL)
     OP_PANIC("out of memory for a sleep timer");
   op__wait_set_abort(rt, id, sleep_abort, timer);
@@ -266,13 +265,13 @@ static int offpath_configure(lua_State *L) {
   }
   lua_pop(L, 1);
   if (lua_getfield(L, 1, "shutdown") != LUA_TNIL)
-    rt->cfg.shutdown = (op_shutdown_mode)luaL_checkoption(L, -1, NULL,
-                                                          shutdowns);
+    rt->cfg.shutdown =
+        (op_shutdown_mode)luaL_checkoption(L, -1, NULL, shutdowns);
   if (lua_getfield(L, 1, "block_budget") != LUA_TNIL)
     rt->cfg.block_budget = luaL_checknumber(L, -1);
   if (lua_getfield(L, 1, "block_policy") != LUA_TNIL)
-    rt->cfg.block_policy = (op_block_policy)luaL_checkoption(L, -1, NULL,
-                                                             policies);
+    rt->cfg.block_policy =
+        (op_block_policy)luaL_checkoption(L, -1, NULL, policies);
   lua_settop(L, 1);
   return 0;
 }

@@ -34,17 +34,17 @@
 
 #include "internal.h"
 
-#define HOOK_COUNT     1000
-#define DEFAULT_QUEUE  4096
+#define HOOK_COUNT    1000
+#define DEFAULT_QUEUE 4096
 
 struct op_worker {
   op_pool *pool;
-  int id;                /* 1-based within the pool */
+  int id; /* 1-based within the pool */
   uv_thread_t thread;
   lua_State *L;
   op_xfer *xfer;
-  op_task *current;      /* the task running, for the hook (worker only) */
-  int hook_fast;         /* the hook was switched to fire every instruction */
+  op_task *current; /* the task running, for the hook (worker only) */
+  int hook_fast;    /* the hook was switched to fire every instruction */
   /* Block sections (lua_worker.c). */
   op_task block;
   uv_mutex_t block_mu;
@@ -57,18 +57,18 @@ struct op_pool {
   char name[OP_POOL_NAME_MAX];
   int nthreads;
   int cap;
-  char *init;            /* init script path, or NULL */
+  char *init; /* init script path, or NULL */
   op_worker *workers;
   int started;
 
-  uv_mutex_t mu;         /* guards everything down to `stopping` */
+  uv_mutex_t mu; /* guards everything down to `stopping` */
   uv_cond_t cv;
   op_task *head, *tail;
   op_task *done_head, *done_tail; /* finished, for the loop thread */
   uint32_t queued;
   uint32_t hwm;
-  int idle;              /* workers waiting on cv */
-  int signalled;         /* of those, signalled and not yet running */
+  int idle;      /* workers waiting on cv */
+  int signalled; /* of those, signalled and not yet running */
   int stopping;
 
   /* Loop thread only. */

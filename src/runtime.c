@@ -101,8 +101,8 @@ int op__traceback(lua_State *L) {
   if (msg == NULL) {
     if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
       return 1;
-    msg = lua_pushfstring(L, "(error object is a %s value)",
-                          luaL_typename(L, 1));
+    msg =
+        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
   }
   luaL_traceback(L, L, msg, 1);
   return 1;
@@ -403,8 +403,7 @@ static void drain(op_runtime *rt) {
   int i, more;
 
   for (;;) {
-    more = rt->inflight > 0 || rt->ready_head != NULL ||
-           rt->defer_head != NULL;
+    more = rt->inflight > 0 || rt->ready_head != NULL || rt->defer_head != NULL;
     for (i = 0; i < rt->npools && !more; i++)
       more = op__pool_backlog(rt->pools[i])->head != NULL;
     if (!more)

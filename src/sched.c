@@ -36,13 +36,13 @@
 #define MAX_FREE_COS 256
 
 struct op_wait {
-  op_co *co;           /* NULL when the slot is free */
+  op_co *co; /* NULL when the slot is free */
   uint32_t gen;
-  uint32_t next_free;  /* free-list link, UINT32_MAX at the end */
-  op_timer *timer;     /* deadline, or NULL */
+  uint32_t next_free; /* free-list link, UINT32_MAX at the end */
+  op_timer *timer;    /* deadline, or NULL */
   op_abort_fn abort;
   void *what;
-  const char *call;    /* static name of the suspending call */
+  const char *call; /* static name of the suspending call */
   double timeout;
 };
 
@@ -325,8 +325,7 @@ void op__wait_fail(op_runtime *rt, op_wait_id id, const char *msg) {
   co_resume(c, 2);
 }
 
-void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg,
-                     int code) {
+void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg, int code) {
   op_wait *w = wait_get(rt, id);
   op_abort_fn abort;
   void *what;
@@ -483,7 +482,7 @@ static void co_resume(op_co *c, int nargs) {
   }
   t0 = uv_hrtime();
   saved_now = rt->batch_now;
-  rt->batch_now = t0;  /* submits made by this resume read it */
+  rt->batch_now = t0; /* submits made by this resume read it */
   rt->depth++;
   status = lua_resume(c->L, rt->L, nargs, &nres);
   rt->depth--;
@@ -513,7 +512,7 @@ static void co_resume(op_co *c, int nargs) {
   } else {
     push_co_error(c);
     rt->call_errors++;
-    if (c->quiet)  /* op_call returns the error: only record it */
+    if (c->quiet) /* op_call returns the error: only record it */
       op__set_errmsg(rt, "%s", lua_tostring(rt->L, -1));
     else
       op__report_error(rt, lua_tostring(rt->L, -1));

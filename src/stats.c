@@ -13,7 +13,7 @@ static unsigned bucket_of(uint64_t ns) {
 
   if (ns < 8)
     return (unsigned)ns;
-  octave = 63u - (unsigned)__builtin_clzll(ns);  /* >= 3 */
+  octave = 63u - (unsigned)__builtin_clzll(ns); /* >= 3 */
   return (octave - 2) * 8 + (unsigned)((ns >> (octave - 3)) & 7);
 }
 

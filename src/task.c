@@ -36,29 +36,28 @@
 #include "internal.h"
 
 struct op_ltask {
-  op_task t;            /* first: the pool's view of the task */
+  op_task t; /* first: the pool's view of the task */
   op_runtime *rt;
-  uint8_t kind;         /* op_ltask_kind */
-  uint8_t state;        /* op_task_state */
-  uint8_t in_pool;      /* the pool owns t until task_complete() */
-  uint8_t in_backlog;   /* waiting for room in the pool queue */
-  uint8_t sched;        /* schedule: data/onresult/onerror in the uservalue */
-  uint8_t observed;     /* a waiter or callback was attached */
-  uint8_t has_uv;       /* the uservalue table exists */
-  int anchor;           /* registry ref, or LUA_NOREF */
-  op_wait_id waiter;    /* the first waiter; more in the uservalue */
+  uint8_t kind;           /* op_ltask_kind */
+  uint8_t state;          /* op_task_state */
+  uint8_t in_pool;        /* the pool owns t until task_complete() */
+  uint8_t in_backlog;     /* waiting for room in the pool queue */
+  uint8_t sched;          /* schedule: data/onresult/onerror in the uservalue */
+  uint8_t observed;       /* a waiter or callback was attached */
+  uint8_t has_uv;         /* the uservalue table exists */
+  int anchor;             /* registry ref, or LUA_NOREF */
+  op_wait_id waiter;      /* the first waiter; more in the uservalue */
   op_wait_id submit_wait; /* launch suspended on a full queue */
-  uv_timer_t *timer;    /* deadline, or NULL */
+  uv_timer_t *timer;      /* deadline, or NULL */
   double timeout;
-  const char *call;     /* "offpath.run", ... for messages */
-  op_co *co;            /* go: the running coroutine, NULL once ended */
-  int res_ref;          /* go: results table or error value, LUA_NOREF */
-  op_ltask *bl_next;    /* backlog link */
+  const char *call;  /* "offpath.run", ... for messages */
+  op_co *co;         /* go: the running coroutine, NULL once ended */
+  int res_ref;       /* go: results table or error value, LUA_NOREF */
+  op_ltask *bl_next; /* backlog link */
 };
 
-static const char *const state_names[] = { "queued",    "running", "done",
-                                           "failed",    "cancelled",
-                                           "timeout" };
+static const char *const state_names[] = { "queued", "running",   "done",
+                                           "failed", "cancelled", "timeout" };
 
 /* Registry keys of the two metatables. Most tasks hold nothing a finalizer
 ** must free (their payloads fit inline), and a finalizer costs the
@@ -278,7 +277,7 @@ static void run_schedule(lua_State *L, op_ltask *lt, int uv) {
       lua_pushnil(L);
       n = 1;
     }
-    lua_settop(L, top + 3 + 1);  /* onresult(engine, data, first result) */
+    lua_settop(L, top + 3 + 1); /* onresult(engine, data, first result) */
     (void)n;
   } else {
     push_error(L, lt);
@@ -420,8 +419,8 @@ static void start_deadline(op_ltask *lt) {
     OP_PANIC("out of memory for a task deadline");
   uv_timer_init(lt->rt->loop, lt->timer);
   lt->timer->data = lt;
-  uv_timer_start(lt->timer, deadline_cb,
-                 (uint64_t)(lt->timeout * 1000.0 + 0.5), 0);
+  uv_timer_start(lt->timer, deadline_cb, (uint64_t)(lt->timeout * 1000.0 + 0.5),
+                 0);
 }
 
 /* The pool hands a task back. The drain calls settle for a whole batch
@@ -432,9 +431,9 @@ static void task_settle_cb(op_task *t) {
   int state;
 
   lt->in_pool = 0;
-  op__buf_free(&t->in);  /* the worker is done with it */
+  op__buf_free(&t->in); /* the worker is done with it */
   if (lt->state >= OP_TASK_DONE) {
-    op__buf_free(&t->out);  /* stopped earlier: nobody reads it */
+    op__buf_free(&t->out); /* stopped earlier: nobody reads it */
     t->notify = 0;
     return;
   }
@@ -492,8 +491,7 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
 
   fnidx = lua_absindex(L, fnidx);
   if (rt->closing)
-    luaL_error(L, "shutdown: %s refused, the runtime is shutting down",
-               call);
+    luaL_error(L, "shutdown: %s refused, the runtime is shutting down", call);
   lt = new_task(L, OP_LT_POOL, call);
   lt->t.pool = pool;
   lt->t.settle = task_settle_cb;
@@ -654,8 +652,8 @@ static void wait_abort(void *what, int code) {
     task_stop(what, code);
 }
 
-int op__task_await(lua_State *L, op_ltask *lt, double timeout,
-                   const char *call, int own) {
+int op__task_await(lua_State *L, op_ltask *lt, double timeout, const char *call,
+                   int own) {
   op_wait_id w;
   int n;
 
@@ -689,8 +687,8 @@ int op__task_await(lua_State *L, op_ltask *lt, double timeout,
   return op__wait_yield(L);
 }
 
-void op__task_set_schedule(lua_State *L, op_ltask *lt, int data,
-                           int onresult, int onerror) {
+void op__task_set_schedule(lua_State *L, op_ltask *lt, int data, int onresult,
+                           int onerror) {
   int idx = lua_absindex(L, -1);
 
   data = data ? lua_absindex(L, data) : 0;

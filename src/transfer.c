@@ -408,7 +408,7 @@ typedef struct tmpl {
 } tmpl;
 
 typedef struct fcache {
-  int ref;  /* registry ref of the factory; 0: not loaded */
+  int ref; /* registry ref of the factory; 0: not loaded */
   int nup;
   int inst; /* nup == 0: registry ref of one shared instance, or 0 */
 } fcache;

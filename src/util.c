@@ -10,8 +10,8 @@ const char *op_version(void) {
 
 const char *op_strerror(int err) {
   switch (err) {
-#define OP_STRERROR_CASE(name, value, text)                                   \
-  case OP_##name:                                                             \
+#define OP_STRERROR_CASE(name, value, text)                                    \
+  case OP_##name:                                                              \
     return text;
     OP_ERRNO_MAP(OP_STRERROR_CASE)
 #undef OP_STRERROR_CASE
@@ -24,8 +24,8 @@ const char *op_strerror(int err) {
 
 const char *op_err_name(int err) {
   switch (err) {
-#define OP_ERRNAME_CASE(name, value, text)                                    \
-  case OP_##name:                                                             \
+#define OP_ERRNAME_CASE(name, value, text)                                     \
+  case OP_##name:                                                              \
     return #name;
     OP_ERRNO_MAP(OP_ERRNAME_CASE)
 #undef OP_ERRNAME_CASE

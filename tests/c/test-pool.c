@@ -15,7 +15,7 @@ typedef struct job {
   int in, out;
   int done_calls;
   int status;
-  atomic_int *gate;    /* if set, work spins until it is non-zero */
+  atomic_int *gate; /* if set, work spins until it is non-zero */
 } job;
 
 static void work_add(void *arg) {
@@ -58,8 +58,8 @@ static void test_many(void) {
   done_total = 0;
   for (i = 0; i < N; i++) {
     jobs[i] = (job){ .in = i };
-    ASSERT_OK(op_submit(rt, i % 2 ? "p" : "io", work_add, done_count,
-                        &jobs[i]));
+    ASSERT_OK(
+        op_submit(rt, i % 2 ? "p" : "io", work_add, done_count, &jobs[i]));
   }
   ASSERT_OK(op_runtime_run(rt));
   ASSERT_EQ(done_total, N);
@@ -89,8 +89,7 @@ static void test_full(void) {
   ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[1]));
   ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[2]));
   ASSERT_EQ(op_submit(rt, "p", work_add, done_count, &jobs[3]), OP_EAGAIN);
-  ASSERT_EQ(op_submit(rt, "nope", work_add, done_count, &jobs[3]),
-            OP_ENOPOOL);
+  ASSERT_EQ(op_submit(rt, "nope", work_add, done_count, &jobs[3]), OP_ENOPOOL);
   ASSERT_EQ(op_submit(rt, "p", NULL, done_count, &jobs[3]), OP_EINVAL);
   atomic_store(&gate, 1);
   ASSERT_OK(op_runtime_run(rt));

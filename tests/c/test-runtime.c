@@ -45,8 +45,9 @@ static void test_load_errors(void) {
   ASSERT_EQ(op_load_script(rt, "/nonexistent/script.lua"), OP_ESCRIPT);
   ASSERT_STR_HAS(op_errmsg(rt), "cannot open /nonexistent/script.lua");
   /* Suspending in the main chunk is refused with a clear message. */
-  ASSERT_EQ(op_load_string(rt, "offpath = require 'offpath'\n"
-                               "offpath.sleep(0)",
+  ASSERT_EQ(op_load_string(rt,
+                           "offpath = require 'offpath'\n"
+                           "offpath.sleep(0)",
                            "=main.lua"),
             OP_ESCRIPT);
   ASSERT_STR_HAS(op_errmsg(rt), "cannot suspend: offpath.sleep called "
