@@ -127,6 +127,9 @@ op_timer *op__timer_start(op_runtime *rt, uint64_t ms, uv_timer_cb cb,
   t->rt = rt;
   t->id = id;
   t->data = data;
+  /* The loop's clock is read once per turn; a handler that ran long since
+  ** would make the timer fire early. */
+  uv_update_time(rt->loop);
   uv_timer_start(&t->h, cb, ms, 0);
   return t;
 }

@@ -419,6 +419,7 @@ static void start_deadline(op_ltask *lt) {
     OP_PANIC("out of memory for a task deadline");
   uv_timer_init(lt->rt->loop, lt->timer);
   lt->timer->data = lt;
+  uv_update_time(lt->rt->loop); /* never early: see op__timer_start */
   uv_timer_start(lt->timer, deadline_cb, (uint64_t)(lt->timeout * 1000.0 + 0.5),
                  0);
 }

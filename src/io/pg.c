@@ -748,6 +748,7 @@ static pg_conn *conn_start(pg_db *db, pg_req *req, int deadline, char **err) {
     c->handles++;
     if (db->mod != NULL)
       db->mod->pending++;
+    uv_update_time(c->timer->loop);
     uv_timer_start(c->timer, connect_timer_cb,
                    (uint64_t)(db->connect_timeout * 1000.0 + 0.5), 0);
   }

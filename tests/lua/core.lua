@@ -211,3 +211,18 @@ T.test("stats count per pool", function()
   T.ok(s.pools.io.p99 >= s.pools.io.p50)
   T.ok(s.latency.max >= 0)
 end)
+
+T.test("deadlines count from when they are set, not the loop's last turn", function()
+  offpath.sleep(0.001)
+  local hold = os.clock() + 0.15
+  while os.clock() < hold do end  -- hold the main thread
+  local t0 = offpath.now()
+  offpath.sleep(0.1)
+  T.ok(offpath.now() - t0 >= 0.099, "sleep(0.1) took " .. (offpath.now() - t0))
+  hold = os.clock() + 0.15
+  while os.clock() < hold do end
+  t0 = offpath.now()
+  T.err("^timeout", offpath.run, { pool = "io", timeout = 0.1 },
+    function() while true do end end)
+  T.ok(offpath.now() - t0 >= 0.099, "timeout after " .. (offpath.now() - t0))
+end)
