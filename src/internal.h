@@ -40,7 +40,7 @@ typedef struct op_co op_co;
 
 /* ---- growable byte buffers (buf.c) ---- */
 
-#define OP_BUF_INLINE 64
+#define OP_BUF_INLINE 40
 
 /* Owns its bytes; small contents live inline, so short payloads cost no
 ** malloc. A buffer may move between threads with the task that owns it. */
@@ -496,9 +496,11 @@ struct op_runtime {
   int suspended;          /* handler coroutines suspended now */
   int live_cos;           /* handler coroutines started and not ended */
 
-  uint64_t inflight;    /* pool tasks submitted and not completed */
-  uint64_t batch_now;   /* uv_hrtime() at the start of the drain or
+  uint64_t inflight;       /* pool tasks submitted and not completed */
+  uint64_t batch_now;      /* uv_hrtime() at the start of the drain or
                               resume running now, or 0 */
+  const char *last_target; /* lua_main.c check_target's cache */
+  op_pool *last_pool;
   op_task *free_ctasks; /* finished C tasks kept for reuse */
   int nfree_ctasks;
   int closing;

@@ -9,6 +9,11 @@
 
 /* ---- arguments ---- */
 
+/* The pool named by the last string target, and that string, anchored in
+** the registry under this key so its address cannot be reused: the same
+** name (an interned string) is then found by one pointer compare. */
+static const char last_target_key = 'P';
+
 /* Read a pool target at idx: a pool name, a table {pool=, timeout=}, or
 ** nil for "io". Raises for an unknown pool.  [-0, +0, e] */
 static op_pool *check_target(lua_State *L, int idx, double *timeout) {
@@ -20,7 +25,15 @@ static op_pool *check_target(lua_State *L, int idx, double *timeout) {
   switch (lua_type(L, idx)) {
   case LUA_TSTRING:
     name = lua_tostring(L, idx);
-    break;
+    if (name == rt->last_target && rt->last_pool != NULL)
+      return rt->last_pool;
+    if ((p = op__pool_find(rt, name)) == NULL)
+      luaL_error(L, "no such pool '%s'", name);
+    lua_pushvalue(L, idx);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &last_target_key);
+    rt->last_target = name;
+    rt->last_pool = p;
+    return p;
   case LUA_TTABLE:
     if (lua_getfield(L, idx, "pool") != LUA_TNIL)
       name = luaL_checkstring(L, -1);

@@ -36,7 +36,8 @@
 #include "internal.h"
 
 struct op_ltask {
-  op_task t; /* first: the pool's view of the task */
+  op_task t;         /* first: the pool's view of the task */
+  const void *magic; /* &task_magic: tells our userdata from others */
   op_runtime *rt;
   uint8_t kind;           /* op_ltask_kind */
   uint8_t state;          /* op_task_state */
@@ -89,25 +90,19 @@ static void push_uv(lua_State *L, int idx, op_ltask *lt) {
   }
 }
 
+static const char task_magic = 'M';
+
+/* The task at idx, or raise. A full userdata of our size whose magic field
+** holds the address of a static of this file is ours: cheaper than
+** comparing metatables on every method call, and no other code can forge
+** that address by accident. */
 static op_ltask *check_task(lua_State *L, int idx) {
   op_ltask *lt = lua_touserdata(L, idx);
 
-  if (lt != NULL && lua_getmetatable(L, idx)) {
-    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &task_mt_key) &&
-        lua_rawequal(L, -1, -2)) {
-      lua_pop(L, 2);
-      return lt;
-    }
-    lua_pop(L, 1);
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &task_gc_mt_key);
-    if (lua_rawequal(L, -1, -2)) {
-      lua_pop(L, 2);
-      return lt;
-    }
-    lua_pop(L, 2);
-  }
-  luaL_typeerror(L, idx, TASK_MT);
-  return NULL;
+  if (lt == NULL || lua_type(L, idx) != LUA_TUSERDATA ||
+      lua_rawlen(L, idx) != sizeof *lt || lt->magic != &task_magic)
+    luaL_typeerror(L, idx, TASK_MT);
+  return lt;
 }
 
 /* Whether lt holds something only a finalizer can release. */
@@ -473,6 +468,7 @@ static op_ltask *new_task(lua_State *L, int kind, const char *call) {
 
   memset(lt, 0, sizeof *lt);
   op__task_init(&lt->t, OP_TASK_LUA);
+  lt->magic = &task_magic;
   lt->rt = rt;
   lt->kind = (uint8_t)kind;
   lt->anchor = LUA_NOREF;
