@@ -101,6 +101,10 @@ typedef struct op_config {
   double block_budget; /* seconds; default 0.1 */
   op_block_policy block_policy;
   const char *package_path; /* prepended to package.path in every VM */
+  int spin_us;              /* spin up to this long before sleeping: on the
+                               loop thread while tasks are in flight, on a
+                               worker after a task; adaptive. Default 50,
+                               0 never, off on one CPU */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,

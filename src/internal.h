@@ -155,6 +155,8 @@ int op__pool_configure(op_pool *p, int threads, int queue, const char *init);
 /* Queue t. Returns 0, OP_EAGAIN (full) or OP_ESHUTDOWN; on error the task
 ** is untouched and complete() is never called. */
 int op__pool_submit(op_pool *p, op_task *t);
+/* Set the spin budget of p's workers (microseconds, 0: never). */
+void op__pool_set_spin(op_pool *p, unsigned us);
 /* Start p's threads now if they have not started. 0 or OP_ENOMEM. */
 int op__pool_start(op_pool *p);
 /* Whether p's queue is full now. */
@@ -202,6 +204,8 @@ int op__worker_block(lua_State *L);
 
 /* Hand a finished task to the loop thread. Thread: any. */
 void op__complete(op_runtime *rt, op_task *t);
+/* Tell the loop thread that finished tasks are waiting. Thread: any. */
+void op__notify_loop(op_runtime *rt);
 /* Reference the completion handle while pool tasks are in flight. */
 void op__update_ref(op_runtime *rt);
 /* offpath's own Lua modules, built in (generated lua_modules.c). */
@@ -266,6 +270,25 @@ typedef struct op_backlog {
 op_backlog *op__pool_backlog(op_pool *p);
 /* Register the offpath.task metatable.  [-0, +0, m] */
 void op__task_open(lua_State *L);
+
+/* ---- spinning before sleeping (pool.c, runtime.c) ---- */
+
+/* Spin until *flag is non-zero or us microseconds pass. Returns whether
+** the flag was seen. Thread: any. */
+int op__spin_until(atomic_int *flag, unsigned us);
+
+/* An adaptive spin budget: the full budget after a hit, half after a miss,
+** off after repeated misses, and a small retry every 64 skipped turns. */
+typedef struct op_spin {
+  unsigned max;   /* configured budget in microseconds; 0: never spin */
+  unsigned cur;   /* the budget now */
+  unsigned skips; /* turns skipped while cur is 0 */
+} op_spin;
+
+/* The budget to spin now (0: do not spin). */
+unsigned op__spin_budget(op_spin *s);
+/* Record whether a spin of that budget saw its event. */
+void op__spin_result(op_spin *s, int hit);
 
 /* ---- statistics helpers (stats.c) ---- */
 
@@ -497,6 +520,12 @@ struct op_runtime {
   int live_cos;           /* handler coroutines started and not ended */
 
   uint64_t inflight;       /* pool tasks submitted and not completed */
+  /* Spinning before blocking (runtime.c): workers skip the wake-up while
+  ** the loop thread spins, and always raise done_flag. */
+  atomic_int done_flag;
+  atomic_int main_spinning;
+  op_spin spin;
+  uv_prepare_t spin_prepare;
   uint64_t batch_now;      /* uv_hrtime() at the start of the drain or
                               resume running now, or 0 */
   const char *last_target; /* lua_main.c check_target's cache */

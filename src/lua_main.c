@@ -280,6 +280,14 @@ static int offpath_configure(lua_State *L) {
   if (lua_getfield(L, 1, "shutdown") != LUA_TNIL)
     rt->cfg.shutdown =
         (op_shutdown_mode)luaL_checkoption(L, -1, NULL, shutdowns);
+  if (lua_getfield(L, 1, "spin_us") != LUA_TNIL) {
+    lua_Integer us = luaL_checkinteger(L, -1);
+    int i;
+    luaL_argcheck(L, us >= 0 && us <= 10000, 1, "spin_us must be 0..10000");
+    rt->spin.max = rt->spin.cur = (unsigned)us;
+    for (i = 0; i < rt->npools; i++)
+      op__pool_set_spin(rt->pools[i], (unsigned)us);
+  }
   if (lua_getfield(L, 1, "block_budget") != LUA_TNIL)
     rt->cfg.block_budget = luaL_checknumber(L, -1);
   if (lua_getfield(L, 1, "block_policy") != LUA_TNIL)

@@ -1,14 +1,17 @@
 /*
 ** lua_worker.c - the offpath module inside worker VMs (block, cancelled,
-** worker, sleep, now), and the loop-thread half of block sections.
-** Thread: worker, except op__block_run() (loop).
+** worker, sleep, now, can_suspend), and the loop-thread half of block
+** sections. Thread: worker, except op__block_run() (loop).
 **
 ** A block section: the worker encodes fn and its arguments into its own
 ** block task, hands it to the loop thread through the completion queue and
-** waits on its condition variable. The loop thread runs fn in the main VM
-** between two events (so nothing else runs meanwhile: atomic), under a
-** time budget enforced by a count hook, encodes the results and wakes the
-** worker.
+** waits on its condition variable (the only place where a worker waits on
+** the loop thread; the loop thread never waits on a worker). The loop
+** thread runs fn on the main VM's thread when it drains the completion
+** queue, between two events, so nothing else runs meanwhile (atomic). A
+** count hook enforces the time budget (op_config.block_budget) with the
+** configured policy; the results, or the error message, are encoded into
+** the task and the worker is woken.
 */
 #include <string.h>
 #include <time.h>
@@ -55,8 +58,7 @@ static int wk_block(lua_State *L) {
     return lua_error(L);
   }
   lua_settop(L, 0);
-  n = op__decode(op__worker_xfer(w), L, t->out.p, t->out.len, err,
-                 sizeof err);
+  n = op__decode(op__worker_xfer(w), L, t->out.p, t->out.len, err, sizeof err);
   op__buf_free(&t->out);
   if (n < 0)
     return luaL_error(L, "cannot copy block results: %s", err);
@@ -113,13 +115,12 @@ static int wk_can_suspend(lua_State *L) {
 }
 
 int op__open_worker(lua_State *L) {
-  static const luaL_Reg funcs[] = { { "block", wk_block },
-                                    { "cancelled", wk_cancelled },
-                                    { "worker", wk_worker },
-                                    { "sleep", wk_sleep },
-                                    { "now", wk_now },
-                                    { "can_suspend", wk_can_suspend },
-                                    { NULL, NULL } };
+  static const luaL_Reg funcs[] = {
+    { "block", wk_block },   { "cancelled", wk_cancelled },
+    { "worker", wk_worker }, { "sleep", wk_sleep },
+    { "now", wk_now },       { "can_suspend", wk_can_suspend },
+    { NULL, NULL }
+  };
 
   luaL_newlib(L, funcs);
   lua_pushliteral(L, OP_VERSION_STRING);
@@ -129,32 +130,47 @@ int op__open_worker(lua_State *L) {
 
 /* ---- loop side ---- */
 
-static uint64_t block_deadline;
-static int block_warned;
+/* The block section running on this loop thread: its deadline, whether
+** the overrun was reported, and whether one runs at all (a coroutine made
+** inside a section keeps the hook after it; the hook then removes itself).
+** Thread-local so that runtimes on different loop threads do not mix. */
+static _Thread_local uint64_t block_deadline;
+static _Thread_local int block_warned;
+static _Thread_local int block_active;
 
-/* Count hook on the main VM during a block section: enforce the budget. */
+/* Count hook on the main VM during a block section: enforce the budget
+** with the runtime's policy. abort: raise, and from then on raise at every
+** instruction so that a pcall in the section cannot swallow it; continue:
+** report once through the error callback (stderr by default). */
 static void budget_hook(lua_State *L, lua_Debug *ar) {
   op_runtime *rt = op__runtime(L);
+  char where[256], msg[512];
 
   (void)ar;
+  if (!block_active) {
+    lua_sethook(L, NULL, 0, 0);
+    return;
+  }
   if (uv_hrtime() < block_deadline)
     return;
   if (rt->cfg.block_policy == OP_BLOCK_CONTINUE) {
     if (!block_warned) {
       block_warned = 1;
-      fprintf(stderr,
-              "offpath: warning: block section overran its budget of %g s "
-              "(policy continue)\n",
-              rt->cfg.block_budget);
+      snprintf(msg, sizeof msg,
+               "warning: block section overran its budget of %g s at %s "
+               "(policy continue)",
+               rt->cfg.block_budget, op__where(L, where, sizeof where));
+      op__report_error(rt, msg);
     }
     return;
   }
   lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
+  /* lua_pushfstring's %f prints like %.14g: "0.05", not "0.050000". */
   luaL_error(L, "timeout: block section overran its budget of %f s",
              rt->cfg.block_budget);
 }
 
-/* Decode, run and encode in protected mode.  [-1, +1, e] */
+/* Decode, run and encode in protected mode.  [-1, +0, e] */
 static int block_body(lua_State *L) {
   op_runtime *rt = op__runtime(L);
   op_task *t = lua_touserdata(L, 1);
@@ -177,15 +193,18 @@ static int block_body(lua_State *L) {
   return 0;
 }
 
+/* Run the section on the main VM's own thread: nothing else runs on the
+** loop thread meanwhile (atomic), it is no handler coroutine so it cannot
+** suspend, and it allocates no coroutine per section. */
 void op__block_run(op_runtime *rt, op_task *t) {
-  lua_State *L = lua_newthread(rt->L);
+  lua_State *L = rt->L;
+  int top = lua_gettop(L);
   const char *msg;
   size_t len;
 
-  /* A fresh thread: the section may not suspend (it is not a handler
-  ** coroutine) and leaves no values on rt->L. */
   block_deadline = uv_hrtime() + (uint64_t)(rt->cfg.block_budget * 1e9);
   block_warned = 0;
+  block_active = 1;
   lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1000);
   lua_pushcfunction(L, block_body);
   lua_pushlightuserdata(L, t);
@@ -195,13 +214,15 @@ void op__block_run(op_runtime *rt, op_task *t) {
     if (msg == NULL)
       msg = "(error object is not a string)", len = strlen(msg);
     op__buf_free(&t->out);
-    op__buf_append(&t->out, msg, len);
+    if (op__buf_append(&t->out, msg, len) != 0)
+      op__buf_append(&t->out, "not enough memory", 17);
     t->status = OP_ESCRIPT;
   } else {
     t->status = 0;
   }
   rt->depth--;
+  block_active = 0;
   lua_sethook(L, NULL, 0, 0);
-  lua_pop(rt->L, 1);
+  lua_settop(L, top);
   op__worker_block_sync(t->worker, 0);
 }

@@ -69,7 +69,10 @@ struct op_pool {
   uint32_t hwm;
   int idle;      /* workers waiting on cv */
   int signalled; /* of those, signalled and not yet running */
+  int spinner;   /* a worker is spinning for work */
+  op_spin spin;  /* the spinning worker's budget */
   int stopping;
+  atomic_int avail; /* queue non-empty or stopping, for the spinner */
 
   /* Loop thread only. */
   op_backlog backlog;
@@ -259,12 +262,28 @@ static void worker_main(void *arg) {
       done = NULL;
     }
     while (p->head == NULL && !p->stopping) {
+      unsigned us;
+      int hit;
       if (wake) {
-        /* About to sleep: wake the loop thread first, without the lock. */
+        /* About to wait: wake the loop thread first, without the lock. */
         uv_mutex_unlock(&p->mu);
-        uv_async_send(&p->rt->done_async);
+        op__notify_loop(p->rt);
         wake = 0;
         uv_mutex_lock(&p->mu);
+        continue;
+      }
+      if (!p->spinner && (us = op__spin_budget(&p->spin)) > 0) {
+        /* One worker per pool spins a little for the next task before it
+        ** sleeps: the loop thread often submits again within
+        ** microseconds. Submitters do not signal it (it is not idle). */
+        p->spinner = 1;
+        uv_mutex_unlock(&p->mu);
+        hit = op__spin_until(&p->avail, us);
+        uv_mutex_lock(&p->mu);
+        p->spinner = 0;
+        hit = hit && (p->head != NULL || p->stopping);
+        atomic_store(&p->avail, p->head != NULL || p->stopping);
+        op__spin_result(&p->spin, hit);
         continue;
       }
       p->idle++;
@@ -283,9 +302,11 @@ static void worker_main(void *arg) {
       t->queued = 0;
       p->queued--;
     }
+    atomic_store_explicit(&p->avail, p->head != NULL || p->stopping,
+                          memory_order_release);
     uv_mutex_unlock(&p->mu);
     if (wake)
-      uv_async_send(&p->rt->done_async);
+      op__notify_loop(p->rt);
     if (t == NULL)
       break;
 
@@ -378,6 +399,8 @@ int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
   }
   if (uv_mutex_init(&p->mu) || uv_cond_init(&p->cv))
     OP_PANIC("cannot make a pool lock");
+  atomic_init(&p->avail, 0);
+  p->spin.max = p->spin.cur = rt->spin.max;
   rt->pools[rt->npools++] = p;
   if (out != NULL)
     *out = p;
@@ -450,6 +473,7 @@ int op__pool_submit(op_pool *p, op_task *t) {
     p->head = t;
   p->tail = t;
   t->queued = 1;
+  atomic_store_explicit(&p->avail, 1, memory_order_release);
   if (++p->queued > p->hwm)
     p->hwm = p->queued;
   if (p->idle > p->signalled) {
@@ -484,6 +508,7 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
     t->queued = 0;
     p->queued--;
     taken = 1;
+    atomic_store(&p->avail, p->head != NULL);
   }
   atomic_store(&t->stop, code);
   uv_mutex_unlock(&p->mu);
@@ -518,6 +543,7 @@ void op__pool_free(op_pool *p) {
 
   uv_mutex_lock(&p->mu);
   p->stopping = 1;
+  atomic_store(&p->avail, 1);
   uv_cond_broadcast(&p->cv);
   uv_mutex_unlock(&p->mu);
   if (p->started) {
@@ -560,6 +586,12 @@ void op__pool_count_end(op_pool *p, op_task *t, op_task_state how) {
 void op__pool_returned(op_pool *p, op_task *t) {
   (void)t;
   p->inflight--;
+}
+
+void op__pool_set_spin(op_pool *p, unsigned us) {
+  uv_mutex_lock(&p->mu);
+  p->spin.max = p->spin.cur = us;
+  uv_mutex_unlock(&p->mu);
 }
 
 void op__pool_stats(op_pool *p, op_pool_stats *out) {

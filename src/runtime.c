@@ -31,6 +31,7 @@ void op_config_init(op_config *cfg) {
   cfg->shutdown = OP_SHUTDOWN_DRAIN;
   cfg->block_budget = 0.1;
   cfg->block_policy = OP_BLOCK_ABORT;
+  cfg->spin_us = cores > 1 ? 50 : 0;
 }
 
 int op_config_pool(op_config *cfg, const char *name, int threads, int queue) {
@@ -195,7 +196,48 @@ void op__complete(op_runtime *rt, op_task *t) {
   rt->done_tail = t;
   uv_mutex_unlock(&rt->done_mu);
   if (first)
+    op__notify_loop(rt);
+}
+
+void op__notify_loop(op_runtime *rt) {
+  atomic_store(&rt->done_flag, 1);
+  if (!atomic_load(&rt->main_spinning))
     uv_async_send(&rt->done_async);
+}
+
+/* ---- spinning ---- */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+int op__spin_until(atomic_int *flag, unsigned us) {
+  uint64_t end = uv_hrtime() + (uint64_t)us * 1000;
+  unsigned i;
+
+  for (i = 1;; i++) {
+    if (atomic_load_explicit(flag, memory_order_acquire))
+      return 1;
+    if ((i & 63) == 0 && uv_hrtime() >= end)
+      return 0;
+    CPU_RELAX();
+  }
+}
+
+unsigned op__spin_budget(op_spin *s) {
+  if (s->cur == 0 && s->max > 0 && ++s->skips >= 64) {
+    s->skips = 0;
+    s->cur = s->max / 8 > 0 ? s->max / 8 : 1;
+  }
+  return s->cur;
+}
+
+void op__spin_result(op_spin *s, int hit) {
+  s->cur = hit ? s->max : s->cur / 2;
+  if (s->cur < 2)
+    s->cur = hit ? s->cur : 0;
 }
 
 /* Keep the loop alive exactly while pool tasks are in flight. */
@@ -206,11 +248,12 @@ void op__update_ref(op_runtime *rt) {
     uv_unref((uv_handle_t *)&rt->done_async);
 }
 
-static void done_cb(uv_async_t *async) {
-  op_runtime *rt = async->data;
+/* Run the completions of every finished task (loop thread). */
+static void drain_done(op_runtime *rt) {
   op_task *t, *list, *tail;
   int i;
 
+  atomic_store(&rt->done_flag, 0);
   uv_mutex_lock(&rt->done_mu);
   list = rt->done_head;
   tail = rt->done_tail;
@@ -242,6 +285,38 @@ static void done_cb(uv_async_t *async) {
     if (op__pool_backlog(rt->pools[i])->head != NULL)
       op__task_flush_backlog(rt->pools[i]);
   op__update_ref(rt);
+}
+
+static void done_cb(uv_async_t *async) {
+  drain_done(async->data);
+}
+
+/* Before the loop blocks while tasks are in flight: spin a little for
+** their completions. A wake-up through the kernel costs tens of
+** microseconds across CPUs; a worker that finishes while the loop thread
+** spins only raises done_flag. The budget adapts (op__spin_result), so a
+** loop waiting on long tasks stops spinning. */
+static void spin_cb(uv_prepare_t *prep) {
+  op_runtime *rt = prep->data;
+  unsigned us;
+  int hit, rounds;
+
+  for (rounds = 0; rounds < 64; rounds++) {
+    if (rt->inflight == 0 || rt->ready_head != NULL || rt->defer_head != NULL ||
+        (us = op__spin_budget(&rt->spin)) == 0)
+      return;
+    atomic_store(&rt->main_spinning, 1);
+    hit = op__spin_until(&rt->done_flag, us);
+    atomic_store(&rt->main_spinning, 0);
+    /* A worker that saw main_spinning set skipped its wake-up: look once
+    ** more now that it is clear. */
+    if (!hit)
+      hit = atomic_load(&rt->done_flag);
+    op__spin_result(&rt->spin, hit);
+    if (!hit)
+      return;
+    drain_done(rt);
+  }
 }
 
 /* ---- C tasks ---- */
@@ -371,6 +446,14 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
   rt->done_async.data = rt;
   rt->uv_handles++;
   uv_unref((uv_handle_t *)&rt->done_async);
+  atomic_init(&rt->done_flag, 0);
+  atomic_init(&rt->main_spinning, 0);
+  rt->spin.max = rt->spin.cur = cfg->spin_us > 0 ? (unsigned)cfg->spin_us : 0;
+  uv_prepare_init(rt->loop, &rt->spin_prepare);
+  rt->spin_prepare.data = rt;
+  rt->uv_handles++;
+  uv_prepare_start(&rt->spin_prepare, spin_cb);
+  uv_unref((uv_handle_t *)&rt->spin_prepare);
 
   rt->protos = op__protostore_new();
   rt->L = op__new_state(rt);
@@ -447,6 +530,7 @@ int op_runtime_free(op_runtime *rt) {
   if (rt->protos != NULL)
     op__protostore_free(rt->protos);
   uv_close((uv_handle_t *)&rt->done_async, handle_close_cb);
+  uv_close((uv_handle_t *)&rt->spin_prepare, handle_close_cb);
   while (rt->uv_handles > 0)
     uv_run(rt->loop, UV_RUN_NOWAIT);
   uv_run(rt->loop, UV_RUN_NOWAIT);

@@ -96,6 +96,7 @@ struct exec_op {
   int stopping; /* abort or overflow: kill, drop the output */
   int eof[3];
   int read_err; /* a uv error reading output, or 0 */
+  int lost;     /* the exit status was collected by other code */
   int pid;
   int64_t code;
   int signal;
@@ -224,6 +225,14 @@ static void deliver(exec_op *op) {
     op__wait_fail(rt, id, msg);
     return;
   }
+  if (op->lost) {
+    snprintf(msg, sizeof msg,
+             "exec: the exit status of '%s' was collected by other code "
+             "(waitpid)",
+             op->name);
+    op__wait_fail(rt, id, msg);
+    return;
+  }
   lua_createtable(co, 0, 4);
   if (op->signal != 0) {
     lua_pushinteger(co, op->signal);
@@ -285,8 +294,10 @@ static void chld_cb(uv_signal_t *h, int signum) {
     while (pid < 0 && errno == EINTR);
     if (pid == op->pid)
       exited(op, status);
-    else if (pid < 0 && errno == ECHILD)
-      exited(op, 0); /* someone else reaped it: status unknown */
+    else if (pid < 0 && errno == ECHILD) {
+      op->lost = 1; /* other code reaped it (waitpid(-1)): status unknown */
+      exited(op, 0);
+    }
   }
 }
 
