@@ -235,7 +235,7 @@ typedef struct op_ltask op_ltask;
 ** and push the task object on L. Raises on a value that cannot be copied
 ** ("cannot copy ..."). timeout <= 0: none.  [-0, +1, e] */
 op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
-                       double timeout, const char *call);
+                       double timeout, const char *call, int own);
 /* Queue lt on its pool. Returns 0 when queued; when the queue is full,
 ** OP_EAGAIN if may_wait is 0 (nothing changed), else 1: the task waits in
 ** the pool's backlog and is queued as soon as there is room (call
@@ -519,7 +519,7 @@ struct op_runtime {
   int suspended;          /* handler coroutines suspended now */
   int live_cos;           /* handler coroutines started and not ended */
 
-  uint64_t inflight;       /* pool tasks submitted and not completed */
+  uint64_t inflight; /* pool tasks submitted and not completed */
   /* Spinning before blocking (runtime.c): workers skip the wake-up while
   ** the loop thread spins, and always raise done_flag. */
   atomic_int done_flag;

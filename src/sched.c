@@ -200,8 +200,8 @@ void op__check_suspend(lua_State *L, const char *call) {
     if (c != NULL && L == c->rt->L)
       luaL_error(L,
                  "cannot suspend: %s called outside a handler (the main "
-                 "chunk and callbacks such as onresult must not wait; use "
-                 "offpath.go or a non-suspending form)",
+                 "chunk, block sections and callbacks such as onresult "
+                 "must not wait; use offpath.go or a non-suspending form)",
                  call);
     luaL_error(L,
                "cannot suspend: %s called in a coroutine offpath does not "

@@ -46,6 +46,7 @@ struct op_ltask {
   uint8_t sched;          /* schedule: data/onresult/onerror in the uservalue */
   uint8_t observed;       /* a waiter or callback was attached */
   uint8_t has_uv;         /* the uservalue table exists */
+  uint8_t own;            /* private to offpath.run: no finalizer */
   int anchor;             /* registry ref, or LUA_NOREF */
   op_wait_id waiter;      /* the first waiter; more in the uservalue */
   op_wait_id submit_wait; /* launch suspended on a full queue */
@@ -60,10 +61,13 @@ struct op_ltask {
 static const char *const state_names[] = { "queued", "running",   "done",
                                            "failed", "cancelled", "timeout" };
 
-/* Registry keys of the two metatables. Most tasks hold nothing a finalizer
-** must free (their payloads fit inline), and a finalizer costs the
-** collector a separate pass, so only tasks that need one get the metatable
-** with __gc (see needs_gc). */
+/* Registry keys of the two metatables. A finalizer costs the collector a
+** separate pass per object, so the task of offpath.run, which nobody else
+** sees, has none: it frees its buffers as soon as its waiter has its
+** results. Tasks a script can hold (launch, schedule, go) are finalized:
+** they keep results for later waiters and report failures nobody observed.
+** The choice is made when the object is made: giving an object a __gc
+** later makes Lua walk its list of objects, once per task. */
 static const char task_mt_key = 'T';
 static const char task_gc_mt_key = 'G';
 #define TASK_MT    "offpath.task"
@@ -105,17 +109,6 @@ static op_ltask *check_task(lua_State *L, int idx) {
   return lt;
 }
 
-/* Whether lt holds something only a finalizer can release. */
-static int needs_gc(op_ltask *lt) {
-  return lt->t.out.p != lt->t.out.small || lt->res_ref != LUA_NOREF ||
-         (lt->state == OP_TASK_FAILED && !lt->sched);
-}
-
-/* Give the task object on top of L the finalizing metatable.  [-0, +0, -] */
-static void set_gc(lua_State *L) {
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &task_gc_mt_key);
-  lua_setmetatable(L, -2);
-}
 
 static void anchor(lua_State *L, op_ltask *lt, int idx) {
   if (lt->anchor == LUA_NOREF) {
@@ -289,8 +282,6 @@ static void run_schedule(lua_State *L, op_ltask *lt, int uv) {
 /* The first half of ending lt in state: decide it (once), stop its
 ** deadline, count it. Returns 0 if it had already ended. */
 static int task_settle(op_ltask *lt, int state) {
-  lua_State *L = lt->rt->L;
-
   if (lt->state >= OP_TASK_DONE)
     return 0;
   lt->state = (uint8_t)state;
@@ -301,11 +292,6 @@ static int task_settle(op_ltask *lt, int state) {
   }
   if (lt->kind == OP_LT_POOL)
     op__pool_count_end(lt->t.pool, &lt->t, (op_task_state)state);
-  if (needs_gc(lt)) {
-    push_task(L, lt);
-    set_gc(L);
-    lua_pop(L, 1);
-  }
   return 1;
 }
 
@@ -322,6 +308,8 @@ static void task_notify(op_ltask *lt) {
     /* The common case: one waiter, no callbacks. */
     if (first != 0)
       tell_waiter(lt, first);
+    if (lt->own)
+      op__buf_free(&lt->t.out); /* nobody else can read it */
     return;
   }
   push_task(L, lt);
@@ -462,7 +450,7 @@ static void task_complete(op_task *t) {
 
 /* ---- making and queueing tasks ---- */
 
-static op_ltask *new_task(lua_State *L, int kind, const char *call) {
+static op_ltask *new_task(lua_State *L, int kind, const char *call, int own) {
   op_runtime *rt = op__runtime(L);
   op_ltask *lt = lua_newuserdatauv(L, sizeof *lt, 1);
 
@@ -474,13 +462,14 @@ static op_ltask *new_task(lua_State *L, int kind, const char *call) {
   lt->anchor = LUA_NOREF;
   lt->res_ref = LUA_NOREF;
   lt->call = call;
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &task_mt_key);
+  lt->own = (uint8_t)own;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, own ? &task_mt_key : &task_gc_mt_key);
   lua_setmetatable(L, -2);
   return lt;
 }
 
 op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
-                       double timeout, const char *call) {
+                       double timeout, const char *call, int own) {
   op_runtime *rt = op__runtime(L);
   char err[512];
   op_ltask *lt;
@@ -489,7 +478,7 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
   fnidx = lua_absindex(L, fnidx);
   if (rt->closing)
     luaL_error(L, "shutdown: %s refused, the runtime is shutting down", call);
-  lt = new_task(L, OP_LT_POOL, call);
+  lt = new_task(L, OP_LT_POOL, call, own);
   lt->t.pool = pool;
   lt->t.settle = task_settle_cb;
   lt->t.complete = task_complete;
@@ -619,15 +608,20 @@ op_ltask *op__task_go(lua_State *L, int fnidx, int nargs) {
   if (rt->closing)
     luaL_error(L, "shutdown: offpath.go refused, the runtime is shutting "
                   "down");
-  lt = new_task(L, OP_LT_GO, "offpath.go");
+  lt = new_task(L, OP_LT_GO, "offpath.go", 0);
   lt->state = OP_TASK_RUNNING;
   anchor(L, lt, -1);
   c = op__co_acquire(rt);
   c->on_end = go_end;
   c->data = lt;
   lt->co = c;
-  /* A go coroutine shares the session (offpath.context) of its parent. */
-  if (parent != NULL && parent->handler && parent->ctx_ref != LUA_NOREF) {
+  /* A go coroutine shares the session (offpath.context) of its parent,
+  ** made now if the parent has not used it yet. */
+  if (parent != NULL && parent->handler && parent->L == L) {
+    if (parent->ctx_ref == LUA_NOREF) {
+      lua_newtable(L);
+      parent->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, parent->ctx_ref);
     c->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }

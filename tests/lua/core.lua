@@ -226,3 +226,16 @@ T.test("deadlines count from when they are set, not the loop's last turn", funct
     function() while true do end end)
   T.ok(offpath.now() - t0 >= 0.099, "timeout after " .. (offpath.now() - t0))
 end)
+
+T.test("a go task shares its parent's context, used first or not", function()
+  offpath.go(function() offpath.context.x = 1 end):wait()
+  T.eq(offpath.context.x, 1)
+end)
+
+T.test("ending many tasks stays linear (no per-task walk of the heap)", function()
+  local N, t0 = 20000, offpath.now()
+  local ts = {}
+  for i = 1, N do ts[i] = offpath.go(function() offpath.sleep(0.01) end) end
+  for i = 1, N do ts[i]:wait() end
+  T.ok(offpath.now() - t0 < 20, "20,000 go tasks took " .. (offpath.now() - t0))
+end)

@@ -1,0 +1,84 @@
+/*
+** test-fs.c - the file calls at runtime shutdown with OP_SHUTDOWN_CANCEL: a
+** readfile still queued behind a busy worker never runs, and its waiter is
+** told "cancelled" exactly once. LABELS: io fs tsan
+*/
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "offpath.h"
+#include "test.h"
+
+static const char script[] =
+    "local offpath = require 'offpath'\n"
+    "function start(out)\n"
+    "  -- keep the only thread of 'one' busy for a while\n"
+    "  offpath.launch('one', function()\n"
+    "    local t = os.clock() + 0.3\n"
+    "    while os.clock() < t do end\n"
+    "  end)\n"
+    "  offpath.go(function()\n"
+    "    local ok, err = pcall(offpath.readfile, '/dev/null',\n"
+    "                          { pool = 'one' })\n"
+    "    local f = io.open(out, 'a')\n"
+    "    f:write(tostring(ok), ' ', tostring(err), '\\n')\n"
+    "    f:close()\n"
+    "  end)\n"
+    "end\n";
+
+/* The whole of a small file, or "" if it cannot be read. */
+static const char *slurp(const char *file, char *buf, size_t len) {
+  FILE *f = fopen(file, "r");
+  size_t n = 0;
+
+  if (f != NULL) {
+    n = fread(buf, 1, len - 1, f);
+    fclose(f);
+  }
+  buf[n] = '\0';
+  return buf;
+}
+
+int main(void) {
+  char dir[] = "/tmp/offpath-test-fs-XXXXXX";
+  char out[256], buf[1024];
+  op_config cfg;
+  op_stats st;
+  op_runtime *rt;
+  lua_State *L;
+  int i;
+
+  ASSERT_NOT_NULL(mkdtemp(dir));
+  snprintf(out, sizeof out, "%s/out", dir);
+  op_config_init(&cfg);
+  cfg.shutdown = OP_SHUTDOWN_CANCEL;
+  ASSERT_OK(op_config_pool(&cfg, "one", 1, 0));
+  ASSERT_OK(op_runtime_new(&cfg, &rt));
+  ASSERT_OK(op_load_string(rt, script, "=test-fs"));
+  L = op_runtime_lua(rt);
+  lua_pushstring(L, out);
+  ASSERT_OK(op_call(rt, "start", 1));
+  /* Let the go coroutine start and queue its readfile. */
+  for (i = 0; i < 10; i++) {
+    op_runtime_poll(rt);
+    usleep(1000);
+  }
+  ASSERT_OK(op_stats(rt, &st));
+  for (i = 0; i < st.npools; i++)
+    if (strcmp(st.pools[i].name, "one") == 0)
+      break;
+  ASSERT_LT(i, st.npools);
+  ASSERT_EQ(st.pools[i].submitted, 2);
+  ASSERT_EQ(st.pools[i].queued, 1);
+  ASSERT_STR_EQ(slurp(out, buf, sizeof buf), "");
+  ASSERT_OK(op_runtime_free(rt));
+  ASSERT_STR_EQ(slurp(out, buf, sizeof buf),
+                "false cancelled: offpath.readfile (the queue of pool 'one' "
+                "was cancelled at shutdown)\n");
+  unlink(out);
+  rmdir(dir);
+  printf("ok - a queued readfile is cancelled at shutdown, told once\n");
+  return 0;
+}

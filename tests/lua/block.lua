@@ -1,0 +1,212 @@
+-- block.lua - offpath.block: sections run atomically on the main thread
+-- from workers; results, errors, values that cannot cross, the budget and
+-- its policies.
+-- LABELS: core block tsan
+local T = require "_tap"
+local offpath = require "offpath"
+
+offpath.configure { pools = { eight = { threads = 8 } } }
+
+T.test("block returns several values, tables and nils", function()
+  local a, b, c, d, n = offpath.run("io", function()
+    return offpath.block(function(x, y)
+      return x + 1, nil, { y, { deep = y .. "!" } }, 2.5, select("#", x, y)
+    end, 41, "v")
+  end)
+  T.eq(a, 42); T.eq(math.type(a), "integer"); T.eq(b, nil)
+  T.eq(c[1], "v"); T.eq(c[2].deep, "v!"); T.eq(d, 2.5); T.eq(n, 2)
+  -- no results at all
+  T.eq(select("#", offpath.run("io", function()
+    return offpath.block(function() end)
+  end)), 0)
+end)
+
+T.test("a section sees the main VM: globals and offpath.engine", function()
+  MAIN_ONLY = "main value"
+  local seen, engine = offpath.run("io", function()
+    return offpath.block(function()
+      MAIN_ONLY = MAIN_ONLY .. " changed"
+      return MAIN_ONLY, type(offpath.engine)
+    end)
+  end)
+  T.eq(seen, "main value changed")
+  T.eq(MAIN_ONLY, "main value changed")
+  T.eq(engine, "table")
+  -- the worker's own globals are not the main VM's
+  T.eq(offpath.run("io", function() return MAIN_ONLY end), nil)
+end)
+
+T.test("8 tasks x 1000 sections: the counter ends exact", function()
+  COUNTER = 0
+  local tasks = {}
+  for i = 1, 8 do
+    tasks[i] = offpath.launch("eight", function()
+      for _ = 1, 1000 do
+        offpath.block(function()
+          -- read, work, write: a lost update would show if two
+          -- sections ever overlapped
+          local v = COUNTER
+          for _ = 1, 20 do end
+          COUNTER = v + 1
+        end)
+      end
+      return offpath.worker().id
+    end)
+  end
+  local ids = {}
+  for i = 1, 8 do ids[tasks[i]:wait()] = true end
+  T.eq(COUNTER, 8000)
+  local n = 0
+  for _ in pairs(ids) do n = n + 1 end
+  T.ok(n >= 2, "sections came from " .. n .. " worker thread(s)")
+end)
+
+T.test("no main-thread code runs inside a section", function()
+  STATE = "idle"
+  local watching, bad, samples = true, 0, 0
+  local watcher = offpath.go(function()
+    while watching do
+      samples = samples + 1
+      if STATE ~= "idle" then bad = bad + 1 end
+      offpath.sleep(0)
+    end
+  end)
+  offpath.run("eight", function()
+    for _ = 1, 200 do
+      offpath.block(function()
+        STATE = "busy"
+        local t = offpath.now() + 0.0005
+        while offpath.now() < t do end
+        STATE = "idle"
+      end)
+    end
+  end)
+  watching = false
+  watcher:wait()
+  T.ok(samples > 0)
+  T.eq(bad, 0)
+end)
+
+T.test("an error in a section is raised in the worker", function()
+  local e = T.err("block.lua:%d+: inner boom", offpath.run, "io", function()
+    offpath.block(function() error("inner boom") end)
+  end)
+  T.ok(e:find("stack traceback", 1, true), e)
+  -- the worker can catch it and go on
+  local ok, msg, after = offpath.run("io", function()
+    local ok, msg = pcall(offpath.block, function() error({ code = 1 }) end)
+    return ok, msg, offpath.block(function() return "after" end)
+  end)
+  T.eq(ok, false); T.ok(tostring(msg):find("error object is a table"), msg)
+  T.eq(after, "after")
+end)
+
+T.test("values that cannot cross are refused, both ways", function()
+  T.err("cannot copy thread %(result 1%) %(block section results%)",
+    offpath.run, "io", function()
+      return offpath.block(function() return coroutine.create(print) end)
+    end)
+  T.err("cannot copy userdata %(argument 2%) %(in offpath.block%)",
+    offpath.run, "io", function()
+      local f = assert(io.open("/dev/null"))
+      local ok, e = pcall(offpath.block, function() end, 1, f)
+      f:close()
+      error(e, 0)
+    end)
+  T.err("bad argument #1 to '[%w.]*block'", offpath.run, "io", function()
+    return offpath.block(42)
+  end)
+end)
+
+T.test("a section cannot suspend", function()
+  local ok, e = offpath.run("io", function()
+    return offpath.block(function()
+      local can = offpath.can_suspend()
+      local ok, e = pcall(offpath.sleep, 0)
+      return not can and not ok, e
+    end)
+  end)
+  T.eq(ok, true)
+  T.ok(e:find("^cannot suspend: offpath.sleep called outside a handler"), e)
+end)
+
+T.test("budget, policy abort: the section gets a timeout error", function()
+  offpath.configure { block_budget = 0.05, block_policy = "abort" }
+  local t0 = offpath.now()
+  local e = T.err("timeout: block section overran its budget of 0.05 s",
+    offpath.run, "io", function()
+      return offpath.block(function() while true do end end)
+    end)
+  T.ok(offpath.now() - t0 < 2, "stopped late")
+  T.ok(e:find("block.lua:%d+:"), "position of the section in " .. e)
+  -- a pcall inside the section cannot swallow it
+  SWALLOWED = nil
+  T.err("timeout: block section overran its budget", offpath.run, "io",
+    function()
+      return offpath.block(function()
+        while true do
+          pcall(function() while true do end end)
+          SWALLOWED = true
+        end
+      end)
+    end)
+  T.eq(SWALLOWED, nil)
+  -- a coroutine made in a section inherits the budget hook; once the
+  -- section is over, it must not raise a stale timeout
+  T.err("timeout: block section overran its budget", offpath.run, "io",
+    function()
+      return offpath.block(function()
+        LEFT = coroutine.wrap(function()
+          coroutine.yield()
+          for _ = 1, 100000 do end
+          return "done"
+        end)
+        LEFT()
+        while true do end
+      end)
+    end)
+  T.eq(LEFT(), "done")
+  -- the main thread and the next sections go on
+  T.eq(offpath.run("io", function()
+    return offpath.block(function() return "fine" end)
+  end), "fine")
+  offpath.configure { block_budget = 0.1 }
+end)
+
+T.test("budget, policy continue: the section finishes, overrun logged",
+  function()
+    offpath.configure { block_budget = 0.01, block_policy = "continue" }
+    local r = offpath.run("io", function()
+      return offpath.block(function()
+        local t = offpath.now() + 0.05
+        while offpath.now() < t do end
+        return "finished"
+      end)
+    end)
+    T.eq(r, "finished")
+    offpath.configure { block_budget = 0.1, block_policy = "abort" }
+    -- the log line: run a script through the host and read its stderr
+    local host = os.getenv("OFFPATH")
+    local dir = os.getenv("OFFPATH_SOURCE_DIR") or "."
+    if host == nil then
+      print("skipped - continue policy log: OFFPATH (the host binary) is "
+        .. "not set; ctest sets it")
+      return
+    end
+    local out = offpath.exec({ host, "run",
+      dir .. "/tests/lua/fixtures/block_continue.lua", "--input",
+      "/dev/null" }, { timeout = 60 })
+    T.eq(out.code, 0, out.stderr)
+    T.ok(out.stdout:find("result finished", 1, true), out.stdout)
+    T.ok(out.stderr:find("warning: block section overran its budget of "
+      .. "0.01 s at [^\n]*block_continue.lua:%d+ %(policy continue%)"),
+      out.stderr)
+  end)
+
+T.test("on the main thread, block just calls (and cannot suspend)",
+  function()
+    local a, b = offpath.block(function(x)
+      return x, offpath.can_suspend()
+    end, 7)
+    T.eq(a, 7); T.eq(b, false)
+  end)
