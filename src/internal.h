@@ -406,6 +406,10 @@ lua_State *op__new_state(op_runtime *rt);
 ** VM). io/io.c calls each io file's opener, e.g. op__open_io_fs(L).
 ** [-0, +0, e] */
 void op__open_io(lua_State *L);
+/* A number option >= 0 of the options table at idx, or dflt (io/io.c).
+** [-0, +0, e] */
+double op__opt_number(lua_State *L, int idx, const char *key, double dflt,
+                      const char *call);
 
 /* Called from op_runtime_free before the loop is drained, so io modules
 ** can close idle connections and handles. */

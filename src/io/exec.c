@@ -369,24 +369,6 @@ static void spawn_failed(op_runtime *rt, void *arg) {
 
 /* ---- arguments ---- */
 
-/* Read an optional number field of the opts table at idx.  [-0, +0, e] */
-static double opt_number(lua_State *L, int idx, const char *k, double dflt) {
-  double v = dflt;
-
-  if (lua_getfield(L, idx, k) != LUA_TNIL) {
-    if (!lua_isnumber(L, -1))
-      luaL_error(L,
-                 "bad option '%s' to 'offpath.exec' (number expected, got %s)",
-                 k, luaL_typename(L, -1));
-    v = lua_tonumber(L, -1);
-    if (v < 0)
-      luaL_error(L, "bad option '%s' to 'offpath.exec' (must not be negative)",
-                 k);
-  }
-  lua_pop(L, 1);
-  return v;
-}
-
 /* Refuse option names exec does not know (a typo would be silent).
 ** [-0, +0, e] */
 static void check_option_names(lua_State *L, int idx) {
@@ -670,9 +652,9 @@ static int offpath_exec(lua_State *L) {
   if (!lua_isnil(L, 2)) {
     luaL_argexpected(L, lua_istable(L, 2), 2, "options table");
     check_option_names(L, 2);
-    timeout = opt_number(L, 2, "timeout", 0);
-    grace = opt_number(L, 2, "kill_grace", DEFAULT_GRACE);
-    maxout = opt_number(L, 2, "max_output", maxout);
+    timeout = op__opt_number(L, 2, "timeout", 0, "offpath.exec");
+    grace = op__opt_number(L, 2, "kill_grace", DEFAULT_GRACE, "offpath.exec");
+    maxout = op__opt_number(L, 2, "max_output", maxout, "offpath.exec");
     if (maxout < 1)
       luaL_error(
           L, "bad option 'max_output' to 'offpath.exec' (must be positive)");

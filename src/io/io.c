@@ -5,6 +5,27 @@
 */
 #include "internal.h"
 
+/* Read the optional number option key of the table at idx: dflt if absent;
+** raises "bad option 'key' [to 'call'] (...)" if it is not a number or is
+** negative. call may be NULL.  [-0, +0, e] */
+double op__opt_number(lua_State *L, int idx, const char *key, double dflt,
+                      const char *call) {
+  double v = dflt;
+
+  if (lua_getfield(L, idx, key) != LUA_TNIL) {
+    if (!lua_isnumber(L, -1))
+      luaL_error(L, "bad option '%s'%s%s%s (number expected, got %s)", key,
+                 call ? " to '" : "", call ? call : "", call ? "'" : "",
+                 luaL_typename(L, -1));
+    v = lua_tonumber(L, -1);
+    if (!(v >= 0))
+      luaL_error(L, "bad option '%s'%s%s%s (must not be negative)", key,
+                 call ? " to '" : "", call ? call : "", call ? "'" : "");
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
 void op__open_io(lua_State *L) {
   op__open_io_http(L);
   op__open_io_redis(L);

@@ -1573,22 +1573,6 @@ static pg_mod *get_mod(op_runtime *rt) {
   return mod;
 }
 
-/* Read a number option >= 0 of the table at idx.  [-0, +0, e] */
-static double opt_number(lua_State *L, int idx, const char *key, double dflt) {
-  double v = dflt;
-
-  if (lua_getfield(L, idx, key) != LUA_TNIL) {
-    if (!lua_isnumber(L, -1))
-      luaL_error(L, "bad option '%s' (number expected, got %s)", key,
-                 luaL_typename(L, -1));
-    v = lua_tonumber(L, -1);
-    if (!(v >= 0))
-      luaL_error(L, "bad option '%s' (must not be negative)", key);
-  }
-  lua_pop(L, 1);
-  return v;
-}
-
 /* offpath.pg.connect(conninfo, [{pool=, timeout=, connect_timeout=}])
 ** -> db: in a handler once the first connection is up (its failure
 ** raises); where nothing may suspend (a main chunk), at once, with the
@@ -1619,8 +1603,8 @@ static int pg_connect(lua_State *L) {
         return luaL_error(L, "bad option 'pool' (must be 1..%d)", MAX_POOL);
     }
     lua_pop(L, 1);
-    timeout = opt_number(L, 2, "timeout", 0);
-    ctimeout = opt_number(L, 2, "connect_timeout", timeout);
+    timeout = op__opt_number(L, 2, "timeout", 0, NULL);
+    ctimeout = op__opt_number(L, 2, "connect_timeout", timeout, NULL);
   }
   wait = op__can_suspend(L);
   if ((mod = get_mod(rt)) == NULL)
@@ -1739,7 +1723,7 @@ static int db_query(lua_State *L) {
   long n;
 
   if (lua_istable(L, 2)) {
-    timeout = opt_number(L, 2, "timeout", timeout);
+    timeout = op__opt_number(L, 2, "timeout", timeout, NULL);
     if (lua_rawgeti(L, 2, 1) == LUA_TNIL) {
       lua_pop(L, 1);
       lua_getfield(L, 2, "sql");

@@ -685,22 +685,6 @@ typedef struct sq_box {
   op_pool *pool;
 } sq_box;
 
-/* A number option >= 0 of the table at idx.  [-0, +0, e] */
-static double opt_number(lua_State *L, int idx, const char *key, double dflt) {
-  double v = dflt;
-
-  if (lua_getfield(L, idx, key) != LUA_TNIL) {
-    if (!lua_isnumber(L, -1))
-      luaL_error(L, "bad option '%s' (number expected, got %s)", key,
-                 luaL_typename(L, -1));
-    v = lua_tonumber(L, -1);
-    if (!(v >= 0))
-      luaL_error(L, "bad option '%s' (must not be negative)", key);
-  }
-  lua_pop(L, 1);
-  return v;
-}
-
 /* offpath.sqlite.open(path, [{timeout=, busy_timeout=, wal=, pool=}]) -> db
 ** Does not suspend: the file is opened by the first db:exec. */
 static int sqlite_open(lua_State *L) {
@@ -717,8 +701,8 @@ static int sqlite_open(lua_State *L) {
     return luaL_argerror(L, 1, "path contains a zero byte");
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TTABLE);
-    timeout = opt_number(L, 2, "timeout", 0);
-    busy = opt_number(L, 2, "busy_timeout", busy);
+    timeout = op__opt_number(L, 2, "timeout", 0, NULL);
+    busy = op__opt_number(L, 2, "busy_timeout", busy, NULL);
     if (lua_getfield(L, 2, "wal") != LUA_TNIL)
       wal = lua_toboolean(L, -1);
     lua_pop(L, 1);
@@ -783,7 +767,7 @@ static int db_exec(lua_State *L) {
   char *p;
 
   if (lua_istable(L, 2)) {
-    timeout = opt_number(L, 2, "timeout", timeout);
+    timeout = op__opt_number(L, 2, "timeout", timeout, NULL);
     if (lua_rawgeti(L, 2, 1) == LUA_TNIL) {
       lua_pop(L, 1);
       lua_getfield(L, 2, "sql");
