@@ -101,7 +101,7 @@ static void done(void *arg, int status) {
 static void usage(void) {
   fprintf(stderr,
           "usage: op-capi --workers N --mode pipelined|serial "
-          "--tasks N\n"
+          "--tasks N [--spin US]\n"
           "  pipelined: up to %d tasks in flight, prints ns_per_trip\n"
           "  serial:    one task at a time, prints us_per_trip\n",
           WINDOW);
@@ -113,7 +113,7 @@ int main(int argc, char **argv) {
   struct rusage ru;
   const char *mode = "pipelined";
   long window, i, n;
-  int workers = 1, rc;
+  int workers = 1, rc, spin = -1;
   uint64_t t0, wall;
   int64_t want;
   double cpu_user, cpu_sys, wall_s;
@@ -124,6 +124,8 @@ int main(int argc, char **argv) {
       usage();
     } else if (strcmp(a, "--workers") == 0) {
       workers = (int)parse_long(a, argv[++i], 1, MAX_WORKERS);
+    } else if (strcmp(a, "--spin") == 0) {
+      spin = (int)parse_long(a, argv[++i], 0, 10000);
     } else if (strcmp(a, "--tasks") == 0) {
       B.ntasks = parse_long(a, argv[++i], 1, 1000000000L);
     } else if (strcmp(a, "--mode") == 0) {
@@ -144,6 +146,8 @@ int main(int argc, char **argv) {
   }
 
   op_config_init(&cfg);
+  if (spin >= 0)
+    cfg.spin_us = spin;
   if ((rc = op_config_pool(&cfg, "b", workers, 2048)) != 0 ||
       (rc = op_runtime_new(&cfg, &B.rt)) != 0) {
     fprintf(stderr, "op-capi: runtime: %s\n", op_strerror(rc));

@@ -62,6 +62,9 @@ local argkind = env_enum("OP_ARG", "none", { "none", "1k", "table100", "1m" })
 if api == "run" and mode ~= "serial" then error("OP_API=run is one at a time: OP_MODE=serial") end
 
 offpath.configure { pools = { b = { threads = workers, queue = 2048 } } }
+if os.getenv("OP_SPIN") then
+  offpath.configure { spin_us = math.tointeger(tonumber(os.getenv("OP_SPIN"))) }
+end
 
 -- ---- the task function ----
 -- Both forms are made the same way, from source by load(), so they have the

@@ -159,6 +159,8 @@ int op__pool_submit(op_pool *p, op_task *t);
 void op__pool_set_spin(op_pool *p, unsigned us);
 /* Start p's threads now if they have not started. 0 or OP_ENOMEM. */
 int op__pool_start(op_pool *p);
+/* Whether t is waiting in p's queue (not yet taken by a worker). */
+int op__pool_is_queued(op_pool *p, op_task *t);
 /* Whether p's queue is full now. */
 int op__pool_full(op_pool *p);
 /* Ask t to stop with code (OP_ECANCELED or OP_ETIMEDOUT). A queued task

@@ -436,6 +436,15 @@ op_pool *op__pool_find(op_runtime *rt, const char *name) {
   return NULL;
 }
 
+int op__pool_is_queued(op_pool *p, op_task *t) {
+  int queued;
+
+  uv_mutex_lock(&p->mu);
+  queued = t->queued;
+  uv_mutex_unlock(&p->mu);
+  return queued;
+}
+
 int op__pool_full(op_pool *p) {
   int full;
 

@@ -761,7 +761,7 @@ static int task_status(lua_State *L) {
   int st = lt->state;
 
   if (st == OP_TASK_QUEUED && lt->kind == OP_LT_POOL && lt->in_pool &&
-      !lt->t.queued)
+      !op__pool_is_queued(lt->t.pool, &lt->t))
     st = OP_TASK_RUNNING;
   lua_pushstring(L, state_names[st]);
   return 1;
