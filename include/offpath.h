@@ -103,8 +103,8 @@ typedef struct op_config {
   const char *package_path; /* prepended to package.path in every VM */
   int spin_us;              /* spin up to this long before sleeping: on the
                                loop thread while tasks are in flight, on a
-                               worker after a task; adaptive. Default 50,
-                               0 never, off on one CPU */
+                               worker after a task; adaptive. Default 0
+                               (never): see docs/benchmarks.md */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,

@@ -176,6 +176,51 @@ static void test_poll_loop(void) {
   ASSERT_OK(op_runtime_free(rt));
 }
 
+/* With spinning on, one task at a time (each done submits the next) and a
+** burst: the spin paths of the loop thread and the workers hand over
+** every task exactly once. */
+static op_runtime *serial_rt;
+static int serial_left;
+static job serial_job;
+
+static void serial_done(void *arg, int status) {
+  job *j = arg;
+
+  ASSERT_EQ(status, 0);
+  j->done_calls++;
+  if (--serial_left > 0) {
+    j->in = j->out;
+    ASSERT_OK(op_submit(serial_rt, "p", work_add, serial_done, j));
+  }
+}
+
+static void test_spin(void) {
+  static job jobs[2000];
+  op_config cfg;
+  int i;
+
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "p", 1, 4096));
+  cfg.spin_us = 50;
+  ASSERT_OK(op_runtime_new(&cfg, &serial_rt));
+  serial_left = 2000;
+  serial_job = (job){ .in = 0 };
+  ASSERT_OK(op_submit(serial_rt, "p", work_add, serial_done, &serial_job));
+  ASSERT_OK(op_runtime_run(serial_rt));
+  ASSERT_EQ(serial_job.done_calls, 2000);
+  ASSERT_EQ(serial_job.out, 2000);
+  done_total = 0;
+  for (i = 0; i < 2000; i++) {
+    jobs[i] = (job){ .in = i };
+    ASSERT_OK(op_submit(serial_rt, "p", work_add, done_count, &jobs[i]));
+  }
+  ASSERT_OK(op_runtime_run(serial_rt));
+  ASSERT_EQ(done_total, 2000);
+  for (i = 0; i < 2000; i++)
+    ASSERT_EQ(jobs[i].done_calls, 1);
+  ASSERT_OK(op_runtime_free(serial_rt));
+}
+
 static void test_errors(void) {
   op_config cfg;
 
@@ -198,6 +243,7 @@ int main(void) {
   test_shutdown_drain();
   test_shutdown_cancel();
   test_poll_loop();
+  test_spin();
   printf("test-pool: ok\n");
   return 0;
 }
