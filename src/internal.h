@@ -408,6 +408,12 @@ lua_State *op__new_state(op_runtime *rt);
 ** VM). io/io.c calls each io file's opener, e.g. op__open_io_fs(L).
 ** [-0, +0, e] */
 void op__open_io(lua_State *L);
+/* Register the metatable mt of an io module's objects (metamethods meta,
+** methods as __index), then add funcs as offpath.<field> to the module
+** table on top of L (io/io.c).  [-0, +0, m] */
+void op__io_register(lua_State *L, const char *mt, const luaL_Reg *meta,
+                     const luaL_Reg *methods, const char *field,
+                     const luaL_Reg *funcs);
 /* A number option >= 0 of the options table at idx, or dflt (io/io.c).
 ** [-0, +0, e] */
 double op__opt_number(lua_State *L, int idx, const char *key, double dflt,

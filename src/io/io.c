@@ -26,6 +26,21 @@ double op__opt_number(lua_State *L, int idx, const char *key, double dflt,
   return v;
 }
 
+void op__io_register(lua_State *L, const char *mt, const luaL_Reg *meta,
+                     const luaL_Reg *methods, const char *field,
+                     const luaL_Reg *funcs) {
+  if (luaL_newmetatable(L, mt)) {
+    luaL_setfuncs(L, meta, 0);
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  lua_newtable(L);
+  luaL_setfuncs(L, funcs, 0);
+  lua_setfield(L, -2, field);
+}
+
 void op__open_io(lua_State *L) {
   op__open_io_http(L);
   op__open_io_redis(L);

@@ -1876,21 +1876,13 @@ void op__open_io_pg(lua_State *L) {
                                       { "close", db_close_l },
                                       { "stats", db_stats },
                                       { NULL, NULL } };
+  static const luaL_Reg meta[] = { { "__gc", db_gc },
+                                   { "__close", db_gc },
+                                   { "__tostring", db_tostring },
+                                   { NULL, NULL } };
   static const luaL_Reg funcs[] = { { "connect", pg_connect }, { NULL, NULL } };
 
-  if (luaL_newmetatable(L, DB_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, db_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, db_gc);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, db_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
-  luaL_newlib(L, funcs);
-  lua_setfield(L, -2, "pg");
+  op__io_register(L, DB_MT, meta, methods, "pg", funcs);
 }
 
 void op__io_pg_shutdown(op_runtime *rt) {

@@ -1246,11 +1246,5 @@ void op__open_io_redis(lua_State *L) {
   static const luaL_Reg funcs[] = { { "connect", redis_connect },
                                     { NULL, NULL } };
 
-  luaL_newmetatable(L, REDIS_MT);
-  luaL_setfuncs(L, meta, 0);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-  luaL_newlib(L, funcs);
-  lua_setfield(L, -2, "redis");
+  op__io_register(L, REDIS_MT, meta, methods, "redis", funcs);
 }

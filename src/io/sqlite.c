@@ -892,21 +892,13 @@ void op__open_io_sqlite(lua_State *L) {
   static const luaL_Reg methods[] = { { "exec", db_exec },
                                       { "close", db_close },
                                       { NULL, NULL } };
+  static const luaL_Reg meta[] = { { "__gc", db_close },
+                                   { "__close", db_close },
+                                   { "__tostring", db_tostring },
+                                   { NULL, NULL } };
   static const luaL_Reg funcs[] = { { "open", sqlite_open }, { NULL, NULL } };
 
-  if (luaL_newmetatable(L, DB_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, db_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, db_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, db_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
-  luaL_newlib(L, funcs);
-  lua_setfield(L, -2, "sqlite");
+  op__io_register(L, DB_MT, meta, methods, "sqlite", funcs);
 }
 
 static void retry_close_cb(uv_handle_t *h) {
