@@ -139,7 +139,9 @@ struct op_task {
   uint8_t notify;    /* settle left work for complete */
   void *owner;       /* the completer's context */
   uint64_t t_submit; /* uv_hrtime() */
-  op_worker *worker; /* OP_TASK_BLOCK: the waiting worker */
+  op_worker *worker; /* OP_TASK_BLOCK: the waiting worker; OP_TASK_LUA:
+                        the worker running it (pool lock) */
+  uint8_t watch;     /* has a deadline: run it under the stop hook */
 };
 
 void op__task_init(op_task *t, op_task_kind kind);

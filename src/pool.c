@@ -21,21 +21,36 @@
 **
 ** Stopping a task: op__pool_stop_task() takes a queued task off the queue
 ** (under pool->mu) and completes it as stopped; for a running task it only
-** sets t->stop. The worker VM's count hook (every HOOK_COUNT instructions)
-** sees the flag and raises, and then keeps raising on every instruction so
-** that a pcall in the task cannot swallow the stop. C code inside a task
-** (os.execute, a blocking read) cannot be interrupted this way.
+** sets t->stop. A count hook (every HOOK_COUNT instructions) sees the flag
+** and raises, and then keeps raising on every instruction so that a pcall
+** in the task cannot swallow the stop. C code inside a task (os.execute, a
+** blocking read) cannot be interrupted this way.
+**
+** The hook is installed only when a task may need stopping: with Lua 5.4 a
+** count hook makes the VM trap on every instruction, which halves the
+** speed of all Lua code in the worker. A task with a deadline gets it when
+** it starts; a running task stopped without one gets it from a signal
+** (OP_STOP_SIGNAL) sent to its worker thread, whose handler calls
+** lua_sethook, the way lua.c stops a script on SIGINT. The worker publishes
+** the task it runs before it looks at t->stop, and the stopper sets
+** t->stop before it signals, so one of the two installs the hook.
+** Coroutines a task made before its hook was installed do not inherit it.
+** (Under ThreadSanitizer, which delivers signals only at calls it
+** intercepts, a stopped Lua loop without a deadline keeps running.)
 **
 ** A worker VM is made once, on its thread, when the pool starts: standard
 ** libraries, package.path, the worker-side offpath module, _OSTLS, the
 ** transfer state and the pool's init script.
 */
+#include <pthread.h>
+#include <signal.h>
 #include <string.h>
 
 #include "internal.h"
 
-#define HOOK_COUNT    1000
-#define DEFAULT_QUEUE 4096
+#define HOOK_COUNT     1000
+#define OP_STOP_SIGNAL (SIGRTMIN + 4)
+#define DEFAULT_QUEUE  4096
 
 struct op_worker {
   op_pool *pool;
@@ -43,8 +58,10 @@ struct op_worker {
   uv_thread_t thread;
   lua_State *L;
   op_xfer *xfer;
-  op_task *current; /* the task running, for the hook (worker only) */
-  int hook_fast;    /* the hook was switched to fire every instruction */
+  op_task *volatile current;    /* the task running, for the hook and the
+                               signal handler (worker thread only) */
+  volatile sig_atomic_t hooked; /* the stop hook is installed */
+  int hook_fast; /* the hook was switched to fire every instruction */
   /* Block sections (lua_worker.c). */
   op_task block;
   uv_mutex_t block_mu;
@@ -115,8 +132,12 @@ static void stop_hook(lua_State *L, lua_Debug *ar) {
   if (w == NULL || (t = w->current) == NULL)
     return;
   code = atomic_load_explicit(&t->stop, memory_order_relaxed);
-  if (code == 0)
+  if (code == 0) {
+    /* Installed by a signal meant for an earlier task: slow down. */
+    if (lua_gethookcount(L) == 1 && !w->hook_fast)
+      lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
     return;
+  }
   if (!w->hook_fast) {
     /* From now on fire on every instruction: pcall cannot swallow it. */
     w->hook_fast = 1;
@@ -156,8 +177,32 @@ static int worker_open(op_worker *w) {
       lua_pop(L, 1);
     }
   }
-  lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
   return 0;
+}
+
+/* OP_STOP_SIGNAL, on the worker thread whose running task was stopped:
+** install the stop hook (async-signal-safe by Lua's design). */
+static void stop_signal(int sig) {
+  op_worker *w = self;
+
+  (void)sig;
+  if (w != NULL && w->L != NULL && w->current != NULL) {
+    w->hooked = 1;
+    lua_sethook(w->L, stop_hook, LUA_MASKCOUNT, 1);
+  }
+}
+
+static uv_once_t signal_once = UV_ONCE_INIT;
+
+static void install_stop_signal(void) {
+  struct sigaction sa;
+
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = stop_signal;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(OP_STOP_SIGNAL, &sa, NULL) != 0)
+    OP_PANIC("cannot install the task stop signal handler");
 }
 
 static void worker_close(op_worker *w) {
@@ -208,6 +253,11 @@ static void run_lua(op_worker *w, op_task *t) {
   int stop;
 
   w->current = t;
+  atomic_signal_fence(memory_order_seq_cst);
+  if (t->watch || atomic_load(&t->stop) != 0) {
+    w->hooked = 1;
+    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  }
   lua_settop(L, 0);
   lua_pushcfunction(L, op__traceback);
   lua_pushcfunction(L, task_body);
@@ -217,9 +267,11 @@ static void run_lua(op_worker *w, op_task *t) {
     lua_insert(L, -2);
   }
   w->current = NULL;
-  if (w->hook_fast) {
+  atomic_signal_fence(memory_order_seq_cst);
+  if (w->hooked) {
+    w->hooked = 0;
     w->hook_fast = 0;
-    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+    lua_sethook(L, NULL, 0, 0);
   }
   stop = atomic_load(&t->stop);
   if (lua_toboolean(L, -2)) {
@@ -243,9 +295,14 @@ static void worker_main(void *arg) {
   op_worker *w = arg;
   op_pool *p = w->pool;
   op_task *t, *done = NULL;
+  sigset_t set;
   int wake;
 
   self = w;
+  /* The loop thread may block signals; the stop signal must get through. */
+  sigemptyset(&set);
+  sigaddset(&set, OP_STOP_SIGNAL);
+  pthread_sigmask(SIG_UNBLOCK, &set, NULL);
   worker_open(w);
   for (;;) {
     uv_mutex_lock(&p->mu);
@@ -253,6 +310,8 @@ static void worker_main(void *arg) {
     if (done != NULL) {
       /* Hand in the finished task in the same critical section. */
       done->next = NULL;
+      if (done->kind == OP_TASK_LUA)
+        done->worker = NULL;
       wake = p->done_head == NULL;
       if (p->done_tail != NULL)
         p->done_tail->next = done;
@@ -301,6 +360,8 @@ static void worker_main(void *arg) {
         p->tail = NULL;
       t->queued = 0;
       p->queued--;
+      if (t->kind == OP_TASK_LUA)
+        t->worker = w; /* who to signal if it is stopped */
     }
     atomic_store_explicit(&p->avail, p->head != NULL || p->stopping,
                           memory_order_release);
@@ -354,6 +415,7 @@ void op__pool_take_done(op_pool *p, op_task **head, op_task **tail) {
 static int start(op_pool *p) {
   int i, rc;
 
+  uv_once(&signal_once, install_stop_signal);
   p->workers = calloc((size_t)p->nthreads, sizeof *p->workers);
   if (p->workers == NULL)
     return OP_ENOMEM;
@@ -502,6 +564,7 @@ int op__pool_submit(op_pool *p, op_task *t) {
 
 void op__pool_stop_task(op_pool *p, op_task *t, int code) {
   int taken = 0;
+  op_worker *runner = NULL;
 
   uv_mutex_lock(&p->mu);
   if (t->queued) {
@@ -520,6 +583,10 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
     atomic_store(&p->avail, p->head != NULL);
   }
   atomic_store(&t->stop, code);
+  if (!taken && t->kind == OP_TASK_LUA)
+    runner = t->worker;
+  if (runner != NULL)
+    pthread_kill(runner->thread, OP_STOP_SIGNAL); /* see the DESIGN block */
   uv_mutex_unlock(&p->mu);
   if (taken) {
     t->status = code;

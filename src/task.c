@@ -480,6 +480,7 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
     luaL_error(L, "shutdown: %s refused, the runtime is shutting down", call);
   lt = new_task(L, OP_LT_POOL, call, own);
   lt->t.pool = pool;
+  lt->t.watch = timeout > 0;
   lt->t.settle = task_settle_cb;
   lt->t.complete = task_complete;
   lt->t.owner = lt;
