@@ -105,6 +105,10 @@ typedef struct op_config {
                                loop thread while tasks are in flight, on a
                                worker after a task; adaptive. Default 0
                                (never): see docs/benchmarks.md */
+  int stop_signal;          /* signal that makes a worker install the stop
+                               hook in a running task: 0 for SIGRTMIN+4,
+                               < 0 to run every task under the hook
+                               (about 2x slower Lua in workers) */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,

@@ -30,7 +30,8 @@
 ** count hook makes the VM trap on every instruction, which halves the
 ** speed of all Lua code in the worker. A task with a deadline gets it when
 ** it starts; a running task stopped without one gets it from a signal
-** (OP_STOP_SIGNAL) sent to its worker thread, whose handler calls
+** (op_config.stop_signal, SIGRTMIN+4 by default) sent to its worker
+** thread, whose handler calls
 ** lua_sethook, the way lua.c stops a script on SIGINT. The worker publishes
 ** the task it runs before it looks at t->stop, and the stopper sets
 ** t->stop before it signals, so one of the two installs the hook.
@@ -48,9 +49,8 @@
 
 #include "internal.h"
 
-#define HOOK_COUNT     1000
-#define OP_STOP_SIGNAL (SIGRTMIN + 4)
-#define DEFAULT_QUEUE  4096
+#define HOOK_COUNT    1000
+#define DEFAULT_QUEUE 4096
 
 struct op_worker {
   op_pool *pool;
@@ -180,7 +180,7 @@ static int worker_open(op_worker *w) {
   return 0;
 }
 
-/* OP_STOP_SIGNAL, on the worker thread whose running task was stopped:
+/* The stop signal, on the worker thread whose running task was stopped:
 ** install the stop hook (async-signal-safe by Lua's design). */
 static void stop_signal(int sig) {
   op_worker *w = self;
@@ -192,16 +192,22 @@ static void stop_signal(int sig) {
   }
 }
 
-static uv_once_t signal_once = UV_ONCE_INIT;
+/* The signal that stops p's running tasks, or 0 if they always run under
+** the hook (op_config.stop_signal < 0). */
+static int stop_signo(op_pool *p) {
+  int sig = p->rt->cfg.stop_signal;
+  return sig == 0 ? SIGRTMIN + 4 : sig > 0 ? sig : 0;
+}
 
-static void install_stop_signal(void) {
+/* Install the handler (idempotent; the same handler for every runtime). */
+static void install_stop_signal(int sig) {
   struct sigaction sa;
 
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = stop_signal;
   sa.sa_flags = SA_RESTART;
   sigemptyset(&sa.sa_mask);
-  if (sigaction(OP_STOP_SIGNAL, &sa, NULL) != 0)
+  if (sigaction(sig, &sa, NULL) != 0)
     OP_PANIC("cannot install the task stop signal handler");
 }
 
@@ -254,7 +260,7 @@ static void run_lua(op_worker *w, op_task *t) {
 
   w->current = t;
   atomic_signal_fence(memory_order_seq_cst);
-  if (t->watch || atomic_load(&t->stop) != 0) {
+  if (t->watch || stop_signo(w->pool) == 0 || atomic_load(&t->stop) != 0) {
     w->hooked = 1;
     lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
   }
@@ -300,9 +306,11 @@ static void worker_main(void *arg) {
 
   self = w;
   /* The loop thread may block signals; the stop signal must get through. */
-  sigemptyset(&set);
-  sigaddset(&set, OP_STOP_SIGNAL);
-  pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+  if (stop_signo(p) != 0) {
+    sigemptyset(&set);
+    sigaddset(&set, stop_signo(p));
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+  }
   worker_open(w);
   for (;;) {
     uv_mutex_lock(&p->mu);
@@ -415,7 +423,8 @@ void op__pool_take_done(op_pool *p, op_task **head, op_task **tail) {
 static int start(op_pool *p) {
   int i, rc;
 
-  uv_once(&signal_once, install_stop_signal);
+  if (stop_signo(p) != 0)
+    install_stop_signal(stop_signo(p));
   p->workers = calloc((size_t)p->nthreads, sizeof *p->workers);
   if (p->workers == NULL)
     return OP_ENOMEM;
@@ -583,10 +592,10 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
     atomic_store(&p->avail, p->head != NULL);
   }
   atomic_store(&t->stop, code);
-  if (!taken && t->kind == OP_TASK_LUA)
+  if (!taken && t->kind == OP_TASK_LUA && stop_signo(p) != 0)
     runner = t->worker;
   if (runner != NULL)
-    pthread_kill(runner->thread, OP_STOP_SIGNAL); /* see the DESIGN block */
+    pthread_kill(runner->thread, stop_signo(p)); /* see the DESIGN block */
   uv_mutex_unlock(&p->mu);
   if (taken) {
     t->status = code;

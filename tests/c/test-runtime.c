@@ -209,12 +209,45 @@ static void test_host_loop(void) {
   ASSERT_OK(uv_loop_close(&loop));
 }
 
+/* Cancelling a running `while true do end`, with the stop signal (the
+** default) and with every task under the hook (stop_signal < 0). */
+static void test_stop_running(int stop_signal) {
+  op_config cfg;
+  op_runtime *rt;
+  lua_State *L;
+
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "one", 1, 0));
+  cfg.stop_signal = stop_signal;
+  ASSERT_OK(op_runtime_new(&cfg, &rt));
+  L = op_runtime_lua(rt);
+  ASSERT_OK(op_load_string(rt,
+                           "local offpath = require 'offpath'\n"
+                           "function h()\n"
+                           "  local t = offpath.launch('one', function()\n"
+                           "    while true do end end)\n"
+                           "  offpath.sleep(0.05)\n"
+                           "  t:cancel()\n"
+                           "  result = offpath.run('one', function()\n"
+                           "    return 'the worker is free' end)\n"
+                           "end\n",
+                           "=stop.lua"));
+  ASSERT_OK(op_call(rt, "h", 0));
+  ASSERT_OK(op_runtime_run(rt));
+  lua_getglobal(L, "result");
+  ASSERT_STR_EQ(lua_tostring(L, -1), "the worker is free");
+  lua_pop(L, 1);
+  ASSERT_OK(op_runtime_free(rt));
+}
+
 int main(void) {
   test_load_errors();
   test_handlers();
   test_shutdown_suspended();
   test_stats();
   test_host_loop();
+  test_stop_running(0);
+  test_stop_running(-1);
   printf("test-runtime: ok\n");
   return 0;
 }
