@@ -416,6 +416,10 @@ void op__open_io(lua_State *L);
 void op__io_register(lua_State *L, const char *mt, const luaL_Reg *meta,
                      const luaL_Reg *methods, const char *field,
                      const luaL_Reg *funcs);
+/* The SQL argument at idx of db:query/db:exec: a string, or a table
+** {sql or [1], timeout=} whose timeout overrides *timeout; the string
+** replaces the table at idx (io/io.c).  [-0, +0, e] */
+const char *op__sql_arg(lua_State *L, int idx, double *timeout, size_t *len);
 /* A number option >= 0 of the options table at idx, or dflt (io/io.c).
 ** [-0, +0, e] */
 double op__opt_number(lua_State *L, int idx, const char *key, double dflt,

@@ -41,6 +41,20 @@ void op__io_register(lua_State *L, const char *mt, const luaL_Reg *meta,
   lua_setfield(L, -2, field);
 }
 
+const char *op__sql_arg(lua_State *L, int idx, double *timeout, size_t *len) {
+  if (lua_istable(L, idx)) {
+    *timeout = op__opt_number(L, idx, "timeout", *timeout, NULL);
+    if (lua_rawgeti(L, idx, 1) == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_getfield(L, idx, "sql");
+    }
+    if (lua_type(L, -1) != LUA_TSTRING)
+      luaL_argerror(L, idx, "field 'sql' or [1] must be a string");
+    lua_replace(L, idx);
+  }
+  return luaL_checklstring(L, idx, len);
+}
+
 void op__open_io(lua_State *L) {
   op__open_io_http(L);
   op__open_io_redis(L);

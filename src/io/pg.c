@@ -1722,17 +1722,7 @@ static int db_query(lua_State *L) {
   pg_req *r;
   long n;
 
-  if (lua_istable(L, 2)) {
-    timeout = op__opt_number(L, 2, "timeout", timeout, NULL);
-    if (lua_rawgeti(L, 2, 1) == LUA_TNIL) {
-      lua_pop(L, 1);
-      lua_getfield(L, 2, "sql");
-    }
-    if (lua_type(L, -1) != LUA_TSTRING)
-      return luaL_argerror(L, 2, "field 'sql' or [1] must be a string");
-    lua_replace(L, 2);
-  }
-  sql = luaL_checklstring(L, 2, &sqllen);
+  sql = op__sql_arg(L, 2, &timeout, &sqllen);
   if (nparams < 0)
     nparams = 0;
   if (nparams > 65535)

@@ -17,6 +17,10 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 
+#include <string.h>
+#include <uv.h>
+
+#include "offpath.h"
 #include "test.h"
 
 #define HANG_FILLERS 4
@@ -73,6 +77,64 @@ static int open_fds(void) {
       n++;
   closedir(d);
   return n - 1; /* the directory's own descriptor */
+}
+
+/* ---- driving a runtime from a hang test ---- */
+
+/* Ticks of a host timer that proves the loop kept serving. */
+static int c_ticks;
+
+static void tick_cb(uv_timer_t *t) {
+  (void)t;
+  c_ticks++;
+}
+
+static int global_is_set(op_runtime *rt, const char *name) {
+  lua_State *L = op_runtime_lua(rt);
+  int set = lua_getglobal(L, name) != LUA_TNIL;
+  lua_pop(L, 1);
+  return set;
+}
+
+static double global_num(op_runtime *rt, const char *name) {
+  lua_State *L = op_runtime_lua(rt);
+  double v;
+  lua_getglobal(L, name);
+  v = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+static void global_str(op_runtime *rt, const char *name, char *buf,
+                       size_t len) {
+  lua_State *L = op_runtime_lua(rt);
+  lua_getglobal(L, name);
+  snprintf(buf, len, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
+  lua_pop(L, 1);
+}
+
+static void clear_global(op_runtime *rt, const char *name) {
+  lua_State *L = op_runtime_lua(rt);
+  lua_pushnil(L);
+  lua_setglobal(L, name);
+}
+
+/* Run the loop until the global `flag` is set (10 s at most). */
+static void run_until(op_runtime *rt, const char *flag) {
+  uint64_t deadline = uv_hrtime() + 10000000000u;
+
+  while (!global_is_set(rt, flag)) {
+    ASSERT(uv_hrtime() < deadline);
+    uv_run(op_runtime_uv_loop(rt), UV_RUN_ONCE);
+  }
+}
+
+/* Run the loop for about ms milliseconds. */
+static void run_for(op_runtime *rt, int ms) {
+  uint64_t end = uv_hrtime() + (uint64_t)ms * 1000000u;
+
+  while (uv_hrtime() < end)
+    uv_run(op_runtime_uv_loop(rt), UV_RUN_ONCE);
 }
 
 #endif /* OFFPATH_TEST_HANG_H */

@@ -44,61 +44,6 @@ static const char chunk[] =
     "end\n"
     "function cancel_now() task:cancel() end\n";
 
-static int c_ticks;
-
-static void tick_cb(uv_timer_t *t) {
-  (void)t;
-  c_ticks++;
-}
-
-static int global_is_set(op_runtime *rt, const char *name) {
-  lua_State *L = op_runtime_lua(rt);
-  int set = lua_getglobal(L, name) != LUA_TNIL;
-  lua_pop(L, 1);
-  return set;
-}
-
-static double global_num(op_runtime *rt, const char *name) {
-  lua_State *L = op_runtime_lua(rt);
-  double v;
-  lua_getglobal(L, name);
-  v = lua_tonumber(L, -1);
-  lua_pop(L, 1);
-  return v;
-}
-
-static void global_str(op_runtime *rt, const char *name, char *buf,
-                       size_t len) {
-  lua_State *L = op_runtime_lua(rt);
-  lua_getglobal(L, name);
-  snprintf(buf, len, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
-  lua_pop(L, 1);
-}
-
-static void clear_global(op_runtime *rt, const char *name) {
-  lua_State *L = op_runtime_lua(rt);
-  lua_pushnil(L);
-  lua_setglobal(L, name);
-}
-
-/* Run the loop until the global `flag` is set (10 s at most). */
-static void run_until(op_runtime *rt, const char *flag) {
-  uint64_t deadline = uv_hrtime() + 10000000000u;
-
-  while (!global_is_set(rt, flag)) {
-    ASSERT(uv_hrtime() < deadline);
-    uv_run(op_runtime_uv_loop(rt), UV_RUN_ONCE);
-  }
-}
-
-/* Run the loop for about ms milliseconds. */
-static void run_for(op_runtime *rt, int ms) {
-  uint64_t end = uv_hrtime() + (uint64_t)ms * 1000000u;
-
-  while (uv_hrtime() < end)
-    uv_run(op_runtime_uv_loop(rt), UV_RUN_ONCE);
-}
-
 static void call_port(op_runtime *rt, const char *fn, int port) {
   lua_pushinteger(op_runtime_lua(rt), port);
   ASSERT_OK(op_call(rt, fn, 1));
