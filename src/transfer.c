@@ -99,6 +99,18 @@
 ** cells) or joined (lua_upvaluejoin). Otherwise the upvalues are decoded
 ** straight onto the stack as the factory's arguments.
 **
+** Reused instances. A function whose code (nested functions included) has
+** no SETUPVAL instruction never changes its upvalue cells, so two closures
+** of it whose upvalues hold the same plain values (nil, booleans, numbers,
+** strings, names, C functions: nothing with state or identity of its own)
+** behave alike, and the decoder keeps the last one it made per prototype
+** with the bytes its upvalues were encoded as. A FUNC whose upvalue bytes
+** are the same (memcmp, at most KEY_MAX) gets that instance again: no
+** factory call, no upvalue decode. Only identity tells the two apart, and
+** the debug library (debug.setupvalue) can still write the cells. The
+** opcode number is checked per VM (setupval_opcode); if the check fails,
+** only functions without upvalues are reused.
+**
 ** Caches and their lifetime
 ** -------------------------
 **   store      runtime-wide; entries live until op__protostore_free.
@@ -407,10 +419,15 @@ typedef struct tmpl {
   unsigned char desc[2 * 255];
 } tmpl;
 
+#define KEY_MAX 64 /* longest upvalue encoding an instance is kept for */
+
 typedef struct fcache {
   int ref; /* registry ref of the factory; 0: not loaded */
   int nup;
-  int inst; /* nup == 0: registry ref of one shared instance, or 0 */
+  int reuse;          /* the function never assigns an upvalue: see DESIGN */
+  int inst;           /* registry ref of the last instance made, or 0 */
+  size_t klen;        /* the encoding of inst's upvalues: key[0..klen) */
+  unsigned char *key; /* KEY_MAX bytes, malloc'ed with the first inst */
 } fcache;
 
 struct op_xfer {
@@ -423,6 +440,7 @@ struct op_xfer {
   pmap named;    /* object -> name (aux: bytes, val: length) */
   pmap named_lf; /* the same for Lua closures (usually empty) */
   int fast_uv;   /* upval_mirror matches: read scalar upvalues directly */
+  int setupval;  /* SETUPVAL's opcode number as checked here, or -1 */
   const lua_Integer *epoch; /* bumped per new package.loaded key, or NULL */
   lua_Integer scanned;      /* *epoch at the last scan */
   const void *hook_mt;      /* our metatable of package.loaded */
@@ -880,6 +898,7 @@ void op__xfer_free(op_xfer *x) {
       luaL_unref(L, LUA_REGISTRYINDEX, x->fc[i].ref);
     if (x->fc[i].inst > 0)
       luaL_unref(L, LUA_REGISTRYINDEX, x->fc[i].inst);
+    free(x->fc[i].key);
   }
   if (lua_checkstack(L, 1)) {
     lua_pushnil(L);
@@ -1762,17 +1781,35 @@ static int ck_string(const unsigned char *s, size_t len, size_t *pos) {
   return n == 0 ? 0 : ck_skip(len, pos, n - 1);
 }
 
+/* Whether any of the n instructions at code has opcode op. */
+static int has_opcode(const unsigned char *code, size_t n, int op) {
+  uint32_t ins;
+  size_t i;
+
+  for (i = 0; i < n; i++) {
+    memcpy(&ins, code + 4 * i, 4);
+    if ((int)(ins & 0x7f) == op)
+      return 1;
+  }
+  return 0;
+}
+
 /* Walk one function of a dumped chunk at *pos, checking bounds; fi (may be
-** NULL) gets the offsets of its upvalue descriptors and first child. */
+** NULL) gets the offsets of its upvalue descriptors and first child. If
+** op >= 0, *has_op (not NULL then) is set when the function or a nested
+** one has an instruction with that opcode. */
 static int ck_function(const unsigned char *s, size_t len, size_t *pos,
-                       fninfo *fi, int depth) {
+                       fninfo *fi, int depth, int op, int *has_op) {
   size_t n, i, v;
 
   if (depth > 250 || ck_string(s, len, pos) || ck_size(s, len, pos, &v) ||
       ck_size(s, len, pos, &v) || ck_skip(len, pos, 3))
     return -1;
-  if (ck_size(s, len, pos, &n) || n > len / 4 || ck_skip(len, pos, n * 4))
+  if (ck_size(s, len, pos, &n) || n > len / 4 || n * 4 > len - *pos)
     return -1; /* code */
+  if (op >= 0 && has_opcode(s + *pos, n, op))
+    *has_op = 1;
+  *pos += n * 4;
   if (ck_size(s, len, pos, &n))
     return -1; /* constants */
   for (i = 0; i < n; i++) {
@@ -1810,7 +1847,7 @@ static int ck_function(const unsigned char *s, size_t len, size_t *pos,
     fi->nprotos = n;
   }
   for (i = 0; i < n; i++) {
-    if (ck_function(s, len, pos, NULL, depth + 1))
+    if (ck_function(s, len, pos, NULL, depth + 1, op, has_op))
       return -1;
   }
   if (ck_size(s, len, pos, &n) || ck_skip(len, pos, n))
@@ -1900,7 +1937,8 @@ static int build_tmpl(op_xfer *x, lua_State *L, int n, tmpl **out, char *err,
   pos = HEADER_LEN + 1;
   for (i = 0; i <= inner; i++) {
     start = pos;
-    if (ck_function((unsigned char *)bin.p, bin.len, &pos, &fi, 0) != 0 ||
+    if (ck_function((unsigned char *)bin.p, bin.len, &pos, &fi, 0, -1, NULL) !=
+            0 ||
         (i < inner && fi.nprotos != 1))
       goto bad;
     end = pos;
@@ -2088,6 +2126,92 @@ static int dec_named(dec *d, size_t len) {
   return OP_ECOPY;
 }
 
+/* The opcode number of SETUPVAL in this Lua (10 in 5.4's lopcodes.h,
+** which is not a public header), checked once per VM on two dumped
+** functions: one that assigns its upvalue and one that only reads it.
+** Returns it, or -1 if the check fails (then no instance is reused).
+** [-0, +0, m] */
+static int setupval_opcode(op_xfer *x, lua_State *L) {
+  static const char *const src[2] = {
+    "local u return function() u = 1 end",
+    "local u return function() return u end"
+  };
+  enum { OP_SETUPVAL_54 = 10 };
+  int found[2] = { 0, 0 }, i;
+  size_t pos;
+
+  for (i = 0; i < 2; i++) {
+    if (luaL_loadbufferx(L, src[i], strlen(src[i]), "=(check)", "t") != 0 ||
+        lua_pcall(L, 0, 1, 0) != 0 || dump_fn(x, L, -1) != 0) {
+      lua_pop(L, 1);
+      return -1;
+    }
+    lua_pop(L, 1);
+    pos = HEADER_LEN + 1;
+    if (x->dump.len <= pos ||
+        ck_function((const unsigned char *)x->dump.p, x->dump.len, &pos, NULL,
+                    0, OP_SETUPVAL_54, &found[i]) != 0)
+      return -1;
+  }
+  return found[0] && !found[1] ? OP_SETUPVAL_54 : -1;
+}
+
+/* Move *pp past one encoded value that has no identity or state of its
+** own (nil, a boolean, number or string, a name, a C function, the
+** globals) and return 1; return 0 for anything else, or bytes that do
+** not parse (the full decode reports those). */
+static int skip_plain(const unsigned char **pp, const unsigned char *end) {
+  const unsigned char *p = *pp;
+  uint64_t v = 0;
+  unsigned tag, shift = 0, c;
+
+  if (p >= end)
+    return 0;
+  tag = *p++;
+  if (tag >= T_FIXINT) {
+    *pp = p;
+    return 1;
+  }
+  if (tag >= T_SSTR) {
+    v = tag - T_SSTR;
+    goto bytes;
+  }
+  switch (tag) {
+  case T_NIL:
+  case T_FALSE:
+  case T_TRUE:
+  case T_GLOBALS:
+    *pp = p;
+    return 1;
+  case T_FLOAT:
+    v = 8;
+    goto bytes;
+  case T_INT:
+  case T_CFUNC:
+  case T_STR:
+  case T_NAMED:
+    do {
+      if (p >= end || shift > 56)
+        return 0;
+      c = *p++;
+      v |= (uint64_t)(c & 0x7f) << shift;
+      shift += 7;
+    } while (c & 0x80);
+    if (tag == T_INT || tag == T_CFUNC) {
+      *pp = p;
+      return 1;
+    }
+    goto bytes;
+  default:
+    return 0;
+  }
+bytes:
+  if (v > (uint64_t)(end - p))
+    return 0;
+  *pp = p + v;
+  return 1;
+}
+
 /* Load the factory for store entry id and cache it.  [-0, +0, m] */
 static int load_factory(dec *d, uint64_t id) {
   op_xfer *x = d->x;
@@ -2099,7 +2223,7 @@ static int load_factory(dec *d, uint64_t id) {
   op_buf c;
   size_t pos, i, n;
   fcache *nfc;
-  int rc, st, ref;
+  int rc, st, ref, sets = 0;
 
   if (se == NULL || se->kind != S_PROTO)
     return corrupt(d, "bad prototype id");
@@ -2107,10 +2231,13 @@ static int load_factory(dec *d, uint64_t id) {
   if ((t = x->tmpl[n]) == NULL &&
       (rc = build_tmpl(x, L, (int)n, &t, d->err, d->errlen)) != 0)
     return rc;
+  if (x->setupval == 0)
+    x->setupval = setupval_opcode(x, L);
   pb = (const unsigned char *)se->bytes;
   pos = HEADER_LEN + 1;
   if (se->len <= pos || memcmp(pb, t->pre, HEADER_LEN) != 0 ||
-      pb[HEADER_LEN] != n || ck_function(pb, se->len, &pos, &fi, 0) != 0 ||
+      pb[HEADER_LEN] != n ||
+      ck_function(pb, se->len, &pos, &fi, 0, x->setupval, &sets) != 0 ||
       pos != se->len || fi.nup != n) {
     setmsg(d->err, d->errlen, "cannot copy: stored prototype %llu is bad",
            (unsigned long long)id);
@@ -2157,19 +2284,23 @@ static int load_factory(dec *d, uint64_t id) {
   else
     x->fc[id].ref = ref;
   x->fc[id].nup = (int)n;
+  x->fc[id].reuse = n == 0 || (x->setupval > 0 && !sets);
   return 0;
 }
 
-/* Decode a FUNC after its tag: push a fresh closure from the factory.
+/* Decode a FUNC after its tag: push a fresh closure from the factory, or
+** the last instance when it cannot be told apart (see DESIGN).
 ** The decoders push one value and return 0, or return an error code with
 ** the message set, leaving the stack for op__decode to reset.
 ** [-0, +1, m] */
 static int dec_func(dec *d, unsigned flags) {
   lua_State *L = d->L;
   op_xfer *x = d->x;
+  const unsigned char *key = NULL, *q;
   uint64_t id, s;
   uint32_t seq;
   int nup, i, rc, fi, j;
+  fcache *fc;
 
   if ((rc = get_varint(d, &id)) != 0)
     return rc;
@@ -2183,20 +2314,21 @@ static int dec_func(dec *d, unsigned flags) {
   if (!lua_checkstack(L, nup + 8))
     return dnomem(d);
   seq = d->seq++;
-  if (nup == 0 && !(flags & F_FIRST)) {
-    /* A closure without upvalues holds no state: every decode may share
-    ** one instance, which saves a call and an allocation per task. */
-    if (x->fc[id].inst <= 0) {
-      lua_rawgeti(L, LUA_REGISTRYINDEX, x->fc[id].ref);
-      lua_call(L, 0, 1);
-      lua_pushvalue(L, -1);
-      x->fc[id].inst = luaL_ref(L, LUA_REGISTRYINDEX);
-    } else {
-      lua_rawgeti(L, LUA_REGISTRYINDEX, x->fc[id].inst);
+  if (x->fc[id].reuse && !(flags & F_FIRST)) {
+    /* Upvalues that are all plain values, encoded exactly as for the
+    ** last instance: that instance is as good as a new one. */
+    fc = &x->fc[id];
+    for (q = d->p, i = 0; i < nup && skip_plain(&q, d->end); i++)
+      ;
+    if (i == nup && (size_t)(q - d->p) <= KEY_MAX) {
+      if (fc->inst > 0 && fc->klen == (size_t)(q - d->p) &&
+          memcmp(fc->key, d->p, fc->klen) == 0) {
+        d->p = q;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, fc->inst);
+        return (flags & F_REFD) ? dec_register(d, seq) : 0;
+      }
+      key = d->p;
     }
-    if ((flags & F_REFD) && (rc = dec_register(d, seq)) != 0)
-      return rc;
-    return 0;
   }
   lua_rawgeti(L, LUA_REGISTRYINDEX, x->fc[id].ref);
   d->depth++;
@@ -2206,6 +2338,18 @@ static int dec_func(dec *d, unsigned flags) {
         return rc;
     }
     lua_call(L, nup, 1);
+    fc = &x->fc[id]; /* a nested load_factory may have moved x->fc */
+    if (key != NULL && fc->key == NULL)
+      fc->key = malloc(KEY_MAX);
+    if (key != NULL && fc->key != NULL) { /* the instance for next time */
+      fc->klen = (size_t)(d->p - key);
+      memcpy(fc->key, key, fc->klen);
+      lua_pushvalue(L, -1);
+      if (fc->inst > 0)
+        lua_rawseti(L, LUA_REGISTRYINDEX, fc->inst);
+      else
+        fc->inst = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     if ((flags & F_REFD) && (rc = dec_register(d, seq)) != 0)
       return rc;
     d->depth--;

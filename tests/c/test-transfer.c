@@ -370,6 +370,63 @@ static void test_fresh_closures(void) {
   teardown(&p);
 }
 
+/* Decode the results of make (in A) twice in B; whether the first value
+** decoded to the same object both times. */
+static int decoded_same(pair *p, const char *make) {
+  op_buf b;
+  char err[256];
+  int same;
+
+  op__buf_init(&b);
+  encode_code(p, make, &b);
+  ASSERT_GE(op__decode(p->xb, p->B, b.p, b.len, err, sizeof err), 1);
+  lua_settop(p->B, 1);
+  ASSERT_GE(op__decode(p->xb, p->B, b.p, b.len, err, sizeof err), 1);
+  lua_settop(p->B, 2);
+  same = lua_rawequal(p->B, 1, 2);
+  lua_settop(p->B, 0);
+  op__buf_free(&b);
+  return same;
+}
+
+/* A function that never assigns an upvalue and whose upvalues are plain
+** values is decoded to the same instance while those values stay the
+** same; anything a task could tell apart gets a fresh closure. */
+static void test_reused_instances(void) {
+  pair p;
+
+  setup(&p);
+  dostr(p.A, "K, S = 7, 'seven'");
+  /* plain upvalues: numbers, strings, a C function, a library table */
+  ASSERT(decoded_same(&p, "local k, s, f, m = K, S, string.format, math "
+                          "return function() return f(s, k, m.pi) end"));
+  /* other values, another instance: never a stale one */
+  roundtrip(&p, "local k = K return function() return k end",
+            "local f = ... assert(f() == 7)");
+  dostr(p.A, "K = 100");
+  roundtrip(&p, "local k = K return function() return k end",
+            "local f = ... assert(f() == 100)");
+  dostr(p.A, "K = 7");
+  roundtrip(&p, "local k = K return function() return k end",
+            "local f = ... assert(f() == 7)");
+  /* assigning an upvalue, itself or in a nested function */
+  ASSERT(!decoded_same(&p, "local n = 0 "
+                           "return function() n = n + 1 return n end"));
+  ASSERT(!decoded_same(&p, "local n = 0 return function() "
+                           "local function inc() n = n + 1 end "
+                           "inc() return n end"));
+  /* a table or a Lua function as an upvalue: state of its own */
+  ASSERT(!decoded_same(&p, "local t = {} "
+                           "return function() return t end"));
+  ASSERT(!decoded_same(&p, "local g = function() return 1 end "
+                           "return function() return g() end"));
+  /* a recursive local function refers to itself */
+  ASSERT(!decoded_same(&p, "local function f(n) "
+                           "if n > 0 then return f(n - 1) end return 0 "
+                           "end return f"));
+  teardown(&p);
+}
+
 /* Two functions on one line are different prototypes. */
 static void test_one_line(void) {
   pair p;
@@ -761,6 +818,7 @@ static void test_fallback(void) {
   test_functions();
   test_many_upvalues();
   test_fresh_closures();
+  test_reused_instances();
   test_one_line();
   test_cache();
   test_corrupt();
@@ -1000,6 +1058,7 @@ int main(void) {
   test_functions();
   test_many_upvalues();
   test_fresh_closures();
+  test_reused_instances();
   test_one_line();
   test_cache();
   test_traceback();
