@@ -37,6 +37,7 @@ typedef struct op_pool op_pool;
 typedef struct op_task op_task;
 typedef struct op_worker op_worker;
 typedef struct op_co op_co;
+typedef struct op_tasks op_tasks;
 
 /* ---- growable byte buffers (buf.c) ---- */
 
@@ -274,6 +275,9 @@ typedef struct op_backlog {
 op_backlog *op__pool_backlog(op_pool *p);
 /* Register the offpath.task metatable.  [-0, +0, m] */
 void op__task_open(lua_State *L);
+/* Settle what collected pool tasks left (after lua_close of the main VM):
+** report unobserved failures, free result buffers. */
+void op__task_close(op_runtime *rt);
 
 /* ---- spinning before sleeping (pool.c, runtime.c) ---- */
 
@@ -548,6 +552,7 @@ struct op_runtime {
                               resume running now, or 0 */
   const char *last_target; /* lua_main.c check_target's cache */
   op_pool *last_pool;
+  op_tasks *tasks;      /* anchors, and what collected tasks left (task.c) */
   op_task *free_ctasks; /* finished C tasks kept for reuse */
   int nfree_ctasks;
   int closing;

@@ -528,6 +528,7 @@ int op_runtime_free(op_runtime *rt) {
     if (rt->xfer != NULL)
       op__xfer_free(rt->xfer);
     lua_close(rt->L);
+    op__task_close(rt);
   }
   if (rt->protos != NULL)
     op__protostore_free(rt->protos);

@@ -7,8 +7,8 @@
 **
 ** A task is a full userdata (op_ltask) whose first member is the op_task a
 ** pool works on. While the pool, the backlog or a coroutine may still touch
-** it, it is anchored in the registry (lt->anchor); it is released in
-** maybe_release() once nothing does and it has ended.
+** it, it is anchored (lt->anchor, a slot of the anchor table); it is
+** released in maybe_release() once nothing does and it has ended.
 **
 **   new --enqueue--> QUEUED (in_pool) --worker picks--> RUNNING (worker)
 **    |                  |                                  |
@@ -46,8 +46,9 @@ struct op_ltask {
   uint8_t sched;          /* schedule: data/onresult/onerror in the uservalue */
   uint8_t observed;       /* a waiter or callback was attached */
   uint8_t has_uv;         /* the uservalue table exists */
-  uint8_t own;            /* private to offpath.run: no finalizer */
-  int anchor;             /* registry ref, or LUA_NOREF */
+  uint8_t own;            /* private to offpath.run */
+  uint32_t remain;        /* its entry in rt->tasks + 1, or 0 */
+  int anchor;             /* slot in the anchors (op_tasks), or LUA_NOREF */
   op_wait_id waiter;      /* the first waiter; more in the uservalue */
   op_wait_id submit_wait; /* launch suspended on a full queue */
   uv_timer_t *timer;      /* deadline, or NULL */
@@ -62,23 +63,217 @@ static const char *const state_names[] = { "queued", "running",   "done",
                                            "failed", "cancelled", "timeout" };
 
 /* Registry keys of the two metatables. A finalizer costs the collector a
-** separate pass per object, so the task of offpath.run, which nobody else
-** sees, has none: it frees its buffers as soon as its waiter has its
-** results. Tasks a script can hold (launch, schedule, go) are finalized:
-** they keep results for later waiters and report failures nobody observed.
+** separate pass per object, and pool tasks are made by the million, so
+** they have none: what a collected pool task leaves to do is done by the
+** remains below. Go tasks, few and holding registry refs, are finalized.
 ** The choice is made when the object is made: giving an object a __gc
-** later makes Lua walk its list of objects, once per task. */
+** later makes Lua walk its list of objects. */
 static const char task_mt_key = 'T';
 static const char task_gc_mt_key = 'G';
+static const char remains_key = 'R';     /* weak table: index -> task */
+static const char sentinel_mt_key = 'S'; /* the sentinel's metatable */
 #define TASK_MT    "offpath.task"
 #define TASK_GC_MT "offpath.task (finalized)"
+
+/* ---- remains of collected pool tasks ----
+**
+** A pool task without a finalizer may still leave two things to do when
+** it is collected: free a result buffer on the C heap, and report a
+** failure nobody waited for or listened to. A task that ended with either
+** gets an entry: the C side (the buffer, a copy of the message) here, and
+** the task object in a weak-valued table under the same index. A sentinel,
+** a userdata with a finalizer that nothing references, runs at the end of
+** each collection cycle, after the weak table lost the objects collected
+** in it; it settles the entries whose object is gone and makes the next
+** sentinel while entries are left. Observing the failure later (wait,
+** on_done) drops the message; an entry with nothing left is freed. What
+** is left when the runtime closes is settled by op__task_close.
+*/
+typedef struct remain {
+  char *heap;       /* the task's result bytes, or NULL */
+  char *msg;        /* an unobserved failure, or NULL */
+  const char *call; /* NULL: the entry is free */
+  uint32_t next;    /* free list: index + 1 of the next free entry */
+} remain;
+
+/* The task state of a runtime: the remains, and the anchors. */
+struct op_tasks {
+  remain *v;
+  uint32_t n, cap;
+  uint32_t free; /* index + 1 of the first free entry, or 0 */
+  int armed;     /* a sentinel is waiting for the collector */
+  /* Anchors: a table of the task objects C still points to, by slot
+  ** (cheaper than luaL_ref: one table access each way), with a C list of
+  ** the free slots. */
+  int ref;        /* registry ref of the table */
+  uint32_t *next; /* next[slot]: the free slot after slot, or 0 */
+  uint32_t nslots, slot_cap, free_slot;
+};
+
+/* The runtime's task state, made on first use.  [-0, +0, m] */
+static op_tasks *tasks_of(lua_State *L, op_runtime *rt) {
+  op_tasks *ts = rt->tasks;
+
+  if (ts != NULL)
+    return ts;
+  if ((ts = rt->tasks = calloc(1, sizeof *ts)) == NULL)
+    luaL_error(L, "out of memory");
+  lua_newtable(L);
+  ts->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return ts;
+}
+
+/* Settle entry i: report its failure, free what it holds. */
+static void remain_settle(op_runtime *rt, uint32_t i) {
+  op_tasks *r = rt->tasks;
+  remain *e = &r->v[i];
+  char line[512];
+
+  if (e->msg != NULL) {
+    snprintf(line, sizeof line, "unobserved task failure in %s: %s", e->call,
+             e->msg);
+    rt->call_errors++;
+    op__report_error(rt, line);
+  }
+  free(e->heap);
+  free(e->msg);
+  e->heap = e->msg = NULL;
+  e->call = NULL;
+  e->next = r->free;
+  r->free = i + 1;
+}
+
+static void arm_sentinel(lua_State *L, op_tasks *r) {
+  if (r->armed)
+    return;
+  lua_newuserdatauv(L, 0, 0);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &sentinel_mt_key);
+  lua_setmetatable(L, -2);
+  lua_pop(L, 1); /* garbage from now on: runs at the end of this cycle */
+  r->armed = 1;
+}
+
+/* The sentinel's __gc: a collection cycle ended.  [-0, +0, m] */
+static int sentinel_gc(lua_State *L) {
+  op_runtime *rt = op__runtime(L);
+  op_tasks *r = rt->tasks;
+  uint32_t i, left = 0;
+
+  r->armed = 0;
+  if (rt->closing)
+    return 0; /* op__task_close settles the rest */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &remains_key);
+  for (i = 0; i < r->n; i++) {
+    if (r->v[i].call == NULL)
+      continue;
+    if (lua_rawgeti(L, -1, (lua_Integer)i + 1) == LUA_TNIL)
+      remain_settle(rt, i);
+    else
+      left++;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  if (left > 0)
+    arm_sentinel(L, r);
+  return 0;
+}
+
+/* Whether the ended pool task lt leaves something to do when collected. */
+static int remain_needed(const op_ltask *lt) {
+  return lt->t.out.p != lt->t.out.small ||
+         (lt->state == OP_TASK_FAILED && !lt->observed && !lt->sched);
+}
+
+/* Give the ended pool task lt, on top of L, an entry if it leaves
+** something to do when collected.  [-0, +0, m] */
+static void remain_add(lua_State *L, op_ltask *lt) {
+  op_runtime *rt = lt->rt;
+  op_tasks *r = rt->tasks;
+  op_buf *out = &lt->t.out;
+  char *heap = out->p != out->small ? out->p : NULL, *msg = NULL;
+  remain *nv;
+  uint32_t i;
+
+  if (lt->state == OP_TASK_FAILED && !lt->observed && !lt->sched) {
+    if ((msg = malloc(out->len + 1)) == NULL)
+      OP_PANIC("out of memory for a task failure");
+    memcpy(msg, out->p, out->len);
+    msg[out->len] = 0;
+  }
+  if (heap == NULL && msg == NULL)
+    return;
+  r = tasks_of(L, rt);
+  if (r->free == 0) {
+    if (r->n == r->cap) {
+      uint32_t cap = r->cap ? 2 * r->cap : 16;
+      if ((nv = realloc(r->v, cap * sizeof *nv)) == NULL)
+        OP_PANIC("out of memory for task remains");
+      r->v = nv;
+      r->cap = cap;
+    }
+    r->v[r->n].next = 0;
+    r->free = ++r->n;
+  }
+  i = r->free - 1;
+  r->free = r->v[i].next;
+  r->v[i].heap = heap;
+  r->v[i].msg = msg;
+  r->v[i].call = lt->call;
+  lt->remain = i + 1;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &remains_key);
+  lua_pushvalue(L, -2);
+  lua_rawseti(L, -2, (lua_Integer)i + 1);
+  lua_pop(L, 1);
+  arm_sentinel(L, r);
+}
+
+/* lt's failure was observed: nothing to report when it is collected. */
+static void remain_observed(lua_State *L, op_ltask *lt) {
+  op_tasks *r = lt->rt->tasks;
+  remain *e;
+
+  lt->observed = 1;
+  if (lt->remain == 0)
+    return;
+  e = &r->v[lt->remain - 1];
+  free(e->msg);
+  e->msg = NULL;
+  if (e->heap == NULL) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &remains_key);
+    lua_pushnil(L);
+    lua_rawseti(L, -2, lt->remain);
+    lua_pop(L, 1);
+    e->call = NULL;
+    e->next = r->free;
+    r->free = lt->remain;
+    lt->remain = 0;
+  }
+}
+
+void op__task_close(op_runtime *rt) {
+  op_tasks *r = rt->tasks;
+  uint32_t i;
+
+  if (r == NULL)
+    return;
+  for (i = 0; i < r->n; i++) {
+    if (r->v[i].call != NULL)
+      remain_settle(rt, i);
+  }
+  free(r->v);
+  free(r->next);
+  free(r);
+  rt->tasks = NULL;
+}
 
 /* ---- the object and its uservalue ---- */
 
 /* Push the task object; it is anchored whenever this is called. */
 static void push_task(lua_State *L, op_ltask *lt) {
   op_assert(lt->anchor != LUA_NOREF);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, lt->anchor);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lt->rt->tasks->ref);
+  lua_rawgeti(L, -1, lt->anchor);
+  lua_remove(L, -2);
 }
 
 /* Push the uservalue table of the task object lt at idx, making it if need
@@ -110,11 +305,33 @@ static op_ltask *check_task(lua_State *L, int idx) {
 }
 
 
+/* Anchor the task object at idx (it is lt).  [-0, +0, m] */
 static void anchor(lua_State *L, op_ltask *lt, int idx) {
-  if (lt->anchor == LUA_NOREF) {
-    lua_pushvalue(L, idx);
-    lt->anchor = luaL_ref(L, LUA_REGISTRYINDEX);
+  op_tasks *ts;
+  uint32_t slot, *nn, cap;
+
+  if (lt->anchor != LUA_NOREF)
+    return;
+  idx = lua_absindex(L, idx);
+  ts = tasks_of(L, lt->rt);
+  if (ts->free_slot == 0) {
+    if (ts->nslots + 1 >= ts->slot_cap) {
+      cap = ts->slot_cap ? 2 * ts->slot_cap : 64;
+      if ((nn = realloc(ts->next, cap * sizeof *nn)) == NULL)
+        luaL_error(L, "out of memory");
+      ts->next = nn;
+      ts->slot_cap = cap;
+    }
+    ts->next[++ts->nslots] = 0;
+    ts->free_slot = ts->nslots;
   }
+  slot = ts->free_slot;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ts->ref);
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, -2, slot); /* may raise: the slot is still free */
+  lua_pop(L, 1);
+  ts->free_slot = ts->next[slot];
+  lt->anchor = (int)slot;
 }
 
 static void timer_close_cb(uv_handle_t *h) {
@@ -123,10 +340,20 @@ static void timer_close_cb(uv_handle_t *h) {
 
 /* Release the anchor once nothing can touch the task any more. */
 static void maybe_release(op_ltask *lt) {
+  op_tasks *ts;
+  lua_State *L;
+
   if (lt->state < OP_TASK_DONE || lt->in_pool || lt->in_backlog ||
       lt->co != NULL || lt->anchor == LUA_NOREF)
     return;
-  luaL_unref(lt->rt->L, LUA_REGISTRYINDEX, lt->anchor);
+  ts = lt->rt->tasks;
+  L = lt->rt->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ts->ref);
+  lua_pushnil(L);
+  lua_rawseti(L, -2, lt->anchor);
+  lua_pop(L, 1);
+  ts->next[lt->anchor] = ts->free_slot;
+  ts->free_slot = (uint32_t)lt->anchor;
   lt->anchor = LUA_NOREF;
 }
 
@@ -436,6 +663,11 @@ static void task_settle_cb(op_task *t) {
     break;
   }
   t->notify = (uint8_t)task_settle(lt, state);
+  if (t->notify && !lt->own && remain_needed(lt)) {
+    push_task(lt->rt->L, lt);
+    remain_add(lt->rt->L, lt);
+    lua_pop(lt->rt->L, 1);
+  }
 }
 
 static void task_complete(op_task *t) {
@@ -463,7 +695,8 @@ static op_ltask *new_task(lua_State *L, int kind, const char *call, int own) {
   lt->res_ref = LUA_NOREF;
   lt->call = call;
   lt->own = (uint8_t)own;
-  lua_rawgetp(L, LUA_REGISTRYINDEX, own ? &task_mt_key : &task_gc_mt_key);
+  lua_rawgetp(L, LUA_REGISTRYINDEX,
+              kind == OP_LT_POOL ? &task_mt_key : &task_gc_mt_key);
   lua_setmetatable(L, -2);
   return lt;
 }
@@ -649,7 +882,7 @@ int op__task_await(lua_State *L, op_ltask *lt, double timeout, const char *call,
   op_wait_id w;
   int n;
 
-  lt->observed = 1;
+  remain_observed(L, lt);
   if (lt->state >= OP_TASK_DONE) {
     if (lt->state == OP_TASK_DONE) {
       n = push_results(L, lt);
@@ -723,7 +956,7 @@ static int task_on_done(lua_State *L) {
   int n;
 
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  lt->observed = 1;
+  remain_observed(L, lt);
   if (lt->state >= OP_TASK_DONE) {
     c = op__co_acquire(lt->rt);
     lua_pushvalue(L, 2);
@@ -776,8 +1009,9 @@ static int task_tostring(lua_State *L) {
   return 1;
 }
 
-/* __gc: a failure nobody waited for or listened to is reported now, when
-** it can no longer be observed, rather than lost. */
+/* __gc of go tasks: a failure nobody waited for or listened to is reported
+** now, when it can no longer be observed, rather than lost (pool tasks:
+** see the remains). */
 static int task_gc(lua_State *L) {
   op_ltask *lt = check_task(L, 1);
 
@@ -822,4 +1056,14 @@ void op__task_open(lua_State *L) {
   lua_setfield(L, -2, "__name");
   lua_rawsetp(L, LUA_REGISTRYINDEX, &task_gc_mt_key);
   lua_pop(L, 1);
+  lua_newtable(L); /* the remains' weak table */
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &remains_key);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, sentinel_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &sentinel_mt_key);
 }

@@ -419,6 +419,21 @@ typedef struct tmpl {
   unsigned char desc[2 * 255];
 } tmpl;
 
+/* The encode cache (see DESIGN): per Proto* slot, the bytes of a lone
+** function's encoding and the upvalue values they were made from. */
+#define ECACHE_N   16
+#define ECACHE_UPV 8
+#define ECACHE_LEN 48
+
+typedef struct ecache {
+  const void *proto; /* NULL: empty */
+  size_t len;
+  int nup;
+  unsigned char tt[ECACHE_UPV];
+  uint64_t v[ECACHE_UPV];
+  unsigned char bytes[ECACHE_LEN]; /* header included */
+} ecache;
+
 #define KEY_MAX 64 /* longest upvalue encoding an instance is kept for */
 
 typedef struct fcache {
@@ -441,6 +456,8 @@ struct op_xfer {
   pmap named_lf; /* the same for Lua closures (usually empty) */
   int fast_uv;   /* upval_mirror matches: read scalar upvalues directly */
   int setupval;  /* SETUPVAL's opcode number as checked here, or -1 */
+  int ecache_ok; /* string and C function upvalues read right, too */
+  ecache ec[ECACHE_N];
   const lua_Integer *epoch; /* bumped per new package.loaded key, or NULL */
   lua_Integer scanned;      /* *epoch at the last scan */
   const void *hook_mt;      /* our metatable of package.loaded */
@@ -459,6 +476,7 @@ static char anchors_key; /* Proto* -> one closure of it */
 static char dumps_key;   /* fallback: dump string -> id */
 static char loaded_key;  /* package.loaded, as hooked */
 static char hook_key;    /* its metatable (anchors the epoch) */
+static char ecache_key;  /* the encode cache's string upvalues */
 
 #if LUA_VERSION_NUM == 504
 /* What lua_topointer returns for a Lua closure in Lua 5.4 (lobject.h). */
@@ -498,7 +516,12 @@ typedef struct upval_mirror {
 #define VT_TRUE        0x11
 #define VT_INT         0x03
 #define VT_FLOAT       0x13
+#define VT_SHRSTR      0x44 /* collectable */
+#define VT_LNGSTR      0x54
+#define VT_LCF         0x16 /* a light C function */
+#define VT_TABLE       0x45
 #endif
+
 
 static void setmsg(char *err, size_t errlen, const char *fmt, ...) {
   va_list ap;
@@ -750,6 +773,40 @@ static int check_upvals(lua_State *L) {
 #endif
 }
 
+/* Whether string and light C function upvalues read through upval_mirror
+** have the tags and pointers the encode cache expects.  [-0, +0, -] */
+static int check_ecache(lua_State *L) {
+#if LUA_VERSION_NUM == 504
+  static const char chunk[] =
+      "local a, b, c, d = 's', string.rep('l', 60), string.len, string "
+      "return function() return a, b, c, d end";
+  static const unsigned char want[4] = { VT_SHRSTR, VT_LNGSTR, VT_LCF,
+                                         VT_TABLE };
+  const lclosure_mirror *cl;
+  const tvalue_mirror *tv;
+  int ok = 1, i, top = lua_gettop(L);
+
+  if (!lua_checkstack(L, 4) ||
+      luaL_loadbufferx(L, chunk, sizeof chunk - 1, "=(check)", "t") != 0 ||
+      lua_pcall(L, 0, 1, 0) != 0) {
+    lua_settop(L, top);
+    return 0;
+  }
+  cl = lua_topointer(L, top + 1);
+  for (i = 0; i < 4 && ok; i++) {
+    tv = ((const upval_mirror *)cl->upvals[i])->v;
+    lua_getupvalue(L, top + 1, i + 1);
+    ok = tv->tt == want[i] && tv->v.p == lua_topointer(L, -1);
+    lua_pop(L, 1);
+  }
+  lua_settop(L, top);
+  return ok;
+#else
+  (void)L;
+  return 0;
+#endif
+}
+
 /* ---- op_xfer lifetime ---- */
 
 /* package.loaded's __newindex: store, and count a new module.
@@ -845,6 +902,8 @@ static int xfer_init(lua_State *L) {
   lua_rawsetp(L, LUA_REGISTRYINDEX, &names_key);
   lua_newtable(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &anchors_key);
+  lua_createtable(L, ECACHE_N * ECACHE_UPV, 0);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &ecache_key);
   lua_pushcfunction(L, scan_modules);
   lua_pushlightuserdata(L, x);
   lua_call(L, 1, 0);
@@ -878,6 +937,7 @@ op_xfer *op__xfer_new(lua_State *L, op_protostore *ps) {
   }
 #endif
   x->fast_uv = x->layout_ok && check_upvals(L);
+  x->ecache_ok = x->fast_uv && check_ecache(L);
   if (protect(L, xfer_init, x) != LUA_OK) {
     op__xfer_free(x);
     return NULL;
@@ -907,6 +967,8 @@ void op__xfer_free(op_xfer *x) {
     lua_rawsetp(L, LUA_REGISTRYINDEX, &anchors_key);
     lua_pushnil(L);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &dumps_key);
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &ecache_key);
   }
   for (i = 0; i < 256; i++) {
     if (x->tmpl[i] != NULL)
@@ -1684,6 +1746,109 @@ static int enc_value(enc *e, int idx) {
   }
 }
 
+#if LUA_VERSION_NUM == 504
+/* The encode cache's slot for a prototype. */
+static ecache *ecache_slot(op_xfer *x, const void *proto) {
+  return &x->ec[(phash(proto) >> 4) & (ECACHE_N - 1)];
+}
+
+/* Whether the cache may key on an upvalue's value: a scalar, a string
+** (anchored when remembered), a light C function, or a table that crosses
+** by name or as the globals (anchored by the names table). */
+static int ec_plain(op_xfer *x, const tvalue_mirror *tv) {
+  switch (tv->tt) {
+  case VT_NIL:
+  case VT_FALSE:
+  case VT_TRUE:
+  case VT_INT:
+  case VT_FLOAT:
+  case VT_SHRSTR:
+  case VT_LNGSTR:
+  case VT_LCF:
+    return 1;
+  case VT_TABLE:
+    return tv->v.p == x->globals || pmap_find(&x->named, tv->v.p) != NULL;
+  default:
+    return 0;
+  }
+}
+
+/* Whether an upvalue still holds the value remembered as tt, v. */
+
+static int ec_same(const tvalue_mirror *tv, unsigned tt, uint64_t v) {
+  uint64_t now;
+
+  if (tv->tt != tt)
+    return 0;
+  if (tt == VT_NIL || tt == VT_FALSE || tt == VT_TRUE)
+    return 1; /* no value bits */
+  memcpy(&now, &tv->v, sizeof now);
+  return now == v;
+}
+
+/* If the Lua function at idx was the last one encoded alone from its
+** prototype and its upvalues still hold the same values, append that
+** encoding to b and return 1.  [-0, +0, -] */
+static int ecache_hit(op_xfer *x, lua_State *L, int idx, op_buf *b) {
+  const lclosure_mirror *cl;
+  const ecache *c;
+  int i;
+
+  if (lua_type(L, idx) != LUA_TFUNCTION || lua_iscfunction(L, idx))
+    return 0;
+  cl = lua_topointer(L, idx);
+  c = ecache_slot(x, cl->p);
+  if (c->proto != cl->p || c->nup != cl->nupvalues)
+    return 0;
+  for (i = 0; i < c->nup; i++) {
+    if (!ec_same(((const upval_mirror *)cl->upvals[i])->v, c->tt[i], c->v[i]))
+      return 0;
+  }
+  if (x->named_lf.count > 0 && pmap_find(&x->named_lf, cl) != NULL)
+    return 0;
+  return op__buf_append(b, c->bytes, c->len) == 0;
+}
+
+/* Remember the encoding at b->p + off of the lone Lua function at idx if
+** it is a plain FUNC whose upvalues are all plain values. The strings
+** among them are anchored, so an equal pointer later is the same string.
+** [-0, +0, m] */
+static void ecache_fill(op_xfer *x, lua_State *L, int idx, const op_buf *b,
+                        size_t off) {
+  const lclosure_mirror *cl = lua_topointer(L, idx);
+  const unsigned char *q = (const unsigned char *)b->p + off;
+  const tvalue_mirror *tv;
+  size_t len = b->len - off;
+  ecache *c;
+  int i, slot;
+
+  if (len > ECACHE_LEN || len < 2 || q[0] != T_HDR || q[1] != T_FUNC ||
+      cl->nupvalues > ECACHE_UPV || !lua_checkstack(L, 2))
+    return;
+  for (i = 0; i < cl->nupvalues; i++) {
+    if (!ec_plain(x, ((const upval_mirror *)cl->upvals[i])->v))
+      return;
+  }
+  c = ecache_slot(x, cl->p);
+  slot = (int)(c - x->ec) * ECACHE_UPV;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &ecache_key);
+  for (i = 0; i < cl->nupvalues; i++) {
+    tv = ((const upval_mirror *)cl->upvals[i])->v;
+    c->tt[i] = tv->tt;
+    memcpy(&c->v[i], &tv->v, sizeof c->v[i]);
+    if (tv->tt == VT_SHRSTR || tv->tt == VT_LNGSTR) {
+      lua_getupvalue(L, idx, i + 1);
+      lua_rawseti(L, -2, slot + i + 1);
+    }
+  }
+  lua_pop(L, 1);
+  c->proto = cl->p;
+  c->nup = cl->nupvalues;
+  c->len = len;
+  memcpy(c->bytes, q, len);
+}
+#endif
+
 /* Append the encoding of the n values at idx.. of L to b; see the DESIGN
 ** block for the format. Refusals name the value's path (see path_text).
 ** Returns 0, or OP_ECOPY / OP_ENOMEM with a message in err, leaving b as
@@ -1697,6 +1862,10 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
 
   if (idx < 0 && idx > LUA_REGISTRYINDEX)
     idx = top + idx + 1;
+#if LUA_VERSION_NUM == 504
+  if (n == 1 && x->ecache_ok && !x->busy && ecache_hit(x, L, idx, b))
+    return 0;
+#endif
   e.x = x;
   e.L = L;
   e.b = b;
@@ -1738,6 +1907,11 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
     lua_settop(L, top);
   }
   op_assert(rc != 0 || lua_gettop(L) == top);
+#if LUA_VERSION_NUM == 504
+  if (rc == 0 && n == 1 && x->ecache_ok && !x->busy &&
+      lua_type(L, idx) == LUA_TFUNCTION && !lua_iscfunction(L, idx))
+    ecache_fill(x, L, idx, b, len0);
+#endif
   return rc;
 }
 

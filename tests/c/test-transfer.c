@@ -427,6 +427,52 @@ static void test_reused_instances(void) {
   teardown(&p);
 }
 
+/* The encoder remembers a lone function's encoding per prototype: a
+** changed upvalue, string, or table content must never be served stale. */
+static void test_encode_cache(void) {
+  pair p;
+  int i;
+
+  setup(&p);
+  dostr(p.A, "local k, s, t = 1, 'a', { v = 1 } "
+             "G = function() return k, s, string.len(s) end "
+             "F = function() return k, s, t.v end "
+             "SET = function(nk, ns, nv) k, s = nk, ns t.v = nv end");
+  for (i = 0; i < 2; i++) {
+    roundtrip(&p, "return G",
+              "local a, b, c = (...)() "
+              "assert(a == 1 and b == 'a' and c == 1)");
+    roundtrip(&p, "return F",
+              "local a, b, c = (...)() "
+              "assert(a == 1 and b == 'a' and c == 1)");
+  }
+  dostr(p.A, "SET(2, 'b', 2)");
+  for (i = 0; i < 2; i++) {
+    roundtrip(&p, "return G",
+              "local a, b, c = (...)() "
+              "assert(a == 2 and b == 'b' and c == 1)");
+    roundtrip(&p, "return F",
+              "local a, b, c = (...)() "
+              "assert(a == 2 and b == 'b' and c == 2)");
+  }
+  /* only the table's content changes */
+  dostr(p.A, "SET(2, 'b', 3)");
+  roundtrip(&p, "return F", "local a, b, c = (...)() assert(c == 3)");
+  /* a float that compares equal but is another value; a long string */
+  dostr(p.A, "SET(0.0, string.rep('x', 50), 3)");
+  roundtrip(&p, "return G",
+            "local a, b = (...)() "
+            "assert(math.type(a) == 'float' and #b == 50)");
+  dostr(p.A, "SET(-0.0, string.rep('y', 50), 3)");
+  roundtrip(&p, "return G",
+            "local a, b = (...)() "
+            "assert(1 / a < 0 and b == string.rep('y', 50))");
+  /* with other values in one encoding, or as an argument list */
+  roundtrip(&p, "return G, 5",
+            "local f, n = ... assert(n == 5 and f() == 0.0)");
+  teardown(&p);
+}
+
 /* Two functions on one line are different prototypes. */
 static void test_one_line(void) {
   pair p;
@@ -819,6 +865,7 @@ static void test_fallback(void) {
   test_many_upvalues();
   test_fresh_closures();
   test_reused_instances();
+  test_encode_cache();
   test_one_line();
   test_cache();
   test_corrupt();

@@ -245,3 +245,49 @@ T.test("40,000 go tasks end, each exactly once", function()
   offpath.sleep(0)
   T.eq(ended, N)
 end)
+
+-- Pool tasks have no finalizer: a failure nobody observed is reported, and
+-- a result on the C heap freed, at the end of the collection cycle that
+-- took the task object (LeakSanitizer checks the buffers at exit).
+T.test("collected tasks: unobserved failures reported once, results freed", function()
+  local function ended(t)
+    while t:status() == "queued" or t:status() == "running" do
+      offpath.sleep(0.001)
+    end
+    return t
+  end
+  local function errors() return offpath.stats().errors end
+  local big = string.rep("r", 4096)
+
+  local before = errors()
+  ended(offpath.launch("io", function() error("nobody looks") end))
+  collectgarbage(); collectgarbage()
+  T.eq(errors(), before + 1, "unobserved failure reported")
+  collectgarbage(); collectgarbage()
+  T.eq(errors(), before + 1, "and only once")
+
+  -- observed after it failed: by wait, or by on_done
+  local t = ended(offpath.launch("io", function() error("seen late") end))
+  T.err("seen late", t.wait, t)
+  local u = ended(offpath.launch("io", function() error("seen by cb") end))
+  local cb = T.expect(function(ok, err)
+    T.eq(ok, false); T.ok(err:find("seen by cb"))
+  end, 1)
+  u:on_done(cb)
+  t, u = nil, nil
+  collectgarbage(); collectgarbage()
+  T.eq(errors(), before + 1, "observed failures are not reported")
+
+  -- big results: kept while the object lives, across cycles; freed after
+  local keep = ended(offpath.launch("io", function(s) return s .. "!" end, big))
+  for _ = 1, 50 do
+    ended(offpath.launch("io", function(s) return s end, big))
+  end
+  collectgarbage(); collectgarbage()
+  T.eq(keep:wait(), big .. "!")
+  local fail_big = ended(offpath.launch("io", function(s) error(s) end, big))
+  collectgarbage(); collectgarbage()
+  T.ok(select(2, pcall(fail_big.wait, fail_big)):find(big, 1, true))
+  -- left alive until the runtime closes: freed then
+  KEPT = ended(offpath.launch("io", function(s) return s end, big))
+end)
