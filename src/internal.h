@@ -236,11 +236,19 @@ typedef enum op_ltask_kind {
 
 typedef struct op_ltask op_ltask;
 
+/* What a pool task object is for: it decides how many values it can hold
+** besides its results. */
+typedef enum op_ltask_use {
+  OP_USE_RUN,     /* private to offpath.run: one waiter, no callbacks */
+  OP_USE_LAUNCH,  /* offpath.launch: waiters and on_done callbacks */
+  OP_USE_SCHEDULE /* offpath.schedule: data, onresult, onerror too */
+} op_ltask_use;
+
 /* Make a pool task for the function at fnidx and the nargs values after it
 ** and push the task object on L. Raises on a value that cannot be copied
 ** ("cannot copy ..."). timeout <= 0: none.  [-0, +1, e] */
 op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
-                       double timeout, const char *call, int own);
+                       double timeout, const char *call, op_ltask_use use);
 /* Queue lt on its pool. Returns 0 when queued; when the queue is full,
 ** OP_EAGAIN if may_wait is 0 (nothing changed), else 1: the task waits in
 ** the pool's backlog and is queued as soon as there is room (call

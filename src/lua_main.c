@@ -65,7 +65,8 @@ static int offpath_run(lua_State *L) {
 
   luaL_checktype(L, 2, LUA_TFUNCTION);
   op__check_suspend(L, "offpath.run");
-  lt = op__task_new(L, p, 2, lua_gettop(L) - 2, timeout, "offpath.run", 1);
+  lt = op__task_new(L, p, 2, lua_gettop(L) - 2, timeout, "offpath.run",
+                    OP_USE_RUN);
   op__task_enqueue(L, lt, 1);
   return op__task_await(L, lt, 0, "offpath.run", 1);
 }
@@ -92,7 +93,8 @@ static int offpath_launch(lua_State *L) {
   op_ltask *lt;
 
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  lt = op__task_new(L, p, 2, lua_gettop(L) - 2, timeout, "offpath.launch", 0);
+  lt = op__task_new(L, p, 2, lua_gettop(L) - 2, timeout, "offpath.launch",
+                    OP_USE_LAUNCH);
   return enqueue_or_wait(L, lt, "offpath.launch");
 }
 
@@ -116,7 +118,7 @@ static int offpath_schedule(lua_State *L) {
     return luaL_error(L, "offpath.schedule: 'onresult' must be a function");
   if (!lua_isnil(L, 5) && lua_type(L, 5) != LUA_TFUNCTION)
     return luaL_error(L, "offpath.schedule: 'onerror' must be a function");
-  lt = op__task_new(L, p, 2, 1, timeout, "offpath.schedule", 0);
+  lt = op__task_new(L, p, 2, 1, timeout, "offpath.schedule", OP_USE_SCHEDULE);
   op__task_set_schedule(L, lt, 3, lua_isnil(L, 4) ? 0 : 4,
                         lua_isnil(L, 5) ? 0 : 5);
   return enqueue_or_wait(L, lt, "offpath.schedule");

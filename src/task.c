@@ -45,7 +45,8 @@ struct op_ltask {
   uint8_t in_backlog;     /* waiting for room in the pool queue */
   uint8_t sched;          /* schedule: data/onresult/onerror in the uservalue */
   uint8_t observed;       /* a waiter or callback was attached */
-  uint8_t has_uv;         /* the uservalue table exists */
+  uint8_t has_uv;         /* the user value table (UV_TABLE) exists */
+  uint8_t has_cb;         /* a first on_done callback is in UV_CB */
   uint8_t own;            /* private to offpath.run */
   uint32_t remain;        /* its entry in rt->tasks + 1, or 0 */
   int anchor;             /* slot in the anchors (op_tasks), or LUA_NOREF */
@@ -58,6 +59,12 @@ struct op_ltask {
   int res_ref;       /* go: results table or error value, LUA_NOREF */
   op_ltask *bl_next; /* backlog link */
 };
+
+/* The user values of a task object. The table holds what is rare: more
+** waiters ("waits") and callbacks ("cbs"). The first on_done callback, or
+** a schedule's onresult, and a schedule's onerror and data sit in slots of
+** their own, so the common cases make no table. */
+enum { UV_TABLE = 1, UV_CB, UV_ONERROR, UV_DATA };
 
 static const char *const state_names[] = { "queued", "running",   "done",
                                            "failed", "cancelled", "timeout" };
@@ -281,11 +288,11 @@ static void push_task(lua_State *L, op_ltask *lt) {
 static void push_uv(lua_State *L, int idx, op_ltask *lt) {
   idx = lua_absindex(L, idx);
   lt->has_uv = 1;
-  if (lua_getiuservalue(L, idx, 1) != LUA_TTABLE) {
+  if (lua_getiuservalue(L, idx, UV_TABLE) != LUA_TTABLE) {
     lua_pop(L, 1);
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 2);
     lua_pushvalue(L, -1);
-    lua_setiuservalue(L, idx, 1);
+    lua_setiuservalue(L, idx, UV_TABLE);
   }
 }
 
@@ -465,12 +472,12 @@ static int push_outcome(lua_State *L, op_ltask *lt) {
 
 /* Run the Trisul callbacks of a schedule: onresult(engine, data, result)
 ** or onerror(engine, data, err), on the main thread where nothing may
-** suspend. The task object and its uservalue are on top of L. */
-static void run_schedule(lua_State *L, op_ltask *lt, int uv) {
+** suspend. obj is the task object's index. */
+static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
   op_runtime *rt = lt->rt;
   int ok = lt->state == OP_TASK_DONE, top = lua_gettop(L), n;
 
-  lua_getfield(L, uv, ok ? "onresult" : "onerror");
+  lua_getiuservalue(L, obj, ok ? UV_CB : UV_ONERROR);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
     if (!ok) {
@@ -483,7 +490,7 @@ static void run_schedule(lua_State *L, op_ltask *lt, int uv) {
     return;
   }
   op_push_engine(rt);
-  lua_getfield(L, uv, "data");
+  lua_getiuservalue(L, obj, UV_DATA);
   if (ok) {
     n = push_results(L, lt);
     if (n < 0) {
@@ -527,11 +534,12 @@ static int task_settle(op_ltask *lt, int state) {
 static void task_notify(op_ltask *lt) {
   op_runtime *rt = lt->rt;
   lua_State *L = rt->L;
-  int top = lua_gettop(L), uv, i, n;
+  int top = lua_gettop(L), obj, uv = 0, i, n;
   op_wait_id first = lt->waiter;
+  op_co *c;
 
   lt->waiter = 0;
-  if (!lt->has_uv) {
+  if (!lt->has_uv && !lt->has_cb && !lt->sched) {
     /* The common case: one waiter, no callbacks. */
     if (first != 0)
       tell_waiter(lt, first);
@@ -540,26 +548,32 @@ static void task_notify(op_ltask *lt) {
     return;
   }
   push_task(L, lt);
-  push_uv(L, -1, lt);
-  uv = lua_gettop(L);
+  obj = lua_gettop(L);
+  if (lt->has_uv) {
+    lua_getiuservalue(L, obj, UV_TABLE);
+    uv = lua_gettop(L);
+  }
   /* Callbacks first, then waiters: a waiter resumed here runs at once, and
   ** must find the task's callbacks done. */
   if (lt->sched)
-    run_schedule(L, lt, uv);
-  if (lua_getfield(L, uv, "cbs") == LUA_TTABLE) {
+    run_schedule(L, lt, obj);
+  if (lt->has_cb) {
+    c = op__co_acquire(rt);
+    lua_getiuservalue(L, obj, UV_CB);
+    op__co_start(c, L, push_outcome(L, lt));
+  }
+  if (uv != 0 && lua_getfield(L, uv, "cbs") == LUA_TTABLE) {
     n = (int)lua_rawlen(L, -1);
     for (i = 1; i <= n; i++) {
-      op_co *c = op__co_acquire(rt);
-      int nargs;
+      c = op__co_acquire(rt);
       lua_rawgeti(L, -1, i);
-      nargs = push_outcome(L, lt);
-      op__co_start(c, L, nargs);
+      op__co_start(c, L, push_outcome(L, lt));
     }
   }
-  lua_pop(L, 1);
+  lua_settop(L, uv != 0 ? uv : obj);
   if (first != 0)
     tell_waiter(lt, first);
-  if (lua_getfield(L, uv, "waits") == LUA_TTABLE) {
+  if (uv != 0 && lua_getfield(L, uv, "waits") == LUA_TTABLE) {
     n = (int)lua_rawlen(L, -1);
     for (i = 1; i <= n; i++) {
       lua_rawgeti(L, -1, i);
@@ -682,9 +696,10 @@ static void task_complete(op_task *t) {
 
 /* ---- making and queueing tasks ---- */
 
-static op_ltask *new_task(lua_State *L, int kind, const char *call, int own) {
+static op_ltask *new_task(lua_State *L, int kind, const char *call, int own,
+                          int nuv) {
   op_runtime *rt = op__runtime(L);
-  op_ltask *lt = lua_newuserdatauv(L, sizeof *lt, 1);
+  op_ltask *lt = lua_newuserdatauv(L, sizeof *lt, nuv);
 
   memset(lt, 0, sizeof *lt);
   op__task_init(&lt->t, OP_TASK_LUA);
@@ -702,7 +717,8 @@ static op_ltask *new_task(lua_State *L, int kind, const char *call, int own) {
 }
 
 op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
-                       double timeout, const char *call, int own) {
+                       double timeout, const char *call, op_ltask_use use) {
+  static const int nuv[] = { 1, UV_CB, UV_DATA };
   op_runtime *rt = op__runtime(L);
   char err[512];
   op_ltask *lt;
@@ -711,7 +727,7 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
   fnidx = lua_absindex(L, fnidx);
   if (rt->closing)
     luaL_error(L, "shutdown: %s refused, the runtime is shutting down", call);
-  lt = new_task(L, OP_LT_POOL, call, own);
+  lt = new_task(L, OP_LT_POOL, call, use == OP_USE_RUN, nuv[use]);
   lt->t.pool = pool;
   lt->t.watch = timeout > 0;
   lt->t.settle = task_settle_cb;
@@ -842,7 +858,7 @@ op_ltask *op__task_go(lua_State *L, int fnidx, int nargs) {
   if (rt->closing)
     luaL_error(L, "shutdown: offpath.go refused, the runtime is shutting "
                   "down");
-  lt = new_task(L, OP_LT_GO, "offpath.go", 0);
+  lt = new_task(L, OP_LT_GO, "offpath.go", 0, UV_CB);
   lt->state = OP_TASK_RUNNING;
   anchor(L, lt, -1);
   c = op__co_acquire(rt);
@@ -916,24 +932,19 @@ void op__task_set_schedule(lua_State *L, op_ltask *lt, int data, int onresult,
                            int onerror) {
   int idx = lua_absindex(L, -1);
 
-  data = data ? lua_absindex(L, data) : 0;
-  onresult = onresult ? lua_absindex(L, onresult) : 0;
-  onerror = onerror ? lua_absindex(L, onerror) : 0;
   op_assert(lua_touserdata(L, idx) == lt);
-  push_uv(L, idx, lt);
   if (data) {
     lua_pushvalue(L, data);
-    lua_setfield(L, -2, "data");
+    lua_setiuservalue(L, idx, UV_DATA);
   }
   if (onresult) {
     lua_pushvalue(L, onresult);
-    lua_setfield(L, -2, "onresult");
+    lua_setiuservalue(L, idx, UV_CB);
   }
   if (onerror) {
     lua_pushvalue(L, onerror);
-    lua_setfield(L, -2, "onerror");
+    lua_setiuservalue(L, idx, UV_ONERROR);
   }
-  lua_pop(L, 1);
   lt->sched = 1;
 }
 
@@ -962,6 +973,13 @@ static int task_on_done(lua_State *L) {
     lua_pushvalue(L, 2);
     n = push_outcome(L, lt);
     op__co_start(c, L, n);
+    lua_settop(L, 1);
+    return 1;
+  }
+  if (!lt->has_cb && !lt->sched) {
+    lua_pushvalue(L, 2);
+    lua_setiuservalue(L, 1, UV_CB);
+    lt->has_cb = 1;
     lua_settop(L, 1);
     return 1;
   }

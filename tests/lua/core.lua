@@ -291,3 +291,34 @@ T.test("collected tasks: unobserved failures reported once, results freed", func
   -- left alive until the runtime closes: freed then
   KEPT = ended(offpath.launch("io", function(s) return s end, big))
 end)
+
+-- The first callback sits in a slot of its own, later ones in a table;
+-- all run once, in order, before the waiters are resumed.
+T.test("several on_done callbacks and waiters, launch and go", function()
+  for _, make in ipairs {
+    function() return offpath.launch("io", function() return 7 end) end,
+    function() return offpath.go(function() offpath.sleep(0.001); return 7 end) end,
+  } do
+    local order = {}
+    local t = make()
+    for i = 1, 3 do
+      t:on_done(T.expect(function(ok, v)
+        T.eq(ok, true); T.eq(v, 7); order[#order + 1] = "cb" .. i
+      end, 1))
+    end
+    local other = offpath.go(function() T.eq(t:wait(), 7); order[#order + 1] = "w2" end)
+    T.eq(t:wait(), 7); order[#order + 1] = "w1"
+    other:wait()
+    T.eq(table.concat(order, " "):sub(1, 11), "cb1 cb2 cb3")
+    T.eq(#order, 5)
+    t:on_done(T.expect(function(ok, v) T.eq(v, 7) end, 1)) -- after the end
+  end
+  -- a schedule task takes on_done callbacks besides its onresult
+  local got = {}
+  local s = offpath.schedule { pool = "io", data = "d",
+    onexecute = function(d) return d .. "!" end,
+    onresult = T.expect(function(_, d, r) got[#got + 1] = d .. r end, 1) }
+  s:on_done(T.expect(function(ok, r) got[#got + 1] = r end, 1))
+  s:wait()
+  T.eq(table.concat(got, ","), "dd!,d!")
+end)
