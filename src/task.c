@@ -115,7 +115,13 @@ struct op_tasks {
   int ref;        /* registry ref of the table */
   uint32_t *next; /* next[slot]: the free slot after slot, or 0 */
   uint32_t nslots, slot_cap, free_slot;
+  /* Ended offpath.run tasks kept for the next ones, still anchored: no
+  ** script ever sees them, so they can be used again. */
+  op_ltask *idle_run; /* linked through bl_next */
+  int nidle_run;
 };
+
+#define IDLE_RUN_MAX 32
 
 /* The runtime's task state, made on first use.  [-0, +0, m] */
 static op_tasks *tasks_of(lua_State *L, op_runtime *rt) {
@@ -354,6 +360,12 @@ static void maybe_release(op_ltask *lt) {
       lt->co != NULL || lt->anchor == LUA_NOREF)
     return;
   ts = lt->rt->tasks;
+  if (lt->own && ts->nidle_run < IDLE_RUN_MAX) {
+    lt->bl_next = ts->idle_run; /* stays anchored: see new_task */
+    ts->idle_run = lt;
+    ts->nidle_run++;
+    return;
+  }
   L = lt->rt->L;
   lua_rawgeti(L, LUA_REGISTRYINDEX, ts->ref);
   lua_pushnil(L);
@@ -699,20 +711,31 @@ static void task_complete(op_task *t) {
 static op_ltask *new_task(lua_State *L, int kind, const char *call, int own,
                           int nuv) {
   op_runtime *rt = op__runtime(L);
-  op_ltask *lt = lua_newuserdatauv(L, sizeof *lt, nuv);
+  op_tasks *ts = rt->tasks;
+  op_ltask *lt;
+  int slot = LUA_NOREF;
 
+  if (own && ts != NULL && ts->idle_run != NULL) {
+    lt = ts->idle_run;
+    ts->idle_run = lt->bl_next;
+    ts->nidle_run--;
+    slot = lt->anchor;
+    push_task(L, lt);
+  } else {
+    lt = lua_newuserdatauv(L, sizeof *lt, nuv);
+    lua_rawgetp(L, LUA_REGISTRYINDEX,
+                kind == OP_LT_POOL ? &task_mt_key : &task_gc_mt_key);
+    lua_setmetatable(L, -2);
+  }
   memset(lt, 0, sizeof *lt);
   op__task_init(&lt->t, OP_TASK_LUA);
   lt->magic = &task_magic;
   lt->rt = rt;
   lt->kind = (uint8_t)kind;
-  lt->anchor = LUA_NOREF;
+  lt->anchor = slot;
   lt->res_ref = LUA_NOREF;
   lt->call = call;
   lt->own = (uint8_t)own;
-  lua_rawgetp(L, LUA_REGISTRYINDEX,
-              kind == OP_LT_POOL ? &task_mt_key : &task_gc_mt_key);
-  lua_setmetatable(L, -2);
   return lt;
 }
 

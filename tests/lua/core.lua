@@ -322,3 +322,36 @@ T.test("several on_done callbacks and waiters, launch and go", function()
   s:wait()
   T.eq(table.concat(got, ","), "dd!,d!")
 end)
+
+-- offpath.run keeps its ended private task objects for the next calls: a
+-- reused one must never carry anything over.
+T.test("offpath.run reuses its private tasks: no result or error leaks", function()
+  for i = 1, 300 do
+    if i % 7 == 0 then
+      T.err("boom " .. i, offpath.run, "io", function(n) error("boom " .. n) end, i)
+    elseif i % 53 == 0 then
+      T.err("^timeout", offpath.run, { pool = "io", timeout = 0.001 },
+        function() while true do end end)
+    else
+      local a, b = offpath.run("io", function(n) return n * 2, tostring(n) end, i)
+      T.eq(a, i * 2); T.eq(b, tostring(i))
+    end
+  end
+  -- a run whose waiter goes away while its task still runs
+  local g = offpath.go(function()
+    return offpath.run("io", function()
+      local t = os.clock()
+      while os.clock() - t < 0.05 do end
+      return "late"
+    end)
+  end)
+  offpath.sleep(0.01)
+  T.eq(g:cancel(), true)
+  local rs = {}
+  for i = 1, 20 do
+    rs[i] = offpath.go(function() return offpath.run("io", function(n) return n end, i) end)
+  end
+  for i = 1, 20 do T.eq(rs[i]:wait(), i) end
+  offpath.sleep(0.1) -- the cancelled one hands its task back
+  T.eq(offpath.run("io", function() return "after" end), "after")
+end)
