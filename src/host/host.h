@@ -20,6 +20,8 @@
 #define HOST_OUT_HIGH    (8u << 20)    /* output bytes that pause inputs */
 #define HOST_PUMP_BATCH  64            /* records per source per turn */
 #define HOST_REPORTS_SEC 20            /* error messages printed per second */
+#define HOST_LAT_SAMPLE  16            /* fast records: 1 in 16 timed */
+#define HOST_LAT_FAST_NS 1000          /* fast: no suspension, under 1 us */
 
 /* ---- the line splitter (lines.c) ---- */
 
@@ -100,6 +102,8 @@ typedef struct hist {
 } hist;
 
 void hist_add(hist *h, uint64_t ns);
+/* Add n values of ns (a sample standing for n records). */
+void hist_add_n(hist *h, uint64_t ns, uint64_t n);
 double hist_quantile(const hist *h, double q); /* seconds; 0 if empty */
 
 /* ---- the host ---- */
@@ -157,7 +161,7 @@ typedef enum rec_kind { REC_EVENT = 0, REC_START, REC_TICK, REC_STOP } rec_kind;
 typedef struct rec {
   src *s;        /* SRC of an event (referenced), else NULL */
   uint64_t line; /* line number within s */
-  uint64_t t0;   /* uv_hrtime() when it was handed over */
+  uint64_t t0;   /* uv_hrtime() when it was handed over; 0: not timed */
   uint32_t next_free;
   uint8_t kind; /* rec_kind */
   uint8_t live;
@@ -210,6 +214,14 @@ struct host {
   int pumping; /* inside pump_all(): no re-entry */
   int paused;  /* reading stopped by backpressure */
   int no_handler_warned;
+
+  /* Dispatch and record latency (engine.c). */
+  int event_ref;          /* run_event(): on_event's coroutine body */
+  uint32_t dispatch_slot; /* the record engine_dispatch() runs, or
+                             UINT32_MAX */
+  uint32_t lat_streak;    /* timed records in a row that were fast */
+  uint64_t lat_untimed;   /* fast records not timed since the last one */
+  uint64_t lat_last;      /* latency of the last timed fast record */
 
   /* Lifecycle. */
   int started; /* on_start ended (or there was none) */
@@ -273,13 +285,21 @@ const char *input_kind_name(src_kind k);
 
 /* engine.c */
 int engine_setup(host *h);
-int engine_blocked(host *h);
 int engine_dispatch(host *h, src *s, const char *line, size_t len);
 int engine_call_lifecycle(host *h, const char *name, rec_kind kind);
 void engine_cancel_all(host *h);
+void engine_latency_flush(host *h);
 int engine_output_open(host *h, char *err, size_t errlen);
 void engine_output_close(host *h);
 void engine_on_error(op_runtime *rt, const char *msg, void *ud);
+
+/* Whether records wait: before on_start ended, while stopping, at
+** --max-inflight handlers in flight or with too much output pending. */
+static inline int engine_blocked(const host *h) {
+  return !h->started || h->stopping ||
+         h->inflight >= (uint32_t)h->o.max_inflight ||
+         h->out_pending.len >= HOST_OUT_HIGH;
+}
 
 /* stats.c */
 void stats_line(host *h);

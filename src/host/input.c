@@ -10,12 +10,14 @@
 ** Each source reads into its own line splitter and hands complete lines to
 ** engine_dispatch() in src_pump(), at most HOST_PUMP_BATCH per loop turn
 ** (sources take turns; pump_idle carries on the next turn). Reading is on
-** only while the splitter holds no complete line and the engine is not
-** blocked, so a blocked engine stops every input:
+** only while the splitter holds no complete line (a file: few lines) and
+** the engine is not blocked, so a blocked engine stops every input:
 **
-**   file    one uv_fs_read (libuv's threads) at a time, next one only
-**           when the lines are used up: the file is read no faster than
-**           records are handled.
+**   file    one uv_fs_read (libuv's threads) of up to READ_MAX bytes at
+**           a time, the next one when less than READ_CHUNK bytes of lines
+**           are left (so the read overlaps handling them) and the engine
+**           is not blocked: the file is read no faster than records are
+**           handled.
 **   stream  uv_read_start/uv_read_stop (pipes, FIFOs, terminals, TCP
 **           clients): the kernel's socket buffers fill and TCP tells the
 **           sender to wait.
@@ -45,6 +47,7 @@
 #include "host.h"
 
 #define READ_CHUNK 65536
+#define READ_MAX   (4 * READ_CHUNK) /* bytes asked for in one read */
 #define UDP_BATCH  16
 #define UDP_DGRAM  65536
 
@@ -279,6 +282,9 @@ static void src_pump(src *s, int *budget) {
       return;
   }
   pause_note(h);
+  if (!need && s->kind == SRC_FILE && !engine_blocked(h) &&
+      s->ls.end - s->ls.start < READ_CHUNK)
+    need = 1; /* read ahead: the read overlaps handling the lines left */
   src_want(s, need);
 }
 
@@ -374,7 +380,7 @@ static void file_read_cb(uv_fs_t *req) {
 
 static void file_read(src *s) {
   size_t avail;
-  char *p = ls_space(&s->ls, READ_CHUNK, &avail);
+  char *p = ls_space(&s->ls, READ_MAX, &avail);
   uv_buf_t b;
   int rc;
 
@@ -384,8 +390,7 @@ static void file_read(src *s) {
     input_kick(s->h);
     return;
   }
-  b = uv_buf_init(p,
-                  (unsigned)(avail < 4 * READ_CHUNK ? avail : 4 * READ_CHUNK));
+  b = uv_buf_init(p, (unsigned)(avail < READ_MAX ? avail : READ_MAX));
   s->req.data = s;
   rc = uv_fs_read(s->h->loop, &s->req, s->fd, &b, 1, -1, file_read_cb);
   if (rc != 0) {
@@ -409,8 +414,7 @@ static void stream_alloc_cb(uv_handle_t *hd, size_t suggested, uv_buf_t *b) {
     *b = uv_buf_init(NULL, 0); /* read_cb gets UV_ENOBUFS */
     return;
   }
-  *b = uv_buf_init(p,
-                   (unsigned)(avail < 4 * READ_CHUNK ? avail : 4 * READ_CHUNK));
+  *b = uv_buf_init(p, (unsigned)(avail < READ_MAX ? avail : READ_MAX));
 }
 
 static void stream_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *b) {

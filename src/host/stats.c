@@ -31,12 +31,16 @@ static uint64_t bucket_low(unsigned b) {
 }
 
 void hist_add(hist *h, uint64_t ns) {
-  unsigned b = bucket_of(ns), n = sizeof h->bucket / sizeof h->bucket[0];
+  hist_add_n(h, ns, 1);
+}
 
-  if (b >= n)
-    b = n - 1;
-  h->bucket[b]++;
-  h->count++;
+void hist_add_n(hist *h, uint64_t ns, uint64_t n) {
+  unsigned b = bucket_of(ns), nb = sizeof h->bucket / sizeof h->bucket[0];
+
+  if (b >= nb)
+    b = nb - 1;
+  h->bucket[b] += (uint32_t)n;
+  h->count += n;
   if (ns > h->max)
     h->max = ns;
 }
@@ -147,6 +151,7 @@ void stats_push_table(host *h, lua_State *L) {
   int i, n;
 
   op_stats_get(h->rt, &st);
+  engine_latency_flush(h);
   lua_createtable(L, 0, 16);
   set_num(L, "elapsed", elapsed(h));
 
@@ -334,6 +339,7 @@ static void summary_text(host *h) {
   src *s;
 
   op_stats_get(h->rt, &st);
+  engine_latency_flush(h);
   fprintf(stderr, "offpath: summary after %.2f s%s%s\n", elapsed(h),
           sig ? ", stopped by " : "", sig ? sig : "");
   fprintf(stderr,
