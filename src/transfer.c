@@ -661,6 +661,25 @@ static int scan_modules(lua_State *L) {
 
 /* ---- the LClosure layout check ---- */
 
+/* Load and run the check chunk src with nargs arguments on top of L,
+** leaving nres results. Returns 0, with L's stack reset to below the
+** arguments, if the chunk does not load or run.  [-nargs, +(nres|0), -] */
+static int run_check(lua_State *L, const char *src, int nargs, int nres) {
+  int base = lua_gettop(L) - nargs;
+
+  if (!lua_checkstack(L, nres + 2) ||
+      luaL_loadbufferx(L, src, strlen(src), "=(check)", "t") != 0) {
+    lua_settop(L, base);
+    return 0;
+  }
+  lua_insert(L, base + 1);
+  if (lua_pcall(L, nargs, nres, 0) != 0) {
+    lua_settop(L, base);
+    return 0;
+  }
+  return 1;
+}
+
 /* Whether lclosure_mirror reads Proto pointers correctly here.
 ** [-0, +0, -] */
 static int check_layout(lua_State *L) {
@@ -672,12 +691,8 @@ static int check_layout(lua_State *L) {
   const lclosure_mirror *c[3];
   int ok = 1, i, top = lua_gettop(L);
 
-  if (!lua_checkstack(L, 4) ||
-      luaL_loadbufferx(L, chunk, sizeof chunk - 1, "=(check)", "t") != 0 ||
-      lua_pcall(L, 0, 3, 0) != 0) {
-    lua_settop(L, top);
+  if (!run_check(L, chunk, 0, 3))
     return 0;
-  }
   for (i = 0; i < 3; i++) {
     c[i] = lua_topointer(L, top + 1 + i);
     if (c[i] == NULL || c[i]->tt != LUA_VLCL_TAG || c[i]->p == NULL ||
@@ -754,16 +769,9 @@ static int check_upvals(lua_State *L) {
       "return g, check(function() return x, y end)";
   int ok, top = lua_gettop(L);
 
-  if (!lua_checkstack(L, 6) ||
-      luaL_loadbufferx(L, chunk, sizeof chunk - 1, "=(check)", "t") != 0) {
-    lua_settop(L, top);
-    return 0;
-  }
   lua_pushcfunction(L, check_open);
-  if (lua_pcall(L, 1, 2, 0) != 0) {
-    lua_settop(L, top);
+  if (!run_check(L, chunk, 1, 2))
     return 0;
-  }
   ok = lua_toboolean(L, -1) && upvals_match(L, top + 1, 6);
   lua_settop(L, top);
   return ok;
@@ -786,12 +794,8 @@ static int check_ecache(lua_State *L) {
   const tvalue_mirror *tv;
   int ok = 1, i, top = lua_gettop(L);
 
-  if (!lua_checkstack(L, 4) ||
-      luaL_loadbufferx(L, chunk, sizeof chunk - 1, "=(check)", "t") != 0 ||
-      lua_pcall(L, 0, 1, 0) != 0) {
-    lua_settop(L, top);
+  if (!run_check(L, chunk, 0, 1))
     return 0;
-  }
   cl = lua_topointer(L, top + 1);
   for (i = 0; i < 4 && ok; i++) {
     tv = ((const upval_mirror *)cl->upvals[i])->v;
@@ -2315,8 +2319,9 @@ static int setupval_opcode(op_xfer *x, lua_State *L) {
   size_t pos;
 
   for (i = 0; i < 2; i++) {
-    if (luaL_loadbufferx(L, src[i], strlen(src[i]), "=(check)", "t") != 0 ||
-        lua_pcall(L, 0, 1, 0) != 0 || dump_fn(x, L, -1) != 0) {
+    if (!run_check(L, src[i], 0, 1))
+      return -1;
+    if (dump_fn(x, L, -1) != 0) {
       lua_pop(L, 1);
       return -1;
     }
