@@ -1,13 +1,15 @@
 /*
 ** op-capi.c - offpath's C API round trip: x + 1 through op_submit on a pool
-** of N workers, pipelined (up to 1024 in flight) or one at a time; the
-** counterpart of bench/peer-cpool.c.
+** of N workers, pipelined (up to 1024 in flight), one at a time, or one
+** every --gap microseconds (sparse: mean latency and the CPU an idle pool
+** costs); the counterpart of bench/peer-cpool.c.
 ** Thread: main() and every done callback on the loop thread; work() on the
 ** pool's worker threads.
 **
 ** The loop is driven by op_runtime_run(): done() consumes a result and
 ** submits the next task from inside the completion callback, so the window
-** stays full without returning to main(). The pool's threads (and their Lua
+** stays full without returning to main(). In sparse mode a libuv timer on
+** the runtime's loop submits instead. The pool's threads (and their Lua
 ** VMs, which C tasks do not use) start on first use; a warm-up of a few
 ** tasks per worker runs before the clock starts.
 */
@@ -19,6 +21,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <uv.h>
 
 #include "offpath.h"
 
@@ -28,6 +31,7 @@
 struct slot {
   int64_t x;
   int64_t result;
+  uint64_t t_submit; /* ns, sparse mode only */
 };
 
 static struct {
@@ -37,6 +41,9 @@ static struct {
   long finished;
   int64_t sum;
   int failed;
+  int sparse;       /* the timer submits, done() does not */
+  uint64_t lat_sum; /* ns from submit to done, sparse mode */
+  uv_timer_t timer;
 } B;
 
 static struct slot slots[WINDOW];
@@ -93,17 +100,34 @@ static void done(void *arg, int status) {
   }
   B.sum += s->result;
   B.finished++;
-  if (B.submitted < B.ntasks) {
+  if (B.sparse) {
+    B.lat_sum += now_ns() - s->t_submit;
+    if (B.finished == B.ntasks) {
+      uv_timer_stop(&B.timer);
+    }
+  } else if (B.submitted < B.ntasks) {
     submit(s);
+  }
+}
+
+/* Sparse mode: submit one task per tick. */
+static void tick(uv_timer_t *timer) {
+  (void)timer;
+  if (B.submitted < B.ntasks) {
+    slots[0].t_submit = now_ns();
+    submit(&slots[0]);
   }
 }
 
 static void usage(void) {
   fprintf(stderr,
-          "usage: op-capi --workers N --mode pipelined|serial "
-          "--tasks N [--spin US]\n"
+          "usage: op-capi --workers N --mode pipelined|serial|sparse "
+          "--tasks N [--spin US] [--gap US]\n"
           "  pipelined: up to %d tasks in flight, prints ns_per_trip\n"
-          "  serial:    one task at a time, prints us_per_trip\n",
+          "  serial:    one task at a time, prints us_per_trip\n"
+          "  sparse:    one task every --gap US (default 1000, whole\n"
+          "             milliseconds), prints the mean latency as\n"
+          "             us_per_trip and cpu_pct\n",
           WINDOW);
   exit(2);
 }
@@ -112,7 +136,7 @@ int main(int argc, char **argv) {
   op_config cfg;
   struct rusage ru;
   const char *mode = "pipelined";
-  long window, i, n;
+  long window, i, n, gap_us = 1000;
   int workers = 1, rc, spin = -1;
   uint64_t t0, wall;
   int64_t want;
@@ -128,9 +152,12 @@ int main(int argc, char **argv) {
       spin = (int)parse_long(a, argv[++i], 0, 10000);
     } else if (strcmp(a, "--tasks") == 0) {
       B.ntasks = parse_long(a, argv[++i], 1, 1000000000L);
+    } else if (strcmp(a, "--gap") == 0) {
+      gap_us = parse_long(a, argv[++i], 1000, 10000000L);
     } else if (strcmp(a, "--mode") == 0) {
       mode = argv[++i];
-      if (strcmp(mode, "pipelined") != 0 && strcmp(mode, "serial") != 0) {
+      if (strcmp(mode, "pipelined") != 0 && strcmp(mode, "serial") != 0 &&
+          strcmp(mode, "sparse") != 0) {
         usage();
       }
     } else {
@@ -166,8 +193,15 @@ int main(int argc, char **argv) {
   B.sum = 0;
 
   t0 = now_ns();
-  for (i = 0; i < window; i++) {
-    submit(&slots[i]);
+  if (strcmp(mode, "sparse") == 0) {
+    B.sparse = 1;
+    uv_timer_init(op_runtime_uv_loop(B.rt), &B.timer);
+    uv_timer_start(&B.timer, tick, (uint64_t)gap_us / 1000,
+                   (uint64_t)gap_us / 1000);
+  } else {
+    for (i = 0; i < window; i++) {
+      submit(&slots[i]);
+    }
   }
   if ((rc = op_runtime_run(B.rt)) != 0) {
     fprintf(stderr, "op-capi: op_runtime_run: %s\n", op_strerror(rc));
@@ -175,6 +209,9 @@ int main(int argc, char **argv) {
   }
   wall = now_ns() - t0;
   getrusage(RUSAGE_SELF, &ru);
+  if (B.sparse) {
+    uv_close((uv_handle_t *)&B.timer, NULL);
+  }
   if ((rc = op_runtime_free(B.rt)) != 0) {
     fprintf(stderr, "op-capi: op_runtime_free: %s\n", op_strerror(rc));
     return 1;
@@ -194,7 +231,10 @@ int main(int argc, char **argv) {
   wall_s = (double)wall / 1e9;
   printf("name=offpath-c workers=%d mode=%s tasks=%ld", workers, mode,
          B.ntasks);
-  if (window > 1) {
+  if (B.sparse) {
+    printf(" gap_us=%ld us_per_trip=%.2f", gap_us,
+           (double)B.lat_sum / (double)B.ntasks / 1e3);
+  } else if (window > 1) {
     printf(" ns_per_trip=%.1f", (double)wall / (double)B.ntasks);
   } else {
     printf(" us_per_trip=%.2f", (double)wall / (double)B.ntasks / 1e3);

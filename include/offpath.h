@@ -101,10 +101,11 @@ typedef struct op_config {
   double block_budget; /* seconds; default 0.1 */
   op_block_policy block_policy;
   const char *package_path; /* prepended to package.path in every VM */
-  int spin_us;              /* spin up to this long before sleeping: on the
+  int spin_us;              /* spin up to this long before sleeping, when
+                               the other side runs on another CPU: on the
                                loop thread while tasks are in flight, on a
-                               worker after a task; adaptive. Default 0
-                               (never): see docs/benchmarks.md */
+                               worker after a task; adaptive. Default 50;
+                               0: never (docs/benchmarks.md) */
   int stop_signal;          /* signal that makes a worker install the stop
                                hook in a running task: 0 for SIGRTMIN+4,
                                < 0 to run every task under the hook
@@ -112,7 +113,7 @@ typedef struct op_config {
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,
-** drain at shutdown, block budget 0.1 s with the abort policy. */
+** drain at shutdown, block budget 0.1 s with the abort policy, spin_us 50. */
 OP_EXTERN void op_config_init(op_config *cfg);
 
 /* Add or override one pool in cfg. Returns 0, OP_EINVAL for a bad name or
@@ -226,7 +227,8 @@ typedef void (*op_done_fn)(void *arg, int status);
 
 /* Queue work on the named pool. Returns 0 (done will run exactly once),
 ** OP_ENOPOOL, OP_EAGAIN if the queue is full, or OP_ESHUTDOWN (done never
-** runs on error). */
+** runs on error). Called from a done callback, the task reaches the
+** workers when that batch of completions ends, or ~0.1 ms into a long one. */
 OP_EXTERN int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
                         op_done_fn done, void *arg);
 

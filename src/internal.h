@@ -178,6 +178,9 @@ void op__pool_stats(op_pool *p, op_pool_stats *out);
 /* Count an ended task in the pool's statistics (loop thread). */
 void op__pool_count_end(op_pool *p, op_task *t, op_task_state how);
 
+/* Queue the tasks op__pool_submit held (rt->hold_submits) and wake the
+** workers they need. Thread: loop. */
+void op__pool_flush(op_pool *p);
 /* Append the tasks p's workers finished to the list head..tail (drain). */
 void op__pool_take_done(op_pool *p, op_task **head, op_task **tail);
 /* The runtime a pool belongs to. */
@@ -209,8 +212,14 @@ int op__worker_block(lua_State *L);
 
 /* Hand a finished task to the loop thread. Thread: any. */
 void op__complete(op_runtime *rt, op_task *t);
-/* Tell the loop thread that finished tasks are waiting. Thread: any. */
-void op__notify_loop(op_runtime *rt);
+/* Tell the loop thread that finished tasks are waiting. Returns 1 if it
+** had to be woken, 0 if it is awake and will look. Thread: any. */
+int op__notify_loop(op_runtime *rt);
+/* The two halves of op__notify_loop, so that the first can run under a
+** lock: raise done_flag and return 1 if the caller must then wake the
+** loop thread with op__wake_loop(). Thread: any. */
+int op__raise_done(op_runtime *rt);
+void op__wake_loop(op_runtime *rt);
 /* Reference the completion handle while pool tasks are in flight. */
 void op__update_ref(op_runtime *rt);
 /* offpath's own Lua modules, built in (generated lua_modules.c). */
@@ -289,9 +298,13 @@ void op__task_close(op_runtime *rt);
 
 /* ---- spinning before sleeping (pool.c, runtime.c) ---- */
 
-/* Spin until *flag is non-zero or us microseconds pass. Returns whether
-** the flag was seen. Thread: any. */
-int op__spin_until(atomic_int *flag, unsigned us);
+/* Spin until *flag is non-zero, *until changes (until may be NULL) or us
+** microseconds pass. Returns whether the flag was seen. Thread: any. */
+int op__spin_until(atomic_int *flag, atomic_int *until, unsigned us);
+/* The CPU the calling thread runs on, or -1 if unknown. Thread: any. */
+int op__this_cpu(void);
+/* Store cpu in *where if it differs (a hint for spinning). Thread: any. */
+void op__note_cpu(atomic_int *where, int cpu);
 
 /* An adaptive spin budget: the full budget after a hit, half after a miss,
 ** off after repeated misses, and a small retry every 64 skipped turns. */
@@ -533,7 +546,8 @@ struct op_runtime {
   /* Completion queue: workers push, the loop thread swaps it out whole. */
   uv_mutex_t done_mu;
   op_task *done_head, *done_tail;
-  uv_async_t done_async;
+  uv_poll_t wake_poll; /* polls wake_fd[0] (runtime.c) */
+  int wake_fd[2];      /* read and write ends; one eventfd on Linux */
 
   /* Scheduler (sched.c). */
   op_co root;
@@ -550,10 +564,22 @@ struct op_runtime {
   int live_cos;           /* handler coroutines started and not ended */
 
   uint64_t inflight; /* pool tasks submitted and not completed */
-  /* Spinning before blocking (runtime.c): workers skip the wake-up while
-  ** the loop thread spins, and always raise done_flag. */
+  /* Waking the loop thread (runtime.c): a producer raises done_flag and
+  ** sends the wake-up only if need_wake was set (and clears it), so the
+  ** loop thread gets no wake-up while it is draining or spinning. */
   atomic_int done_flag;
-  atomic_int main_spinning;
+  atomic_int need_wake;
+  atomic_int done_any; /* done_head != NULL, read without done_mu */
+  int hold_submits;    /* op__pool_submit holds tasks until op__pool_flush */
+  /* Hints for waiting without a wake-up (runtime.c idle_cb, pool.c). */
+  atomic_int loop_cpu;    /* CPU the loop thread last ran on, or -1 */
+  atomic_int worker_cpu;  /* CPU a worker last woke up on, or -1 */
+  atomic_int loop_sleeps; /* counts the loop thread going to block */
+  uint64_t nsubmits;      /* tasks submitted (loop thread) */
+  uint64_t yield_mark;    /* nsubmits at the last yield */
+  int woke_worker;        /* a submit woke a sleeping worker */
+  int in_poll;            /* inside op_runtime_poll */
+  op_pool *last_cpool;    /* op__pool_find's cache */
   op_spin spin;
   uv_prepare_t spin_prepare;
   uint64_t batch_now;      /* uv_hrtime() at the start of the drain or

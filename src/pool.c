@@ -5,16 +5,40 @@
 ** DESIGN
 **
 ** Each pool has a FIFO queue of op_task and a list of finished tasks,
-** both under one mutex, and a condition variable idle workers sleep on.
-** A worker hands in the task it finished and takes its next one in the
-** same critical section, so a busy pool costs one lock per task. The
-** producer that makes the finished list non-empty wakes the loop thread
-** (uv_async_send, which coalesces); the loop thread swaps the lists of
-** every pool out whole (op__pool_take_done).
+** both under one mutex (adaptive: the loop thread and the workers hold it
+** for a few instructions at a time, often from different CPUs). A worker
+** hands in the task it finished and takes its next one in the same
+** critical section, so a busy pool costs one lock per task on the
+** worker's side. The worker that makes the finished list non-empty raises
+** the runtime's done_flag and wakes the loop thread only if it may be
+** asleep (op__raise_done, runtime.c); the loop thread swaps the lists of
+** every pool out whole (op__pool_take_done). p->queued is written under
+** the lock and read by the loop thread without it: workers only lower it,
+** so the loop thread's view is never too low.
 **
-** Submitting signals the condition only when more workers are idle than
-** have already been signalled, so a burst of submits wakes a sleeping
-** worker once.
+** Sleeping and waking. An idle worker puts itself on p->sleepers and
+** waits on its own semaphore. A submit takes one sleeper off the list and
+** posts it after unlocking (a condition variable signalled under the lock
+** wakes the worker only for it to block on the mutex), so a burst of
+** submits wakes each sleeper once.
+**
+** Held submits. While the loop thread runs the done callbacks of C tasks
+** (rt->hold_submits, runtime.c drain_done), op__pool_submit puts tasks on
+** a pending list of the loop thread's own; op__pool_flush queues them and
+** wakes the sleepers they need under one lock when the batch ends (and
+** now and then during a long one). A batch then costs one lock instead of
+** one per task, and on a CPU shared with a worker the worker woken for
+** the first task does not preempt the loop thread after every callback.
+** A pending task (t->queued == IN_PENDING) counts against the capacity,
+** is queued for op__pool_is_queued, and op__pool_stop_task takes it off
+** the pending list.
+**
+** Waiting without a wake-up. A worker that has just handed in a result
+** and finds the queue empty first gives the loop thread a chance to
+** submit again: if the loop thread last ran on this CPU the worker yields
+** it; otherwise, with spin_us set, one worker per pool spins on p->avail
+** until the loop thread goes to sleep (rt->loop_sleeps) or an adaptive
+** budget runs out. Only then does it sleep.
 **
 ** Lock order: pool->mu, then rt->done_mu (op__complete never takes
 ** pool->mu). No Lua call is made under either lock.
@@ -44,6 +68,7 @@
 ** transfer state and the pool's init script.
 */
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 
@@ -61,7 +86,9 @@ struct op_worker {
   op_task *volatile current;    /* the task running, for the hook and the
                                signal handler (worker thread only) */
   volatile sig_atomic_t hooked; /* the stop hook is installed */
-  int hook_fast; /* the hook was switched to fire every instruction */
+  int hook_fast;           /* the hook was switched to fire every instruction */
+  uv_sem_t wake;           /* posted once for each time the worker sleeps */
+  op_worker *next_sleeper; /* link in p->sleepers */
   /* Block sections (lua_worker.c). */
   op_task block;
   uv_mutex_t block_mu;
@@ -79,26 +106,48 @@ struct op_pool {
   int started;
 
   uv_mutex_t mu; /* guards everything down to `stopping` */
-  uv_cond_t cv;
   op_task *head, *tail;
   op_task *done_head, *done_tail; /* finished, for the loop thread */
-  uint32_t queued;
-  uint32_t hwm;
-  int idle;      /* workers waiting on cv */
-  int signalled; /* of those, signalled and not yet running */
-  int spinner;   /* a worker is spinning for work */
-  op_spin spin;  /* the spinning worker's budget */
-  int stopping;
-  atomic_int avail; /* queue non-empty or stopping, for the spinner */
+  atomic_uint queued;             /* tasks in the queue (written under mu) */
+  op_worker *sleepers;            /* workers asleep and not yet woken, LIFO */
+  int spinner;                    /* a worker is spinning for work */
+  int lookers;         /* workers yielding or spinning after a task: each will
+                  look at the queue again before it sleeps */
+  int claimed;         /* submits that count on a looker instead of a wake-up */
+  op_spin spin;        /* the spinning worker's budget */
+  int stopping;        /* written by the loop thread only */
+  atomic_int avail;    /* queue non-empty or stopping, for the spinner */
+  atomic_int has_done; /* done_head != NULL, read without the lock */
 
   /* Loop thread only. */
+  op_task *pend_head, *pend_tail; /* submitted during a drain (flush) */
+  uint32_t npend;
+  uint32_t hwm;
   op_backlog backlog;
   uint64_t submitted, completed, failed, timedout, cancelled;
   uint32_t inflight;
   op_hist hist;
 };
 
+/* Values of op_task.queued. */
+#define IN_QUEUE   1 /* in p->head..tail */
+#define IN_PENDING 2 /* in p->pend_head..pend_tail, not yet flushed */
+
 static _Thread_local op_worker *self;
+
+/* A looker is back: claims beyond the lookers left lapse (the queue is
+** looked at now). Thread: worker, under p->mu. */
+static void stop_looking(op_pool *p) {
+  p->lookers--;
+  if (p->claimed > p->lookers)
+    p->claimed = p->lookers;
+}
+
+/* Change p->queued by n. Thread: any, under p->mu. */
+static void queued_add(op_pool *p, int n) {
+  unsigned q = atomic_load_explicit(&p->queued, memory_order_relaxed);
+  atomic_store_explicit(&p->queued, q + (unsigned)n, memory_order_relaxed);
+}
 
 op_worker *op__worker_self(void) {
   return self;
@@ -302,7 +351,7 @@ static void worker_main(void *arg) {
   op_pool *p = w->pool;
   op_task *t, *done = NULL;
   sigset_t set;
-  int wake;
+  int send, spin;
 
   self = w;
   /* The loop thread may block signals; the stop signal must get through. */
@@ -312,52 +361,79 @@ static void worker_main(void *arg) {
     pthread_sigmask(SIG_UNBLOCK, &set, NULL);
   }
   worker_open(w);
+  op__note_cpu(&p->rt->worker_cpu, op__this_cpu());
   for (;;) {
     uv_mutex_lock(&p->mu);
-    wake = 0;
+    send = spin = 0;
     if (done != NULL) {
-      /* Hand in the finished task in the same critical section. */
+      /* Hand in the finished task in the same critical section. The first
+      ** of a batch tells the loop thread (the wake-up itself, a syscall,
+      ** is sent without the lock). */
       done->next = NULL;
       if (done->kind == OP_TASK_LUA)
         done->worker = NULL;
-      wake = p->done_head == NULL;
-      if (p->done_tail != NULL)
-        p->done_tail->next = done;
-      else
+      if (p->done_head == NULL) {
         p->done_head = done;
+        atomic_store(&p->has_done, 1);
+        send = op__raise_done(p->rt);
+      } else {
+        p->done_tail->next = done;
+      }
       p->done_tail = done;
       done = NULL;
+      spin = 1; /* the loop thread will likely submit again soon */
     }
     while (p->head == NULL && !p->stopping) {
       unsigned us;
-      int hit;
-      if (wake) {
+      int hit, cpu;
+      if (send) {
         /* About to wait: wake the loop thread first, without the lock. */
         uv_mutex_unlock(&p->mu);
-        op__notify_loop(p->rt);
-        wake = 0;
+        op__wake_loop(p->rt);
+        send = 0;
         uv_mutex_lock(&p->mu);
         continue;
       }
-      if (!p->spinner && (us = op__spin_budget(&p->spin)) > 0) {
-        /* One worker per pool spins a little for the next task before it
-        ** sleeps: the loop thread often submits again within
-        ** microseconds. Submitters do not signal it (it is not idle). */
-        p->spinner = 1;
+      cpu = spin ? op__this_cpu() : -1;
+      if (cpu >= 0 &&
+          cpu == atomic_load_explicit(&p->rt->loop_cpu, memory_order_relaxed)) {
+        /* The loop thread shares this CPU: let it take the result and
+        ** submit again before sleeping. The next task then costs no
+        ** wake-up on either side. */
+        p->lookers++;
         uv_mutex_unlock(&p->mu);
-        hit = op__spin_until(&p->avail, us);
+        sched_yield();
         uv_mutex_lock(&p->mu);
+        stop_looking(p);
+        spin = 0;
+        continue;
+      }
+      if (spin && !p->spinner && (us = op__spin_budget(&p->spin)) > 0) {
+        /* After handing in a result, one worker per pool spins a little
+        ** for the next task if the loop thread runs on another CPU: it
+        ** often submits again within microseconds. The spin ends when the
+        ** loop thread goes to sleep (loop_sleeps). */
+        p->spinner = 1;
+        p->lookers++;
+        uv_mutex_unlock(&p->mu);
+        hit = op__spin_until(&p->avail, &p->rt->loop_sleeps, us);
+        uv_mutex_lock(&p->mu);
+        stop_looking(p);
         p->spinner = 0;
         hit = hit && (p->head != NULL || p->stopping);
         atomic_store(&p->avail, p->head != NULL || p->stopping);
         op__spin_result(&p->spin, hit);
+        spin = 0;
         continue;
       }
-      p->idle++;
-      uv_cond_wait(&p->cv, &p->mu);
-      p->idle--;
-      if (p->signalled > 0)
-        p->signalled--;
+      /* Sleep until a submitter takes us off the list and posts. */
+      spin = 0;
+      w->next_sleeper = p->sleepers;
+      p->sleepers = w;
+      uv_mutex_unlock(&p->mu);
+      uv_sem_wait(&w->wake);
+      op__note_cpu(&p->rt->worker_cpu, op__this_cpu());
+      uv_mutex_lock(&p->mu);
     }
     t = p->head;
     if (t != NULL) {
@@ -367,15 +443,15 @@ static void worker_main(void *arg) {
       else
         p->tail = NULL;
       t->queued = 0;
-      p->queued--;
+      queued_add(p, -1);
       if (t->kind == OP_TASK_LUA)
         t->worker = w; /* who to signal if it is stopped */
     }
     atomic_store_explicit(&p->avail, p->head != NULL || p->stopping,
                           memory_order_release);
     uv_mutex_unlock(&p->mu);
-    if (wake)
-      op__notify_loop(p->rt);
+    if (send)
+      op__wake_loop(p->rt);
     if (t == NULL)
       break;
 
@@ -404,10 +480,15 @@ static void worker_main(void *arg) {
 void op__pool_take_done(op_pool *p, op_task **head, op_task **tail) {
   op_task *h, *t;
 
+  /* Seen clear after the caller cleared rt->done_flag: a task handed in
+  ** later raises done_flag again (worker_main), so it is not lost. */
+  if (!atomic_load(&p->has_done))
+    return;
   uv_mutex_lock(&p->mu);
   h = p->done_head;
   t = p->done_tail;
   p->done_head = p->done_tail = NULL;
+  atomic_store_explicit(&p->has_done, 0, memory_order_relaxed);
   uv_mutex_unlock(&p->mu);
   if (h == NULL)
     return;
@@ -434,14 +515,35 @@ static int start(op_pool *p) {
     w->id = i + 1;
     op__task_init(&w->block, OP_TASK_BLOCK);
     w->block.worker = w;
-    if (uv_mutex_init(&w->block_mu) || uv_cond_init(&w->block_cv))
-      OP_PANIC("cannot make a worker's block lock");
+    if (uv_mutex_init(&w->block_mu) || uv_cond_init(&w->block_cv) ||
+        uv_sem_init(&w->wake, 0))
+      OP_PANIC("cannot make a worker's locks");
     rc = uv_thread_create(&w->thread, worker_main, w);
     if (rc != 0)
       OP_PANIC("cannot start a pool thread");
   }
   p->started = 1;
   return 0;
+}
+
+/* p->mu is held for a few instructions at a time by the loop thread and
+** the workers, which may run on different CPUs: an adaptive mutex spins a
+** little before it sleeps in the kernel, where a plain one makes a
+** futex call on each side of every collision. Returns 0 or an errno. */
+static int pool_mutex_init(uv_mutex_t *mu) {
+#if defined(PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP)
+  pthread_mutexattr_t attr;
+  int rc;
+
+  if ((rc = pthread_mutexattr_init(&attr)) != 0)
+    return rc;
+  if ((rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)) == 0)
+    rc = pthread_mutex_init(mu, &attr);
+  pthread_mutexattr_destroy(&attr);
+  return rc;
+#else
+  return uv_mutex_init(mu);
+#endif
 }
 
 int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
@@ -468,9 +570,11 @@ int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
     free(p);
     return OP_ENOMEM;
   }
-  if (uv_mutex_init(&p->mu) || uv_cond_init(&p->cv))
+  if (pool_mutex_init(&p->mu))
     OP_PANIC("cannot make a pool lock");
   atomic_init(&p->avail, 0);
+  atomic_init(&p->has_done, 0);
+  atomic_init(&p->queued, 0);
   p->spin.max = p->spin.cur = rt->spin.max;
   rt->pools[rt->npools++] = p;
   if (out != NULL)
@@ -498,12 +602,28 @@ int op__pool_configure(op_pool *p, int threads, int queue, const char *init) {
   return 0;
 }
 
+/* Whether the strings a and b are equal: pool names are short, so this
+** beats a call to strcmp. */
+static int same_name(const char *a, const char *b) {
+  for (; *a == *b; a++, b++)
+    if (*a == '\0')
+      return 1;
+  return 0;
+}
+
+/* The pool named name, or NULL. The last pool found is tried first. */
 op_pool *op__pool_find(op_runtime *rt, const char *name) {
+  op_pool *p = rt->last_cpool;
   int i;
 
-  for (i = 0; i < rt->npools; i++)
-    if (strcmp(rt->pools[i]->name, name) == 0)
+  if (p != NULL && same_name(p->name, name))
+    return p;
+  for (i = 0; i < rt->npools; i++) {
+    if (same_name(rt->pools[i]->name, name)) {
+      rt->last_cpool = rt->pools[i];
       return rt->pools[i];
+    }
+  }
   return NULL;
 }
 
@@ -516,58 +636,131 @@ int op__pool_is_queued(op_pool *p, op_task *t) {
   return queued;
 }
 
-int op__pool_full(op_pool *p) {
-  int full;
+/* Tasks queued or pending. Workers only ever lower p->queued, so this is
+** never less than the truth. */
+static uint32_t nqueued(op_pool *p) {
+  return atomic_load_explicit(&p->queued, memory_order_relaxed) + p->npend;
+}
 
-  uv_mutex_lock(&p->mu);
-  full = p->queued >= (uint32_t)p->cap;
-  uv_mutex_unlock(&p->mu);
-  return full;
+int op__pool_full(op_pool *p) {
+  return nqueued(p) >= (uint32_t)p->cap;
 }
 
 int op__pool_start(op_pool *p) {
   return p->started ? 0 : start(p);
 }
 
+/* Take the sleepers that n new tasks need off p->sleepers, into a list for
+** wake_all: none for a task a looker will take (it looks at the queue
+** before it sleeps). Thread: any, under p->mu. */
+static op_worker *take_sleepers(op_pool *p, uint32_t n) {
+  op_worker *list = NULL, *w;
+  uint32_t spare = (uint32_t)(p->lookers - p->claimed);
+
+  spare = spare < n ? spare : n;
+  p->claimed += (int)spare;
+  n -= spare;
+  while (n-- > 0 && (w = p->sleepers) != NULL) {
+    p->sleepers = w->next_sleeper;
+    w->next_sleeper = list;
+    list = w;
+  }
+  return list;
+}
+
+/* Post the sleepers take_sleepers returned, after p->mu is released so
+** that they do not wake up only to block on it. */
+static void wake_all(op_worker *list) {
+  op_worker *w;
+
+  while ((w = list) != NULL) {
+    list = w->next_sleeper;
+    uv_sem_post(&w->wake);
+  }
+}
+
+void op__pool_flush(op_pool *p) {
+  op_task *t;
+  op_worker *wake;
+  uint32_t n = p->npend;
+
+  if (n == 0)
+    return;
+  for (t = p->pend_head; t != NULL; t = t->next)
+    t->queued = IN_QUEUE;
+  uv_mutex_lock(&p->mu);
+  p->pend_head->prev = p->tail;
+  if (p->tail != NULL)
+    p->tail->next = p->pend_head;
+  else
+    p->head = p->pend_head;
+  p->tail = p->pend_tail;
+  queued_add(p, (int)n);
+  atomic_store_explicit(&p->avail, 1, memory_order_release);
+  wake = take_sleepers(p, n);
+  uv_mutex_unlock(&p->mu);
+  p->pend_head = p->pend_tail = NULL;
+  p->npend = 0;
+  if (wake != NULL) {
+    p->rt->woke_worker = 1;
+    wake_all(wake);
+  }
+}
+
 int op__pool_submit(op_pool *p, op_task *t) {
+  op_runtime *rt = p->rt;
+  op_worker *wake;
+  uint32_t n;
   int rc;
 
   if (!p->started && (rc = start(p)) != 0)
     return rc;
+  if (p->stopping)
+    return OP_ESHUTDOWN;
+  n = nqueued(p);
+  if (n >= (uint32_t)p->cap)
+    return OP_EAGAIN;
+  if (n >= p->hwm)
+    p->hwm = n + 1;
   t->pool = p;
   t->next = NULL;
-  t->t_submit = op__now(p->rt);
-  uv_mutex_lock(&p->mu);
-  if (p->stopping) {
+  t->t_submit = op__now(rt);
+  if (rt->hold_submits) {
+    /* Queued with the rest of the batch (op__pool_flush): one lock for the
+    ** batch, and no worker woken now preempts the loop thread in the
+    ** middle of it (see the DESIGN block). */
+    t->prev = p->pend_tail;
+    if (p->pend_tail != NULL)
+      p->pend_tail->next = t;
+    else
+      p->pend_head = t;
+    p->pend_tail = t;
+    t->queued = IN_PENDING;
+    p->npend++;
+  } else {
+    uv_mutex_lock(&p->mu);
+    t->prev = p->tail;
+    if (p->tail != NULL)
+      p->tail->next = t;
+    else
+      p->head = t;
+    p->tail = t;
+    t->queued = IN_QUEUE;
+    queued_add(p, 1);
+    atomic_store_explicit(&p->avail, 1, memory_order_release);
+    /* A burst of submits wakes each sleeping worker once. */
+    wake = take_sleepers(p, 1);
     uv_mutex_unlock(&p->mu);
-    return OP_ESHUTDOWN;
+    if (wake != NULL) {
+      rt->woke_worker = 1;
+      wake_all(wake);
+    }
   }
-  if (p->queued >= (uint32_t)p->cap) {
-    uv_mutex_unlock(&p->mu);
-    return OP_EAGAIN;
-  }
-  t->prev = p->tail;
-  if (p->tail != NULL)
-    p->tail->next = t;
-  else
-    p->head = t;
-  p->tail = t;
-  t->queued = 1;
-  atomic_store_explicit(&p->avail, 1, memory_order_release);
-  if (++p->queued > p->hwm)
-    p->hwm = p->queued;
-  if (p->idle > p->signalled) {
-    /* Signalled under the lock: measured faster when the loop thread and
-    ** the worker share a CPU (the worker cannot preempt its waker for
-    ** every task), and no slower across CPUs (docs/benchmarks.md). */
-    p->signalled++;
-    uv_cond_signal(&p->cv);
-  }
-  uv_mutex_unlock(&p->mu);
+  rt->nsubmits++;
   p->submitted++;
   p->inflight++;
-  p->rt->inflight++;
-  op__update_ref(p->rt);
+  if (rt->inflight++ == 0)
+    op__update_ref(rt);
   return 0;
 }
 
@@ -576,7 +769,18 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
   op_worker *runner = NULL;
 
   uv_mutex_lock(&p->mu);
-  if (t->queued) {
+  if (t->queued == IN_PENDING) {
+    if (t->prev != NULL)
+      t->prev->next = t->next;
+    else
+      p->pend_head = t->next;
+    if (t->next != NULL)
+      t->next->prev = t->prev;
+    else
+      p->pend_tail = t->prev;
+    p->npend--;
+    taken = 1;
+  } else if (t->queued == IN_QUEUE) {
     if (t->prev != NULL)
       t->prev->next = t->next;
     else
@@ -585,11 +789,13 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
       t->next->prev = t->prev;
     else
       p->tail = t->prev;
-    t->next = t->prev = NULL;
-    t->queued = 0;
-    p->queued--;
+    queued_add(p, -1);
     taken = 1;
     atomic_store(&p->avail, p->head != NULL);
+  }
+  if (taken) {
+    t->next = t->prev = NULL;
+    t->queued = 0;
   }
   atomic_store(&t->stop, code);
   if (!taken && t->kind == OP_TASK_LUA && stop_signo(p) != 0)
@@ -608,8 +814,14 @@ void op__pool_cancel_queued(op_pool *p) {
 
   uv_mutex_lock(&p->mu);
   list = p->head;
+  if (list != NULL)
+    p->tail->next = p->pend_head;
+  else
+    list = p->pend_head;
   p->head = p->tail = NULL;
-  p->queued = 0;
+  p->pend_head = p->pend_tail = NULL;
+  p->npend = 0;
+  atomic_store_explicit(&p->queued, 0, memory_order_relaxed);
   for (t = list; t != NULL; t = t->next) {
     t->queued = 0;
     atomic_store(&t->stop, OP_ECANCELED);
@@ -624,25 +836,29 @@ void op__pool_cancel_queued(op_pool *p) {
 }
 
 void op__pool_free(op_pool *p) {
+  op_worker *sleepers;
   int i;
 
+  op__pool_flush(p);
   uv_mutex_lock(&p->mu);
   p->stopping = 1;
   atomic_store(&p->avail, 1);
-  uv_cond_broadcast(&p->cv);
+  p->claimed = p->lookers; /* wake every sleeper */
+  sleepers = take_sleepers(p, UINT32_MAX);
   uv_mutex_unlock(&p->mu);
+  wake_all(sleepers);
   if (p->started) {
     for (i = 0; i < p->nthreads; i++) {
       uv_thread_join(&p->workers[i].thread);
       uv_mutex_destroy(&p->workers[i].block_mu);
       uv_cond_destroy(&p->workers[i].block_cv);
+      uv_sem_destroy(&p->workers[i].wake);
       op__task_release(&p->workers[i].block);
     }
   }
   op_assert(p->head == NULL);
   free(p->workers);
   uv_mutex_destroy(&p->mu);
-  uv_cond_destroy(&p->cv);
   free(p->init);
   free(p);
 }
@@ -689,11 +905,8 @@ void op__pool_stats(op_pool *p, op_pool_stats *out) {
   out->failed = p->failed;
   out->timedout = p->timedout;
   out->cancelled = p->cancelled;
-  uv_mutex_lock(&p->mu);
-  out->queued = p->queued;
+  out->queued = nqueued(p) + p->backlog.n;
   out->queue_hwm = p->hwm;
-  uv_mutex_unlock(&p->mu);
-  out->queued += p->backlog.n;
   out->inflight = p->inflight + p->backlog.n;
   out->p50 = op__hist_quantile(&p->hist, 0.50);
   out->p99 = op__hist_quantile(&p->hist, 0.99);

@@ -1,19 +1,49 @@
 /*
 ** runtime.c - configuration, lifecycle, loop integration, the completion
 ** queue, scripts and handler calls.
-** Thread: loop, except op__complete() (any thread).
+** Thread: loop, except op__complete(), op__notify_loop(), op__raise_done()
+** and op__wake_loop() (any thread).
 **
-** The completion queue is a mutex-guarded list that workers append to; the
-** loop thread swaps the whole list out and runs the completions with no
-** lock held. Only the producer that finds the list empty sends the wake-up
-** (uv_async_send), so a busy queue costs no syscall per task.
+** DESIGN: waking the loop thread
 **
-** The async handle is referenced only while pool tasks are in flight, so
+** Workers append finished tasks to their pool's list (pool.c), other
+** producers to the runtime's (op__complete); the loop thread swaps the
+** lists out whole and runs the completions with no lock held
+** (drain_done). The producer that makes a list non-empty raises done_flag,
+** and writes the wake-up descriptor (an eventfd the loop polls) only if
+** need_wake is set, clearing it:
+**
+**   need_wake 1   the loop thread may block without looking at done_flag
+**                 again: the next producer must wake it
+**   need_wake 0   it will look (it is draining, spinning or yielding), or
+**                 a wake-up is on its way (whoever cleared it sent one)
+**
+** The loop thread sets need_wake before its last look at done_flag
+** (wake_on_next). Both sides store, then load, sequentially consistent,
+** so at least one sees the other: a completion is never left without a
+** wake-up, and a busy queue costs no syscall per task.
+**
+** A busy loop thread stays awake. The wake-up callback (done_cb) drains
+** again while done_flag is up: a worker on the same CPU often finishes the
+** next task during the drain. Before the loop blocks with tasks in flight
+** (idle_cb, prepare phase) it yields the CPU to a worker on the same CPU
+** that it just gave work, or, with spin_us set, spins for completions
+** when the workers run on other CPUs. After DRAIN_ROUNDS drains it goes
+** round the loop (timers, I/O) without blocking.
+**
+** The wake-up handle is referenced only while pool tasks are in flight, so
 ** op_runtime_run() returns when there is nothing left to wait for.
 */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <string.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/eventfd.h>
+#endif
 
 #include "internal.h"
 
@@ -31,9 +61,9 @@ void op_config_init(op_config *cfg) {
   cfg->shutdown = OP_SHUTDOWN_DRAIN;
   cfg->block_budget = 0.1;
   cfg->block_policy = OP_BLOCK_ABORT;
-  /* Spinning measured slower than sleeping on the 2-vCPU machines the
-  ** benchmarks run on (docs/benchmarks.md), so it is opt-in. */
-  cfg->spin_us = 0;
+  /* Spinning only across CPUs, and only while the other side is awake:
+  ** a wake-up there costs tens of microseconds (docs/benchmarks.md). */
+  cfg->spin_us = 50;
 }
 
 int op_config_pool(op_config *cfg, const char *name, int threads, int queue) {
@@ -183,6 +213,61 @@ op_runtime *op_runtime_from_lua(lua_State *L) {
   return op__runtime(L);
 }
 
+/* ---- waking the loop thread ---- */
+
+/* Make the descriptor the loop thread polls for wake-ups: an eventfd, or
+** a pipe where there is none. Not libuv's uv_async: a sender preempted
+** inside uv_async_send makes the woken loop thread spin for it (about
+** 13 us on the 2-vCPU machines of docs/benchmarks.md), and need_wake
+** already lets one send stand for many completions. Returns 0 or a
+** negative errno. */
+static int wake_open(op_runtime *rt) {
+#ifdef __linux__
+  int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+
+  if (fd < 0)
+    return -errno;
+  rt->wake_fd[0] = rt->wake_fd[1] = fd;
+#else
+  int i;
+
+  if (pipe(rt->wake_fd) != 0)
+    return -errno;
+  for (i = 0; i < 2; i++) {
+    fcntl(rt->wake_fd[i], F_SETFD, FD_CLOEXEC);
+    fcntl(rt->wake_fd[i], F_SETFL, O_NONBLOCK);
+  }
+#endif
+  return 0;
+}
+
+static void wake_close(op_runtime *rt) {
+  close(rt->wake_fd[0]);
+  if (rt->wake_fd[1] != rt->wake_fd[0])
+    close(rt->wake_fd[1]);
+}
+
+/* Make the wake-up descriptor readable. Thread: any. */
+static void wake_send(op_runtime *rt) {
+  uint64_t one = 1;
+  ssize_t n;
+
+  /* EAGAIN: it is full, so it is readable already. */
+  do
+    n = write(rt->wake_fd[1], &one, sizeof one);
+  while (n < 0 && errno == EINTR);
+}
+
+/* Consume the wake-ups sent so far. */
+static void wake_clear(op_runtime *rt) {
+  char buf[64];
+  ssize_t n;
+
+  do
+    n = read(rt->wake_fd[0], buf, sizeof buf);
+  while (n == (ssize_t)sizeof buf || (n < 0 && errno == EINTR));
+}
+
 /* ---- the completion queue ---- */
 
 void op__complete(op_runtime *rt, op_task *t) {
@@ -191,20 +276,36 @@ void op__complete(op_runtime *rt, op_task *t) {
   t->next = NULL;
   uv_mutex_lock(&rt->done_mu);
   first = rt->done_head == NULL;
-  if (rt->done_tail != NULL)
-    rt->done_tail->next = t;
-  else
+  if (first) {
     rt->done_head = t;
+    atomic_store(&rt->done_any, 1);
+  } else {
+    rt->done_tail->next = t;
+  }
   rt->done_tail = t;
   uv_mutex_unlock(&rt->done_mu);
   if (first)
     op__notify_loop(rt);
 }
 
-void op__notify_loop(op_runtime *rt) {
+/* Raise done_flag, then send the wake-up if the loop thread may block
+** without looking at done_flag again (need_wake). The loop thread sets
+** need_wake before its last look (wake_on_next): with both orders
+** sequentially consistent, one of the two sees the other. */
+int op__raise_done(op_runtime *rt) {
   atomic_store(&rt->done_flag, 1);
-  if (!atomic_load(&rt->main_spinning))
-    uv_async_send(&rt->done_async);
+  return atomic_load(&rt->need_wake) && atomic_exchange(&rt->need_wake, 0);
+}
+
+void op__wake_loop(op_runtime *rt) {
+  wake_send(rt);
+}
+
+int op__notify_loop(op_runtime *rt) {
+  if (!op__raise_done(rt))
+    return 0;
+  wake_send(rt);
+  return 1;
 }
 
 /* ---- spinning ---- */
@@ -215,23 +316,45 @@ void op__notify_loop(op_runtime *rt) {
 #define CPU_RELAX() ((void)0)
 #endif
 
-int op__spin_until(atomic_int *flag, unsigned us) {
+int op__spin_until(atomic_int *flag, atomic_int *until, unsigned us) {
   uint64_t end = uv_hrtime() + (uint64_t)us * 1000;
+  int was =
+      until != NULL ? atomic_load_explicit(until, memory_order_relaxed) : 0;
   unsigned i;
 
   for (i = 1;; i++) {
     if (atomic_load_explicit(flag, memory_order_acquire))
       return 1;
+    if (until != NULL &&
+        atomic_load_explicit(until, memory_order_relaxed) != was)
+      return 0;
     if ((i & 63) == 0 && uv_hrtime() >= end)
       return 0;
     CPU_RELAX();
   }
 }
 
+int op__this_cpu(void) {
+#ifdef __linux__
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+/* Record that the calling thread runs on cpu now. Written only when it
+** changes, so readers on other CPUs keep the line shared. Thread: any. */
+void op__note_cpu(atomic_int *where, int cpu) {
+  if (atomic_load_explicit(where, memory_order_relaxed) != cpu)
+    atomic_store_explicit(where, cpu, memory_order_relaxed);
+}
+
 unsigned op__spin_budget(op_spin *s) {
   if (s->cur == 0 && s->max > 0 && ++s->skips >= 64) {
+    /* Retry with the full budget: a shorter spin cannot outlast a
+    ** wake-up across CPUs, so it would never find the work coming back. */
     s->skips = 0;
-    s->cur = s->max / 8 > 0 ? s->max / 8 : 1;
+    s->cur = s->max;
   }
   return s->cur;
 }
@@ -245,24 +368,49 @@ void op__spin_result(op_spin *s, int hit) {
 /* Keep the loop alive exactly while pool tasks are in flight. */
 void op__update_ref(op_runtime *rt) {
   if (rt->inflight > 0)
-    uv_ref((uv_handle_t *)&rt->done_async);
+    uv_ref((uv_handle_t *)&rt->wake_poll);
   else
-    uv_unref((uv_handle_t *)&rt->done_async);
+    uv_unref((uv_handle_t *)&rt->wake_poll);
 }
 
-/* Run the completions of every finished task (loop thread). */
+/* Longest a C completion batch holds the tasks its callbacks submit. */
+#define HOLD_NS 100000
+
+/* Queue the tasks held since hold_submits was set, and stop holding. */
+static void release_submits(op_runtime *rt) {
+  int i;
+
+  if (!rt->hold_submits)
+    return;
+  rt->hold_submits = 0;
+  for (i = 0; i < rt->npools; i++)
+    op__pool_flush(rt->pools[i]);
+}
+
+/* Run the completions of every finished task. Tasks that the callbacks of
+** C tasks submit are held until the batch ends (op__pool_submit), so the
+** batch is queued under one lock and the workers it wakes do not preempt
+** the loop thread after every callback on a shared CPU. */
 static void drain_done(op_runtime *rt) {
   op_task *t, *list, *tail;
+  uint64_t since;
+  unsigned n = 0;
   int i;
 
   atomic_store(&rt->done_flag, 0);
-  uv_mutex_lock(&rt->done_mu);
-  list = rt->done_head;
-  tail = rt->done_tail;
-  rt->done_head = rt->done_tail = NULL;
-  uv_mutex_unlock(&rt->done_mu);
+  list = tail = NULL;
+  if (atomic_load(&rt->done_any)) {
+    uv_mutex_lock(&rt->done_mu);
+    list = rt->done_head;
+    tail = rt->done_tail;
+    rt->done_head = rt->done_tail = NULL;
+    atomic_store_explicit(&rt->done_any, 0, memory_order_relaxed);
+    uv_mutex_unlock(&rt->done_mu);
+  }
   for (i = 0; i < rt->npools; i++)
     op__pool_take_done(rt->pools[i], &list, &tail);
+  if (list == NULL)
+    return;
   /* Settle the whole batch before telling anyone, so a coroutine resumed
   ** for one task finds the rest of the batch ended too. */
   rt->batch_now = uv_hrtime();
@@ -274,14 +422,29 @@ static void drain_done(op_runtime *rt) {
     if (t->settle != NULL)
       t->settle(t);
   }
+  since = rt->batch_now;
   while ((t = list) != NULL) {
     list = t->next;
     t->next = NULL;
+    if (t->kind == OP_TASK_C) {
+      rt->hold_submits = 1;
+      t->complete(t);
+      /* A long batch queues what it held so far now and then. */
+      if ((++n & 15) == 0 && uv_hrtime() - since > HOLD_NS) {
+        release_submits(rt);
+        since = uv_hrtime();
+      }
+      continue;
+    }
+    /* Lua code may run long: queue the held tasks first, and hold none
+    ** of its own. */
+    release_submits(rt);
     if (t->kind == OP_TASK_BLOCK)
       op__block_run(rt, t);
     else
       t->complete(t);
   }
+  release_submits(rt);
   rt->batch_now = 0;
   for (i = 0; i < rt->npools; i++)
     if (op__pool_backlog(rt->pools[i])->head != NULL)
@@ -289,36 +452,142 @@ static void drain_done(op_runtime *rt) {
   op__update_ref(rt);
 }
 
-static void done_cb(uv_async_t *async) {
-  drain_done(async->data);
+/* Let the next completion wake the loop thread, which is about to stop
+** looking at done_flag. If one came meanwhile, go round the loop once more
+** instead of blocking, and return 1. */
+static int wake_on_next(op_runtime *rt) {
+  atomic_store(&rt->need_wake, 1);
+  if (atomic_load(&rt->done_flag) && atomic_exchange(&rt->need_wake, 0)) {
+    wake_send(rt);
+    return 1;
+  }
+  return 0;
 }
 
-/* Before the loop blocks while tasks are in flight: spin a little for
-** their completions. A wake-up through the kernel costs tens of
-** microseconds across CPUs; a worker that finishes while the loop thread
-** spins only raises done_flag. The budget adapts (op__spin_result), so a
-** loop waiting on long tasks stops spinning. */
-static void spin_cb(uv_prepare_t *prep) {
-  op_runtime *rt = prep->data;
-  unsigned us;
-  int hit, rounds;
+#define DRAIN_ROUNDS 64
 
-  for (rounds = 0; rounds < 64; rounds++) {
+/* How often a spinning loop thread looks for I/O. */
+#define PEEK_NS 4000
+
+/* Spin for done_flag on the loop thread, for at most us microseconds and
+** not past the next timer; stop as soon as the loop has I/O to handle (a
+** zero-timeout poll of the backend descriptor every PEEK_NS). Returns
+** whether done_flag was seen. */
+static int spin_for_done(op_runtime *rt, unsigned us) {
+  struct pollfd pfd;
+  uint64_t now, end, peek;
+  int ms = uv_backend_timeout(rt->loop);
+  unsigned i;
+
+  if (ms == 0)
+    return 0;
+  if (ms > 0 && (uint64_t)ms * 1000 < us)
+    us = (unsigned)ms * 1000;
+  pfd.fd = uv_backend_fd(rt->loop);
+  pfd.events = POLLIN;
+  now = uv_hrtime();
+  end = now + (uint64_t)us * 1000;
+  peek = now + PEEK_NS;
+  for (i = 1;; i++) {
+    if (atomic_load_explicit(&rt->done_flag, memory_order_acquire))
+      return 1;
+    if ((i & 63) == 0) {
+      now = uv_hrtime();
+      if (now >= end)
+        return 0;
+      if (now >= peek) {
+        if (pfd.fd >= 0 && poll(&pfd, 1, 0) > 0)
+          return 0;
+        peek = now + PEEK_NS;
+      }
+    }
+    CPU_RELAX();
+  }
+}
+
+/* The completion wake-up: drain, and drain again while completions keep
+** coming (a worker on this CPU often finishes the next task before the
+** drain ends), at most DRAIN_ROUNDS times, so the loop thread goes back
+** to blocking in the kernel only when there is nothing to do. need_wake
+** is clear meanwhile (the sender cleared it), so the workers send no
+** wake-ups. */
+static void done_cb(uv_poll_t *poll, int status, int events) {
+  op_runtime *rt = poll->data;
+  int rounds = 0;
+
+  (void)status; /* an error would be EBADF: impossible while it is open */
+  (void)events;
+  wake_clear(rt);
+  op__note_cpu(&rt->loop_cpu, op__this_cpu());
+  do
+    drain_done(rt);
+  while (++rounds < DRAIN_ROUNDS && atomic_load(&rt->done_flag));
+  wake_on_next(rt);
+}
+
+/* Before the loop thread blocks while tasks are in flight (prepare phase),
+** wait for their completions a cheaper way if there is one:
+**
+** - A worker runs on this CPU and was given work since the last look: yield
+**   the CPU to it. If it finishes meanwhile, the completion costs no
+**   wake-up through the kernel on either side.
+** - Spinning is on (spin_us), the workers run on other CPUs and none had
+**   to be woken for the tasks just submitted: spin a little. A wake-up
+**   across CPUs costs tens of microseconds; a worker that finishes while
+**   the loop thread spins only raises done_flag. The budget adapts
+**   (op__spin_result), so a loop waiting on long tasks stops spinning,
+**   and a loop that had to wake a worker does not spin while it wakes up.
+**
+** need_wake is clear meanwhile, so finishing workers send no wake-up.
+** Neither happens inside op_runtime_poll, whose host also waits on
+** descriptors the loop does not know. */
+static void idle_cb(uv_prepare_t *prep) {
+  op_runtime *rt = prep->data;
+  unsigned us = 0;
+  int hit, rounds, cpu, yield, woke, cleared = 0;
+
+  for (rounds = 0; rounds < DRAIN_ROUNDS; rounds++) {
     if (rt->inflight == 0 || rt->ready_head != NULL || rt->defer_head != NULL ||
-        (us = op__spin_budget(&rt->spin)) == 0)
+        rt->in_poll)
+      break;
+    cpu = op__this_cpu();
+    op__note_cpu(&rt->loop_cpu, cpu);
+    yield = cpu >= 0 &&
+            cpu == atomic_load_explicit(&rt->worker_cpu, memory_order_relaxed);
+    woke = rt->woke_worker;
+    rt->woke_worker = 0;
+    if (yield ? rt->nsubmits == rt->yield_mark
+              : woke || (us = op__spin_budget(&rt->spin)) == 0)
+      break;
+    /* A wake-up on its way means the loop will not block anyway. */
+    if (!cleared && !atomic_exchange(&rt->need_wake, 0))
       return;
-    atomic_store(&rt->main_spinning, 1);
-    hit = op__spin_until(&rt->done_flag, us);
-    atomic_store(&rt->main_spinning, 0);
-    /* A worker that saw main_spinning set skipped its wake-up: look once
-    ** more now that it is clear. */
-    if (!hit)
+    cleared = 1;
+    if (yield) {
+      rt->yield_mark = rt->nsubmits;
+      sched_yield();
       hit = atomic_load(&rt->done_flag);
-    op__spin_result(&rt->spin, hit);
+    } else {
+      hit = spin_for_done(rt, us);
+      op__spin_result(&rt->spin, hit);
+    }
     if (!hit)
-      return;
+      break;
     drain_done(rt);
   }
+  if (rounds == DRAIN_ROUNDS) {
+    /* Still busy: go round the loop (timers, I/O) without blocking; the
+    ** wake-up stands for need_wake, which is still clear. */
+    wake_send(rt);
+    return;
+  }
+  if (cleared && wake_on_next(rt))
+    return;
+  /* About to block: a spinning worker stops waiting for a submit. */
+  atomic_store_explicit(
+      &rt->loop_sleeps,
+      atomic_load_explicit(&rt->loop_sleeps, memory_order_relaxed) + 1,
+      memory_order_relaxed);
 }
 
 /* ---- C tasks ---- */
@@ -326,7 +595,6 @@ static void spin_cb(uv_prepare_t *prep) {
 typedef struct ctask {
   op_task t;
   op_done_fn done;
-  void *arg;
   op_runtime *rt;
 } ctask;
 
@@ -336,7 +604,7 @@ static void ctask_complete(op_task *t) {
   ctask *c = (ctask *)t;
   op_runtime *rt = c->rt;
   op_done_fn done = c->done;
-  void *arg = c->arg;
+  void *arg = t->arg;
   int status = t->status;
 
   op__pool_count_end(t->pool, t,
@@ -365,19 +633,22 @@ int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
   if ((p = op__pool_find(rt, pool)) == NULL)
     return OP_ENOPOOL;
   if (rt->free_ctasks != NULL) {
+    /* A recycled task is as ctask_complete left it: only the stop flag
+    ** may need clearing (a task cancelled at shutdown). */
     c = (ctask *)rt->free_ctasks;
     rt->free_ctasks = c->t.next;
     rt->nfree_ctasks--;
-  } else if ((c = malloc(sizeof *c)) == NULL) {
+    atomic_store_explicit(&c->t.stop, 0, memory_order_relaxed);
+  } else if ((c = malloc(sizeof *c)) != NULL) {
+    op__task_init(&c->t, OP_TASK_C);
+    c->rt = rt;
+    c->t.complete = ctask_complete;
+  } else {
     return OP_ENOMEM;
   }
-  op__task_init(&c->t, OP_TASK_C);
-  c->rt = rt;
   c->t.work = work;
   c->t.arg = arg;
-  c->t.complete = ctask_complete;
   c->done = done;
-  c->arg = arg;
   rc = op__pool_submit(p, &c->t);
   if (rc != 0) {
     c->t.next = rt->free_ctasks;
@@ -442,19 +713,33 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
     rt->loop = &rt->own_loop;
     rt->own = 1;
   }
+  if ((rc = wake_open(rt)) == 0 &&
+      (rc = uv_poll_init(rt->loop, &rt->wake_poll, rt->wake_fd[0])) != 0)
+    wake_close(rt);
+  if (rc != 0) {
+    if (rt->own)
+      uv_loop_close(&rt->own_loop);
+    free(rt->package_path);
+    free(rt);
+    return rc;
+  }
   if (uv_mutex_init(&rt->done_mu))
     OP_PANIC("cannot make the completion lock");
-  uv_async_init(rt->loop, &rt->done_async, done_cb);
-  rt->done_async.data = rt;
+  rt->wake_poll.data = rt;
   rt->uv_handles++;
-  uv_unref((uv_handle_t *)&rt->done_async);
+  uv_poll_start(&rt->wake_poll, UV_READABLE, done_cb);
+  uv_unref((uv_handle_t *)&rt->wake_poll);
   atomic_init(&rt->done_flag, 0);
-  atomic_init(&rt->main_spinning, 0);
+  atomic_init(&rt->need_wake, 1);
+  atomic_init(&rt->done_any, 0);
+  atomic_init(&rt->loop_cpu, -1);
+  atomic_init(&rt->loop_sleeps, 0);
+  atomic_init(&rt->worker_cpu, -1);
   rt->spin.max = rt->spin.cur = cfg->spin_us > 0 ? (unsigned)cfg->spin_us : 0;
   uv_prepare_init(rt->loop, &rt->spin_prepare);
   rt->spin_prepare.data = rt;
   rt->uv_handles++;
-  uv_prepare_start(&rt->spin_prepare, spin_cb);
+  uv_prepare_start(&rt->spin_prepare, idle_cb);
   uv_unref((uv_handle_t *)&rt->spin_prepare);
 
   rt->protos = op__protostore_new();
@@ -520,6 +805,7 @@ int op_runtime_free(op_runtime *rt) {
   for (i = 0; i < rt->npools; i++)
     op__pool_free(rt->pools[i]);
   rt->npools = 0;
+  rt->last_cpool = NULL;
   if (rt->call_errors != errors)
     rc = OP_ESCRIPT;
   if (rt->L != NULL) {
@@ -532,12 +818,13 @@ int op_runtime_free(op_runtime *rt) {
   }
   if (rt->protos != NULL)
     op__protostore_free(rt->protos);
-  uv_close((uv_handle_t *)&rt->done_async, handle_close_cb);
+  uv_close((uv_handle_t *)&rt->wake_poll, handle_close_cb);
   uv_close((uv_handle_t *)&rt->spin_prepare, handle_close_cb);
   while (rt->uv_handles > 0)
     uv_run(rt->loop, UV_RUN_NOWAIT);
   uv_run(rt->loop, UV_RUN_NOWAIT);
   uv_mutex_destroy(&rt->done_mu);
+  wake_close(rt);
   if (rt->own && uv_loop_close(&rt->own_loop) != 0)
     rc = rc ? rc : OP_EBUSY;
   while (rt->free_ctasks != NULL) {
@@ -566,7 +853,11 @@ int op_runtime_fd(op_runtime *rt) {
 }
 
 int op_runtime_poll(op_runtime *rt) {
+  /* The host waits on its own descriptors too: no spinning or yielding
+  ** inside a call that must not block (idle_cb). */
+  rt->in_poll = 1;
   uv_run(rt->loop, UV_RUN_NOWAIT);
+  rt->in_poll = 0;
   if (!uv_loop_alive(rt->loop))
     return -1;
   return uv_backend_timeout(rt->loop);

@@ -1,6 +1,7 @@
 /*
 ** test-pool.c - pools through the C API: C tasks, completion exactly once,
-** full queues, shutdown draining or cancelling, poll-loop integration.
+** full queues, shutdown draining or cancelling, poll-loop integration,
+** tasks submitted from done callbacks (held until the batch ends).
 ** LABELS: tsan
 */
 #include <poll.h>
@@ -177,8 +178,8 @@ static void test_poll_loop(void) {
 }
 
 /* With spinning on, one task at a time (each done submits the next) and a
-** burst: the spin paths of the loop thread and the workers hand over
-** every task exactly once. */
+** burst, on one worker and on two: the spin and yield paths of the loop
+** thread and the workers hand over every task exactly once. */
 static op_runtime *serial_rt;
 static int serial_left;
 static job serial_job;
@@ -194,13 +195,13 @@ static void serial_done(void *arg, int status) {
   }
 }
 
-static void test_spin(void) {
+static void test_spin(int threads) {
   static job jobs[2000];
   op_config cfg;
   int i;
 
   op_config_init(&cfg);
-  ASSERT_OK(op_config_pool(&cfg, "p", 1, 4096));
+  ASSERT_OK(op_config_pool(&cfg, "p", threads, 4096));
   cfg.spin_us = 50;
   ASSERT_OK(op_runtime_new(&cfg, &serial_rt));
   serial_left = 2000;
@@ -219,6 +220,139 @@ static void test_spin(void) {
   for (i = 0; i < 2000; i++)
     ASSERT_EQ(jobs[i].done_calls, 1);
   ASSERT_OK(op_runtime_free(serial_rt));
+}
+
+/* Tasks a done callback submits are held until its batch of completions
+** ends, and count against the queue: the fifth of a queue of four is
+** refused with OP_EAGAIN and its done never runs. A Lua task launched and
+** cancelled while held ends cancelled without running. */
+static op_runtime *hold_rt;
+static job hold_jobs[6];
+static int hold_refused;
+
+static void hold_done(void *arg, int status) {
+  op_stats st;
+  int i, rc;
+
+  (void)arg;
+  ASSERT_EQ(status, 0);
+  for (i = 0; i < 6; i++) {
+    hold_jobs[i] = (job){ .in = i };
+    rc = op_submit(hold_rt, "p", work_add, done_count, &hold_jobs[i]);
+    if (i < 4) {
+      ASSERT_OK(rc);
+    } else {
+      ASSERT_EQ(rc, OP_EAGAIN);
+      hold_refused++;
+    }
+  }
+  ASSERT_OK(op_stats_get(hold_rt, &st));
+  ASSERT_STR_EQ(st.pools[2].name, "p");
+  ASSERT_EQ(st.pools[2].queued, 4);
+  ASSERT_EQ(st.pools[2].queue_hwm, 4);
+  ASSERT_OK(op_load_string(hold_rt,
+                           "local t = offpath.launch('q', function() end)\n"
+                           "HELD = t:status()\n"
+                           "CANCELLED = t:cancel()\n"
+                           "AFTER = t:status()\n",
+                           "=hold"));
+}
+
+static void test_hold(void) {
+  static job first;
+  op_config cfg;
+  op_stats st;
+  lua_State *L;
+  int i;
+
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "p", 1, 4));
+  ASSERT_OK(op_config_pool(&cfg, "q", 1, 4));
+  ASSERT_OK(op_runtime_new(&cfg, &hold_rt));
+  done_total = hold_refused = 0;
+  first = (job){ .in = 0 };
+  ASSERT_OK(op_submit(hold_rt, "p", work_add, hold_done, &first));
+  ASSERT_OK(op_runtime_run(hold_rt));
+  ASSERT_EQ(hold_refused, 2);
+  ASSERT_EQ(done_total, 4);
+  for (i = 0; i < 4; i++) {
+    ASSERT_EQ(hold_jobs[i].done_calls, 1);
+    ASSERT_EQ(hold_jobs[i].out, i + 1);
+  }
+  for (i = 4; i < 6; i++)
+    ASSERT_EQ(hold_jobs[i].done_calls, 0);
+  L = op_runtime_lua(hold_rt);
+  lua_getglobal(L, "HELD");
+  lua_getglobal(L, "CANCELLED");
+  lua_getglobal(L, "AFTER");
+  ASSERT_STR_EQ(lua_tostring(L, -3), "queued");
+  ASSERT_EQ(lua_toboolean(L, -2), 1);
+  ASSERT_STR_EQ(lua_tostring(L, -1), "cancelled");
+  lua_pop(L, 3);
+  ASSERT_OK(op_stats_get(hold_rt, &st));
+  ASSERT_STR_EQ(st.pools[3].name, "q");
+  ASSERT_EQ(st.pools[3].cancelled, 1);
+  ASSERT_EQ(st.pools[3].completed, 0);
+  ASSERT_EQ(st.pools[3].queued, 0);
+  ASSERT_OK(op_runtime_free(hold_rt));
+}
+
+/* A long batch of completions does not hold what its callbacks submit
+** until it ends: a task submitted by the first of 40 slow callbacks runs
+** while the batch is still going. */
+enum { LONG_BATCH = 40 };
+static op_runtime *long_rt;
+static job long_jobs[LONG_BATCH];
+static atomic_int long_ran;
+static int long_seen;
+
+static void work_mark(void *arg) {
+  (void)arg;
+  atomic_store(&long_ran, 1);
+}
+
+static void long_done(void *arg, int status) {
+  static job marker;
+  job *j = arg;
+  int i;
+
+  ASSERT_EQ(status, 0);
+  j->done_calls++;
+  if (j == &long_jobs[0]) {
+    marker = (job){ .in = 0 };
+    ASSERT_OK(op_submit(long_rt, "p", work_mark, done_count, &marker));
+  }
+  if (j == &long_jobs[LONG_BATCH - 1]) {
+    for (i = 0; i < 2000 && !atomic_load(&long_ran); i++)
+      usleep(1000);
+    long_seen = atomic_load(&long_ran);
+  } else {
+    usleep(1000); /* a slow callback */
+  }
+}
+
+static void test_hold_long_batch(void) {
+  op_config cfg;
+  int i;
+
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "p", 1, 0));
+  ASSERT_OK(op_config_pool(&cfg, "q", 1, 0));
+  ASSERT_OK(op_runtime_new(&cfg, &long_rt));
+  ASSERT_OK(op_runtime_start(long_rt));
+  done_total = 0;
+  atomic_store(&long_ran, 0);
+  for (i = 0; i < LONG_BATCH; i++) {
+    long_jobs[i] = (job){ .in = i };
+    ASSERT_OK(op_submit(long_rt, "q", work_add, long_done, &long_jobs[i]));
+  }
+  usleep(100000); /* all finish before the loop runs: one batch */
+  ASSERT_OK(op_runtime_run(long_rt));
+  ASSERT_EQ(long_seen, 1);
+  ASSERT_EQ(done_total, 1);
+  for (i = 0; i < LONG_BATCH; i++)
+    ASSERT_EQ(long_jobs[i].done_calls, 1);
+  ASSERT_OK(op_runtime_free(long_rt));
 }
 
 static void test_errors(void) {
@@ -243,7 +377,10 @@ int main(void) {
   test_shutdown_drain();
   test_shutdown_cancel();
   test_poll_loop();
-  test_spin();
+  test_spin(1);
+  test_spin(2);
+  test_hold();
+  test_hold_long_batch();
   printf("test-pool: ok\n");
   return 0;
 }
