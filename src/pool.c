@@ -116,8 +116,14 @@ struct op_pool {
   int claimed;         /* submits that count on a looker instead of a wake-up */
   op_spin spin;        /* the spinning worker's budget */
   int stopping;        /* written by the loop thread only */
-  atomic_int avail;    /* queue non-empty or stopping, for the spinner */
   atomic_int has_done; /* done_head != NULL, read without the lock */
+  /* Queue non-empty or stopping, for the spinner; written under mu, only
+  ** when it changes (set_avail). On a cache line of its own: a worker
+  ** spinning on it must not pull the lines the loop thread writes to
+  ** submit. */
+  char pad_avail_[64];
+  atomic_int avail;
+  char pad_avail_end_[64 - sizeof(atomic_int)];
 
   /* Loop thread only. */
   op_task *pend_head, *pend_tail; /* submitted during a drain (flush) */
@@ -132,6 +138,12 @@ struct op_pool {
 /* Values of op_task.queued. */
 #define IN_QUEUE   1 /* in p->head..tail */
 #define IN_PENDING 2 /* in p->pend_head..pend_tail, not yet flushed */
+
+/* Set p->avail to v (p->mu held), writing only a change. */
+static void set_avail(op_pool *p, int v) {
+  if (atomic_load_explicit(&p->avail, memory_order_relaxed) != v)
+    atomic_store_explicit(&p->avail, v, memory_order_release);
+}
 
 static _Thread_local op_worker *self;
 
@@ -421,7 +433,7 @@ static void worker_main(void *arg) {
         stop_looking(p);
         p->spinner = 0;
         hit = hit && (p->head != NULL || p->stopping);
-        atomic_store(&p->avail, p->head != NULL || p->stopping);
+        set_avail(p, p->head != NULL || p->stopping);
         op__spin_result(&p->spin, hit);
         spin = 0;
         continue;
@@ -447,8 +459,7 @@ static void worker_main(void *arg) {
       if (t->kind == OP_TASK_LUA)
         t->worker = w; /* who to signal if it is stopped */
     }
-    atomic_store_explicit(&p->avail, p->head != NULL || p->stopping,
-                          memory_order_release);
+    set_avail(p, p->head != NULL || p->stopping);
     uv_mutex_unlock(&p->mu);
     if (send)
       op__wake_loop(p->rt);
@@ -696,7 +707,7 @@ void op__pool_flush(op_pool *p) {
     p->head = p->pend_head;
   p->tail = p->pend_tail;
   queued_add(p, (int)n);
-  atomic_store_explicit(&p->avail, 1, memory_order_release);
+  set_avail(p, 1);
   wake = take_sleepers(p, n);
   uv_mutex_unlock(&p->mu);
   p->pend_head = p->pend_tail = NULL;
@@ -747,7 +758,7 @@ int op__pool_submit(op_pool *p, op_task *t) {
     p->tail = t;
     t->queued = IN_QUEUE;
     queued_add(p, 1);
-    atomic_store_explicit(&p->avail, 1, memory_order_release);
+    set_avail(p, 1);
     /* A burst of submits wakes each sleeping worker once. */
     wake = take_sleepers(p, 1);
     uv_mutex_unlock(&p->mu);
@@ -791,7 +802,7 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
       p->tail = t->prev;
     queued_add(p, -1);
     taken = 1;
-    atomic_store(&p->avail, p->head != NULL);
+    set_avail(p, p->head != NULL);
   }
   if (taken) {
     t->next = t->prev = NULL;
@@ -842,7 +853,7 @@ void op__pool_free(op_pool *p) {
   op__pool_flush(p);
   uv_mutex_lock(&p->mu);
   p->stopping = 1;
-  atomic_store(&p->avail, 1);
+  set_avail(p, 1);
   p->claimed = p->lookers; /* wake every sleeper */
   sleepers = take_sleepers(p, UINT32_MAX);
   uv_mutex_unlock(&p->mu);
