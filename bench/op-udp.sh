@@ -31,6 +31,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Made first: the background job may open them after the loop below reads.
+: >"$TMP/out"
+: >"$TMP/err"
 "$BUILD/offpath" run "$SRC/bench/op-fastpath.lua" --input udp://127.0.0.1:0 \
   >"$TMP/out" 2>"$TMP/err" &
 pid=$!
