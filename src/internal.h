@@ -571,6 +571,7 @@ struct op_runtime {
   atomic_int need_wake;
   atomic_int done_any; /* done_head != NULL, read without done_mu */
   int hold_submits;    /* op__pool_submit holds tasks until op__pool_flush */
+  int held;            /* it held Lua tasks for a deep queue (pool.c) */
   /* Hints for waiting without a wake-up (runtime.c idle_cb, pool.c). */
   atomic_int loop_cpu;    /* CPU the loop thread last ran on, or -1 */
   atomic_int worker_cpu;  /* CPU a worker last woke up on, or -1 */

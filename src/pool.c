@@ -33,6 +33,15 @@
 ** is queued for op__pool_is_queued, and op__pool_stop_task takes it off
 ** the pending list.
 **
+** Lua tasks are held the same way while the queue is deep (HOLD_DEPTH):
+** the workers have work for a while, and a loop thread that takes the
+** pool lock per submit fights them for it (with 1024 tasks in flight a
+** fifth of its time went to the lock). They are queued HOLD_MAX at a
+** time, at the end of a completion batch, and before the loop thread
+** polls (op__flush_held, runtime.c); a coroutine that launches and then
+** computes for long without yielding delays only what it launched beyond
+** HOLD_DEPTH queued tasks.
+**
 ** Waiting without a wake-up. A worker that has just handed in a result
 ** and finds the queue empty first gives the loop thread a chance to
 ** submit again: if the loop thread last ran on this CPU the worker yields
@@ -134,6 +143,12 @@ struct op_pool {
   uint32_t inflight;
   op_hist hist;
 };
+
+/* Lua tasks submitted while HOLD_DEPTH or more wait in the queue are held
+** too, and queued HOLD_MAX at a time or when the loop thread is done with
+** the current turn (see the DESIGN block). */
+#define HOLD_DEPTH 64
+#define HOLD_MAX   32
 
 /* Values of op_task.queued. */
 #define IN_QUEUE   1 /* in p->head..tail */
@@ -722,7 +737,7 @@ int op__pool_submit(op_pool *p, op_task *t) {
   op_runtime *rt = p->rt;
   op_worker *wake;
   uint32_t n;
-  int rc;
+  int rc, hold;
 
   if (!p->started && (rc = start(p)) != 0)
     return rc;
@@ -736,7 +751,13 @@ int op__pool_submit(op_pool *p, op_task *t) {
   t->pool = p;
   t->next = NULL;
   t->t_submit = op__now(rt);
-  if (rt->hold_submits) {
+  hold = rt->hold_submits;
+  if (!hold && t->kind == OP_TASK_LUA &&
+      atomic_load_explicit(&p->queued, memory_order_relaxed) >= HOLD_DEPTH) {
+    /* Workers have plenty queued: this one can wait for the batch. */
+    hold = rt->held = 1;
+  }
+  if (hold) {
     /* Queued with the rest of the batch (op__pool_flush): one lock for the
     ** batch, and no worker woken now preempts the loop thread in the
     ** middle of it (see the DESIGN block). */
@@ -747,7 +768,8 @@ int op__pool_submit(op_pool *p, op_task *t) {
       p->pend_head = t;
     p->pend_tail = t;
     t->queued = IN_PENDING;
-    p->npend++;
+    if (++p->npend >= HOLD_MAX && !rt->hold_submits)
+      op__pool_flush(p);
   } else {
     uv_mutex_lock(&p->mu);
     t->prev = p->tail;

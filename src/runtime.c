@@ -376,13 +376,14 @@ void op__update_ref(op_runtime *rt) {
 /* Longest a C completion batch holds the tasks its callbacks submit. */
 #define HOLD_NS 100000
 
-/* Queue the tasks held since hold_submits was set, and stop holding. */
+/* Queue the tasks held since hold_submits was set, or held because their
+** pool's queue was deep (rt->held), and stop holding. */
 static void release_submits(op_runtime *rt) {
   int i;
 
-  if (!rt->hold_submits)
+  if (!rt->hold_submits && !rt->held)
     return;
-  rt->hold_submits = 0;
+  rt->hold_submits = rt->held = 0;
   for (i = 0; i < rt->npools; i++)
     op__pool_flush(rt->pools[i]);
 }
@@ -546,6 +547,7 @@ static void idle_cb(uv_prepare_t *prep) {
   unsigned us = 0;
   int hit, rounds, cpu, yield, woke, cleared = 0;
 
+  release_submits(rt); /* the turn's held Lua tasks, before any wait */
   for (rounds = 0; rounds < DRAIN_ROUNDS; rounds++) {
     if (rt->inflight == 0 || rt->ready_head != NULL || rt->defer_head != NULL ||
         rt->in_poll)

@@ -6,6 +6,7 @@ local offpath = require "offpath"
 offpath.configure { pools = {
   small = { threads = 1, queue = 2 },
   two = { threads = 2 },
+  deep = { threads = 1, queue = 4096 },
 } }
 
 T.test("run returns every value kind", function()
@@ -354,4 +355,36 @@ T.test("offpath.run reuses its private tasks: no result or error leaks", functio
   for i = 1, 20 do T.eq(rs[i]:wait(), i) end
   offpath.sleep(0.1) -- the cancelled one hands its task back
   T.eq(offpath.run("io", function() return "after" end), "after")
+end)
+
+-- Lua tasks submitted while their pool's queue is deep are held and queued
+-- in batches: order, cancellation, status and a lone wait must not notice.
+T.test("tasks held behind a deep queue: order, cancel, status, wait", function()
+  local started = offpath.launch("deep", function()
+    local t = os.clock()
+    while os.clock() - t < 0.05 do end -- the queue fills meanwhile
+  end)
+  local ts = {}
+  for i = 1, 1000 do
+    ts[i] = offpath.launch("deep", function()
+      _G.order = (_G.order or 0) + 1 -- the worker VM's own counter
+      return _G.order
+    end)
+  end
+  T.eq(ts[1000]:status(), "queued")
+  T.eq(ts[999]:cancel(), true)
+  T.eq(ts[999]:status(), "cancelled")
+  -- launched last, waited on at once: it must not sit in a batch forever
+  T.ok(offpath.launch("deep", function() return "lone" end):wait() == "lone")
+  started:wait()
+  local last = 0
+  for i = 1, 1000 do
+    if i ~= 999 then
+      local n = ts[i]:wait()
+      T.ok(n > last, "FIFO order kept")
+      last = n
+    end
+  end
+  T.eq(last, 999) -- 999 ran: every task but the cancelled one
+  T.err("^cancelled", ts[999].wait, ts[999])
 end)
