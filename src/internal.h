@@ -129,8 +129,10 @@ struct op_task {
                              OP_ETIMEDOUT, OP_ECOPY */
   op_work_fn work; /* OP_TASK_C */
   void *arg;
-  op_buf in;  /* OP_TASK_LUA: encoded function and arguments */
-  op_buf out; /* results, or the error message text */
+  /* OP_TASK_LUA: the encoded function and arguments, then, once the
+  ** worker has decoded them, its results or error message: one buffer,
+  ** so a task crosses between CPUs in fewer cache lines. */
+  op_buf buf;
   /* Called once on the loop thread when the worker is finished with the
   ** task (or it was taken off the queue). Owns the task from then on.
   ** settle, if set, runs first for every task of a drained batch, then
@@ -563,24 +565,29 @@ struct op_runtime {
   int suspended;          /* handler coroutines suspended now */
   int live_cos;           /* handler coroutines started and not ended */
 
-  uint64_t inflight; /* pool tasks submitted and not completed */
-  /* Waking the loop thread (runtime.c): a producer raises done_flag and
-  ** sends the wake-up only if need_wake was set (and clears it), so the
-  ** loop thread gets no wake-up while it is draining or spinning. */
-  atomic_int done_flag;
-  atomic_int need_wake;
-  atomic_int done_any; /* done_head != NULL, read without done_mu */
+  uint64_t inflight;   /* pool tasks submitted and not completed */
   int hold_submits;    /* op__pool_submit holds tasks until op__pool_flush */
   int held;            /* it held Lua tasks for a deep queue (pool.c) */
-  /* Hints for waiting without a wake-up (runtime.c idle_cb, pool.c). */
+  uint64_t nsubmits;   /* tasks submitted (loop thread) */
+  uint64_t yield_mark; /* nsubmits at the last yield */
+  int woke_worker;     /* a submit woke a sleeping worker */
+  /* Shared with the workers, on cache lines of their own: a worker
+  ** spinning on loop_sleeps must not pull the lines the loop thread
+  ** writes per task (the counters above). Waking the loop thread
+  ** (runtime.c): a producer raises done_flag and sends the wake-up only if
+  ** need_wake was set (and clears it), so the loop thread gets no wake-up
+  ** while it is draining or spinning. Hints for waiting without a wake-up
+  ** (runtime.c idle_cb, pool.c): loop_cpu, worker_cpu, loop_sleeps. */
+  char pad_shared_[64];
+  atomic_int done_flag;
+  atomic_int need_wake;
+  atomic_int done_any;    /* done_head != NULL, read without done_mu */
   atomic_int loop_cpu;    /* CPU the loop thread last ran on, or -1 */
   atomic_int worker_cpu;  /* CPU a worker last woke up on, or -1 */
   atomic_int loop_sleeps; /* counts the loop thread going to block */
-  uint64_t nsubmits;      /* tasks submitted (loop thread) */
-  uint64_t yield_mark;    /* nsubmits at the last yield */
-  int woke_worker;        /* a submit woke a sleeping worker */
-  int in_poll;            /* inside op_runtime_poll */
-  op_pool *last_cpool;    /* op__pool_find's cache */
+  char pad_shared_end_[64 - 6 * sizeof(atomic_int)];
+  int in_poll;         /* inside op_runtime_poll */
+  op_pool *last_cpool; /* op__pool_find's cache */
   op_spin spin;
   uv_prepare_t spin_prepare;
   uint64_t batch_now;      /* uv_hrtime() at the start of the drain or

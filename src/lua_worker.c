@@ -37,29 +37,28 @@ static int wk_block(lua_State *L) {
   int rc, n;
 
   luaL_checktype(L, 1, LUA_TFUNCTION);
-  op__buf_free(&t->in);
-  op__buf_free(&t->out);
-  rc = op__encode(op__worker_xfer(w), L, 1, 1, &t->in, "function", 0, err,
+  op__buf_free(&t->buf);
+  rc = op__encode(op__worker_xfer(w), L, 1, 1, &t->buf, "function", 0, err,
                   sizeof err);
   if (rc == 0 && lua_gettop(L) > 1)
-    rc = op__encode(op__worker_xfer(w), L, 2, lua_gettop(L) - 1, &t->in,
+    rc = op__encode(op__worker_xfer(w), L, 2, lua_gettop(L) - 1, &t->buf,
                     "argument", 1, err, sizeof err);
   if (rc != 0) {
-    op__buf_free(&t->in);
+    op__buf_free(&t->buf);
     return luaL_error(L, "%s (in offpath.block)", err);
   }
   t->status = 0;
   op__complete(op__pool_rt(p), t);
   op__worker_block_sync(w, 1);
-  op__buf_free(&t->in);
+  /* t->buf now holds the results, or the error message */
   if (t->status != 0) {
-    lua_pushlstring(L, t->out.p, t->out.len);
-    op__buf_free(&t->out);
+    lua_pushlstring(L, t->buf.p, t->buf.len);
+    op__buf_free(&t->buf);
     return lua_error(L);
   }
   lua_settop(L, 0);
-  n = op__decode(op__worker_xfer(w), L, t->out.p, t->out.len, err, sizeof err);
-  op__buf_free(&t->out);
+  n = op__decode(op__worker_xfer(w), L, t->buf.p, t->buf.len, err, sizeof err);
+  op__buf_free(&t->buf);
   if (n < 0)
     return luaL_error(L, "cannot copy block results: %s", err);
   return n;
@@ -180,13 +179,13 @@ static int block_body(lua_State *L) {
   lua_settop(L, 0);
   lua_pushcfunction(L, op__traceback);
   base = lua_gettop(L);
-  n = op__decode(rt->xfer, L, t->in.p, t->in.len, err, sizeof err);
+  n = op__decode(rt->xfer, L, t->buf.p, t->buf.len, err, sizeof err);
   if (n < 1)
     return luaL_error(L, "cannot copy into the main VM: %s", err);
+  op__buf_free(&t->buf); /* decoded: the results go in its place */
   if (lua_pcall(L, n - 1, LUA_MULTRET, base) != LUA_OK)
     return lua_error(L);
-  op__buf_free(&t->out);
-  rc = op__encode(rt->xfer, L, base + 1, lua_gettop(L) - base, &t->out,
+  rc = op__encode(rt->xfer, L, base + 1, lua_gettop(L) - base, &t->buf,
                   "result", 1, err, sizeof err);
   if (rc != 0)
     return luaL_error(L, "%s (block section results)", err);
@@ -213,9 +212,9 @@ void op__block_run(op_runtime *rt, op_task *t) {
     msg = lua_tolstring(L, -1, &len);
     if (msg == NULL)
       msg = "(error object is not a string)", len = strlen(msg);
-    op__buf_free(&t->out);
-    if (op__buf_append(&t->out, msg, len) != 0)
-      op__buf_append(&t->out, "not enough memory", 17);
+    op__buf_free(&t->buf);
+    if (op__buf_append(&t->buf, msg, len) != 0)
+      op__buf_append(&t->buf, "not enough memory", 17);
     t->status = OP_ESCRIPT;
   } else {
     t->status = 0;

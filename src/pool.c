@@ -297,7 +297,7 @@ static void worker_close(op_worker *w) {
 }
 
 /* The protected body of a Lua task: decode the function and arguments,
-** call the function, encode its results into t->out. Pushes (true) or
+** call the function, encode its results into t->buf in their place. Pushes (true) or
 ** (false, message) when decoding or encoding fails; an error of the
 ** function itself propagates to run_lua's pcall, whose message handler
 ** adds the traceback (one protected call per task).  [-1, +2, e] */
@@ -308,7 +308,7 @@ static int task_body(lua_State *L) {
   int n, rc;
 
   lua_settop(L, 0);
-  n = op__decode(w->xfer, L, t->in.p, t->in.len, err, sizeof err);
+  n = op__decode(w->xfer, L, t->buf.p, t->buf.len, err, sizeof err);
   if (n < 1) {
     lua_settop(L, 0);
     lua_pushboolean(L, 0);
@@ -316,8 +316,8 @@ static int task_body(lua_State *L) {
     return 2;
   }
   lua_call(L, n - 1, LUA_MULTRET);
-  op__buf_free(&t->out);
-  rc = op__encode(w->xfer, L, 1, lua_gettop(L), &t->out, "result", 1, err,
+  op__buf_free(&t->buf); /* decoded: its bytes are not needed any more */
+  rc = op__encode(w->xfer, L, 1, lua_gettop(L), &t->buf, "result", 1, err,
                   sizeof err);
   lua_settop(L, 0);
   lua_pushboolean(L, rc == 0);
@@ -360,14 +360,14 @@ static void run_lua(op_worker *w, op_task *t) {
     t->status = 0;
   } else if (stop != 0) {
     t->status = stop;
-    op__buf_free(&t->out);
+    op__buf_free(&t->buf);
   } else {
     t->status = OP_ESCRIPT;
     msg = lua_tolstring(L, -1, &len);
     if (msg == NULL)
       msg = "(error object is not a string)", len = strlen(msg);
-    op__buf_free(&t->out);
-    if (op__buf_append(&t->out, msg, len) != 0)
+    op__buf_free(&t->buf);
+    if (op__buf_append(&t->buf, msg, len) != 0)
       t->status = OP_ENOMEM;
   }
   lua_settop(L, 0);
@@ -491,8 +491,8 @@ static void worker_main(void *arg) {
       run_lua(w, t);
     } else {
       t->status = OP_ESCRIPT;
-      op__buf_free(&t->out);
-      op__buf_append(&t->out, "worker has no Lua state", 23);
+      op__buf_free(&t->buf);
+      op__buf_append(&t->buf, "worker has no Lua state", 23);
     }
     done = t;
   }

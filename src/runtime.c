@@ -667,13 +667,11 @@ void op__task_init(op_task *t, op_task_kind kind) {
   memset(t, 0, sizeof *t);
   t->kind = (uint8_t)kind;
   atomic_init(&t->stop, 0);
-  op__buf_init(&t->in);
-  op__buf_init(&t->out);
+  op__buf_init(&t->buf);
 }
 
 void op__task_release(op_task *t) {
-  op__buf_free(&t->in);
-  op__buf_free(&t->out);
+  op__buf_free(&t->buf);
 }
 
 /* ---- lifecycle ---- */

@@ -193,7 +193,7 @@ static int sentinel_gc(lua_State *L) {
 
 /* Whether the ended pool task lt leaves something to do when collected. */
 static int remain_needed(const op_ltask *lt) {
-  return lt->t.out.p != lt->t.out.small ||
+  return lt->t.buf.p != lt->t.buf.small ||
          (lt->state == OP_TASK_FAILED && !lt->observed && !lt->sched);
 }
 
@@ -202,7 +202,7 @@ static int remain_needed(const op_ltask *lt) {
 static void remain_add(lua_State *L, op_ltask *lt) {
   op_runtime *rt = lt->rt;
   op_tasks *r = rt->tasks;
-  op_buf *out = &lt->t.out;
+  op_buf *out = &lt->t.buf;
   char *heap = out->p != out->small ? out->p : NULL, *msg = NULL;
   remain *nv;
   uint32_t i;
@@ -386,7 +386,7 @@ static int push_results(lua_State *L, op_ltask *lt) {
   int n, i;
 
   if (lt->kind == OP_LT_POOL) {
-    n = op__decode(lt->rt->xfer, L, lt->t.out.p, lt->t.out.len, err,
+    n = op__decode(lt->rt->xfer, L, lt->t.buf.p, lt->t.buf.len, err,
                    sizeof err);
     if (n < 0) {
       lua_pushfstring(L, "cannot copy result: %s", err);
@@ -410,7 +410,7 @@ static void push_error(lua_State *L, op_ltask *lt) {
   switch (lt->state) {
   case OP_TASK_FAILED:
     if (lt->kind == OP_LT_POOL)
-      lua_pushlstring(L, lt->t.out.p, lt->t.out.len);
+      lua_pushlstring(L, lt->t.buf.p, lt->t.buf.len);
     else
       lua_rawgeti(L, LUA_REGISTRYINDEX, lt->res_ref);
     break;
@@ -556,7 +556,7 @@ static void task_notify(op_ltask *lt) {
     if (first != 0)
       tell_waiter(lt, first);
     if (lt->own)
-      op__buf_free(&lt->t.out); /* nobody else can read it */
+      op__buf_free(&lt->t.buf); /* nobody else can read it */
     return;
   }
   push_task(L, lt);
@@ -668,9 +668,8 @@ static void task_settle_cb(op_task *t) {
   int state;
 
   lt->in_pool = 0;
-  op__buf_free(&t->in); /* the worker is done with it */
   if (lt->state >= OP_TASK_DONE) {
-    op__buf_free(&t->out); /* stopped earlier: nobody reads it */
+    op__buf_free(&t->buf); /* stopped earlier: nobody reads it */
     t->notify = 0;
     return;
   }
@@ -757,13 +756,13 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
   lt->t.complete = task_complete;
   lt->t.owner = lt;
   lt->timeout = timeout;
-  rc = op__encode(rt->xfer, L, fnidx, 1, &lt->t.in, "function", 0, err,
+  rc = op__encode(rt->xfer, L, fnidx, 1, &lt->t.buf, "function", 0, err,
                   sizeof err);
   if (rc == 0 && nargs > 0)
-    rc = op__encode(rt->xfer, L, fnidx + 1, nargs, &lt->t.in, "argument", 1,
+    rc = op__encode(rt->xfer, L, fnidx + 1, nargs, &lt->t.buf, "argument", 1,
                     err, sizeof err);
   if (rc != 0) {
-    op__buf_free(&lt->t.in);
+    op__buf_free(&lt->t.buf);
     luaL_where(L, 1);
     lua_pushfstring(L, "%s (in %s)", err, call);
     lua_concat(L, 2);
@@ -779,7 +778,7 @@ int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait) {
 
   rc = bl->head == NULL ? op__pool_submit(p, &lt->t) : OP_EAGAIN;
   if (rc == OP_ESHUTDOWN) {
-    op__buf_free(&lt->t.in);
+    op__buf_free(&lt->t.buf);
     luaL_error(L, "shutdown: %s refused, the runtime is shutting down",
                lt->call);
   }
@@ -790,7 +789,7 @@ int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait) {
     return 0;
   }
   if (!may_wait) {
-    op__buf_free(&lt->t.in);
+    op__buf_free(&lt->t.buf);
     lt->state = OP_TASK_CANCELLED; /* never queued: nothing to count */
     maybe_release(lt);
     return OP_EAGAIN;
