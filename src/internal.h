@@ -133,6 +133,8 @@ struct op_task {
   ** worker has decoded them, its results or error message: one buffer,
   ** so a task crosses between CPUs in fewer cache lines. */
   op_buf buf;
+  void *stale; /* the arguments' heap block, left for the loop thread that
+                  allocated it to free (glibc frees across threads slowly) */
   /* Called once on the loop thread when the worker is finished with the
   ** task (or it was taken off the queue). Owns the task from then on.
   ** settle, if set, runs first for every task of a drained batch, then

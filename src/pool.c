@@ -296,6 +296,18 @@ static void worker_close(op_worker *w) {
   w->L = NULL;
 }
 
+/* Empty t->buf for what the worker writes next. A heap block holding the
+** arguments is left in t->stale for the loop thread, which allocated it,
+** to free: freeing it here made a 1 KB argument's round trip 3x slower. */
+static void reset_buf(op_task *t) {
+  if (t->buf.p != t->buf.small && t->stale == NULL) {
+    t->stale = t->buf.p;
+    op__buf_init(&t->buf);
+  } else {
+    op__buf_free(&t->buf);
+  }
+}
+
 /* The protected body of a Lua task: decode the function and arguments,
 ** call the function, encode its results into t->buf in their place. Pushes (true) or
 ** (false, message) when decoding or encoding fails; an error of the
@@ -316,7 +328,7 @@ static int task_body(lua_State *L) {
     return 2;
   }
   lua_call(L, n - 1, LUA_MULTRET);
-  op__buf_free(&t->buf); /* decoded: its bytes are not needed any more */
+  reset_buf(t); /* decoded: its bytes are not needed any more */
   rc = op__encode(w->xfer, L, 1, lua_gettop(L), &t->buf, "result", 1, err,
                   sizeof err);
   lua_settop(L, 0);
@@ -360,13 +372,13 @@ static void run_lua(op_worker *w, op_task *t) {
     t->status = 0;
   } else if (stop != 0) {
     t->status = stop;
-    op__buf_free(&t->buf);
+    reset_buf(t);
   } else {
     t->status = OP_ESCRIPT;
     msg = lua_tolstring(L, -1, &len);
     if (msg == NULL)
       msg = "(error object is not a string)", len = strlen(msg);
-    op__buf_free(&t->buf);
+    reset_buf(t);
     if (op__buf_append(&t->buf, msg, len) != 0)
       t->status = OP_ENOMEM;
   }
@@ -491,7 +503,7 @@ static void worker_main(void *arg) {
       run_lua(w, t);
     } else {
       t->status = OP_ESCRIPT;
-      op__buf_free(&t->buf);
+      reset_buf(t);
       op__buf_append(&t->buf, "worker has no Lua state", 23);
     }
     done = t;

@@ -672,6 +672,8 @@ void op__task_init(op_task *t, op_task_kind kind) {
 
 void op__task_release(op_task *t) {
   op__buf_free(&t->buf);
+  free(t->stale);
+  t->stale = NULL;
 }
 
 /* ---- lifecycle ---- */

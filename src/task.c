@@ -668,6 +668,8 @@ static void task_settle_cb(op_task *t) {
   int state;
 
   lt->in_pool = 0;
+  free(t->stale); /* the arguments' block, if the worker left it */
+  t->stale = NULL;
   if (lt->state >= OP_TASK_DONE) {
     op__buf_free(&t->buf); /* stopped earlier: nobody reads it */
     t->notify = 0;
