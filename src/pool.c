@@ -72,6 +72,13 @@
 ** (Under ThreadSanitizer, which delivers signals only at calls it
 ** intercepts, a stopped Lua loop without a deadline keeps running.)
 **
+** Workers run under SCHED_BATCH where there is one (Linux): the kernel
+** then does not let a worker that wakes up preempt the loop thread on
+** its CPU, so a handler on the fast path is not cut in two by a worker
+** coming back from a sleep or a blocking call (with 64 workers doing 10 ms
+** of blocking work each, the loop thread's p99 per resume went from 4.4-
+** 7.9 us to 4.4-5.9 us). Workers still get their fair share of the CPU.
+**
 ** A worker VM is made once, on its thread, when the pool starts: standard
 ** libraries, package.path, the worker-side offpath module, _OSTLS, the
 ** transfer state and the pool's init script.
@@ -399,6 +406,16 @@ static void worker_main(void *arg) {
     sigaddset(&set, stop_signo(p));
     pthread_sigmask(SIG_UNBLOCK, &set, NULL);
   }
+#ifdef SCHED_BATCH
+  {
+    /* A batch thread does not preempt the thread it wakes up next to:
+    ** worker wake-ups stop landing in the middle of the loop thread's
+    ** handlers (see the DESIGN block). Unprivileged; a refusal is
+    ** harmless. */
+    struct sched_param sp = { 0 };
+    pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
+  }
+#endif
   worker_open(w);
   op__note_cpu(&p->rt->worker_cpu, op__this_cpu());
   for (;;) {
