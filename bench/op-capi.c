@@ -110,12 +110,15 @@ static void done(void *arg, int status) {
   }
 }
 
-/* Sparse mode: submit one task per tick. */
+/* Sparse mode: submit one task per tick, in a slot of its own: a task
+** may still be in flight when the next tick comes. */
 static void tick(uv_timer_t *timer) {
+  struct slot *s = &slots[B.submitted % WINDOW];
+
   (void)timer;
   if (B.submitted < B.ntasks) {
-    slots[0].t_submit = now_ns();
-    submit(&slots[0]);
+    s->t_submit = now_ns();
+    submit(s);
   }
 }
 
