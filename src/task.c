@@ -555,8 +555,11 @@ static void task_notify(op_ltask *lt) {
     /* The common case: one waiter, no callbacks. */
     if (first != 0)
       tell_waiter(lt, first);
-    if (lt->own)
-      op__buf_free(&lt->t.buf); /* nobody else can read it */
+    /* Nobody else reads a private task's results. A task stopped while
+    ** the worker still has it keeps its buffer until it is handed back
+    ** (task_settle_cb frees it then). */
+    if (lt->own && !lt->in_pool)
+      op__buf_free(&lt->t.buf);
     return;
   }
   push_task(L, lt);
