@@ -161,6 +161,18 @@ struct op_pool {
 #define IN_QUEUE   1 /* in p->head..tail */
 #define IN_PENDING 2 /* in p->pend_head..pend_tail, not yet flushed */
 
+/* Take t out of the doubly linked list head..tail. */
+static void list_unlink(op_task **head, op_task **tail, op_task *t) {
+  if (t->prev != NULL)
+    t->prev->next = t->next;
+  else
+    *head = t->next;
+  if (t->next != NULL)
+    t->next->prev = t->prev;
+  else
+    *tail = t->prev;
+}
+
 /* Set p->avail to v (p->mu held), writing only a change. */
 static void set_avail(op_pool *p, int v) {
   if (atomic_load_explicit(&p->avail, memory_order_relaxed) != v)
@@ -832,25 +844,11 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
 
   uv_mutex_lock(&p->mu);
   if (t->queued == IN_PENDING) {
-    if (t->prev != NULL)
-      t->prev->next = t->next;
-    else
-      p->pend_head = t->next;
-    if (t->next != NULL)
-      t->next->prev = t->prev;
-    else
-      p->pend_tail = t->prev;
+    list_unlink(&p->pend_head, &p->pend_tail, t);
     p->npend--;
     taken = 1;
   } else if (t->queued == IN_QUEUE) {
-    if (t->prev != NULL)
-      t->prev->next = t->next;
-    else
-      p->head = t->next;
-    if (t->next != NULL)
-      t->next->prev = t->prev;
-    else
-      p->tail = t->prev;
+    list_unlink(&p->head, &p->tail, t);
     queued_add(p, -1);
     taken = 1;
     set_avail(p, p->head != NULL);
