@@ -229,14 +229,15 @@ static void remain_add(lua_State *L, op_ltask *lt) {
   }
   i = r->free - 1;
   r->free = r->v[i].next;
-  r->v[i].heap = heap;
-  r->v[i].msg = msg;
-  r->v[i].call = lt->call;
-  lt->remain = i + 1;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &remains_key);
   lua_pushvalue(L, -2);
   lua_rawseti(L, -2, (lua_Integer)i + 1);
   lua_pop(L, 1);
+  /* live only now: a sentinel never sees an entry without its object */
+  r->v[i].heap = heap;
+  r->v[i].msg = msg;
+  r->v[i].call = lt->call;
+  lt->remain = i + 1;
   arm_sentinel(L, r);
 }
 
