@@ -14,6 +14,7 @@
 #include <lualib.h>
 #include <lauxlib.h>
 
+#include "hist.h"
 #include "offpath.h"
 
 /* ---- assertions ---- */
@@ -325,16 +326,7 @@ void op__spin_result(op_spin *s, int hit);
 
 /* ---- statistics helpers (stats.c) ---- */
 
-/* A log-linear latency histogram: 64 octaves of 8 sub-buckets, in ns. */
-typedef struct op_hist {
-  uint64_t count;
-  uint64_t max;
-  uint32_t bucket[64 * 8];
-} op_hist;
-
-void op__hist_add(op_hist *h, uint64_t ns);
-/* The q-quantile (0..1) in seconds, or 0 if empty. */
-double op__hist_quantile(const op_hist *h, double q);
+/* Latency histograms: op_hist, in hist.h. */
 
 /* ---- main-thread coroutines and waits (sched.c) ---- */
 

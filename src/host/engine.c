@@ -106,7 +106,7 @@ static void rec_release(host *h, uint32_t slot) {
 /* Add the fast records not timed since the last sample, as that sample. */
 void engine_latency_flush(host *h) {
   if (h->lat_untimed > 0) {
-    hist_add_n(&h->rec_hist, h->lat_last, h->lat_untimed);
+    op__hist_add_n(&h->rec_hist, h->lat_last, h->lat_untimed);
     h->lat_untimed = 0;
   }
 }
@@ -128,7 +128,7 @@ static void event_latency(host *h, const rec *r, int sync) {
   }
   ns = uv_hrtime() - r->t0;
   if (sync && ns < HOST_LAT_FAST_NS) {
-    hist_add_n(&h->rec_hist, ns, 1 + h->lat_untimed);
+    op__hist_add_n(&h->rec_hist, ns, 1 + h->lat_untimed);
     h->lat_untimed = 0;
     h->lat_last = ns;
     if (h->lat_streak < HOST_LAT_SAMPLE)
@@ -136,7 +136,7 @@ static void event_latency(host *h, const rec *r, int sync) {
     return;
   }
   latency_exact(h);
-  hist_add(&h->rec_hist, ns);
+  op__hist_add(&h->rec_hist, ns);
 }
 
 /* ---- the end of a handler call ---- */

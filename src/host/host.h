@@ -13,6 +13,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+#include "hist.h"
 #include "offpath.h"
 
 #define HOST_MAX_INPUTS  64
@@ -94,17 +95,7 @@ void json_encode(lua_State *L, int idx, jbuf *b, const char *what);
 
 /* ---- statistics helpers (stats.c) ---- */
 
-/* A log-linear latency histogram in nanoseconds: 8 sub-buckets per
-** octave, so every value is reported within 12.5%. */
-typedef struct hist {
-  uint64_t count, max;
-  uint32_t bucket[64 * 8];
-} hist;
-
-void hist_add(hist *h, uint64_t ns);
-/* Add n values of ns (a sample standing for n records). */
-void hist_add_n(hist *h, uint64_t ns, uint64_t n);
-double hist_quantile(const hist *h, double q); /* seconds; 0 if empty */
+/* Latency histograms: op_hist (src/hist.h, shared with the runtime). */
 
 /* ---- the host ---- */
 
@@ -241,7 +232,7 @@ struct host {
   uint64_t pauses; /* times reading stopped for backpressure */
   uint64_t paused_ns, paused_since;
   uint64_t out_errors;
-  hist rec_hist; /* record latency, read to handler end */
+  op_hist rec_hist; /* record latency, read to handler end */
   int counters_ref, gauges_ref;
 
   /* Rate limit of messages. */

@@ -1,7 +1,7 @@
 /*
-** stats.c - the host's statistics: the record latency histogram, the
-** summary as a Lua table (engine:stats(), --json), the text summary at
-** exit and the --stats line printed every second.
+** stats.c - the host's statistics: the summary as a Lua table
+** (engine:stats(), --json), the text summary at exit and the --stats line
+** printed every second. Record latency goes into an op_hist (hist.h).
 ** Thread: loop.
 */
 #include <inttypes.h>
@@ -9,65 +9,6 @@
 #include <unistd.h>
 
 #include "host.h"
-
-/* ---- histogram (same scheme as the library's) ---- */
-
-static unsigned bucket_of(uint64_t ns) {
-  unsigned octave;
-
-  if (ns < 8)
-    return (unsigned)ns;
-  octave = 63u - (unsigned)__builtin_clzll(ns);
-  return (octave - 2) * 8 + (unsigned)((ns >> (octave - 3)) & 7);
-}
-
-static uint64_t bucket_low(unsigned b) {
-  unsigned octave;
-
-  if (b < 8)
-    return b;
-  octave = b / 8 + 2;
-  return ((uint64_t)8 + (b & 7)) << (octave - 3);
-}
-
-void hist_add(hist *h, uint64_t ns) {
-  hist_add_n(h, ns, 1);
-}
-
-void hist_add_n(hist *h, uint64_t ns, uint64_t n) {
-  unsigned b = bucket_of(ns), nb = sizeof h->bucket / sizeof h->bucket[0];
-
-  if (b >= nb)
-    b = nb - 1;
-  h->bucket[b] += (uint32_t)n;
-  h->count += n;
-  if (ns > h->max)
-    h->max = ns;
-}
-
-double hist_quantile(const hist *h, double q) {
-  unsigned b, n = sizeof h->bucket / sizeof h->bucket[0];
-  uint64_t rank, seen = 0, lo, hi;
-
-  if (h->count == 0)
-    return 0;
-  rank = (uint64_t)(q * (double)h->count);
-  if (rank >= h->count)
-    rank = h->count - 1;
-  for (b = 0; b < n; b++) {
-    seen += h->bucket[b];
-    if (seen > rank) {
-      lo = bucket_low(b);
-      hi = b + 1 < n ? bucket_low(b + 1) : lo;
-      if (hi > h->max)
-        hi = h->max;
-      if (hi < lo)
-        hi = lo;
-      return (double)(lo + (hi - lo) / 2) / 1e9;
-    }
-  }
-  return (double)h->max / 1e9;
-}
 
 /* ---- totals ---- */
 
@@ -175,8 +116,8 @@ void stats_push_table(host *h, lua_State *L) {
   set_int(L, "calls", st.calls);
   lua_setfield(L, -2, "main");
   lua_createtable(L, 0, 4);
-  set_num(L, "p50", hist_quantile(&h->rec_hist, 0.50));
-  set_num(L, "p99", hist_quantile(&h->rec_hist, 0.99));
+  set_num(L, "p50", op__hist_quantile(&h->rec_hist, 0.50));
+  set_num(L, "p99", op__hist_quantile(&h->rec_hist, 0.99));
   set_num(L, "max", (double)h->rec_hist.max / 1e9);
   set_int(L, "count", h->rec_hist.count);
   lua_setfield(L, -2, "record");
@@ -356,8 +297,8 @@ static void summary_text(host *h) {
           "p50 %s, p99 %s, max %s\n",
           dur(st.call_p50, a, sizeof a), dur(st.call_p99, b, sizeof b),
           dur(st.call_max, c, sizeof c),
-          dur(hist_quantile(&h->rec_hist, 0.5), d, sizeof d),
-          dur(hist_quantile(&h->rec_hist, 0.99), e, sizeof e),
+          dur(op__hist_quantile(&h->rec_hist, 0.5), d, sizeof d),
+          dur(op__hist_quantile(&h->rec_hist, 0.99), e, sizeof e),
           dur((double)h->rec_hist.max / 1e9, f, sizeof f));
   for (i = 0; i < st.npools; i++) {
     op_pool_stats *p = &st.pools[i];
