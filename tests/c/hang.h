@@ -137,4 +137,28 @@ static void run_for(op_runtime *rt, int ms) {
     uv_run(op_runtime_uv_loop(rt), UV_RUN_ONCE);
 }
 
+/* Open the listener, make a runtime running chunk (which defines
+** ticker(), a Lua ticker that runs until the global `stop` is set and then
+** sets `ticker_done`), and start the host timer and the Lua ticker. */
+static void hang_start(hang_listener *h, op_runtime **rt, uv_timer_t *timer,
+                       const char *chunk) {
+  hang_open(h);
+  ASSERT_OK(op_runtime_new(NULL, rt));
+  ASSERT_OK(op_load_string(*rt, chunk, "=hang.lua"));
+  uv_timer_init(op_runtime_uv_loop(*rt), timer);
+  uv_timer_start(timer, tick_cb, 10, 10);
+  ASSERT_OK(op_call(*rt, "ticker", 0));
+}
+
+/* Stop the Lua ticker and the timer, free the runtime, close the
+** listener. */
+static void hang_finish(hang_listener *h, op_runtime *rt, uv_timer_t *timer) {
+  lua_pushboolean(op_runtime_lua(rt), 1);
+  lua_setglobal(op_runtime_lua(rt), "stop");
+  run_until(rt, "ticker_done");
+  uv_close((uv_handle_t *)timer, NULL);
+  ASSERT_OK(op_runtime_free(rt));
+  hang_close(h);
+}
+
 #endif /* OFFPATH_TEST_HANG_H */

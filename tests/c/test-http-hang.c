@@ -57,12 +57,7 @@ int main(void) {
   int base, c0;
   double l0;
 
-  hang_open(&h);
-  ASSERT_OK(op_runtime_new(NULL, &rt));
-  ASSERT_OK(op_load_string(rt, chunk, "=hang.lua"));
-  uv_timer_init(op_runtime_uv_loop(rt), &timer);
-  uv_timer_start(&timer, tick_cb, 10, 10);
-  ASSERT_OK(op_call(rt, "ticker", 0));
+  hang_start(&h, &rt, &timer, chunk);
 
   /* A refused connect first: it makes curl's multi handle (and its own
   ** descriptors), so the count below is of the transfers alone. */
@@ -117,11 +112,6 @@ int main(void) {
   ASSERT_EQ(global_num(rt, "calls"), 4); /* nothing came twice */
 
   /* Stop the ticker, then everything closes to zero. */
-  lua_pushboolean(op_runtime_lua(rt), 1);
-  lua_setglobal(op_runtime_lua(rt), "stop");
-  run_until(rt, "ticker_done");
-  uv_close((uv_handle_t *)&timer, NULL);
-  ASSERT_OK(op_runtime_free(rt));
-  hang_close(&h);
+  hang_finish(&h, rt, &timer);
   return 0;
 }
