@@ -454,9 +454,8 @@ struct op_xfer {
   pmap cfuncs;   /* lua_CFunction -> store id */
   pmap named;    /* object -> name (aux: bytes, val: length) */
   pmap named_lf; /* the same for Lua closures (usually empty) */
-  int fast_uv;   /* upval_mirror matches: read scalar upvalues directly */
+  int fast_uv;   /* upval_mirror matches: read upvalues from the cells */
   int setupval;  /* SETUPVAL's opcode number as checked here, or -1 */
-  int ecache_ok; /* string and C function upvalues read right, too */
   ecache ec[ECACHE_N];
   const lua_Integer *epoch; /* bumped per new package.loaded key, or NULL */
   lua_Integer scanned;      /* *epoch at the last scan */
@@ -710,8 +709,9 @@ static int check_layout(lua_State *L) {
 }
 
 #if LUA_VERSION_NUM == 504
-/* Whether the scalar upvalues of the closure at idx read through the
-** mirrors equal what lua_getupvalue says.  [-0, +0, -] */
+/* Whether the upvalues of the closure at idx read through the mirrors
+** equal what lua_getupvalue says: tags and values of scalars, tags and
+** pointers of strings, light C functions and tables.  [-0, +0, -] */
 static int upvals_match(lua_State *L, int idx, int n) {
   const lclosure_mirror *cl = lua_topointer(L, idx);
   const upval_mirror *uv;
@@ -741,8 +741,18 @@ static int upvals_match(lua_State *L, int idx, int n) {
       ok = lua_type(L, -1) == LUA_TNUMBER && !lua_isinteger(L, -1) &&
            lua_tonumber(L, -1) == tv->v.n;
       break;
+    case VT_SHRSTR:
+    case VT_LNGSTR:
+      ok = lua_type(L, -1) == LUA_TSTRING && lua_topointer(L, -1) == tv->v.p;
+      break;
+    case VT_LCF:
+      ok = lua_iscfunction(L, -1) && lua_topointer(L, -1) == tv->v.p;
+      break;
+    case VT_TABLE:
+      ok = lua_istable(L, -1) && lua_topointer(L, -1) == tv->v.p;
+      break;
     default:
-      ok = lua_type(L, -1) == LUA_TSTRING; /* the one other kind used */
+      ok = 0;
     }
     lua_pop(L, 1);
   }
@@ -757,14 +767,16 @@ static int check_open(lua_State *L) {
 }
 #endif
 
-/* Whether upval_mirror reads scalar upvalues correctly here, open and
-** closed: values and tags are compared with lua_getupvalue.  [-0, +0, -] */
+/* Whether upval_mirror reads upvalues correctly here, open and closed, for
+** the scalar upvalues the encoder reads directly and the kinds the encode
+** cache keys on: compared with lua_getupvalue.  [-0, +0, -] */
 static int check_upvals(lua_State *L) {
 #if LUA_VERSION_NUM == 504
   static const char chunk[] =
       "local check = ... "
       "local a, b, c, d, e, f = 81985529216486895, 2.5, true, false, nil, 's' "
-      "local g = function() return a, b, c, d, e, f end "
+      "local s, cf, t = string.rep('l', 60), string.len, string "
+      "local g = function() return a, b, c, d, e, f, s, cf, t end "
       "local x, y = -7, 0.25 "
       "return g, check(function() return x, y end)";
   int ok, top = lua_gettop(L);
@@ -772,37 +784,7 @@ static int check_upvals(lua_State *L) {
   lua_pushcfunction(L, check_open);
   if (!run_check(L, chunk, 1, 2))
     return 0;
-  ok = lua_toboolean(L, -1) && upvals_match(L, top + 1, 6);
-  lua_settop(L, top);
-  return ok;
-#else
-  (void)L;
-  return 0;
-#endif
-}
-
-/* Whether string and light C function upvalues read through upval_mirror
-** have the tags and pointers the encode cache expects.  [-0, +0, -] */
-static int check_ecache(lua_State *L) {
-#if LUA_VERSION_NUM == 504
-  static const char chunk[] =
-      "local a, b, c, d = 's', string.rep('l', 60), string.len, string "
-      "return function() return a, b, c, d end";
-  static const unsigned char want[4] = { VT_SHRSTR, VT_LNGSTR, VT_LCF,
-                                         VT_TABLE };
-  const lclosure_mirror *cl;
-  const tvalue_mirror *tv;
-  int ok = 1, i, top = lua_gettop(L);
-
-  if (!run_check(L, chunk, 0, 1))
-    return 0;
-  cl = lua_topointer(L, top + 1);
-  for (i = 0; i < 4 && ok; i++) {
-    tv = ((const upval_mirror *)cl->upvals[i])->v;
-    lua_getupvalue(L, top + 1, i + 1);
-    ok = tv->tt == want[i] && tv->v.p == lua_topointer(L, -1);
-    lua_pop(L, 1);
-  }
+  ok = lua_toboolean(L, -1) && upvals_match(L, top + 1, 9);
   lua_settop(L, top);
   return ok;
 #else
@@ -941,7 +923,6 @@ op_xfer *op__xfer_new(lua_State *L, op_protostore *ps) {
   }
 #endif
   x->fast_uv = x->layout_ok && check_upvals(L);
-  x->ecache_ok = x->fast_uv && check_ecache(L);
   if (protect(L, xfer_init, x) != LUA_OK) {
     op__xfer_free(x);
     return NULL;
@@ -1867,7 +1848,7 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
   if (idx < 0 && idx > LUA_REGISTRYINDEX)
     idx = top + idx + 1;
 #if LUA_VERSION_NUM == 504
-  if (n == 1 && x->ecache_ok && !x->busy && ecache_hit(x, L, idx, b))
+  if (n == 1 && x->fast_uv && !x->busy && ecache_hit(x, L, idx, b))
     return 0;
 #endif
   e.x = x;
@@ -1912,7 +1893,7 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
   }
   op_assert(rc != 0 || lua_gettop(L) == top);
 #if LUA_VERSION_NUM == 504
-  if (rc == 0 && n == 1 && x->ecache_ok && !x->busy &&
+  if (rc == 0 && n == 1 && x->fast_uv && !x->busy &&
       lua_type(L, idx) == LUA_TFUNCTION && !lua_iscfunction(L, idx))
     ecache_fill(x, L, idx, b, len0);
 #endif
