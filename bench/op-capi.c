@@ -23,6 +23,9 @@
 #include <time.h>
 #include <uv.h>
 
+#define BENCH_NAME "op-capi"
+#include "bench.h"
+
 #include "offpath.h"
 
 #define WINDOW      1024 /* tasks in flight in pipelined mode */
@@ -47,28 +50,6 @@ static struct {
 } B;
 
 static struct slot slots[WINDOW];
-
-/* Return CLOCK_MONOTONIC in nanoseconds. */
-static uint64_t now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* Parse a non-negative integer option value; exit with usage on error. */
-static long parse_long(const char *opt, const char *s, long min, long max) {
-  char *end;
-  long v;
-
-  errno = 0;
-  v = strtol(s, &end, 10);
-  if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
-    fprintf(stderr, "op-capi: bad value for %s: '%s' (%ld..%ld)\n", opt, s, min,
-            max);
-    exit(2);
-  }
-  return v;
-}
 
 /* The task. Thread: worker. */
 static void work(void *arg) {

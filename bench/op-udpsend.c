@@ -24,12 +24,8 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
-/* Return CLOCK_MONOTONIC in nanoseconds. */
-static uint64_t now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
+#define BENCH_NAME "op-udpsend"
+#include "bench.h"
 
 static void sleep_until(uint64_t t) {
   struct timespec ts;
@@ -38,20 +34,6 @@ static void sleep_until(uint64_t t) {
   ts.tv_nsec = (long)(t % 1000000000u);
   while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
   }
-}
-
-static long parse_long(const char *opt, const char *s, long min, long max) {
-  char *end;
-  long v;
-
-  errno = 0;
-  v = strtol(s, &end, 10);
-  if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
-    fprintf(stderr, "op-udpsend: bad value for %s: '%s' (%ld..%ld)\n", opt, s,
-            min, max);
-    exit(2);
-  }
-  return v;
 }
 
 static void usage(void) {

@@ -61,6 +61,9 @@
 #include <lua.h>
 #include <lualib.h>
 
+#define BENCH_NAME "peer-cpool"
+#include "bench.h"
+
 #define WINDOW      1024 /* tasks in flight in pipelined mode */
 #define MAX_WORKERS 64
 
@@ -116,32 +119,10 @@ static const char main_chunk[] = "local sum = 0\n"
 
 /* ---- helpers ---- */
 
-/* Return CLOCK_MONOTONIC in nanoseconds. */
-static uint64_t now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* Print a message and abort: used for failures that cannot happen here. */
 static void die(const char *what, int err) {
   fprintf(stderr, "peer-cpool: %s: %s\n", what, strerror(err));
   abort();
-}
-
-/* Parse a non-negative integer option value; exit with usage on error. */
-static long parse_long(const char *opt, const char *s, long min, long max) {
-  char *end;
-  long v;
-
-  errno = 0;
-  v = strtol(s, &end, 10);
-  if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
-    fprintf(stderr, "peer-cpool: bad value for %s: '%s' (%ld..%ld)\n", opt, s,
-            min, max);
-    exit(2);
-  }
-  return v;
 }
 
 /* Make a Lua state and run chunk, leaving its nret results on the stack.

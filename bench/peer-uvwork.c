@@ -14,6 +14,9 @@
 
 #include <uv.h>
 
+#define BENCH_NAME "peer-uvwork"
+#include "bench.h"
+
 #define WINDOW      1024 /* tasks in flight in pipelined mode */
 #define MAX_WORKERS 128  /* libuv's own limit on UV_THREADPOOL_SIZE */
 
@@ -35,21 +38,6 @@ static struct task tasks[WINDOW];
 
 static void after_work_cb(uv_work_t *req, int status);
 
-
-/* Parse an integer option value; exit with usage on error. */
-static long parse_long(const char *opt, const char *s, long min, long max) {
-  char *end;
-  long v;
-
-  errno = 0;
-  v = strtol(s, &end, 10);
-  if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
-    fprintf(stderr, "peer-uvwork: bad value for %s: '%s' (%ld..%ld)\n", opt, s,
-            min, max);
-    exit(2);
-  }
-  return v;
-}
 
 /* Compute the task's result. Thread: libuv pool. */
 static void work_cb(uv_work_t *req) {
