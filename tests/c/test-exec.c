@@ -38,19 +38,6 @@ static int read_pid(const char *file) {
   return pid;
 }
 
-/* The whole of a small file, or "" if it cannot be read. */
-static const char *slurp(const char *file, char *buf, size_t len) {
-  FILE *f = fopen(file, "r");
-  size_t n = 0;
-
-  if (f != NULL) {
-    n = fread(buf, 1, len - 1, f);
-    fclose(f);
-  }
-  buf[n] = '\0';
-  return buf;
-}
-
 int main(void) {
   char dir[] = "/tmp/offpath-test-exec-XXXXXX";
   char pidfile[256], endfile[300], proc[64], buf[1024];

@@ -59,4 +59,17 @@
 #define ASSERT_NULL(p)     ASSERT((p) == NULL)
 #define ASSERT_NOT_NULL(p) ASSERT((p) != NULL)
 
+/* The whole of a small file, or "" if it cannot be read. */
+static inline const char *slurp(const char *file, char *buf, size_t len) {
+  FILE *f = fopen(file, "r");
+  size_t n = 0;
+
+  if (f != NULL) {
+    n = fread(buf, 1, len - 1, f);
+    fclose(f);
+  }
+  buf[n] = '\0';
+  return buf;
+}
+
 #endif /* OFFPATH_TEST_H */
