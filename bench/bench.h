@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <time.h>
 
 /* CLOCK_MONOTONIC in nanoseconds. */
@@ -34,6 +35,17 @@ static inline long parse_long(const char *opt, const char *s, long min,
     exit(2);
   }
   return v;
+}
+
+/* End a result line: wall time, CPU from ru (taken right after the run),
+** CPU per cent of wall time (100: one core busy) and peak RSS. */
+static inline void print_usage(const struct rusage *ru, uint64_t wall_ns) {
+  double user = (double)ru->ru_utime.tv_sec + ru->ru_utime.tv_usec / 1e6;
+  double sys = (double)ru->ru_stime.tv_sec + ru->ru_stime.tv_usec / 1e6;
+  double wall = (double)wall_ns / 1e9;
+
+  printf(" wall_s=%.3f cpu_user=%.3f cpu_sys=%.3f cpu_pct=%.1f maxrss_kb=%ld\n",
+         wall, user, sys, 100.0 * (user + sys) / wall, ru->ru_maxrss);
 }
 
 #endif /* OFFPATH_BENCH_H */

@@ -124,7 +124,6 @@ int main(int argc, char **argv) {
   int workers = 1, rc, spin = -1;
   uint64_t t0, wall;
   int64_t want;
-  double cpu_user, cpu_sys, wall_s;
 
   for (i = 1; i < argc; i++) {
     const char *a = argv[i];
@@ -210,9 +209,6 @@ int main(int argc, char **argv) {
     return 1;
   }
 
-  cpu_user = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
-  cpu_sys = (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
-  wall_s = (double)wall / 1e9;
   printf("name=offpath-c workers=%d mode=%s tasks=%ld", workers, mode,
          B.ntasks);
   if (B.sparse) {
@@ -223,8 +219,6 @@ int main(int argc, char **argv) {
   } else {
     printf(" us_per_trip=%.2f", (double)wall / (double)B.ntasks / 1e3);
   }
-  printf(" wall_s=%.3f cpu_user=%.3f cpu_sys=%.3f cpu_pct=%.1f maxrss_kb=%ld\n",
-         wall_s, cpu_user, cpu_sys, 100.0 * (cpu_user + cpu_sys) / wall_s,
-         ru.ru_maxrss);
+  print_usage(&ru, wall);
   return 0;
 }

@@ -432,7 +432,6 @@ int main(int argc, char **argv) {
   struct rusage ru;
   struct timespec ts;
   lua_State *L = NULL;
-  double cpu_user, cpu_sys, wall_s;
   const char *mode_name = "pipelined";
   int i;
 
@@ -542,9 +541,6 @@ int main(int argc, char **argv) {
     return 1;
   }
 
-  cpu_user = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
-  cpu_sys = (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
-  wall_s = (double)wall / 1e9;
   printf("name=%s workers=%d mode=%s tasks=%ld spin_us=%ld",
          p->lua ? "cpool-lua" : "cpool", p->nworkers, mode_name, ntasks,
          (long)(p->spin_ns / 1000));
@@ -556,8 +552,6 @@ int main(int argc, char **argv) {
     printf(" gap_us=%ld us_per_trip=%.2f", gap_us,
            (double)lat_sum / (double)ntasks / 1e3);
   }
-  printf(" wall_s=%.3f cpu_user=%.3f cpu_sys=%.3f cpu_pct=%.1f maxrss_kb=%ld\n",
-         wall_s, cpu_user, cpu_sys, 100.0 * (cpu_user + cpu_sys) / wall_s,
-         ru.ru_maxrss);
+  print_usage(&ru, wall);
   return 0;
 }

@@ -93,7 +93,6 @@ int main(int argc, char **argv) {
   char buf[32];
   uint64_t t_start, wall;
   struct rusage ru;
-  double cpu_user, cpu_sys, wall_s;
   int64_t want;
 
   for (i = 1; i < argc; i++) {
@@ -146,9 +145,6 @@ int main(int argc, char **argv) {
     return 1;
   }
 
-  cpu_user = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
-  cpu_sys = (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
-  wall_s = (double)wall / 1e9;
   printf("name=uvwork workers=%ld mode=%s tasks=%ld", nworkers, mode,
          run.ntasks);
   if (window > 1) {
@@ -156,8 +152,6 @@ int main(int argc, char **argv) {
   } else {
     printf(" us_per_trip=%.2f", (double)wall / (double)run.ntasks / 1e3);
   }
-  printf(" wall_s=%.3f cpu_user=%.3f cpu_sys=%.3f cpu_pct=%.1f maxrss_kb=%ld\n",
-         wall_s, cpu_user, cpu_sys, 100.0 * (cpu_user + cpu_sys) / wall_s,
-         ru.ru_maxrss);
+  print_usage(&ru, wall);
   return 0;
 }
