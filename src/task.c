@@ -136,18 +136,31 @@ static op_tasks *tasks_of(lua_State *L, op_runtime *rt) {
   return ts;
 }
 
+/* Report the failure msg of a task (made by call) that nobody observed
+** and that can no longer be: it was collected. */
+static void report_unobserved(op_runtime *rt, const char *call,
+                              const char *msg) {
+  static const char fmt[] = "unobserved task failure in %s: %s";
+  int n = snprintf(NULL, 0, fmt, call, msg);
+  char *line = n >= 0 ? malloc((size_t)n + 1) : NULL;
+
+  rt->call_errors++;
+  if (line == NULL) { /* out of memory: the message without its text */
+    op__report_error(rt, "unobserved task failure");
+    return;
+  }
+  snprintf(line, (size_t)n + 1, fmt, call, msg);
+  op__report_error(rt, line);
+  free(line);
+}
+
 /* Settle entry i: report its failure, free what it holds. */
 static void remain_settle(op_runtime *rt, uint32_t i) {
   op_tasks *r = rt->tasks;
   remain *e = &r->v[i];
-  char line[512];
 
-  if (e->msg != NULL) {
-    snprintf(line, sizeof line, "unobserved task failure in %s: %s", e->call,
-             e->msg);
-    rt->call_errors++;
-    op__report_error(rt, line);
-  }
+  if (e->msg != NULL)
+    report_unobserved(rt, e->call, e->msg);
   free(e->heap);
   free(e->msg);
   e->heap = e->msg = NULL;
@@ -191,10 +204,14 @@ static int sentinel_gc(lua_State *L) {
   return 0;
 }
 
+/* Whether lt failed and nobody has waited for it or listened to it. */
+static int unobserved_failure(const op_ltask *lt) {
+  return lt->state == OP_TASK_FAILED && !lt->observed && !lt->sched;
+}
+
 /* Whether the ended pool task lt leaves something to do when collected. */
 static int remain_needed(const op_ltask *lt) {
-  return lt->t.buf.p != lt->t.buf.small ||
-         (lt->state == OP_TASK_FAILED && !lt->observed && !lt->sched);
+  return lt->t.buf.p != lt->t.buf.small || unobserved_failure(lt);
 }
 
 /* Give the ended pool task lt, on top of L, an entry if it leaves
@@ -207,7 +224,7 @@ static void remain_add(lua_State *L, op_ltask *lt) {
   remain *nv;
   uint32_t i;
 
-  if (lt->state == OP_TASK_FAILED && !lt->observed && !lt->sched) {
+  if (unobserved_failure(lt)) {
     if ((msg = malloc(out->len + 1)) == NULL)
       OP_PANIC("out of memory for a task failure");
     memcpy(msg, out->p, out->len);
@@ -1062,13 +1079,10 @@ static int task_gc(lua_State *L) {
   op_ltask *lt = check_task(L, 1);
 
   op_assert(!lt->in_pool);
-  if (lt->state == OP_TASK_FAILED && !lt->observed && !lt->sched) {
+  if (unobserved_failure(lt)) {
     push_error(L, lt);
-    lua_pushfstring(L, "unobserved task failure in %s: %s", lt->call,
-                    lua_tostring(L, -1));
-    lt->rt->call_errors++;
-    op__report_error(lt->rt, lua_tostring(L, -1));
-    lua_pop(L, 2);
+    report_unobserved(lt->rt, lt->call, lua_tostring(L, -1));
+    lua_pop(L, 1);
   }
   if (lt->res_ref != LUA_NOREF)
     luaL_unref(L, LUA_REGISTRYINDEX, lt->res_ref);
