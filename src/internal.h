@@ -483,6 +483,8 @@ void op__open_io_redis(lua_State *L);
 ** their handles (freed by the loop's next turn) and free the module state
 ** (rt->io_http / rt->io_redis). */
 void op__io_http_shutdown(op_runtime *rt);
+/* Push the table of offpath.stats().http.  [-0, +1, m] */
+void op__io_http_stats(lua_State *L, op_runtime *rt);
 void op__io_redis_shutdown(op_runtime *rt);
 
 /* ---- io/pg.c and io/sqlite.c: offpath.pg and offpath.sqlite ---- */

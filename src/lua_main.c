@@ -238,6 +238,8 @@ static int offpath_stats(lua_State *L) {
   set_number(L, "p99", st.call_p99);
   set_number(L, "max", st.call_max);
   lua_setfield(L, -2, "latency");
+  op__io_http_stats(L, op__runtime(L));
+  lua_setfield(L, -2, "http");
   return 1;
 }
 

@@ -25,6 +25,34 @@
 **          request; the wait is already resolved, and curl forgets the
 **          transfer, so nothing of it comes back later.
 **
+** Sockets. curl opens and closes its sockets itself (open_socket and
+** close_socket count them: the open connections of stats().http) and tells
+** sock_cb which to watch. Each watched socket has its own hsock, freed in
+** its close callback; CURL_POLL_REMOVE closes it and clears the
+** assignment at once, so a new socket that gets the same descriptor
+** number gets a new hsock and a new uv_poll (libuv forgot the old one's
+** watcher in uv_close). An error on a socket (POLLERR: libuv reports
+** UV_EBADF and stops the handle) is not passed on as CURL_CSELECT_ERR,
+** which curl reports as "select/poll returned error" whatever happened:
+** curl is told the socket is ready for what it waited on, so it reads the
+** data still queued or the socket's real error, and the poll is started
+** again if curl still watches the socket.
+**
+** Connections. Kept-alive connections are cached in the multi and reused
+** by later requests to the same host; at most max_host_connections are
+** open to one host (further requests wait inside curl for a free one, so
+** a burst never overflows a small accept backlog), at most
+** max_connections idle ones are kept. HTTP/2 is used over TLS when the
+** server offers it (ALPN), and requests wait for a connection that can
+** multiplex them (CURLOPT_PIPEWAIT) rather than open another one.
+**
+** Streaming. A response may go to a file (output: written as it arrives)
+** or to the handler's on_data function, which runs on the main VM after
+** curl_multi_socket_action has returned (never inside a curl callback),
+** with the bytes that arrived; a transfer is paused while more than
+** HTTP_CHUNK bytes wait for on_data. A request body may come from a file
+** (body_file), read as curl sends it.
+**
 ** Name resolution: Debian's libcurl is built with the threaded resolver
 ** (AsynchDNS without c-ares): getaddrinfo runs on a short-lived helper
 ** thread that curl owns, and its completion is seen through a socket curl
@@ -35,8 +63,12 @@
 */
 #include <ctype.h>
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <curl/curl.h>
 
 #include "internal.h"
@@ -45,6 +77,10 @@
 #define HTTP_MAX_REDIRS 5
 #define HTTP_FREE_EASY  32
 #define HTTP_WAIT_CALL  "offpath.http.request"
+#define HTTP_CHUNK      ((size_t)256 * 1024) /* on_data: pause beyond this */
+#define HTTP_MAX_HOST   8                    /* default max_host_connections */
+#define HTTP_MAX_CONNS  64 /* default max_connections (idle cache) */
+#define HTTP_MAX_ERRS   64 /* poll errors in a row before curl is told */
 
 typedef struct hsock hsock;
 typedef struct hreq hreq;
@@ -57,9 +93,15 @@ typedef struct http_mod {
   int closing;
   hsock *socks; /* every socket context, for ref/unref and shutdown */
   hreq *reqs;   /* every live request, for shutdown */
+  hreq *feed;   /* requests with bytes waiting for on_data */
   CURL *free_easy[HTTP_FREE_EASY];
   int nfree_easy;
+  long max_host, max_conns;
+  /* stats().http */
+  uint64_t requests, completed, failed, connects, reused, http2;
+  int64_t sockets; /* open now */
 } http_mod;
+
 
 /* One socket curl asked us to watch. Freed in its close callback. */
 struct hsock {
@@ -67,6 +109,8 @@ struct hsock {
   op_runtime *rt; /* (the host may own loop->data) */
   http_mod *mod;  /* NULL once closing */
   curl_socket_t fd;
+  int want; /* UV_READABLE | UV_WRITABLE, as curl asked */
+  int errs; /* poll errors in a row */
   hsock *prev, *next;
 };
 
@@ -79,6 +123,18 @@ struct hreq {
   int running; /* in the multi */
   int too_big; /* the body passed max_size */
   int nomem;
+  int in_lua;  /* on_data runs: req_free is deferred */
+  int dead;    /* req_free ran while in_lua */
+  int paused;  /* the write callback paused the transfer */
+  int in_feed; /* in mod->feed */
+  hreq *fprev, *fnext;
+  int data_ref;  /* on_data function (registry), or LUA_NOREF */
+  char *lua_err; /* on_data raised (malloc) */
+  FILE *out;     /* output file, or NULL */
+  char *out_path;
+  int out_errno;
+  curl_off_t out_len;
+  FILE *in; /* body_file, or NULL */
   curl_off_t max_size;
   op_buf body;
   op_buf head; /* raw header lines of the last response */
@@ -125,8 +181,24 @@ static void req_unlink(hreq *r) {
   r->prev = r->next = NULL;
 }
 
+static void feed_unlink(hreq *r) {
+  http_mod *m = r->mod;
+
+  if (!r->in_feed)
+    return;
+  if (r->fprev != NULL)
+    r->fprev->fnext = r->fnext;
+  else
+    m->feed = r->fnext;
+  if (r->fnext != NULL)
+    r->fnext->fprev = r->fprev;
+  r->fprev = r->fnext = NULL;
+  r->in_feed = 0;
+}
+
 /* Take r out of the multi and free it; its easy handle is kept for reuse
-** when there is room. */
+** when there is room. While r's on_data runs, only the transfer is
+** stopped; the free happens when on_data returns. */
 static void req_free(hreq *r) {
   http_mod *m = r->mod;
 
@@ -139,6 +211,11 @@ static void req_free(hreq *r) {
     if (--m->running == 0)
       update_ref(m);
   }
+  feed_unlink(r);
+  if (r->in_lua) {
+    r->dead = 1;
+    return;
+  }
   req_unlink(r);
   if (r->easy != NULL) {
     if (m->nfree_easy < HTTP_FREE_EASY && !m->closing) {
@@ -148,6 +225,16 @@ static void req_free(hreq *r) {
       curl_easy_cleanup(r->easy);
     }
   }
+  if (r->data_ref != LUA_NOREF)
+    luaL_unref(m->rt->L, LUA_REGISTRYINDEX, r->data_ref);
+  if (r->out != NULL) { /* not finished: remove what was written */
+    fclose(r->out);
+    unlink(r->out_path);
+  }
+  if (r->in != NULL)
+    fclose(r->in);
+  free(r->out_path);
+  free(r->lua_err);
   curl_slist_free_all(r->headers);
   op__buf_free(&r->body);
   op__buf_free(&r->head);
@@ -160,11 +247,31 @@ static void req_abort(void *what, int code) {
   req_free(what);
 }
 
+/* CURLOPT_WRITEFUNCTION: keep the bytes (body, or for on_data), or write
+** them to the output file. Never runs Lua. */
 static size_t write_cb(char *p, size_t size, size_t n, void *ud) {
   hreq *r = ud;
+  http_mod *m = r->mod;
   size_t len = size * n;
 
-  if ((curl_off_t)(r->body.len + len) > r->max_size) {
+  if (r->out != NULL) {
+    if (r->out_len + (curl_off_t)len > r->max_size) {
+      r->too_big = 1;
+      return 0;
+    }
+    if (fwrite(p, 1, len, r->out) != len) {
+      r->out_errno = errno != 0 ? errno : EIO;
+      return 0;
+    }
+    r->out_len += (curl_off_t)len;
+    return len;
+  }
+  if (r->data_ref != LUA_NOREF) {
+    if (r->body.len >= HTTP_CHUNK) {
+      r->paused = 1;
+      return CURL_WRITEFUNC_PAUSE; /* on_data has not caught up */
+    }
+  } else if ((curl_off_t)(r->body.len + len) > r->max_size) {
     r->too_big = 1;
     return 0; /* CURLE_WRITE_ERROR */
   }
@@ -172,7 +279,51 @@ static size_t write_cb(char *p, size_t size, size_t n, void *ud) {
     r->nomem = 1;
     return 0;
   }
+  if (r->data_ref != LUA_NOREF && !r->in_feed) {
+    r->fprev = NULL;
+    r->fnext = m->feed;
+    if (m->feed != NULL)
+      m->feed->fprev = r;
+    m->feed = r;
+    r->in_feed = 1;
+  }
   return len;
+}
+
+/* CURLOPT_READFUNCTION for body_file. */
+static size_t read_cb(char *p, size_t size, size_t n, void *ud) {
+  hreq *r = ud;
+  size_t got = fread(p, size, n, r->in);
+
+  if (got == 0 && ferror(r->in)) {
+    r->out_errno = errno != 0 ? errno : EIO;
+    return CURL_READFUNC_ABORT;
+  }
+  return got;
+}
+
+/* CURLOPT_OPENSOCKETFUNCTION: open a socket (close-on-exec, so programs
+** started by offpath.exec do not inherit it) and count it. */
+static curl_socket_t open_socket(void *ud, curlsocktype purpose,
+                                 struct curl_sockaddr *a) {
+  http_mod *m = ud;
+  curl_socket_t fd;
+
+  (void)purpose;
+  fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+  if (fd == CURL_SOCKET_BAD)
+    return CURL_SOCKET_BAD;
+  m->sockets++;
+  m->connects++;
+  return fd;
+}
+
+/* CURLOPT_CLOSESOCKETFUNCTION */
+static int close_socket(void *ud, curl_socket_t fd) {
+  http_mod *m = ud;
+
+  m->sockets--;
+  return close(fd);
 }
 
 static size_t header_cb(char *p, size_t size, size_t n, void *ud) {
@@ -285,18 +436,78 @@ static const char *failure(CURLcode rc, long oserr) {
   }
 }
 
+/* Hand the bytes waiting in r->body to r's on_data, on the main VM, and
+** resume a paused transfer. Returns 0; 1 if on_data raised (r->lua_err
+** is set; the caller ends the transfer); -1 if r is gone (its wait ended
+** while on_data ran). Runs Lua; never called from a curl callback. */
+static int feed_one(hreq *r) {
+  http_mod *m = r->mod;
+  lua_State *L = m->rt->L;
+  int top = lua_gettop(L), st;
+
+  feed_unlink(r);
+  if (r->lua_err != NULL)
+    return 1;
+  if (r->body.len == 0)
+    return 0;
+  if (!lua_checkstack(L, 3)) {
+    r->nomem = 1;
+    return 1;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->data_ref);
+  lua_pushlstring(L, r->body.p, r->body.len);
+  r->body.len = 0; /* keep the buffer for the next chunk */
+  r->in_lua = 1;
+  st = op__pcall(L, 1, 0);
+  r->in_lua = 0;
+  if (st != LUA_OK && !r->dead) {
+    const char *e = lua_tostring(L, -1);
+    r->lua_err = strdup(e != NULL ? e : "(error object is not a string)");
+    if (r->lua_err == NULL)
+      r->nomem = 1;
+  }
+  lua_settop(L, top);
+  if (r->dead) {
+    req_free(r);
+    return -1;
+  }
+  if (st != LUA_OK)
+    return 1;
+  if (r->paused && r->running) {
+    CURLcode rc;
+    r->paused = 0;
+    rc = curl_easy_pause(r->easy, CURLPAUSE_CONT); /* may call write_cb */
+    if (NEVER(rc != CURLE_OK))
+      fprintf(stderr, "offpath: http: curl_easy_pause: %s\n",
+              curl_easy_strerror(rc));
+  }
+  return 0;
+}
+
 /* A transfer ended: resolve its wait (if still pending) and free it.
-** Runs Lua (the resumed coroutine) when the wait is there. */
+** Runs Lua (on_data's last bytes, the resumed coroutine). */
 static void finish(hreq *r, CURLcode rc) {
   http_mod *m = r->mod;
   op_runtime *rt = m->rt;
-  op_wait_id id = r->id;
-  lua_State *co = op__wait_thread(rt, id);
-  char msg[CURL_ERROR_SIZE + 512];
-  long status = 0, oserr = 0;
+  op_wait_id id;
+  lua_State *co;
+  char msg[CURL_ERROR_SIZE + 1024];
+  long status = 0, oserr = 0, nconn = 0, ver = 0;
   char *eff = NULL;
 
+  m->completed++;
+  if (curl_easy_getinfo(r->easy, CURLINFO_NUM_CONNECTS, &nconn) == CURLE_OK &&
+      nconn == 0 && rc == CURLE_OK)
+    m->reused++;
+  if (curl_easy_getinfo(r->easy, CURLINFO_HTTP_VERSION, &ver) == CURLE_OK &&
+      ver == CURL_HTTP_VERSION_2_0)
+    m->http2++;
+  if (r->data_ref != LUA_NOREF && rc == CURLE_OK && feed_one(r) < 0)
+    return; /* r is gone: its wait ended while on_data ran */
+  id = r->id;
+  co = op__wait_thread(rt, id);
   if (co == NULL) { /* no waiter: op__wait_new raised after the start */
+    m->failed++;
     req_free(r);
     return;
   }
@@ -306,11 +517,20 @@ static void finish(hreq *r, CURLcode rc) {
              "http: out of memory reading the response "
              "(%s %s)",
              r->method, r->url);
+  else if (r->lua_err != NULL)
+    snprintf(msg, sizeof msg, "http: on_data failed (%s %s): %s", r->method,
+             r->url, r->lua_err);
   else if (r->too_big || rc == CURLE_FILESIZE_EXCEEDED)
     snprintf(msg, sizeof msg,
              "http: response larger than %" CURL_FORMAT_CURL_OFF_T
              " bytes (%s %s)",
              r->max_size, r->method, r->url);
+  else if (r->out_errno != 0 && r->out != NULL)
+    snprintf(msg, sizeof msg, "http: cannot write '%s' (%s %s): %s",
+             r->out_path, r->method, r->url, strerror(r->out_errno));
+  else if (r->out_errno != 0)
+    snprintf(msg, sizeof msg, "http: cannot read the body file (%s %s): %s",
+             r->method, r->url, strerror(r->out_errno));
   else if (rc == CURLE_OPERATION_TIMEDOUT)
     snprintf(msg, sizeof msg, "timeout: http %s %s: %s", r->method, r->url,
              r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc));
@@ -322,21 +542,36 @@ static void finish(hreq *r, CURLcode rc) {
   } else if (!lua_checkstack(co, 6)) {
     snprintf(msg, sizeof msg, "http: stack overflow (%s %s)", r->method,
              r->url);
+  } else if (r->out != NULL) {
+    FILE *f = r->out;
+    r->out = NULL;
+    if (fclose(f) != 0) {
+      snprintf(msg, sizeof msg, "http: cannot write '%s' (%s %s): %s",
+               r->out_path, r->method, r->url, strerror(errno));
+      unlink(r->out_path);
+    }
   }
   if (msg[0] != '\0') {
+    m->failed++;
     req_free(r);
     op__wait_fail(rt, id, msg);
     return;
   }
   curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
   curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &eff);
-  lua_createtable(co, 0, 4);
+  lua_createtable(co, 0, 6);
   lua_pushinteger(co, (lua_Integer)status);
   lua_setfield(co, -2, "status");
   push_headers(co, r);
   lua_setfield(co, -2, "headers");
   lua_pushlstring(co, r->body.p, r->body.len);
   lua_setfield(co, -2, "body");
+  if (r->out_path != NULL) {
+    lua_pushstring(co, r->out_path);
+    lua_setfield(co, -2, "output");
+    lua_pushinteger(co, (lua_Integer)r->out_len);
+    lua_setfield(co, -2, "size");
+  }
   if (eff != NULL) {
     lua_pushstring(co, eff);
     lua_setfield(co, -2, "url");
@@ -345,24 +580,33 @@ static void finish(hreq *r, CURLcode rc) {
   op__wait_resume(rt, id, 1);
 }
 
-/* Drain curl's messages after a curl_multi_socket_action. Finishing a
-** request resumes its coroutine, which may start or abort others: curl
-** allows that between curl_multi_info_read calls. */
+/* Drain curl's messages after a curl_multi_socket_action, then hand the
+** bytes that arrived to on_data functions. Finishing a request resumes its
+** coroutine, which may start or abort others: curl allows that between
+** curl_multi_info_read calls. A request whose on_data raised is ended
+** here. */
 static void check_done(http_mod *m) {
   CURLMsg *msg;
+  hreq *r;
   int left;
 
-  while ((msg = curl_multi_info_read(m->multi, &left)) != NULL) {
-    hreq *r = NULL;
-    CURL *easy = msg->easy_handle;
-    CURLcode rc = msg->data.result;
+  for (;;) {
+    while ((msg = curl_multi_info_read(m->multi, &left)) != NULL) {
+      CURL *easy = msg->easy_handle;
+      CURLcode rc = msg->data.result;
 
-    if (msg->msg != CURLMSG_DONE)
-      continue;
-    if (curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&r) != CURLE_OK ||
-        NEVER(r == NULL))
-      continue;
-    finish(r, rc);
+      r = NULL;
+      if (msg->msg != CURLMSG_DONE)
+        continue;
+      if (curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&r) != CURLE_OK ||
+          NEVER(r == NULL))
+        continue;
+      finish(r, rc);
+    }
+    if ((r = m->feed) == NULL)
+      break;
+    if (feed_one(r) > 0)
+      finish(r, CURLE_ABORTED_BY_CALLBACK); /* on_data raised */
   }
 }
 
@@ -404,17 +648,30 @@ static void poll_cb(uv_poll_t *p, int status, int events) {
   if (m == NULL)
     return;
   if (status < 0) {
-    flags = CURL_CSELECT_ERR;
+    /* POLLERR: libuv stopped the handle. Let curl do the I/O it waited
+    ** for, so it reads what is still queued or the socket's own error
+    ** (ECONNRESET, ETIMEDOUT, ...); only an error that keeps coming back
+    ** without curl acting on it is passed on as such. */
+    events = s->want;
+    if (++s->errs > HTTP_MAX_ERRS)
+      flags = CURL_CSELECT_ERR;
   } else {
-    if (events & UV_READABLE)
-      flags |= CURL_CSELECT_IN;
-    if (events & UV_WRITABLE)
-      flags |= CURL_CSELECT_OUT;
+    s->errs = 0;
   }
-  socket_action(m, s->fd, flags); /* s may be closing after this */
+  if (events & UV_READABLE)
+    flags |= CURL_CSELECT_IN;
+  if (events & UV_WRITABLE)
+    flags |= CURL_CSELECT_OUT;
+  socket_action(m, s->fd, flags);
+  /* s is valid until its close callback; s->mod is NULL once curl let go
+  ** of the socket. Restart the poll libuv stopped. */
+  if (status < 0 && s->mod != NULL && s->want != 0 &&
+      uv_poll_start(&s->poll, s->want, poll_cb) != 0)
+    socket_action(m, s->fd, CURL_CSELECT_ERR);
 }
 
-/* CURLMOPT_SOCKETFUNCTION: watch fd for what curl wants. */
+/* CURLMOPT_SOCKETFUNCTION: watch fd for what curl wants. Returns -1 (curl
+** then fails the transfers on fd) if the socket cannot be watched. */
 static int sock_cb(CURL *easy, curl_socket_t fd, int what, void *userp,
                    void *socketp) {
   http_mod *m = userp;
@@ -425,7 +682,8 @@ static int sock_cb(CURL *easy, curl_socket_t fd, int what, void *userp,
   if (what == CURL_POLL_REMOVE) {
     if (s != NULL) {
       sock_close(m, s);
-      curl_multi_assign(m->multi, fd, NULL);
+      if (NEVER(curl_multi_assign(m->multi, fd, NULL) != CURLM_OK))
+        return -1;
     }
     return 0;
   }
@@ -435,6 +693,8 @@ static int sock_cb(CURL *easy, curl_socket_t fd, int what, void *userp,
       return -1;
     rc = uv_poll_init_socket(m->rt->loop, &s->poll, fd);
     if (rc != 0) {
+      fprintf(stderr, "offpath: http: cannot watch socket %d: %s\n", (int)fd,
+              uv_strerror(rc));
       free(s);
       return -1;
     }
@@ -458,6 +718,8 @@ static int sock_cb(CURL *easy, curl_socket_t fd, int what, void *userp,
     events |= UV_READABLE;
   if (what & CURL_POLL_OUT)
     events |= UV_WRITABLE;
+  s->want = events;
+  s->errs = 0;
   rc = uv_poll_start(&s->poll, events, poll_cb);
   return rc == 0 ? 0 : -1;
 }
@@ -506,6 +768,8 @@ static http_mod *get_mod(lua_State *L, op_runtime *rt) {
   if (m == NULL)
     luaL_error(L, "not enough memory");
   m->rt = rt;
+  m->max_host = HTTP_MAX_HOST;
+  m->max_conns = HTTP_MAX_CONNS;
   m->multi = curl_multi_init();
   if (m->multi == NULL) {
     free(m);
@@ -515,7 +779,11 @@ static http_mod *get_mod(lua_State *L, op_runtime *rt) {
   if (curl_multi_setopt(m->multi, CURLMOPT_SOCKETFUNCTION, sock_cb) ||
       curl_multi_setopt(m->multi, CURLMOPT_SOCKETDATA, m) ||
       curl_multi_setopt(m->multi, CURLMOPT_TIMERFUNCTION, timer_fn) ||
-      curl_multi_setopt(m->multi, CURLMOPT_TIMERDATA, m)) {
+      curl_multi_setopt(m->multi, CURLMOPT_TIMERDATA, m) ||
+      curl_multi_setopt(m->multi, CURLMOPT_PIPELINING, CURLPIPE_MULTIPLEX) ||
+      curl_multi_setopt(m->multi, CURLMOPT_MAX_HOST_CONNECTIONS,
+                        (long)HTTP_MAX_HOST) ||
+      curl_multi_setopt(m->multi, CURLMOPT_MAXCONNECTS, (long)HTTP_MAX_CONNS)) {
     curl_multi_cleanup(m->multi);
     free(m);
     luaL_error(L, "http: cannot set up the curl multi handle");
@@ -568,6 +836,9 @@ typedef struct hopts {
   lua_Integer max_redirects;
   int insecure;
   const char *cainfo;
+  const char *output;    /* write the response body to this file */
+  const char *body_file; /* send this file as the request body */
+  int on_data;           /* stack index of the on_data function, or 0 */
 } hopts;
 
 static double opt_number(lua_State *L, int t, const char *k, double def) {
@@ -613,14 +884,20 @@ static void read_opts(lua_State *L, int t, hopts *o) {
     luaL_error(L, "http: option 'url' is required");
   o->method = opt_string(L, t, "method", NULL);
   o->body = opt_string(L, t, "body", &o->body_len);
-  o->has_body = o->body != NULL;
+  o->body_file = opt_string(L, t, "body_file", NULL);
+  if (o->body != NULL && o->body_file != NULL)
+    luaL_error(L, "http: options 'body' and 'body_file' exclude each other");
+  o->has_body = o->body != NULL || o->body_file != NULL;
+  o->output = opt_string(L, t, "output", NULL);
   o->timeout = opt_number(L, t, "timeout", 0);
   if (o->timeout < 0)
     luaL_error(L, "http: option 'timeout' must not be negative");
   o->connect_timeout = opt_number(L, t, "connect_timeout", 0);
   if (o->connect_timeout < 0)
     luaL_error(L, "http: option 'connect_timeout' must not be negative");
-  n = opt_number(L, t, "max_size", (double)HTTP_MAX_SIZE);
+  /* Bodies kept in memory are limited by default; streamed ones not. */
+  n = opt_number(L, t, "max_size",
+                 o->output != NULL ? 9.0e15 : (double)HTTP_MAX_SIZE);
   if (n < 0 || n > 9.0e15)
     luaL_error(L, "http: option 'max_size' is out of range");
   o->max_size = (lua_Integer)n;
@@ -703,6 +980,7 @@ static int http_start(lua_State *L) {
   CURLcode rc = CURLE_OK;
   CURLMcode mc;
   int hidx = 0, i;
+  curl_off_t body_size = 0;
   op_wait_id id;
 
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -714,6 +992,13 @@ static int http_start(lua_State *L) {
       luaL_error(L, "http: option 'headers' must be a table");
     hidx = lua_gettop(L);
   }
+  if (lua_getfield(L, 1, "on_data") != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TFUNCTION)
+      luaL_error(L, "http: option 'on_data' must be a function");
+    if (o.output != NULL)
+      luaL_error(L, "http: options 'output' and 'on_data' exclude each other");
+    o.on_data = lua_gettop(L);
+  }
   op__check_suspend(L, HTTP_WAIT_CALL);
   m = get_mod(L, rt);
 
@@ -721,6 +1006,7 @@ static int http_start(lua_State *L) {
   if (r == NULL)
     return luaL_error(L, "not enough memory");
   r->mod = m;
+  r->data_ref = LUA_NOREF;
   op__buf_init(&r->body);
   op__buf_init(&r->head);
   r->max_size = (curl_off_t)o.max_size;
@@ -748,6 +1034,33 @@ static int http_start(lua_State *L) {
     req_free(r);
     return luaL_error(L, "http: cannot make a curl handle");
   }
+  if (o.body_file != NULL) {
+    struct stat st;
+    r->in = fopen(o.body_file, "rbe");
+    if (r->in == NULL || fstat(fileno(r->in), &st) != 0) {
+      lua_pushfstring(L, "http: cannot open '%s': %s", o.body_file,
+                      strerror(errno));
+      req_free(r);
+      return lua_error(L);
+    }
+    body_size = (curl_off_t)st.st_size;
+  }
+  if (o.output != NULL) {
+    r->out_path = strdup(o.output);
+    if (r->out_path == NULL) {
+      req_free(r);
+      return luaL_error(L, "not enough memory");
+    }
+    r->out = fopen(o.output, "wbe");
+    if (r->out == NULL) {
+      lua_pushfstring(L, "http: cannot write '%s': %s", o.output,
+                      strerror(errno));
+      free(r->out_path);
+      r->out_path = NULL;
+      req_free(r);
+      return lua_error(L);
+    }
+  }
   if (hidx != 0 && (err = build_headers(L, hidx, r)) != NULL) {
     req_free(r);
     return lua_error(L);
@@ -760,6 +1073,11 @@ static int http_start(lua_State *L) {
   SETOPT(CURLOPT_URL, o.url);
   SETOPT(CURLOPT_PRIVATE, (char *)r);
   SETOPT(CURLOPT_NOSIGNAL, 1L);
+  SETOPT(CURLOPT_OPENSOCKETFUNCTION, open_socket);
+  SETOPT(CURLOPT_OPENSOCKETDATA, m);
+  SETOPT(CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+  SETOPT(CURLOPT_CLOSESOCKETDATA, m);
+  SETOPT(CURLOPT_PIPEWAIT, 1L);
   SETOPT(CURLOPT_ERRORBUFFER, r->errbuf);
   SETOPT(CURLOPT_WRITEFUNCTION, write_cb);
   SETOPT(CURLOPT_WRITEDATA, r);
@@ -787,8 +1105,15 @@ static int http_start(lua_State *L) {
   } else if (strcmp(r->method, "GET") == 0 && !o.has_body) {
     SETOPT(CURLOPT_HTTPGET, 1L);
   } else {
-    if (o.has_body || strcmp(r->method, "POST") == 0 ||
-        strcmp(r->method, "PUT") == 0 || strcmp(r->method, "PATCH") == 0) {
+    if (r->in != NULL) {
+      /* A body read from the file as it is sent, with Content-Length. */
+      SETOPT(CURLOPT_POST, 1L);
+      SETOPT(CURLOPT_POSTFIELDSIZE_LARGE, body_size);
+      SETOPT(CURLOPT_READFUNCTION, read_cb);
+      SETOPT(CURLOPT_READDATA, r);
+    } else if (o.has_body || strcmp(r->method, "POST") == 0 ||
+               strcmp(r->method, "PUT") == 0 ||
+               strcmp(r->method, "PATCH") == 0) {
       /* A body, possibly empty: sent with Content-Length. */
       SETOPT(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)o.body_len);
       SETOPT(CURLOPT_COPYPOSTFIELDS, o.has_body ? o.body : "");
@@ -813,8 +1138,13 @@ static int http_start(lua_State *L) {
     return lua_error(L);
   }
   r->running = 1;
+  m->requests++;
   if (m->running++ == 0)
     update_ref(m);
+  if (o.on_data != 0) {
+    lua_pushvalue(L, o.on_data);
+    r->data_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* one registry per VM */
+  }
   id = op__wait_new(L, HTTP_WAIT_CALL, o.timeout, req_abort, r);
   r->id = id;
   return op__wait_yield(L);
@@ -879,8 +1209,67 @@ static int http_put(lua_State *L) {
   return shortcut(L, "PUT", 1);
 }
 
+/* offpath.http.configure{max_host_connections=, max_connections=}: the
+** connection limits of this runtime's HTTP client. Any time; applies to
+** requests started afterwards. */
+static int http_configure(lua_State *L) {
+  op_runtime *rt = op__runtime(L);
+  http_mod *m;
+  double host, conns;
+
+  luaL_checktype(L, 1, LUA_TTABLE);
+  host = opt_number(L, 1, "max_host_connections", -1);
+  conns = opt_number(L, 1, "max_connections", -1);
+  if (host != -1 && (host < 1 || host > 100000 || host != (long)host))
+    luaL_error(L, "http: option 'max_host_connections' must be an integer "
+                  "from 1 to 100000");
+  if (conns != -1 && (conns < 0 || conns > 100000 || conns != (long)conns))
+    luaL_error(L, "http: option 'max_connections' must be an integer "
+                  "from 0 to 100000");
+  m = get_mod(L, rt);
+  if (host != -1)
+    m->max_host = (long)host;
+  if (conns != -1)
+    m->max_conns = (long)conns;
+  if (curl_multi_setopt(m->multi, CURLMOPT_MAX_HOST_CONNECTIONS, m->max_host) !=
+          CURLM_OK ||
+      curl_multi_setopt(m->multi, CURLMOPT_MAXCONNECTS, m->max_conns) !=
+          CURLM_OK)
+    luaL_error(L, "http: cannot set the connection limits");
+  return 0;
+}
+
+static void set_count(lua_State *L, const char *k, int64_t v) {
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_setfield(L, -2, k);
+}
+
+void op__io_http_stats(lua_State *L, op_runtime *rt) {
+  http_mod *m = rt->io_http;
+
+  lua_createtable(L, 0, 10);
+  set_count(L, "requests", m != NULL ? (int64_t)m->requests : 0);
+  set_count(L, "inflight", m != NULL ? m->running : 0);
+  set_count(L, "completed", m != NULL ? (int64_t)m->completed : 0);
+  set_count(L, "failed", m != NULL ? (int64_t)m->failed : 0);
+  set_count(L, "connections", m != NULL ? m->sockets : 0);
+  set_count(L, "opened", m != NULL ? (int64_t)m->connects : 0);
+  set_count(L, "reused", m != NULL ? (int64_t)m->reused : 0);
+  set_count(L, "http2", m != NULL ? (int64_t)m->http2 : 0);
+  set_count(L, "max_host_connections", m != NULL ? m->max_host : HTTP_MAX_HOST);
+  set_count(L, "max_connections", m != NULL ? m->max_conns : HTTP_MAX_CONNS);
+}
+
+/* offpath.http.stats(): the same table as offpath.stats().http. */
+static int http_stats(lua_State *L) {
+  op__io_http_stats(L, op__runtime(L));
+  return 1;
+}
+
 void op__open_io_http(lua_State *L) {
   static const luaL_Reg funcs[] = { { "request", http_request },
+                                    { "configure", http_configure },
+                                    { "stats", http_stats },
                                     { "get", http_get },
                                     { "post", http_post },
                                     { "put", http_put },
