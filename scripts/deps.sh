@@ -10,7 +10,7 @@ build="cmake make gcc pkg-config liblua5.4-dev lua5.4 libuv1-dev
 libcurl4-openssl-dev libpq-dev libhiredis-dev libsqlite3-dev libjansson-dev"
 # Sanitizer runtimes and the real servers the integration tests start.
 test="$build clang libclang-rt-dev redis-server postgresql nginx-light
-ca-certificates procps"
+ca-certificates procps python3"
 # Peers measured next to offpath.
 bench="$test lua-luv wrk postgresql-contrib"
 

@@ -99,7 +99,8 @@ typedef struct http_mod {
   long max_host, max_conns;
   /* stats().http */
   uint64_t requests, completed, failed, connects, reused, http2;
-  int64_t sockets; /* open now */
+  uint64_t *fd_ino; /* inode + 1 of each socket we opened, by descriptor */
+  int fd_cap;
 } http_mod;
 
 
@@ -303,18 +304,30 @@ static size_t read_cb(char *p, size_t size, size_t n, void *ud) {
 }
 
 /* CURLOPT_OPENSOCKETFUNCTION: open a socket (close-on-exec, so programs
-** started by offpath.exec do not inherit it) and count it. */
+** started by offpath.exec do not inherit it) and note it in m->fd_ino, for
+** the count of open connections. */
 static curl_socket_t open_socket(void *ud, curlsocktype purpose,
                                  struct curl_sockaddr *a) {
   http_mod *m = ud;
   curl_socket_t fd;
+  struct stat st;
 
   (void)purpose;
   fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
   if (fd == CURL_SOCKET_BAD)
     return CURL_SOCKET_BAD;
-  m->sockets++;
   m->connects++;
+  if (fd >= m->fd_cap) {
+    int cap = fd + 64;
+    uint64_t *p = realloc(m->fd_ino, (size_t)cap * sizeof *p);
+    if (p == NULL)
+      return fd; /* only the count misses it */
+    memset(p + m->fd_cap, 0, (size_t)(cap - m->fd_cap) * sizeof *p);
+    m->fd_ino = p;
+    m->fd_cap = cap;
+  }
+  if (fstat(fd, &st) == 0)
+    m->fd_ino[fd] = (uint64_t)st.st_ino + 1;
   return fd;
 }
 
@@ -322,8 +335,28 @@ static curl_socket_t open_socket(void *ud, curlsocktype purpose,
 static int close_socket(void *ud, curl_socket_t fd) {
   http_mod *m = ud;
 
-  m->sockets--;
+  if (fd >= 0 && fd < m->fd_cap)
+    m->fd_ino[fd] = 0;
   return close(fd);
+}
+
+/* The sockets we opened that are still open. curl 7.88 closes the socket
+** of a connect that timed out without calling close_socket, so each one
+** noted is checked: same descriptor, same inode. */
+static int64_t open_sockets(http_mod *m) {
+  int64_t n = 0;
+  struct stat st;
+  int fd;
+
+  for (fd = 0; fd < m->fd_cap; fd++) {
+    if (m->fd_ino[fd] == 0)
+      continue;
+    if (fstat(fd, &st) != 0 || (uint64_t)st.st_ino + 1 != m->fd_ino[fd])
+      m->fd_ino[fd] = 0;
+    else
+      n++;
+  }
+  return n;
 }
 
 static size_t header_cb(char *p, size_t size, size_t n, void *ud) {
@@ -484,6 +517,14 @@ static int feed_one(hreq *r) {
   return 0;
 }
 
+/* Whether r's (last) connection was made. */
+static int connected(hreq *r) {
+  curl_off_t t = 0;
+
+  return curl_easy_getinfo(r->easy, CURLINFO_CONNECT_TIME_T, &t) == CURLE_OK &&
+         t > 0;
+}
+
 /* A transfer ended: resolve its wait (if still pending) and free it.
 ** Runs Lua (on_data's last bytes, the resumed coroutine). */
 static void finish(hreq *r, CURLcode rc) {
@@ -532,7 +573,8 @@ static void finish(hreq *r, CURLcode rc) {
     snprintf(msg, sizeof msg, "http: cannot read the body file (%s %s): %s",
              r->method, r->url, strerror(r->out_errno));
   else if (rc == CURLE_OPERATION_TIMEDOUT)
-    snprintf(msg, sizeof msg, "timeout: http %s %s: %s", r->method, r->url,
+    snprintf(msg, sizeof msg, "timeout: http %s %s: %s%s", r->method, r->url,
+             connected(r) ? "" : "not connected in time: ",
              r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc));
   else if (rc != CURLE_OK) {
     curl_easy_getinfo(r->easy, CURLINFO_OS_ERRNO, &oserr);
@@ -750,6 +792,7 @@ static void mod_close_cb(uv_handle_t *h) {
   http_mod *m = h->data;
 
   m->rt->uv_handles--;
+  free(m->fd_ino);
   free(m);
 }
 
@@ -1212,25 +1255,35 @@ static int http_put(lua_State *L) {
 /* offpath.http.configure{max_host_connections=, max_connections=}: the
 ** connection limits of this runtime's HTTP client. Any time; applies to
 ** requests started afterwards. */
+static long opt_limit(lua_State *L, const char *k, long lo) {
+  lua_Integer v;
+  int isint;
+
+  if (lua_getfield(L, 1, k) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return -1;
+  }
+  v = lua_tointegerx(L, -1, &isint);
+  if (!isint || v < lo || v > 100000)
+    luaL_error(L, "http: option '%s' must be an integer from %d to 100000", k,
+               (int)lo);
+  lua_pop(L, 1);
+  return (long)v;
+}
+
 static int http_configure(lua_State *L) {
   op_runtime *rt = op__runtime(L);
   http_mod *m;
-  double host, conns;
+  long host, conns;
 
   luaL_checktype(L, 1, LUA_TTABLE);
-  host = opt_number(L, 1, "max_host_connections", -1);
-  conns = opt_number(L, 1, "max_connections", -1);
-  if (host != -1 && (host < 1 || host > 100000 || host != (long)host))
-    luaL_error(L, "http: option 'max_host_connections' must be an integer "
-                  "from 1 to 100000");
-  if (conns != -1 && (conns < 0 || conns > 100000 || conns != (long)conns))
-    luaL_error(L, "http: option 'max_connections' must be an integer "
-                  "from 0 to 100000");
+  host = opt_limit(L, "max_host_connections", 1);
+  conns = opt_limit(L, "max_connections", 0);
   m = get_mod(L, rt);
   if (host != -1)
-    m->max_host = (long)host;
+    m->max_host = host;
   if (conns != -1)
-    m->max_conns = (long)conns;
+    m->max_conns = conns;
   if (curl_multi_setopt(m->multi, CURLMOPT_MAX_HOST_CONNECTIONS, m->max_host) !=
           CURLM_OK ||
       curl_multi_setopt(m->multi, CURLMOPT_MAXCONNECTS, m->max_conns) !=
@@ -1252,7 +1305,7 @@ void op__io_http_stats(lua_State *L, op_runtime *rt) {
   set_count(L, "inflight", m != NULL ? m->running : 0);
   set_count(L, "completed", m != NULL ? (int64_t)m->completed : 0);
   set_count(L, "failed", m != NULL ? (int64_t)m->failed : 0);
-  set_count(L, "connections", m != NULL ? m->sockets : 0);
+  set_count(L, "connections", m != NULL ? open_sockets(m) : 0);
   set_count(L, "opened", m != NULL ? (int64_t)m->connects : 0);
   set_count(L, "reused", m != NULL ? (int64_t)m->reused : 0);
   set_count(L, "http2", m != NULL ? (int64_t)m->http2 : 0);
