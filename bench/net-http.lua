@@ -8,6 +8,9 @@ local URL = assert(os.getenv("URL"), "URL unset")
 local CONC = tonumber(os.getenv("CONC") or "64")
 local DURATION = tonumber(os.getenv("DURATION") or "2")
 
+-- One kept-alive connection per request in flight, as wrk and the C peer.
+offpath.http.configure { max_host_connections = CONC, max_connections = CONC }
+
 function on_start()
   local done, errors = 0, 0
   local stop = offpath.now() + DURATION

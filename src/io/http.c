@@ -8,8 +8,14 @@
 ** the connection cache, so requests to one host reuse their connections.
 ** curl tells us which sockets to watch (sock_cb: one uv_poll per socket,
 ** its context kept with curl_multi_assign) and when to call it back
-** (timer_fn: one uv_timer; a timeout of 0 becomes 1 ms so curl is never
-** re-entered from inside itself). Every curl_multi_socket_action is
+** (timer_fn: one uv_timer). A timeout of 0 ("now") never calls curl from
+** inside its own callback: it starts a uv_idle (kick) that calls curl on
+** the loop's next turn without a sleep. curl's multi-uv.c turns 0 into a
+** 1 ms timer instead, which holds every new request (and every request
+** reusing a connection) for a millisecond or more: at 64 in flight that
+** delay, not the CPU, bounded the rate. An idle handle runs once per
+** turn (one started from its callback waits for the next turn), so curl
+** asking for 0 again and again cannot starve the loop. Every curl_multi_socket_action is
 ** followed by check_done(), which drains curl_multi_info_read.
 **
 ** A request (hreq) is in exactly one state:
@@ -89,7 +95,9 @@ typedef struct http_mod {
   op_runtime *rt;
   CURLM *multi;
   uv_timer_t timer;
-  int running; /* easy handles in the multi */
+  uv_idle_t kick; /* timeout 0: call curl on the next loop turn */
+  int handles;    /* of timer and kick, not yet closed */
+  int running;    /* easy handles in the multi */
   int closing;
   hsock *socks; /* every socket context, for ref/unref and shutdown */
   hreq *reqs;   /* every live request, for shutdown */
@@ -159,10 +167,12 @@ static void update_ref(http_mod *m) {
 
   if (m->running > 0) {
     uv_ref((uv_handle_t *)&m->timer);
+    uv_ref((uv_handle_t *)&m->kick);
     for (s = m->socks; s != NULL; s = s->next)
       uv_ref((uv_handle_t *)&s->poll);
   } else {
     uv_unref((uv_handle_t *)&m->timer);
+    uv_unref((uv_handle_t *)&m->kick);
     for (s = m->socks; s != NULL; s = s->next)
       uv_unref((uv_handle_t *)&s->poll);
   }
@@ -771,19 +781,27 @@ static void timer_cb(uv_timer_t *t) {
   socket_action(m, CURL_SOCKET_TIMEOUT, 0);
 }
 
-/* CURLMOPT_TIMERFUNCTION: call curl back after timeout_ms (-1: never). */
+static void kick_cb(uv_idle_t *k) {
+  http_mod *m = k->data;
+
+  uv_idle_stop(k);
+  socket_action(m, CURL_SOCKET_TIMEOUT, 0);
+}
+
+/* CURLMOPT_TIMERFUNCTION: call curl back after timeout_ms (-1: never; 0:
+** on the loop's next turn, never from here, which would re-enter curl). */
 static int timer_fn(CURLM *multi, long timeout_ms, void *userp) {
   http_mod *m = userp;
 
   (void)multi;
-  if (timeout_ms < 0 || m->closing) {
-    uv_timer_stop(&m->timer);
+  uv_timer_stop(&m->timer);
+  uv_idle_stop(&m->kick);
+  if (timeout_ms < 0 || m->closing)
     return 0;
-  }
-  /* 0 means "now"; calling curl from here would re-enter it. */
-  uv_timer_start(&m->timer, timer_cb,
-                 timeout_ms == 0 ? 1 : (uint64_t)timeout_ms, 0);
-  return 0;
+  if (timeout_ms == 0)
+    return uv_idle_start(&m->kick, kick_cb) == 0 ? 0 : -1;
+  return uv_timer_start(&m->timer, timer_cb, (uint64_t)timeout_ms, 0) == 0 ? 0
+                                                                           : -1;
 }
 
 /* ---- the module state ---- */
@@ -792,6 +810,8 @@ static void mod_close_cb(uv_handle_t *h) {
   http_mod *m = h->data;
 
   m->rt->uv_handles--;
+  if (--m->handles > 0)
+    return;
   free(m->fd_ino);
   free(m);
 }
@@ -833,8 +853,12 @@ static http_mod *get_mod(lua_State *L, op_runtime *rt) {
   }
   uv_timer_init(rt->loop, &m->timer);
   m->timer.data = m;
-  rt->uv_handles++;
+  uv_idle_init(rt->loop, &m->kick);
+  m->kick.data = m;
+  m->handles = 2;
+  rt->uv_handles += 2;
   uv_unref((uv_handle_t *)&m->timer);
+  uv_unref((uv_handle_t *)&m->kick);
   rt->io_http = m;
   return m;
 }
@@ -859,7 +883,9 @@ void op__io_http_shutdown(op_runtime *rt) {
   while ((s = m->socks) != NULL)
     sock_close(m, s);
   uv_timer_stop(&m->timer);
+  uv_idle_stop(&m->kick);
   uv_close((uv_handle_t *)&m->timer, mod_close_cb);
+  uv_close((uv_handle_t *)&m->kick, mod_close_cb);
   rt->io_http = NULL;
 }
 
