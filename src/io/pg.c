@@ -60,6 +60,13 @@
 ** for the pool's later connections; the pool does not grow while the
 ** look-up runs (db->resolving).
 **
+** Reconnecting: a connection the server closed (restart, termination) is
+** dropped, and the next query opens a new one; the db object stays
+** usable. After a connect fails, the next attempt waits (backoff_min,
+** doubled on each failure in a row up to backoff_max; a success resets
+** it); while it waits and no connection is up, queries fail at once with
+** the last connect error and the time left.
+**
 ** Lifetime: a db is freed when its refs drop to zero; the Lua object, each
 ** connection, each request and the resolver hold one.
 */
@@ -74,6 +81,8 @@
 #define DB_MT        "offpath.pg"
 #define DEFAULT_POOL 4
 #define MAX_POOL     1000
+#define BACKOFF_MIN  0.1 /* seconds before reconnecting after a failure */
+#define BACKOFF_MAX  2.0 /* seconds, at most */
 
 /* Type OIDs (pg_type.dat); stable across server versions. */
 #define OID_BOOL    16
@@ -122,7 +131,11 @@ struct pg_db {
   int nconnecting, nidle, nbusy;
   pg_req *wait_head, *wait_tail;
   int nwaiting;
-  int64_t opened; /* connections ever established */
+  int64_t opened;                  /* connections ever established */
+  double backoff_min, backoff_max; /* seconds */
+  int fails;                       /* connects failed in a row */
+  uint64_t retry_at;               /* loop time (ms) of the next attempt */
+  char *last_err;                  /* why the last connect failed */
 };
 
 struct pg_conn {
@@ -303,7 +316,23 @@ static void db_unref(pg_db *db) {
   }
   free(db->keys);
   free(db->vals);
+  free(db->last_err);
   free(db);
+}
+
+/* A connect of db failed with msg: the next one waits. */
+static void connect_failed(pg_db *db, const char *msg) {
+  double delay = db->backoff_min;
+  int i;
+
+  for (i = 0; i < db->fails && delay < db->backoff_max; i++)
+    delay *= 2;
+  if (delay > db->backoff_max)
+    delay = db->backoff_max;
+  db->fails++;
+  db->retry_at = uv_now(db->rt->loop) + (uint64_t)(delay * 1000.0);
+  free(db->last_err);
+  db->last_err = msg != NULL ? msgf("%s", msg) : NULL;
 }
 
 static void req_free(pg_req *r) {
@@ -690,6 +719,7 @@ static void connect_timer_cb(uv_timer_t *t) {
 
   enter(mod);
   db->refs++;
+  connect_failed(db, msg);
   conn_drop(c, msg);
   if (db->nconns - db->nconnecting == 0)
     fail_waiters(db, msg != NULL ? msg : "pg: connection failed");
@@ -813,9 +843,26 @@ static void conn_lost(pg_conn *c, const char *why) {
 /* Start connections for queued requests, up to the pool size. */
 static void maybe_grow(pg_db *db) {
   char *err;
+  uint64_t now;
+
   while (!db->closed && !db->resolving && db->nwaiting > db->nconnecting &&
          db->nconns < db->max) {
+    now = uv_now(db->rt->loop);
+    if (db->fails > 0 && now < db->retry_at) {
+      /* Backing off: with no connection up or coming, nothing can serve
+      ** the queue before then. */
+      if (db->nconns == 0) {
+        err =
+            msgf("%s (next attempt in %.2f s)",
+                 db->last_err != NULL ? db->last_err : "pg: connection failed",
+                 (double)(db->retry_at - now) / 1000.0);
+        fail_waiters(db, err != NULL ? err : "pg: connection failed");
+        free(err);
+      }
+      return;
+    }
     if (conn_start(db, NULL, 1, &err) == NULL) {
+      connect_failed(db, err);
       if (db->nconns - db->nconnecting == 0)
         fail_waiters(db, err != NULL ? err : "pg: connection failed");
       free(err);
@@ -1035,6 +1082,7 @@ static void conn_ready(pg_conn *c) {
   }
   PQsetnonblocking(c->pq, 1);
   db->opened++;
+  db->fails = 0;
   if (r != NULL) {
     /* The connection pg.connect waits for. */
     c->req = NULL;
@@ -1072,6 +1120,7 @@ static void conn_connect_step(pg_conn *c) {
   if (rc == 0)
     return;
   msg = connect_error(c->pq);
+  connect_failed(db, msg);
   conn_drop(c, msg != NULL ? msg : "pg: connection failed");
   /* With no connection up, queued queries fail; else they wait for one,
   ** and the pool grows again on the next query. */
@@ -1581,7 +1630,7 @@ static pg_mod *get_mod(op_runtime *rt) {
 static int pg_connect(lua_State *L) {
   op_runtime *rt = op__runtime(L);
   const char *conninfo = luaL_checkstring(L, 1);
-  double timeout = 0, ctimeout = 0;
+  double timeout = 0, ctimeout = 0, bmin = BACKOFF_MIN, bmax = BACKOFF_MAX;
   lua_Integer pool = DEFAULT_POOL;
   PQconninfoOption *opts;
   char *perr = NULL, buf[512];
@@ -1605,6 +1654,13 @@ static int pg_connect(lua_State *L) {
     lua_pop(L, 1);
     timeout = op__opt_number(L, 2, "timeout", 0, NULL);
     ctimeout = op__opt_number(L, 2, "connect_timeout", timeout, NULL);
+    bmin = op__opt_number(L, 2, "backoff_min", BACKOFF_MIN, NULL);
+    bmax = op__opt_number(L, 2, "backoff_max", BACKOFF_MAX, NULL);
+    if (bmin > 3600 || bmax > 3600)
+      return luaL_error(L, "bad option 'backoff_min' or 'backoff_max' "
+                           "(at most 3600 s)");
+    if (bmax < bmin)
+      return luaL_error(L, "bad option 'backoff_max' (below 'backoff_min')");
   }
   wait = op__can_suspend(L);
   if ((mod = get_mod(rt)) == NULL)
@@ -1624,6 +1680,8 @@ static int pg_connect(lua_State *L) {
   *box = db; /* from here the object owns db: __gc releases it */
   db->max = (int)pool;
   db->timeout = timeout;
+  db->backoff_min = bmin;
+  db->backoff_max = bmax;
   if (ctimeout == 0 && (ct = db_param(db, "connect_timeout")) != NULL)
     ctimeout = strtod(ct, NULL);
   db->connect_timeout = ctimeout;

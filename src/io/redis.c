@@ -40,6 +40,14 @@
 **
 ** The adapter's poll handle keeps the loop alive only while commands are
 ** pending on it: an idle connection does not keep a host's loop running.
+**
+** Reconnecting: a connection that is lost is detached, so the next command
+** makes a new one; the client stays usable across a server restart. When
+** a connect fails, the client waits before the next attempt (backoff_min,
+** doubled on each failure in a row up to backoff_max; a success resets
+** it): commands made meanwhile fail at once with the last connect error
+** and the time left, so a down server is not hammered and no caller waits
+** for it.
 */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -53,10 +61,12 @@
 
 #include "internal.h"
 
-#define REDIS_MT        "offpath.redis"
-#define REDIS_CALL      "offpath.redis call"
-#define REDIS_MAX_IDLE  8  /* idle dedicated connections kept per client */
-#define REDIS_MAX_DEPTH 64 /* nesting of array replies */
+#define REDIS_MT          "offpath.redis"
+#define REDIS_CALL        "offpath.redis call"
+#define REDIS_MAX_IDLE    8   /* idle dedicated connections kept per client */
+#define REDIS_MAX_DEPTH   64  /* nesting of array replies */
+#define REDIS_BACKOFF_MIN 0.1 /* seconds before reconnecting after a fail */
+#define REDIS_BACKOFF_MAX 2.0 /* seconds, at most */
 
 typedef struct rmod rmod;
 typedef struct rclient rclient;
@@ -89,8 +99,12 @@ struct rclient {
   rconn *main;               /* the shared connection, or NULL */
   rconn *idle, *busy;        /* dedicated connections for blocking calls */
   int nidle;
-  rresolve *resolving;  /* uv_getaddrinfo in flight, or NULL */
-  rcall *qhead, *qtail; /* calls waiting for the address */
+  rresolve *resolving;             /* uv_getaddrinfo in flight, or NULL */
+  rcall *qhead, *qtail;            /* calls waiting for the address */
+  double backoff_min, backoff_max; /* seconds */
+  int fails;                       /* connects failed in a row */
+  uint64_t retry_at;               /* loop time (ms) of the next attempt */
+  char *last_err;                  /* why the last connect failed (malloc) */
 };
 
 struct rconn {
@@ -249,6 +263,33 @@ static void conn_cleanup(void *privdata) {
   conn_unref(conn);
 }
 
+/* A connect of cl failed with msg: the next one waits.  */
+static void connect_failed(rclient *cl, const char *msg) {
+  double delay = cl->backoff_min;
+  int i;
+
+  for (i = 0; i < cl->fails && delay < cl->backoff_max; i++)
+    delay *= 2;
+  if (delay > cl->backoff_max)
+    delay = cl->backoff_max;
+  cl->fails++;
+  cl->retry_at = uv_now(cl->mod->rt->loop) + (uint64_t)(delay * 1000.0);
+  free(cl->last_err);
+  cl->last_err = dupstr(msg);
+}
+
+/* Whether cl may try to connect now. If not, err says why.  */
+static int may_connect(rclient *cl, char *err, size_t errlen) {
+  uint64_t now = uv_now(cl->mod->rt->loop);
+
+  if (cl->fails == 0 || now >= cl->retry_at)
+    return 1;
+  snprintf(err, errlen, "%s (next attempt in %.2f s)",
+           cl->last_err != NULL ? cl->last_err : "redis: cannot connect",
+           (double)(cl->retry_at - now) / 1000.0);
+  return 0;
+}
+
 /* hiredis' connect callback. Never runs Lua. */
 static void on_connect(const redisAsyncContext *ac, int status) {
   rconn *conn = ac->data;
@@ -256,6 +297,8 @@ static void on_connect(const redisAsyncContext *ac, int status) {
 
   if (status == REDIS_OK) {
     conn->connected = 1;
+    if (conn->client != NULL)
+      conn->client->fails = 0;
     return;
   }
   /* hiredis frees the context right after this; its pending commands get
@@ -269,6 +312,8 @@ static void on_connect(const redisAsyncContext *ac, int status) {
                ac->errstr);
     conn->err = dupstr(msg);
   }
+  if (conn->client != NULL)
+    connect_failed(conn->client, conn->err != NULL ? conn->err : msg);
   conn->dying = 1;
   conn_detach(conn);
 }
@@ -363,6 +408,7 @@ static rconn *conn_new(rclient *cl, int blocking, char *err, size_t errlen) {
       snprintf(err, errlen, "redis: cannot connect to %s: %s", cl->addr,
                ac->errstr);
     redisAsyncFree(ac);
+    connect_failed(cl, err);
     return NULL;
   }
   conn = calloc(1, sizeof *conn);
@@ -450,14 +496,16 @@ static rconn *pick_conn(rclient *cl, int blocking, char *err, size_t errlen) {
   rconn *conn;
 
   if (!blocking) {
-    if (cl->main == NULL && (cl->main = conn_new(cl, 0, err, errlen)) != NULL)
+    if (cl->main == NULL && may_connect(cl, err, errlen) &&
+        (cl->main = conn_new(cl, 0, err, errlen)) != NULL)
       cl->main->client = cl;
     return cl->main;
   }
   if ((conn = cl->idle) != NULL) {
     conn_detach(conn);
     conn->client = cl;
-  } else if ((conn = conn_new(cl, 1, err, errlen)) == NULL) {
+  } else if (!may_connect(cl, err, errlen) ||
+             (conn = conn_new(cl, 1, err, errlen)) == NULL) {
     return NULL;
   }
   conn->client = cl;
@@ -1066,7 +1114,8 @@ static int r_gc(lua_State *L) {
   free(cl->host);
   free(cl->user);
   free(cl->password);
-  cl->host = cl->user = cl->password = NULL;
+  free(cl->last_err);
+  cl->host = cl->user = cl->password = cl->last_err = NULL;
   return 0;
 }
 
@@ -1161,6 +1210,20 @@ static void parse_addr(lua_State *L, rclient *cl, const char *addr) {
   }
 }
 
+/* Option k of the table at 2, in seconds (0 .. 3600), or def.
+** [-0, +0, e] */
+static double opt_seconds(lua_State *L, const char *k, double def) {
+  double v = def;
+
+  if (lua_getfield(L, 2, k) != LUA_TNIL) {
+    v = luaL_checknumber(L, -1);
+    if (!(v >= 0 && v <= 3600))
+      luaL_error(L, "redis: option '%s' must be from 0 to 3600 seconds", k);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
 /* offpath.redis.connect(addr, [opts]) -> r. Suspends until the server
 ** answers a PING when the caller may suspend; elsewhere (a main chunk)
 ** returns at once and connects on the first command. */
@@ -1182,6 +1245,8 @@ static int redis_connect(lua_State *L) {
   cl = lua_newuserdatauv(L, sizeof *cl, 0);
   memset(cl, 0, sizeof *cl);
   cl->db = -1;
+  cl->backoff_min = REDIS_BACKOFF_MIN;
+  cl->backoff_max = REDIS_BACKOFF_MAX;
   cl->closed = 1; /* until set up: __gc then only frees the strings */
   luaL_setmetatable(L, REDIS_MT);
   cl->mod = m;
@@ -1211,6 +1276,10 @@ static int redis_connect(lua_State *L) {
         luaL_error(L, "not enough memory");
     }
     lua_pop(L, 4);
+    cl->backoff_min = opt_seconds(L, "backoff_min", cl->backoff_min);
+    cl->backoff_max = opt_seconds(L, "backoff_max", cl->backoff_max);
+    if (cl->backoff_max < cl->backoff_min)
+      luaL_error(L, "redis: option 'backoff_max' is below 'backoff_min'");
   }
   if (cl->user != NULL && cl->password == NULL)
     luaL_error(L, "redis: a user needs a password");
