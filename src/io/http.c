@@ -965,8 +965,11 @@ static void read_opts(lua_State *L, int t, hopts *o) {
   if (o->connect_timeout < 0)
     luaL_error(L, "http: option 'connect_timeout' must not be negative");
   /* Bodies kept in memory are limited by default; streamed ones not. */
-  n = opt_number(L, t, "max_size",
-                 o->output != NULL ? 9.0e15 : (double)HTTP_MAX_SIZE);
+  lua_getfield(L, t, "on_data");
+  n = opt_number(
+      L, t, "max_size",
+      o->output != NULL || !lua_isnil(L, -1) ? 9.0e15 : (double)HTTP_MAX_SIZE);
+  lua_pop(L, 1);
   if (n < 0 || n > 9.0e15)
     luaL_error(L, "http: option 'max_size' is out of range");
   o->max_size = (lua_Integer)n;
@@ -1163,6 +1166,8 @@ static int http_start(lua_State *L) {
     SETOPT(CURLOPT_TIMEOUT_MS, (long)(o.timeout * 1000.0 + 0.5));
   if (o.connect_timeout > 0)
     SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long)(o.connect_timeout * 1000.0 + 0.5));
+  if (o.output != NULL || o.on_data != 0)
+    SETOPT(CURLOPT_BUFFERSIZE, (long)HTTP_CHUNK); /* fewer, larger reads */
   if (o.insecure) {
     SETOPT(CURLOPT_SSL_VERIFYPEER, 0L);
     SETOPT(CURLOPT_SSL_VERIFYHOST, 0L);

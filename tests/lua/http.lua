@@ -240,3 +240,41 @@ T.test("sequential requests reuse one keep-alive connection", function()
   local s2 = http.get(TLS .. "/conn", { cainfo = CA }).body:match("^(%d+)")
   T.eq(s1, s2)
 end)
+
+T.test("HTTP/2: requests to one host share a multiplexed connection", function()
+  local H2 = env.NGINX_H2_URL
+  local st0 = offpath.stats().http
+  local tasks = {}
+  for i = 1, 20 do
+    tasks[i] = offpath.go(http.get, H2 .. "/conn", { cainfo = CA })
+  end
+  local serials = {}
+  for i = 1, 20 do
+    local r = tasks[i]:wait()
+    T.eq(r.status, 200)
+    serials[r.body:match("^(%d+)")] = true
+  end
+  local n = 0
+  for _ in pairs(serials) do n = n + 1 end
+  T.eq(n, 1, "connections used")
+  local st = offpath.stats().http
+  T.eq(st.http2 - st0.http2, 20)
+  T.ok(st.reused - st0.reused >= 19, "reused " .. (st.reused - st0.reused))
+  -- the plain-HTTP/1.1 port still speaks HTTP/1.1
+  http.get(URL .. "/")
+  T.eq(offpath.stats().http.http2, st.http2)
+end)
+
+T.test("stats().http counts requests, failures and open connections", function()
+  local st0 = offpath.stats().http
+  http.get(URL .. "/")
+  pcall(http.get, "http://127.0.0.1:1/")
+  local st = offpath.stats().http
+  T.eq(st.requests - st0.requests, 2)
+  T.eq(st.completed - st0.completed, 2)
+  T.eq(st.failed - st0.failed, 1)
+  T.eq(st.inflight, 0)
+  T.ok(st.connections >= 1, "no connection kept open")
+  T.eq(math.type(st.connections), "integer")
+  T.eq(st.max_host_connections, 8)
+end)
