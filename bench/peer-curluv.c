@@ -34,6 +34,15 @@ static uv_idle_t kick;
 static int kick_idle;
 static const char *url;
 static uint64_t stop_ns, done, errors;
+
+/* User plus system CPU time of the process, in microseconds. */
+static uint64_t cpu_us(void) {
+  struct rusage ru;
+
+  getrusage(RUSAGE_SELF, &ru);
+  return (uint64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000u +
+         (uint64_t)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
 static long conc = 64;
 
 static void check(CURLMcode mc, const char *what) {
@@ -160,7 +169,7 @@ static int timer_fn(CURLM *m, long timeout_ms, void *userp) {
 
 int main(int argc, char **argv) {
   double duration = 2;
-  uint64_t t0, wall;
+  uint64_t t0, wall, c0;
   struct rusage ru;
   long i;
   int a;
@@ -205,6 +214,7 @@ int main(int argc, char **argv) {
     start(curl_easy_init());
   uv_run(loop, UV_RUN_DEFAULT);
   done = errors = 0;
+  c0 = cpu_us();
   t0 = now_ns();
   stop_ns = t0 + (uint64_t)(duration * 1e9);
   for (i = 0; i < conc; i++)
@@ -212,9 +222,11 @@ int main(int argc, char **argv) {
   uv_run(loop, UV_RUN_DEFAULT);
   wall = now_ns() - t0;
   getrusage(RUSAGE_SELF, &ru);
-  printf("name=http-curluv%s conc=%ld rps=%.0f req_per_s=%.0f errors=%llu",
+  printf("name=http-curluv%s conc=%ld rps=%.0f req_per_s=%.0f errors=%llu "
+         "cpu_us=%.1f",
          kick_idle ? "-idle" : "", conc, (double)done * 1e9 / (double)wall,
-         (double)done * 1e9 / (double)wall, (unsigned long long)errors);
+         (double)done * 1e9 / (double)wall, (unsigned long long)errors,
+         done > 0 ? (double)(cpu_us() - c0) / (double)done : 0.0);
   print_usage(&ru, wall);
   curl_multi_cleanup(multi);
   uv_close((uv_handle_t *)&timer, NULL);
