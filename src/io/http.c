@@ -15,8 +15,9 @@
 ** reusing a connection) for a millisecond or more: at 64 in flight that
 ** delay, not the CPU, bounded the rate. An idle handle runs once per
 ** turn (one started from its callback waits for the next turn), so curl
-** asking for 0 again and again cannot starve the loop. Every curl_multi_socket_action is
-** followed by check_done(), which drains curl_multi_info_read.
+** asking for 0 again and again cannot starve the loop. Every
+** curl_multi_socket_action is followed by check_done(), which drains
+** curl_multi_info_read and then feeds on_data functions.
 **
 ** A request (hreq) is in exactly one state:
 **
@@ -110,7 +111,6 @@ typedef struct http_mod {
   uint64_t *fd_ino; /* inode + 1 of each socket we opened, by descriptor */
   int fd_cap;
 } http_mod;
-
 
 /* One socket curl asked us to watch. Freed in its close callback. */
 struct hsock {

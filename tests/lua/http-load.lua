@@ -125,6 +125,16 @@ T.test("a reset mid-response fails each request once, clearly", function()
   end
 end)
 
+T.test("a response in full, then a reset: the response is returned", function()
+  -- The reset comes with the data (POLLERR with POLLIN): curl must read
+  -- what arrived instead of being told the socket failed.
+  local res = burst(50, function() return http.get(URL .. "/full-reset") end)
+  for _, r in ipairs(res) do
+    T.eq(r[1], true, tostring(r[2]))
+    T.eq(r[2].status, 200); T.eq(r[2].body, "hello\n")
+  end
+end)
+
 T.test("redirects: followed when asked, and the final URL is given", function()
   local r = http.get(URL .. "/redirect")
   T.eq(r.status, 302); T.eq(r.headers.location, "/10")
