@@ -215,6 +215,34 @@ T.test("on_data gets the body in chunks, in order, memory flat", function()
     { on_data = 1 })
 end)
 
+T.test("on_data may cancel its own request or start others", function()
+  -- a cancel from inside on_data: the request is dropped once on_data has
+  -- returned, the waiter ends once with 'cancelled'
+  local calls = 0
+  local task
+  task = offpath.go(function()
+    return http.get(URL .. "/big?n=10000000", { on_data = function()
+      calls = calls + 1
+      task:cancel()
+    end })
+  end)
+  local ok, e = pcall(task.wait, task)
+  T.eq(ok, false); T.ok(tostring(e):find("cancelled"), tostring(e))
+  T.eq(calls, 1)
+  -- requests started from on_data run (outside any libcurl callback)
+  local started = {}
+  local r = http.get(URL .. "/chunked", { on_data = function()
+    started[#started + 1] = offpath.go(http.get, URL .. "/11")
+  end })
+  T.eq(r.status, 200)
+  T.ok(#started >= 1)
+  for _, t in ipairs(started) do T.eq(t:wait().body, "hello\n") end
+  -- and it cannot suspend there
+  T.err("on_data failed .*cannot suspend", http.get, URL .. "/chunked",
+    { on_data = function() offpath.sleep(0.01) end })
+  T.eq(http.stats().inflight, 0)
+end)
+
 T.test("a request body streams from a file", function()
   local path = TMP .. ".body"
   local f = assert(io.open(path, "wb"))
