@@ -94,6 +94,13 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
 int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
                size_t errlen);
 
+/* Main VM, before a pool task is queued: publish its package.path and
+** package.cpath for the workers if they changed.  [-0, +0, m] */
+void op__xfer_paths_out(op_xfer *x, lua_State *L);
+/* Worker VM, before it decodes a task: take the paths published last, if
+** it has not yet. Thread: worker.  [-0, +0, -] */
+void op__xfer_paths_in(op_xfer *x, lua_State *L);
+
 /* ---- tasks (task.c) ---- */
 
 /*

@@ -12,6 +12,19 @@
 ** count hook enforces the time budget (op_config.block_budget) with the
 ** configured policy; the results, or the error message, are encoded into
 ** the task and the worker is woken.
+**
+** The section runs on a copy of fn, so an assignment to one of its
+** upvalues (the Redis idiom: a cursor and a count advanced batch by batch)
+** would be lost. The loop thread therefore remembers fn's upvalue values
+** before the call and, when it returns, sends back each one that now holds
+** another value (rawequal), after the results:
+**
+**   nres  result 1 .. result nres  (index value)...
+**
+** The worker stores them into its own fn's upvalues, which are the cells
+** of the function that called offpath.block. A value that cannot be copied
+** back fails the section, naming the upvalue. Nothing is sent back when the
+** section raises.
 */
 #include <string.h>
 #include <time.h>
@@ -28,12 +41,27 @@ static op_worker *check_worker(lua_State *L) {
   return w;
 }
 
+/* Store the upvalue values sent back by the section into fn at index 1:
+** (index, value) pairs at first..last.  [-0, +0, -] */
+static void set_upvalues(lua_State *L, int first, int last) {
+  int i;
+
+  for (i = first; i + 1 <= last; i += 2) {
+    if (!lua_isinteger(L, i))
+      continue;
+    lua_pushvalue(L, i + 1);
+    if (lua_setupvalue(L, 1, (int)lua_tointeger(L, i)) == NULL)
+      lua_pop(L, 1);
+  }
+}
+
 /* offpath.block(fn, ...) -> results of fn run on the main thread */
 static int wk_block(lua_State *L) {
   op_worker *w = check_worker(L);
   op_pool *p = op__worker_pool(w);
   op_task *t = op__worker_block_task(w);
   char err[512];
+  lua_Integer nres;
   int rc, n;
 
   luaL_checktype(L, 1, LUA_TFUNCTION);
@@ -56,12 +84,17 @@ static int wk_block(lua_State *L) {
     op__buf_free(&t->buf);
     return lua_error(L);
   }
-  lua_settop(L, 0);
+  lua_settop(L, 1); /* fn: its upvalues are the caller's cells */
   n = op__decode(op__worker_xfer(w), L, t->buf.p, t->buf.len, err, sizeof err);
   op__buf_free(&t->buf);
   if (n < 0)
-    return luaL_error(L, "cannot copy block results: %s", err);
-  return n;
+    return luaL_error(L, "%s (block section results)", err);
+  nres = n >= 1 && lua_isinteger(L, 2) ? lua_tointeger(L, 2) : -1;
+  if (nres < 0 || nres > n - 1)
+    return luaL_error(L, "cannot copy: bad block section reply");
+  set_upvalues(L, 3 + (int)nres, 1 + n);
+  lua_settop(L, 2 + (int)nres);
+  return (int)nres;
 }
 
 /* offpath.cancelled() -> whether this task was cancelled or timed out */
@@ -169,26 +202,75 @@ static void budget_hook(lua_State *L, lua_Debug *ar) {
              rt->cfg.block_budget);
 }
 
-/* Decode, run and encode in protected mode.  [-1, +0, e] */
+/* Encode the upvalues of the function at fn that no longer hold the
+** values saved at snap.. as (index, value) pairs into t->buf; raises
+** naming the first one that cannot be copied.  [-0, +0, e] */
+static void send_upvalues(lua_State *L, op_runtime *rt, op_task *t, int fn,
+                          int snap, int nup) {
+  char err[512], label[128];
+  const char *name;
+  int i, rc;
+
+  for (i = 1; i <= nup; i++) {
+    name = lua_getupvalue(L, fn, i);
+    if (name == NULL)
+      break;
+    if (lua_rawequal(L, -1, snap + i - 1)) {
+      lua_pop(L, 1);
+      continue;
+    }
+    lua_pushinteger(L, i);
+    rc = op__encode(rt->xfer, L, -1, 1, &t->buf, "upvalue index", 0, err,
+                    sizeof err);
+    lua_pop(L, 1);
+    if (rc == 0) {
+      snprintf(label, sizeof label, "upvalue '%s'", name[0] ? name : "?");
+      rc = op__encode(rt->xfer, L, -1, 1, &t->buf, label, 0, err, sizeof err);
+    }
+    if (rc != 0)
+      luaL_error(L, "%s (assigned in a block section)", err);
+    lua_pop(L, 1);
+  }
+}
+
+/* Decode, run and encode in protected mode: the results, then the
+** upvalues the section assigned (see the top of the file).  [-1, +0, e] */
 static int block_body(lua_State *L) {
   op_runtime *rt = op__runtime(L);
   op_task *t = lua_touserdata(L, 1);
   char err[512];
-  int n, base, rc;
+  lua_Debug ar;
+  int n, base, rc, nup, i;
 
   lua_settop(L, 0);
-  lua_pushcfunction(L, op__traceback);
-  base = lua_gettop(L);
+  lua_pushcfunction(L, op__traceback); /* 1 */
   n = op__decode(rt->xfer, L, t->buf.p, t->buf.len, err, sizeof err);
   if (n < 1)
-    return luaL_error(L, "cannot copy into the main VM: %s", err);
+    return luaL_error(L, "%s (into the main VM)", err);
   op__buf_free(&t->buf); /* decoded: the results go in its place */
-  if (lua_pcall(L, n - 1, LUA_MULTRET, base) != LUA_OK)
+  /* [tb, fn, args] -> [tb, fn, snapshot of its upvalues, fn, args] */
+  lua_pushvalue(L, 2);
+  lua_getinfo(L, ">u", &ar);
+  nup = ar.nups;
+  luaL_checkstack(L, nup + LUA_MINSTACK, "too many upvalues");
+  for (i = 1; i <= nup; i++)
+    lua_getupvalue(L, 2, i);
+  lua_rotate(L, 2, nup);
+  lua_pushvalue(L, 2 + nup);
+  lua_rotate(L, 2, 1);
+  base = 2 + nup;
+  if (lua_pcall(L, n - 1, LUA_MULTRET, 1) != LUA_OK)
     return lua_error(L);
-  rc = op__encode(rt->xfer, L, base + 1, lua_gettop(L) - base, &t->buf,
-                  "result", 1, err, sizeof err);
+  lua_pushinteger(L, lua_gettop(L) - base);
+  rc = op__encode(rt->xfer, L, -1, 1, &t->buf, "result count", 0, err,
+                  sizeof err);
+  lua_pop(L, 1);
+  if (rc == 0)
+    rc = op__encode(rt->xfer, L, base + 1, lua_gettop(L) - base, &t->buf,
+                    "result", 1, err, sizeof err);
   if (rc != 0)
     return luaL_error(L, "%s (block section results)", err);
+  send_upvalues(L, rt, t, 2, 3, nup);
   return 0;
 }
 

@@ -265,6 +265,7 @@ static int worker_open(op_worker *w) {
             w->id);
     return -1;
   }
+  op__xfer_paths_in(w->xfer, L); /* the init script sees them too */
   if (p->init != NULL) {
     if (luaL_loadfile(L, p->init) != LUA_OK || op__pcall(L, 0, 0) != LUA_OK) {
       fprintf(stderr, "offpath: pool '%s' worker %d: init script: %s\n",
@@ -339,11 +340,12 @@ static int task_body(lua_State *L) {
   int n, rc;
 
   lua_settop(L, 0);
+  op__xfer_paths_in(w->xfer, L);
   n = op__decode(w->xfer, L, t->buf.p, t->buf.len, err, sizeof err);
   if (n < 1) {
     lua_settop(L, 0);
     lua_pushboolean(L, 0);
-    lua_pushfstring(L, "cannot copy: %s", n < 0 ? err : "no function");
+    lua_pushstring(L, n < 0 ? err : "cannot copy: no function");
     return 2;
   }
   lua_call(L, n - 1, LUA_MULTRET);

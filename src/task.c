@@ -407,7 +407,7 @@ static int push_results(lua_State *L, op_ltask *lt) {
     n = op__decode(lt->rt->xfer, L, lt->t.buf.p, lt->t.buf.len, err,
                    sizeof err);
     if (n < 0) {
-      lua_pushfstring(L, "cannot copy result: %s", err);
+      lua_pushfstring(L, "%s (result)", err);
       return -1;
     }
     return n;
@@ -772,6 +772,7 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
   fnidx = lua_absindex(L, fnidx);
   if (rt->closing)
     luaL_error(L, "shutdown: %s refused, the runtime is shutting down", call);
+  op__xfer_paths_out(rt->xfer, L); /* the worker requires with these */
   lt = new_task(L, OP_LT_POOL, call, use == OP_USE_RUN, nuv[use]);
   lt->t.pool = pool;
   lt->t.watch = timeout > 0;

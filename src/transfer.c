@@ -133,6 +133,28 @@
 ** and reads only ids below it, with no lock. Entries are immutable once
 ** published. Lock order: the store mutex is a leaf; no Lua call under it.
 **
+** Search paths
+** ------------
+** Workers use the main VM's package.path and package.cpath as they are
+** when a task is submitted. op__xfer_paths_out runs on the main VM before
+** each pool task is queued. To know in O(1) that neither string changed,
+** its first call hooks the package table, as for package.loaded: path and
+** cpath move to a hidden table that the table's new metatable reads
+** through (__index) and writes into (__newindex, which bumps an epoch), so
+** reads, require and assignments behave as before and only rawget and
+** pairs on the package table no longer see the two fields (the
+** metatable is protected: setmetatable(package, ...) raises, since the
+** fields would go with it). Per task the epoch is compared; on a change,
+** and every 256th task (to notice a rawset or debug.setmetatable, after
+** which both strings are read on every task), the strings are compared with the last published ones and,
+** if different, a new immutable blob is published in the store under its
+** mutex and paths_gen is bumped. op__xfer_paths_in, on a worker before it
+** decodes a task, sets its VM's two fields when paths_gen moved past the
+** one it applied last, holding a reference to the blob (refs, under the
+** mutex) while it copies the strings out. Between changes a worker's own
+** assignments (a pool's init script) stay. op__xfer_free puts the two
+** fields back.
+**
 ** Encoding fast paths
 ** -------------------
 ** Per task the encoder avoids the Lua API where it can: scalar upvalues
@@ -320,10 +342,15 @@ typedef struct sentry {
 #define STORE_BASE   6 /* first chunk holds 1 << STORE_BASE entries */
 #define STORE_CHUNKS 40
 
+typedef struct paths_blob paths_blob;
+static int paths_unhook(lua_State *L);
+
 struct op_protostore {
   uv_mutex_t mu;
   sentry **chunk[STORE_CHUNKS]; /* written under mu before count */
   atomic_size_t count;
+  paths_blob *paths;     /* the published search paths (under mu), or NULL */
+  atomic_uint paths_gen; /* bumped after each publication */
 };
 
 static void store_pos(size_t id, unsigned *k, size_t *off) {
@@ -342,6 +369,7 @@ op_protostore *op__protostore_new(void) {
   if (uv_mutex_init(&ps->mu) != 0)
     OP_PANIC("uv_mutex_init failed");
   atomic_init(&ps->count, 0);
+  atomic_init(&ps->paths_gen, 0);
   return ps;
 }
 
@@ -359,6 +387,7 @@ void op__protostore_free(op_protostore *ps) {
   }
   for (k = 0; k < STORE_CHUNKS; k++)
     free(ps->chunk[k]);
+  free(ps->paths); /* no worker holds it any more */
   uv_mutex_destroy(&ps->mu);
   free(ps);
 }
@@ -466,7 +495,13 @@ struct op_xfer {
   fcache *fc;               /* store id -> factory */
   size_t nfc;
   tmpl *tmpl[256];
-  op_buf dump; /* scratch for lua_dump */
+  op_buf dump;                    /* scratch for lua_dump */
+  int paths_ref;                  /* main: its search-path record; -1: none */
+  const lua_Integer *paths_epoch; /* main: bumped per assignment, or NULL */
+  lua_Integer paths_epoch_seen;   /* main: *paths_epoch at the last look */
+  const void *paths_mt;           /* main: the package table's metatable */
+  unsigned paths_checks;          /* main: tasks since the last full look */
+  unsigned paths_gen;             /* worker: the paths_gen applied last */
 };
 
 /* Registry keys: addresses of these variables. */
@@ -954,6 +989,10 @@ void op__xfer_free(op_xfer *x) {
     lua_rawsetp(L, LUA_REGISTRYINDEX, &dumps_key);
     lua_pushnil(L);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &ecache_key);
+    if (x->paths_ref > 0) {
+      protect(L, paths_unhook, x);
+      luaL_unref(L, LUA_REGISTRYINDEX, x->paths_ref);
+    }
   }
   for (i = 0; i < 256; i++) {
     if (x->tmpl[i] != NULL)
@@ -2734,4 +2773,245 @@ int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
 fail:
   lua_settop(L, top);
   return rc;
+}
+
+/* ---- search paths (see DESIGN) ---- */
+
+/* One publication: "path" NUL "cpath" NUL; refs counts the store's own
+** reference and those of workers copying it out. */
+struct paths_blob {
+  unsigned refs;
+  size_t plen, clen;
+  char bytes[];
+};
+
+/* Drop a reference to b; free it with the last one. Thread: any. */
+static void paths_release(op_protostore *ps, paths_blob *b) {
+  unsigned left;
+
+  uv_mutex_lock(&ps->mu);
+  left = --b->refs;
+  uv_mutex_unlock(&ps->mu);
+  if (left == 0)
+    free(b);
+}
+
+/* The record x->paths_ref names in the registry. */
+enum { R_PACKAGE = 1, R_HIDDEN, R_MT, R_PATH, R_CPATH };
+
+/* __newindex of the hooked package table: path and cpath go to the hidden
+** table (upvalue 1) and bump the epoch (upvalue 2); other keys are stored
+** in the table itself.  [-0, +0, m] */
+static int paths_newindex(lua_State *L) {
+  const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : "";
+  lua_Integer *epoch;
+
+  lua_settop(L, 3);
+  if (strcmp(k, "path") != 0 && strcmp(k, "cpath") != 0) {
+    lua_rawset(L, 1);
+    return 0;
+  }
+  lua_rawset(L, lua_upvalueindex(1));
+  epoch = lua_touserdata(L, lua_upvalueindex(2));
+  (*epoch)++;
+  return 0;
+}
+
+/* Make the record {package, hidden, metatable} and hook the package
+** table: its path and cpath move to the hidden table, which the metatable
+** serves reads from and stores writes into.  [-0, +0, e] */
+static int paths_hook(lua_State *L) {
+  op_xfer *x = lua_touserdata(L, 1);
+  lua_Integer *epoch;
+
+  lua_settop(L, 0);
+  lua_createtable(L, 5, 0); /* 1: the record */
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, LUA_LOADLIBNAME) != LUA_TTABLE)
+    return 0;        /* no package library: nothing to follow */
+  lua_replace(L, 2); /* 2: package */
+  lua_settop(L, 2);
+  lua_pushvalue(L, 2);
+  lua_rawseti(L, 1, R_PACKAGE);
+  lua_createtable(L, 0, 2); /* 3: hidden */
+  if (lua_getmetatable(L, 2)) {
+    /* Someone else's metatable: compare the strings on every task. */
+    lua_pop(L, 1);
+  } else {
+    lua_getfield(L, 2, "path");
+    lua_setfield(L, 3, "path");
+    lua_getfield(L, 2, "cpath");
+    lua_setfield(L, 3, "cpath");
+    lua_createtable(L, 0, 3); /* 4: the metatable */
+    lua_pushvalue(L, 3);
+    lua_setfield(L, 4, "__index");
+    /* Protected: without it, the fields would vanish with it. */
+    lua_pushliteral(L, "offpath: package.path and package.cpath are "
+                       "followed for the worker VMs");
+    lua_setfield(L, 4, "__metatable");
+    lua_pushvalue(L, 3);
+    epoch = lua_newuserdatauv(L, sizeof *epoch, 0);
+    *epoch = 0;
+    lua_pushcclosure(L, paths_newindex, 2);
+    lua_setfield(L, 4, "__newindex");
+    lua_pushvalue(L, 3);
+    lua_rawseti(L, 1, R_HIDDEN);
+    lua_pushvalue(L, 4);
+    lua_rawseti(L, 1, R_MT);
+    lua_pushnil(L);
+    lua_setfield(L, 2, "path");
+    lua_pushnil(L);
+    lua_setfield(L, 2, "cpath");
+    lua_pushvalue(L, 4);
+    lua_setmetatable(L, 2);
+    x->paths_epoch = epoch; /* anchored by the metatable's closure */
+    x->paths_mt = lua_topointer(L, 4);
+  }
+  lua_pushvalue(L, 1);
+  x->paths_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+/* Whether the hook on the package table is still in place: our metatable,
+** and no path or cpath stored in the table itself (rawset).  [-0, +0, -] */
+static int paths_hooked(op_xfer *x, lua_State *L, int pkg) {
+  int ok;
+
+  if (!lua_getmetatable(L, pkg))
+    return 0;
+  ok = lua_topointer(L, -1) == x->paths_mt;
+  lua_pop(L, 1);
+  if (!ok)
+    return 0;
+  lua_pushliteral(L, "path");
+  ok = lua_rawget(L, pkg) == LUA_TNIL;
+  lua_pop(L, 1);
+  lua_pushliteral(L, "cpath");
+  ok = ok && lua_rawget(L, pkg) == LUA_TNIL;
+  lua_pop(L, 1);
+  return ok;
+}
+
+/* The slow half of op__xfer_paths_out: check the hook, read both strings
+** and publish them if they differ from the last ones.  [-0, +0, m] */
+static void paths_check(op_xfer *x, lua_State *L) {
+  op_protostore *ps = x->ps;
+  const char *p, *c;
+  size_t plen, clen;
+  paths_blob *b, *old;
+  int top = lua_gettop(L), r = top + 1, pkg = top + 2;
+
+  if (x->paths_ref == 0 &&
+      (protect(L, paths_hook, x) != LUA_OK || x->paths_ref == 0)) {
+    x->paths_ref = -1; /* no package library, or no memory: give up */
+    return;
+  }
+  if (x->paths_ref < 0)
+    return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, x->paths_ref);
+  lua_rawgeti(L, r, R_PACKAGE);
+  if (x->paths_epoch != NULL) {
+    if (paths_hooked(x, L, pkg))
+      x->paths_epoch_seen = *x->paths_epoch;
+    else
+      x->paths_epoch = NULL; /* replaced or bypassed: look every time */
+  }
+  lua_getfield(L, pkg, "path");
+  lua_getfield(L, pkg, "cpath");
+  p = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &plen) : NULL;
+  c = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &clen) : NULL;
+  lua_rawgeti(L, r, R_PATH);
+  lua_rawgeti(L, r, R_CPATH);
+  if (p == NULL || c == NULL ||
+      (lua_rawequal(L, -4, -2) && lua_rawequal(L, -3, -1))) {
+    lua_settop(L, top);
+    return;
+  }
+  b = malloc(sizeof *b + plen + clen + 2);
+  if (b == NULL) {
+    lua_settop(L, top);
+    luaL_error(L, "not enough memory");
+    return;
+  }
+  b->refs = 1;
+  b->plen = plen;
+  b->clen = clen;
+  memcpy(b->bytes, p, plen + 1);
+  memcpy(b->bytes + plen + 1, c, clen + 1);
+  lua_pop(L, 2);
+  lua_rawseti(L, r, R_CPATH);
+  lua_rawseti(L, r, R_PATH);
+  lua_settop(L, top);
+  uv_mutex_lock(&ps->mu);
+  old = ps->paths;
+  ps->paths = b;
+  atomic_fetch_add_explicit(&ps->paths_gen, 1, memory_order_release);
+  uv_mutex_unlock(&ps->mu);
+  if (old != NULL)
+    paths_release(ps, old);
+}
+
+void op__xfer_paths_out(op_xfer *x, lua_State *L) {
+  /* The hook counts assignments: between them, one compare per task (and
+  ** a look at the hook itself every 256th). */
+  if (x->paths_epoch != NULL && *x->paths_epoch == x->paths_epoch_seen &&
+      (++x->paths_checks & 255) != 0)
+    return;
+  paths_check(x, L);
+}
+
+/* Take the hook off the package table if it is still ours, putting path
+** and cpath back in it.  [-0, +0, m] */
+static int paths_unhook(lua_State *L) {
+  op_xfer *x = lua_touserdata(L, 1);
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, x->paths_ref); /* 2 */
+  lua_rawgeti(L, 2, R_PACKAGE);                    /* 3 */
+  lua_rawgeti(L, 2, R_HIDDEN);                     /* 4 */
+  if (x->paths_epoch == NULL || !paths_hooked(x, L, 3))
+    return 0;
+  lua_pushnil(L);
+  lua_setmetatable(L, 3);
+  lua_getfield(L, 4, "path");
+  lua_setfield(L, 3, "path");
+  lua_getfield(L, 4, "cpath");
+  lua_setfield(L, 3, "cpath");
+  return 0;
+}
+
+/* Set package.path and package.cpath from the blob.  [-1, +0, m] */
+static int paths_set(lua_State *L) {
+  const paths_blob *b = lua_touserdata(L, 1);
+
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, LUA_LOADLIBNAME) != LUA_TTABLE)
+    return 0;
+  lua_pushlstring(L, b->bytes, b->plen);
+  lua_setfield(L, -2, "path");
+  lua_pushlstring(L, b->bytes + b->plen + 1, b->clen);
+  lua_setfield(L, -2, "cpath");
+  return 0;
+}
+
+void op__xfer_paths_in(op_xfer *x, lua_State *L) {
+  op_protostore *ps = x->ps;
+  paths_blob *b;
+  unsigned gen;
+  int st;
+
+  gen = atomic_load_explicit(&ps->paths_gen, memory_order_acquire);
+  if (gen == x->paths_gen)
+    return;
+  uv_mutex_lock(&ps->mu);
+  b = ps->paths;
+  gen = atomic_load_explicit(&ps->paths_gen, memory_order_relaxed);
+  if (b != NULL)
+    b->refs++;
+  uv_mutex_unlock(&ps->mu);
+  if (b == NULL)
+    return;
+  st = protect(L, paths_set, b);
+  paths_release(ps, b);
+  if (st == LUA_OK)
+    x->paths_gen = gen; /* else: tried again with the next task */
 }

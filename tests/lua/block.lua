@@ -1,11 +1,12 @@
 -- block.lua - offpath.block: sections run atomically on the main thread
 -- from workers; results, errors, values that cannot cross, the budget and
--- its policies.
+-- its policies, and the upvalues a section assigns, copied back.
 -- LABELS: core block tsan
 local T = require "_tap"
 local offpath = require "offpath"
 
-offpath.configure { pools = { eight = { threads = 8 } } }
+offpath.configure { pools = { eight = { threads = 8 },
+  one_at_a_time = { threads = 1 } } }
 
 T.test("block returns several values, tables and nils", function()
   local a, b, c, d, n = offpath.run("io", function()
@@ -210,3 +211,102 @@ T.test("on the main thread, block just calls (and cannot suspend)",
     end, 7)
     T.eq(a, 7); T.eq(b, false)
   end)
+
+-- A keyspace on the main VM, as a Redis server's: SCAN in batches of 10
+-- with a string cursor ("0" starts and ends), HGET of a field.
+KEYSPACE = { keys = {}, hashes = {} }
+for i = 1, 95 do
+  local key = "user:" .. i
+  KEYSPACE.keys[i] = key
+  KEYSPACE.hashes[key] = { name = i % 4 == 0 and "alice" or "bob" }
+end
+function SCAN(cursor)
+  local from = tonumber(cursor)
+  local batch = {}
+  for i = from + 1, math.min(from + 10, #KEYSPACE.keys) do
+    batch[#batch + 1] = KEYSPACE.keys[i]
+  end
+  local nxt = from + 10 < #KEYSPACE.keys and tostring(from + 10) or "0"
+  return { nxt, batch }
+end
+function HGET(key, field)
+  local h = KEYSPACE.hashes[key]
+  return h and h[field]
+end
+
+T.test("the Redis idiom: cursor and count assigned inside block come back",
+  function()
+  -- The page's async function, line for line: count and cursor are the
+  -- function's locals, assigned inside each atomic section.
+  local count_hashes = function(expected_name)
+    local count = 0
+    local cursor = '0'
+    repeat
+      offpath.block(function()
+        local res = SCAN(cursor)
+        cursor = res[1]
+        local keys = res[2]
+        for _, key in ipairs(keys) do
+          if HGET(key, 'name') == expected_name then
+            count = count + 1
+          end
+        end
+      end)
+    until cursor == '0'
+    return count
+  end
+  T.eq(offpath.run("io", count_hashes, "alice"), 23)
+  T.eq(offpath.run("io", count_hashes, "bob"), 72)
+  -- Other work runs between the batches: a handler changes the keyspace
+  -- while the scan runs, and the scan sees the change in a later batch.
+  local scan = offpath.launch("one_at_a_time", count_hashes, "carol")
+  offpath.go(function()
+    KEYSPACE.hashes["user:95"].name = "carol"
+  end)
+  T.eq(scan:wait(), 1)
+  KEYSPACE.hashes["user:95"].name = "bob"
+end)
+
+T.test("copy-back: only what the section assigned, results unchanged",
+  function()
+  local r = offpath.run("io", function()
+    local n, s, t, untouched = 1, "a", { v = 1 }, { v = 1 }
+    local other = function() return n end -- shares n's cell
+    local a, b = offpath.block(function()
+      n = n + 41
+      s = nil
+      t = { v = t.v + 1, nested = { deep = true } }
+      untouched.v = 99 -- a change in place to a copy: not sent back
+      return "r1", "r2"
+    end)
+    return { n = n, s = s, t = t, untouched = untouched.v, a = a, b = b,
+      other = other() }
+  end)
+  T.eq(r.n, 42); T.eq(math.type(r.n), "integer"); T.eq(r.s, nil)
+  T.eq(r.t.v, 2); T.eq(r.t.nested.deep, true)
+  T.eq(r.untouched, 1, "tables changed in place are not copied back")
+  T.eq(r.a, "r1"); T.eq(r.b, "r2")
+  T.eq(r.other, 42, "a closure sharing the cell sees it")
+end)
+
+T.test("copy-back: a value that cannot cross names the upvalue", function()
+  local e = T.err("cannot copy thread %(upvalue 'co'%) %(assigned in a "
+    .. "block section%)", offpath.run, "io", function()
+      local co
+      offpath.block(function() co = coroutine.create(print) end)
+    end)
+  -- nested: the path inside the value
+  T.err("cannot copy userdata %(upvalue 'st' field 'f'%)", offpath.run,
+    "io", function()
+      local st = {}
+      offpath.block(function() st = { f = io.tmpfile(), x = 1 } end)
+    end)
+  -- a section that raises sends nothing back
+  local v = offpath.run("io", function()
+    local x = "before"
+    pcall(offpath.block, function() x = "after"; error("no") end)
+    return x
+  end)
+  T.eq(v, "before")
+  T.ok(e ~= nil)
+end)
