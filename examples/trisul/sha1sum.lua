@@ -1,15 +1,17 @@
--- sha1sum.lua - Trisul's T.async:schedule example: the SHA-1 of a file is
--- computed in onexecute (on the script's async worker, with io.popen) and
--- printed in onresult (back on the fast path), run by the offpath host.
+-- sha1sum.lua - Trisul's T.async:schedule example, as its page prints it:
+-- the SHA-1 of an extracted file is computed in onexecute (on the plugin's
+-- async worker, with io.popen) and printed in onresult (back on the fast
+-- path); onresult also counts the file and raises an alert for an empty
+-- one with Trisul's engine methods.
 --
---   offpath run examples/trisul/sha1sum.lua --input paths.txt
+--   offpath run --compat trisul examples/trisul/sha1sum.lua --input paths.txt
 --
--- The plugin is Trisul's, unchanged. Only how the path arrives differs:
--- Trisul calls filex_monitor.onfile_http for an extracted file, here
--- on_event passes each input record (a path) to it. Note that onexecute
--- uses the upvalue `path`: offpath copies upvalues into the worker.
-require "offpath.trisul"
-
+-- --compat trisul loads the Trisul layer (T, T.async, the engine methods)
+-- and calls TrisulPlugin.filex_monitor.onfile_http for every input record:
+-- a line is the path of an extracted file, a JSON object (--format json)
+-- may also give timestamp, flowkey, req_header, resp_header and length.
+-- Note that onexecute uses the upvalue `path`: offpath copies upvalues into
+-- the worker.
 TrisulPlugin = {
 
   id = {
@@ -42,6 +44,13 @@ TrisulPlugin = {
           -- [ back on fast path ]
           onresult = function(engine, req, response)
             print("The SHA1 sum of  " .. path .. " IS " .. response)
+            -- Trisul's engine methods: a counter, and an alert
+            engine:update_counter("{B91A8AD4-C6B6-4FBC-E862-FF94BC204A35}",
+              "extracted files", 0, 1)
+            if response:find("^da39a3ee5e6b4b0d3255bfef95601890afd80709") then
+              engine:add_alert("{B5F1DECB-51D5-4395-B71B-6FA730B772D9}",
+                flowkey, "EMPTY-FILE", 2, "empty file " .. path)
+            end
           end
         }
       )
@@ -49,8 +58,3 @@ TrisulPlugin = {
     end,
   },
 }
-
--- How the path arrives: one input record per file.
-function on_event(engine, path)
-  TrisulPlugin.filex_monitor.onfile_http(engine, nil, nil, path)
-end

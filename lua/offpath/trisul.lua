@@ -1,7 +1,9 @@
 -- offpath/trisul.lua - the Trisul script interface on top of offpath:
 -- a global T with T.async (schedule, copy, cat, rm, copybuffer,
 -- pending_items), run by the script's own pool, sized by
--- TrisulPlugin.request_async_workers (default 1, as in Trisul).
+-- TrisulPlugin.request_async_workers (default 1, as in Trisul), and
+-- Trisul's engine methods (update_counter, add_alert, ...) on the engine
+-- that onresult receives, mapped onto offpath's engine.
 --
 --   require "offpath.trisul"
 --   TrisulPlugin = { request_async_workers = 2 }
@@ -15,13 +17,27 @@
 -- globals are not visible. Every T.async call returns its offpath task (an
 -- addition; Trisul returns nothing). Methods work with `:` and with `.`.
 --
+-- The pool is sized on first use by request_async_workers, unless it
+-- exists by then (offpath run --pool trisul=N, or offpath.configure): a
+-- pool configured explicitly keeps its size.
+--
+-- The engine given to onresult, onerror and the plugin callbacks is
+-- M.engine: Trisul's methods and offpath's own (count, gauge, alert, emit,
+-- stats). It is main-thread only: used inside onexecute, any method raises
+-- an error that says so.
+--
+-- M.compat() installs on_start, on_event and on_stop handlers that drive
+-- TrisulPlugin (onload, filex_monitor.onfile_http, onunload) from the
+-- input records: see docs/guide.md.
+--
 -- In a worker VM (e.g. required by onexecute) the module only defines T,
 -- and T.async raises: work is handed out from the main thread.
 local offpath = require "offpath"
 
 local type, error, tostring, select = type, error, tostring, select
+local pairs, ipairs = pairs, ipairs
 local getmetatable, setmetatable, rawget = getmetatable, setmetatable, rawget
-local open, remove = io.open, os.remove
+local open, remove, time = io.open, os.remove, os.time
 
 local M = {}
 
@@ -89,6 +105,146 @@ local function write_buffer(bytes, path, seekpos)
   if not cok then error("copybuffer: cannot close " .. path .. ": " .. cerr, 0) end
 end
 
+-- ---- the engine ----
+
+local MAIN_ONLY = "the engine is main-thread only and onexecute runs in a "
+  .. "worker: return what you need from onexecute and use the engine in "
+  .. "onresult(engine, data, result)"
+
+-- offpath's engine, on the main thread; in a worker, the error that says
+-- why not (raised at the caller of the method).
+local function host_engine(method)
+  if offpath.worker ~= nil then
+    error("engine:" .. method .. ": " .. MAIN_ONLY, 3)
+  end
+  local e = offpath.engine
+  if e == nil then
+    error("engine:" .. method .. ": this host has no engine", 3)
+  end
+  return e
+end
+
+local Engine = {}
+
+local function counter_name(guid, key, meter)
+  return tostring(guid) .. "/" .. tostring(key) .. "/" .. tostring(meter)
+end
+
+-- update_counter(guid, key, meter, value): adds value to the counter
+-- "guid/key/meter".
+function Engine:update_counter(guid, key, meter, value)
+  return host_engine("update_counter"):count(counter_name(guid, key, meter),
+    value)
+end
+
+-- update_counter_raw: the same (Trisul's variant for many keys and for
+-- gauge and average meters).
+function Engine:update_counter_raw(guid, key, meter, value)
+  return host_engine("update_counter_raw"):count(counter_name(guid, key,
+    meter), value)
+end
+
+local function alert_text(alertkey, priority, message, flowkey, extra)
+  local s = tostring(alertkey) .. " (priority " .. tostring(priority) .. ")"
+  if extra ~= nil then s = s .. " " .. extra end
+  if flowkey ~= nil then s = s .. " flow " .. tostring(flowkey) end
+  return s .. ": " .. tostring(message)
+end
+
+-- add_alert(guid, flowkey, alertkey, priority, message)
+function Engine:add_alert(_, flowkey, alertkey, priority, message)
+  host_engine("add_alert"):alert(alert_text(alertkey, priority, message,
+    flowkey))
+end
+
+-- add_alert_full(guid, flowkey, alertkey, classification, priority,
+-- message[, status])
+function Engine:add_alert_full(_, flowkey, alertkey, classification,
+                               priority, message, status)
+  local extra = "[" .. tostring(classification) .. "]"
+  if status ~= nil then extra = extra .. " " .. tostring(status) end
+  host_engine("add_alert_full"):alert(alert_text(alertkey, priority, message,
+    flowkey, extra))
+end
+
+-- add_alert_tca(guid, tca_id, status, message)
+function Engine:add_alert_tca(_, tca_id, status, message)
+  host_engine("add_alert_tca"):alert("TCA " .. tostring(tca_id) .. " "
+    .. tostring(status) .. ": " .. tostring(message))
+end
+
+-- Metadata Trisul stores (key labels, resources, edges, attributes, flow
+-- tags) becomes an output record naming the method and its arguments.
+local RECORDS = {
+  update_key_info = { "guid", "key", "label", "description" },
+  add_resource = { "guid", "flowkey", "uri", "label" },
+  add_edge = { "vertex_guid1", "vertex1", "vertex_guid2", "vertex2" },
+  add_flow_edges = { "flowkey", "vertex_guid", "vertex" },
+  set_key_attribute = { "guid", "key", "attribute", "value" },
+  add_flow_attribute = { "flowkey", "attribute", "value" },
+  tag_flow = { "flowkey", "tag" },
+}
+
+for method, fields in pairs(RECORDS) do
+  Engine[method] = function(_, ...)
+    local rec = { trisul = method }
+    for i, f in ipairs(fields) do
+      local v = select(i, ...)
+      if v ~= nil then rec[f] = v end
+    end
+    host_engine(method):emit(rec)
+  end
+end
+
+-- timestamp(): seconds, microseconds (the wall clock).
+function Engine:timestamp()
+  host_engine("timestamp")
+  return time(), 0
+end
+
+-- What needs a packet, a flow or Trisul's pipeline has no equivalent.
+local NOTAVAIL = {
+  update_counter_bytes = "there is no packet here; use "
+    .. "update_counter(guid, key, meter, bytes)",
+  add_flow_counter = "there are no flows here",
+  reset_flow_counter = "there are no flows here",
+  update_flow = "there are no flows here",
+  new_flow_record = "there are no flows here",
+  set_flow_duration = "there are no flows here",
+  disable_reassembly = "there are no flows here",
+  post_message_frontend = "call the other script's function, or use "
+    .. "offpath.go",
+  post_message_backend = "call the other script's function, or use "
+    .. "offpath.go",
+  instanceid = "offpath has one engine",
+  probeid = "offpath has one engine",
+}
+
+for method, why in pairs(NOTAVAIL) do
+  Engine[method] = function()
+    host_engine(method)
+    error("ERR_NOTAVAIL: " .. method .. "() is not available in offpath: "
+      .. why, 2)
+  end
+end
+
+-- offpath's own methods (count, gauge, alert, emit, stats) pass through.
+M.engine = setmetatable({}, {
+  __index = function(_, k)
+    local m = Engine[k]
+    if m ~= nil then return m end
+    if type(k) ~= "string" then return nil end
+    return function(_, ...)
+      local e = host_engine(k)
+      local f = e[k]
+      if f == nil then
+        error("engine:" .. k .. ": no such method", 2)
+      end
+      return f(e, ...)
+    end
+  end,
+})
+
 -- ---- the T.async object ----
 
 local Async = {}
@@ -119,8 +275,9 @@ local function ensure_pool(a)
     error("T.async: TrisulPlugin.request_async_workers must be a positive "
       .. "integer (got " .. tostring(n) .. ")", 3)
   end
-  local exists = offpath.stats().pools[a.pool] ~= nil
-  if not exists or n ~= nil then
+  -- A pool that exists was configured explicitly (offpath run --pool, or
+  -- offpath.configure): that size wins, as for any pool.
+  if offpath.stats().pools[a.pool] == nil then
     offpath.configure { pools = { [a.pool] = { threads = n or 1 } } }
   end
   a.ready = true
@@ -172,15 +329,15 @@ function Async.schedule(...)
   local task = offpath.schedule {
     pool = pool, timeout = block.timeout, data = block.data,
     onexecute = onexecute,
-    onresult = function(engine, data, result)
+    onresult = function(_, data, result)
       a.pending = a.pending - 1
       if result ~= nil and onresult ~= nil then
-        return onresult(engine, data, result)
+        return onresult(M.engine, data, result)
       end
     end,
-    onerror = function(engine, data, err)
+    onerror = function(_, data, err)
       a.pending = a.pending - 1
-      if onerror ~= nil then return onerror(engine, data, err) end
+      if onerror ~= nil then return onerror(M.engine, data, err) end
       error("T.async:schedule: " .. tostring(err), 0)
     end,
   }
@@ -257,6 +414,58 @@ function M.new(opts)
   end
   return setmetatable({ pool = pool, plugin = opts.plugin, pending = 0,
     ready = false, worker = offpath.worker ~= nil }, Async)
+end
+
+-- ---- driving a plugin (offpath run --compat trisul) ----
+
+local function plugin()
+  local p = rawget(_G, "TrisulPlugin")
+  if type(p) ~= "table" then
+    error("--compat trisul: the script defines no TrisulPlugin table", 0)
+  end
+  return p
+end
+
+-- The arguments of filex_monitor.onfile_http for one record: a path
+-- (lines), or a table {path=, timestamp=, flowkey=, req_header=,
+-- resp_header=, length=} (JSON).
+local function file_args(rec)
+  if type(rec) ~= "table" then rec = { path = tostring(rec) } end
+  if type(rec.path) ~= "string" then
+    error("--compat trisul: a record needs a 'path'", 0)
+  end
+  return rec.timestamp or time(), rec.flowkey, rec.path, rec.req_header,
+    rec.resp_header, rec.length
+end
+
+-- Install the handlers the script does not define: on_start calls
+-- TrisulPlugin.onload(), on_event passes each record to
+-- TrisulPlugin.filex_monitor.onfile_http(engine, timestamp, flowkey, path,
+-- req_header, resp_header, length), on_stop calls onunload().
+function M.compat()
+  if rawget(_G, "on_start") == nil then
+    on_start = function()
+      local p = plugin()
+      if type(p.onload) == "function" then p.onload() end
+    end
+  end
+  if rawget(_G, "on_event") == nil then
+    on_event = function(_, rec)
+      local fm = plugin().filex_monitor
+      local fn = type(fm) == "table" and fm.onfile_http or nil
+      if type(fn) ~= "function" then
+        error("--compat trisul: TrisulPlugin.filex_monitor.onfile_http is "
+          .. "not defined", 0)
+      end
+      return fn(M.engine, file_args(rec))
+    end
+  end
+  if rawget(_G, "on_stop") == nil then
+    on_stop = function()
+      local p = plugin()
+      if type(p.onunload) == "function" then p.onunload() end
+    end
+  end
 end
 
 M.async = M.new()

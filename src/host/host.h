@@ -183,6 +183,7 @@ typedef struct host_opts {
   double grace; /* seconds */
   int stats;
   int summary_json;
+  const char *compat; /* --compat NAME: offpath.NAME drives the script */
 } host_opts;
 
 struct host {

@@ -44,6 +44,10 @@ static const char usage_text[] =
     "                        JSON decoded to a table\n"
     "  --output FILE         where engine:emit writes (default: stdout)\n"
     "  --pool NAME=THREADS   size of a worker pool; repeat for more\n"
+    "  --compat trisul|momentum\n"
+    "                        run a Trisul plugin or a Momentum policy script\n"
+    "                        as written: the product's layer is loaded first\n"
+    "                        and drives its callbacks from the records\n"
     "  --tick SECONDS        on_tick interval (default 1)\n"
     "  --max-inflight N      stop reading while N on_event handlers are\n"
     "                        suspended (default 1000)\n"
@@ -180,7 +184,7 @@ static int parse_args(host *h, int argc, char **argv) {
         strcmp(name, "--format") && strcmp(name, "--output") &&
         strcmp(name, "-o") && strcmp(name, "--pool") &&
         strcmp(name, "--tick") && strcmp(name, "--max-inflight") &&
-        strcmp(name, "--grace"))
+        strcmp(name, "--grace") && strcmp(name, "--compat"))
       return usage_error("unknown option '%s'", arg);
     if (eq != NULL) {
       val = eq + 1;
@@ -226,6 +230,12 @@ static int parse_args(host *h, int argc, char **argv) {
         return usage_error("--max-inflight must be an integer >= 1, not "
                            "'%s'",
                            val);
+    } else if (!strcmp(name, "--compat")) {
+      if (strcmp(val, "trisul") != 0 && strcmp(val, "momentum") != 0)
+        return usage_error("--compat must be 'trisul' or 'momentum', not "
+                           "'%s'",
+                           val);
+      o->compat = val;
     } else if (!strcmp(name, "--grace")) {
       if (!parse_double(val, &o->grace) || o->grace < 0)
         return usage_error("--grace must be a number of seconds >= 0, not "
@@ -409,6 +419,39 @@ static void reapply_pools(host *h) {
   }
 }
 
+/* --compat NAME: require "offpath.NAME" (before the script, which may use
+** its globals at load), or call its compat() (after it: installs the
+** handlers the script does not define).  [-0, +0, e] */
+static int compat_p(lua_State *L) {
+  int after = lua_toboolean(L, 2);
+
+  lua_getglobal(L, "require");
+  lua_pushfstring(L, "offpath.%s", lua_tostring(L, 1));
+  lua_call(L, 1, 1);
+  if (after) {
+    lua_getfield(L, -1, "compat");
+    lua_call(L, 0, 0);
+  }
+  return 0;
+}
+
+static int compat(host *h, int after) {
+  lua_State *L = h->L;
+
+  if (h->o.compat == NULL)
+    return 0;
+  lua_pushcfunction(L, compat_p);
+  lua_pushstring(L, h->o.compat);
+  lua_pushboolean(L, after);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    fprintf(stderr, "offpath: --compat %s: %s\n", h->o.compat,
+            lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return -1;
+  }
+  return 0;
+}
+
 /* Run the loop until nothing is left; restart reading if it ran dry while
 ** inputs were still open (handlers suspended on nothing). */
 static void run_records(host *h) {
@@ -462,8 +505,16 @@ static int run(host *h) {
   h->t_start = uv_hrtime();
 
   rc = EXIT_OK;
+  if (compat(h, 0) != 0) {
+    rc = EXIT_SCRIPT;
+    goto done;
+  }
   if (op_load_script(h->rt, h->o.script) != 0) {
     fprintf(stderr, "offpath: script error: %s\n", op_errmsg(h->rt));
+    rc = EXIT_SCRIPT;
+    goto done;
+  }
+  if (compat(h, 1) != 0) {
     rc = EXIT_SCRIPT;
     goto done;
   }

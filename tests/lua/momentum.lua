@@ -1,5 +1,7 @@
--- momentum.lua - the Momentum interface: msys.runInPool in its four forms,
--- _TLS and _OSTLS, msys.threadpool.stat/count/find.
+-- momentum.lua - the Momentum interface: msys.runInPool in its four forms
+-- (the page's examples as printed), msys in the pool closures, stable pool
+-- ids, refusals at the caller's line, _TLS and _OSTLS,
+-- msys.threadpool.stat/count/find.
 -- LABELS: compat tsan
 local tap = require "_tap"
 local offpath = require "offpath"
@@ -23,7 +25,48 @@ tap.test("globals", function()
   tap.eq(msys.runInPool, momentum.runInPool)
   tap.eq(type(msys.core.ECTP_COMPLETE_CALLBACK_SCHED), "number")
   tap.ok(msys.core.ECTP_COMPLETE_CALLBACK ~= msys.core.ECTP_COMPLETE_CALLBACK_SCHED)
+  tap.eq(type(msys.core.VALIDATE_CONT), "number")
+  tap.eq(type(msys.core.VALIDATE_DONE), "number")
+  tap.ok(msys.core.VALIDATE_CONT ~= msys.core.VALIDATE_DONE)
   tap.eq(type(_TLS), "table"); tap.eq(type(_OSTLS), "table")
+end)
+
+tap.test("integer pool ids work from the start, stable", function()
+  -- No find() first: the pools are numbered in name order when the script
+  -- first uses msys ("CPU", "IO", then this file's ONE and SAT, then cpu, io).
+  local ok, pool = msys.runInPool(2, function() return offpath.worker().pool end)
+  tap.eq(ok, true); tap.eq(pool, "IO")
+  tap.eq(msys.threadpool.find(1), "CPU"); tap.eq(msys.threadpool.find("CPU"), 1)
+  tap.eq(msys.threadpool.find("ONE"), 3); tap.eq(msys.threadpool.find("SAT"), 4)
+  tap.eq(msys.threadpool.find("cpu"), 5); tap.eq(msys.threadpool.find("io"), 6)
+  tap.eq(select(2, msys.runInPool(3, function() return offpath.worker().pool end)),
+    "ONE")
+  tap.eq(msys.threadpool.stat(2).name, "IO"); tap.eq(msys.threadpool.stat(2).id, 2)
+  -- a pool made later gets the next id
+  offpath.configure { pools = { Later = { threads = 1 } } }
+  tap.eq(msys.threadpool.find("Later"), 7)
+  tap.eq(select(2, msys.runInPool(7, function() return offpath.worker().pool end)),
+    "Later")
+end)
+
+tap.test("msys is a global in the pool closures and completions", function()
+  -- As on Momentum, without a require; on a pool not used before too.
+  local ok, cont, kind = msys.runInPool("Fresh", function()
+    msys.sleep(0.01)
+    return msys.core.VALIDATE_CONT, type(msys.runInPool)
+  end)
+  tap.eq(ok, true); tap.eq(cont, msys.core.VALIDATE_CONT); tap.eq(kind, "function")
+  local err = select(2, msys.runInPool("Fresh", function()
+    return select(2, pcall(msys.runInPool, "IO", function() end))
+  end))
+  tap.ok(err:find("runs on the main thread only"), err)
+  SEEN = nil
+  msys.runInPool("CPU", function() end, function()
+    local sched = msys.core.ECTP_COMPLETE_CALLBACK_SCHED
+    offpath.block(function(v) SEEN = v end, sched)
+  end)
+  await(function() return SEEN ~= nil end, "the completion")
+  tap.eq(SEEN, msys.core.ECTP_COMPLETE_CALLBACK_SCHED)
 end)
 
 tap.test("the suspending form returns like pcall", function()
@@ -100,24 +143,54 @@ tap.test("_OSTLS lives as long as the worker thread", function()
   tap.eq(_OSTLS.conn, nil, "the scheduler thread has its own")
 end)
 
-tap.test("fire-and-forget starts only after the caller returns to the scheduler",
+tap.test("fire-and-forget: no results, the closure copied at the call",
   function()
   FF = nil
   local box = { v = "before" }
   local r = table.pack(msys.runInPool("IO", function()
-    local started = offpath.now()
-    offpath.block(function(s, v) FF = { started = s, seen = v } end,
-      started, box.v)
+    offpath.block(function(v) FF = { seen = v } end, box.v)
   end, true))
   tap.eq(r.n, 0, "no results")
-  box.v = "after"  -- a side effect after the call
-  local t0 = offpath.now()
-  while offpath.now() - t0 < 0.05 do end  -- busy, without yielding
-  local returned = offpath.now()
-  offpath.sleep(0)  -- back to the scheduler: now it may start
+  box.v = "after"  -- a side effect after the call: the copy does not see it
   await(function() return FF ~= nil end, "the closure")
-  tap.ok(FF.started >= returned, "started before the handler returned")
-  tap.eq(FF.seen, "after")
+  tap.eq(FF.seen, "before")
+  -- the page's example, as printed: the closure prints, nothing returns
+  _OSTLS.async_t_marker = 42
+  msys.runInPool('CPU', function ()
+    offpath.block(function(m) FF = { marker = m } end, _OSTLS.async_t_marker)
+  end, true)
+  await(function() return FF.marker ~= nil or FF.seen == nil end, "the closure")
+  tap.eq(FF.marker, nil, "a pool thread has its own _OSTLS")
+end)
+
+tap.test("asynchronous forms: what cannot cross is refused at the caller's line",
+  function()
+  local fh = assert(io.tmpfile())
+  local before = errors()
+  local line
+  local e = tap.err("cannot copy userdata", function()
+    line = debug.getinfo(1, "l").currentline + 1
+    msys.runInPool("IO", function() return fh end, true)
+  end)
+  tap.ok(e:find("momentum.lua:" .. line .. ": cannot copy userdata (upvalue "
+    .. "'fh' of the closure) (in msys.runInPool)", 1, true), e)
+  e = tap.err("cannot copy userdata", function()
+    line = debug.getinfo(1, "l").currentline + 1
+    msys.runInPool("IO", function() end, function() return fh end)
+  end)
+  tap.ok(e:find("momentum.lua:" .. line .. ": cannot copy userdata (upvalue "
+    .. "'fh' of the completion) (in msys.runInPool)", 1, true), e)
+  _TLS.handle = fh
+  e = tap.err("cannot copy userdata", function()
+    line = debug.getinfo(1, "l").currentline + 1
+    msys.runInPool("IO", function() end, true)
+  end)
+  tap.ok(e:find("momentum.lua:" .. line .. ": cannot copy userdata (_TLS "
+    .. "field 'handle') (in msys.runInPool)", 1, true), e)
+  _TLS.handle = nil
+  offpath.sleep(0.05)
+  tap.eq(errors(), before, "nothing reported later on stderr")
+  fh:close()
 end)
 
 tap.test("completion on the pool thread", function()
@@ -145,29 +218,54 @@ tap.test("completion on the pool thread", function()
   tap.eq(DONE[1], false); tap.ok(DONE[2]:find("closure failed"), DONE[2])
 end)
 
-tap.test("completion on the scheduler thread with ECTP_COMPLETE_CALLBACK_SCHED",
+tap.test("ECTP_COMPLETE_CALLBACK_SCHED: the page's example as printed",
+  function()
+  local printed = {}
+  local print = function(...) printed[#printed + 1] = table.concat({ ... }, " ") end
+  local status, res = msys.runInPool("IO",
+    function()
+      -- do some IO intensive work here, such as interrogate the message contents
+      return "done"; -- passed back to the 'res' variable
+    end,
+    function()
+      -- Completion function
+      print("Done!");
+    end,
+    msys.core.ECTP_COMPLETE_CALLBACK_SCHED -- Complete in the scheduler
+  );
+  tap.eq(status, true); tap.eq(res, "done")
+  tap.eq(printed[1], "Done!", "the completion ran before the call returned")
+end)
+
+tap.test("ECTP_COMPLETE_CALLBACK_SCHED: the completion on the scheduler thread",
   function()
   local got
   _TLS.session = "s1"
-  msys.runInPool("IO", function() return offpath.worker().pool, "r" end,
+  local ok, pool, r = msys.runInPool("IO",
+    function() return offpath.worker().pool, "r" end,
     function(ok, pool, r)
       got = { ok = ok, pool = pool, r = r, worker = offpath.worker,
         session = _TLS.session, can_suspend = offpath.can_suspend(),
         ostls = _OSTLS }
     end, msys.core.ECTP_COMPLETE_CALLBACK_SCHED)
-  tap.eq(got, nil)
-  await(function() return got ~= nil end, "the completion")
+  tap.eq(ok, true); tap.eq(pool, "IO"); tap.eq(r, "r")
   tap.eq(got.ok, true); tap.eq(got.pool, "IO"); tap.eq(got.r, "r")
   tap.eq(got.worker, nil, "not in a worker VM")
   tap.eq(got.ostls, _OSTLS, "the scheduler thread's _OSTLS")
   tap.eq(got.session, "s1", "the session's _TLS")
   tap.eq(got.can_suspend, true)
+  -- a failing closure: status false, the completion told the same
   got = nil
-  msys.runInPool("IO", function() error("bad") end,
+  local ok2, err = msys.runInPool("IO", function() error("bad") end,
     function(ok, err) got = { ok = ok, err = err } end,
     msys.core.ECTP_COMPLETE_CALLBACK_SCHED)
-  await(function() return got ~= nil end, "the completion")
+  tap.eq(ok2, false); tap.ok(err:find("bad"), err)
   tap.eq(got.ok, false); tap.ok(got.err:find("bad"), got.err)
+  -- where nothing may suspend it raises, as the suspending form does
+  tap.err("cannot suspend here", coroutine.wrap(function()
+    return msys.runInPool("IO", function() end, function() end,
+      msys.core.ECTP_COMPLETE_CALLBACK_SCHED)
+  end))
 end)
 
 tap.test("asynchronous failures nobody sees are reported", function()
@@ -176,8 +274,9 @@ tap.test("asynchronous failures nobody sees are reported", function()
   await(function() return errors() == before + 1 end, "the report")
   msys.runInPool("IO", function() end, function() error("completion failed") end)
   await(function() return errors() == before + 2 end, "the report")
-  msys.runInPool("IO", function() end, function() error("sched failed") end,
-    msys.core.ECTP_COMPLETE_CALLBACK_SCHED)
+  local ok, v = msys.runInPool("IO", function() return "v" end,
+    function() error("sched failed") end, msys.core.ECTP_COMPLETE_CALLBACK_SCHED)
+  tap.eq(ok, true); tap.eq(v, "v", "a failing completion leaves the results")
   await(function() return errors() == before + 3 end, "the report")
   offpath.sleep(0.02)
   tap.eq(errors(), before + 3, "each once")

@@ -1,5 +1,6 @@
 -- trisul.lua - the Trisul interface: T.async schedule, copy, cat, rm,
--- copybuffer, pending_items, and the pool sized by request_async_workers.
+-- copybuffer, pending_items, the pool sized by request_async_workers (or
+-- by an explicit configuration), and Trisul's engine methods.
 -- LABELS: compat tsan
 local tap = require "_tap"
 local offpath = require "offpath"
@@ -7,6 +8,10 @@ local trisul = require "offpath.trisul"
 
 -- Defined after the require, as Trisul scripts do: read on first use.
 TrisulPlugin = { request_async_workers = 3 }
+
+-- A pool configured explicitly, as `--pool NAME=N` does; it has started
+-- by the time on_start runs.
+offpath.configure { pools = { trisul_cli = { threads = 2 } } }
 
 local function tmpname()
   local n = os.tmpname()
@@ -69,7 +74,7 @@ tap.test("schedule: onexecute in a worker, onresult(engine, req, response)",
   t:wait()
   tap.eq(seen.req, data, "onresult gets the original data")
   tap.eq(seen.response, "/x/y!trisul2")
-  tap.eq(seen.engine, offpath.engine)
+  tap.eq(seen.engine, trisul.engine, "Trisul's engine")
   tap.eq(seen.can_suspend, false, "onresult runs where nothing may suspend")
   tap.eq(T.async:pending_items(), 0)
 end)
@@ -219,4 +224,79 @@ tap.test("T.async refuses to run in a worker VM", function()
     return err
   end)
   tap.ok(msg:find("runs on the main thread only"), msg)
+end)
+
+tap.test("request_async_workers does not resize a configured pool", function()
+  local a = trisul.new { pool = "trisul_cli",
+    plugin = { request_async_workers = 5 } }
+  local t = a:schedule { data = 2, onexecute = function(d) return d * 2 end }
+  tap.eq(t:wait(), 4, "no 'pool has already started' failure")
+  tap.eq(offpath.stats().pools.trisul_cli.threads, 2, "the configuration wins")
+end)
+
+local G = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A87}"
+
+tap.test("Trisul's engine methods in onresult map onto offpath's engine",
+  function()
+  local stats = function() return offpath.engine:stats() end
+  local alerts = stats().alerts
+  local got
+  T.async:schedule {
+    data = "182.28.22.123",
+    onexecute = function(ip) return ip end,
+    onresult = function(engine, req, ip)
+      engine:update_counter(G, ip, 1, 288378)
+      engine:update_counter(G, ip, 1, 2)
+      engine:update_counter_raw(G, ip, 5, 10)
+      engine:add_alert("{B5F1DECB-51D5-4395-B71B-6FA730B772D9}", nil,
+        "RAMNIT-DETECTED", 1, "A potential EK was detected")
+      engine:add_alert_full("{B5F1DECB-51D5-4395-B71B-6FA730B772D9}", "fk",
+        "SIG-1", "trojan", 2, "seen", "ALARM")
+      engine:add_alert_tca("{03AC6B72-FDB7-44C0-9B8C-7A1975C1C5BA}", 7,
+        "FIRED", "over the threshold")
+      local total = engine:count("own counter", 3) -- offpath's, through
+      engine:gauge("own gauge", 1.5)
+      got = { ts = engine:timestamp(), total = total,
+        notavail = select(2, pcall(engine.update_counter_bytes, engine, G,
+          ip, 0)),
+        nosuch = select(2, pcall(engine.no_such_method, engine)) }
+    end,
+  }:wait()
+  local c = stats().counters
+  tap.eq(c[G .. "/182.28.22.123/1"], 288380)
+  tap.eq(c[G .. "/182.28.22.123/5"], 10)
+  tap.eq(c["own counter"], 3); tap.eq(got.total, 3)
+  tap.eq(stats().gauges["own gauge"], 1.5)
+  tap.eq(stats().alerts, alerts + 3)
+  tap.eq(math.type(got.ts), "integer")
+  tap.ok(got.notavail:find("ERR_NOTAVAIL: update_counter_bytes%(%) is not "
+    .. "available in offpath: there is no packet here"), got.notavail)
+  tap.ok(got.nosuch:find("engine:no_such_method: no such method"), got.nosuch)
+end)
+
+tap.test("the engine inside onexecute: main-thread only, use onresult",
+  function()
+  local got
+  local t = T.async:schedule {
+    data = "k",
+    onexecute = function(key)
+      trisul.engine:update_counter(G, key, 0, 1)
+    end,
+    onerror = function(engine, req, err) got = err end,
+  }
+  pcall(t.wait, t)
+  tap.ok(got:find("engine:update_counter: the engine is main-thread only",
+    1, true), got)
+  tap.ok(got:find("use the engine in onresult(engine, data, result)", 1, true),
+    got)
+  tap.ok(got:find("trisul.lua:%d+: engine:update_counter"), got)
+  -- the engine handed to a plugin callback, captured by onexecute
+  local engine = trisul.engine
+  got = nil
+  t = T.async:schedule {
+    onexecute = function() return engine:count("x") end,
+    onerror = function(_, _, err) got = err end,
+  }
+  pcall(t.wait, t)
+  tap.ok(got:find("engine:count: the engine is main-thread only", 1, true), got)
 end)
