@@ -1,6 +1,8 @@
-# example-momentum.sh - the Momentum example (examples/momentum/policy.lua)
-# run by the offpath host: msys.runInPool in its suspending, fire-and-forget
-# and scheduler-completion forms, _TLS and _OSTLS.
+# example-momentum.sh - the Momentum examples run by the offpath host:
+# policy.lua (msys.runInPool in its suspending, fire-and-forget and
+# scheduler-completion forms, _TLS and _OSTLS) and validate.lua (a module
+# of validation callbacks with the page's examples, run as written with
+# --compat momentum).
 # LABELS: examples compat
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 . "$(dirname "$0")/_host.sh"
@@ -22,4 +24,27 @@ check "policy.lua: threadpool.stat" contains "$T/out" "IO pool: 8 invocations, 4
 check "policy.lua: exits 0 without a blocklist" [ $? -eq 0 ]
 check "policy.lua: tempfail with the reason" contains "$T/out2" "tempfail alice@ok.org ("
 check "policy.lua: four tempfails" [ "$(grep -c '^tempfail ' "$T/out2")" -eq 4 ]
+# ---- validate.lua, with --compat momentum ----
+cat > "$T/msgs.jsonl" <<'EOF'
+{"mailfrom": "alice@ok.org", "rcptto": ["bob@example.com", "carol@example.com"], "headers": {"Subject": "hello"}}
+{"mailfrom": "mallory@SPAM.example", "rcptto": "bob@example.com"}
+{"mailfrom": "dave@ok.org", "rcptto": "bob@example.com", "headers": {"Subject": "win $$$ now"}}
+EOF
+(cd "$SRC" && "$OFFPATH" run --compat momentum "$EX/validate.lua" --format json --input "$T/msgs.jsonl") > "$T/v.out" 2> "$T/v.err"
+check "validate.lua exits 0" [ $? -eq 0 ]
+check "validate.lua: accepted" contains "$T/v.out" '{"code":250,"mailfrom":"alice@ok.org","text":"ok"}'
+check "validate.lua: a blocked sender" contains "$T/v.out" '{"code":550,"mailfrom":"mallory@SPAM.example","text":"sender domain SPAM.example is blocked"}'
+check "validate.lua: a rejected message" contains "$T/v.out" '{"code":554,"mailfrom":"dave@ok.org","text":"message content rejected"}'
+check "validate.lua: the scheduler completion's results reach 'res'" [ "$(grep -c "^SCHED	status	true	res	done	from	ok.org$" "$T/v.out")" -eq 2 ]
+check "validate.lua: the completion ran" [ "$(grep -c '^Done!$' "$T/v.out")" -eq 2 ]
+check "validate.lua: the scheduler thread's _OSTLS" [ "$(grep -c "^SCHED	validate_data	42$" "$T/v.out")" -eq 2 ]
+check "validate.lua: a pool thread's own _OSTLS" [ "$(grep -c "^CPU	in cpu	nil$" "$T/v.out")" -eq 2 ]
+check "validate.lua: the pool-thread completion" [ "$(grep -c "^CB	cb completing	nil$" "$T/v.out")" -eq 2 ]
+check "validate.lua: no errors" contains "$T/v.err" "errors 0,"
+# A line is the envelope sender.
+printf 'erin@ok.org\nzed@bad.test\n' > "$T/senders2"
+(cd "$SRC" && "$OFFPATH" run --compat momentum "$EX/validate.lua" --input "$T/senders2") > "$T/v2.out" 2> "$T/v2.err"
+check "validate.lua: lines exit 0" [ $? -eq 0 ]
+check "validate.lua: lines, accepted" contains "$T/v2.out" '{"code":250,"mailfrom":"erin@ok.org","text":"ok"}'
+check "validate.lua: lines, blocked" contains "$T/v2.out" '{"code":550,"mailfrom":"zed@bad.test","text":"sender domain bad.test is blocked"}'
 finish
