@@ -1,17 +1,21 @@
 -- scan-count.lua - count the Redis hashes whose `name` field matches a
--- pattern, walking the keyspace with SCAN in batches, while the main
--- thread keeps serving events.
+-- pattern, walking the keyspace with SCAN in batches, each batch atomic,
+-- while the main thread keeps serving events: the "count hashes in
+-- batches" function of Redis' "Sync & Async" page, against a real server.
 --
 --   REDIS_ADDR=127.0.0.1:6379 KEYS='user:*' NAME='^alice' \
 --     offpath run examples/redis/scan-count.lua --input events.txt
 --
 -- on_start starts the scan in its own coroutine (offpath.go) and returns,
--- so records start flowing at once. The scan makes one SCAN per batch
--- (COUNT 500, TYPE hash), then the batch's HGETs all at once (pipelined on
--- the one connection), then the next SCAN. Each call suspends only the
--- scan; meanwhile on_event answers every input record on the spot. on_stop
--- (which the host runs once the scan has ended too) prints the result and
--- how many events were served while the scan was running.
+-- so records start flowing at once. As the page's block() section does,
+-- each batch runs atomically in the server: one EVAL makes the SCAN (COUNT
+-- 500, TYPE hash) and the HGETs of the keys it returned, so no other
+-- client changes those hashes in between. The matching and the count are
+-- done here, between batches, while other clients' commands run on the
+-- server. Each call suspends only the scan; meanwhile on_event answers
+-- every input record on the spot. on_stop (which the host runs once the
+-- scan has ended too) prints the result and how many events were served
+-- while the scan was running.
 local offpath = require "offpath"
 
 local ADDR = os.getenv("REDIS_ADDR") or "127.0.0.1:6379"
@@ -22,24 +26,29 @@ local scanning = false
 local served, served_during_scan = 0, 0
 local scan
 
+-- One batch, atomic on the server: the next cursor, the number of hashes
+-- the SCAN returned, then the `name` of each that has one.
+local BATCH = [[
+local res = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3],
+  'TYPE', 'hash')
+local out = { res[1], #res[2] }
+for _, key in ipairs(res[2]) do
+  local name = redis.call('HGET', key, 'name')
+  if name then out[#out + 1] = name end
+end
+return out
+]]
+
 local function count_matches(engine)
   local r <close> = offpath.redis.connect(ADDR, { timeout = 10 })
   local cursor, batches, hashes, matched = "0", 0, 0, 0
   repeat
-    local reply = r:call("SCAN", cursor, "MATCH", KEYS, "COUNT", 500,
-      "TYPE", "hash")
+    local reply = r:call("EVAL", BATCH, 0, cursor, KEYS, 500)
     cursor = reply[1]
     batches = batches + 1
-    -- The batch's lookups leave together and come back together.
-    local lookups = {}
-    for i, key in ipairs(reply[2]) do
-      lookups[i] = offpath.go(r.call, r, "HGET", key, "name")
-    end
-    for _, got in ipairs(offpath.all(lookups)) do
-      local ok, name = got[1], got[2]
-      if not ok then error(name, 0) end
-      hashes = hashes + 1
-      if name and name:find(NAME) then matched = matched + 1 end
+    hashes = hashes + reply[2]
+    for i = 3, #reply do
+      if reply[i]:find(NAME) then matched = matched + 1 end
     end
   until cursor == "0"
   scanning = false

@@ -1,7 +1,8 @@
 # example-redis.sh - the Redis examples (examples/redis/) run by the
 # offpath host against the test server (tests/fixtures/redis.sh): counting
-# hashes with SCAN while events are served, the cache-first lookup, and the
-# BLPOP loop that waits for an expected value.
+# hashes with SCAN in atomic batches while events are served, the same
+# count with offpath.block over a keyspace on the main thread, the
+# cache-first lookup, and the BLPOP loop that waits for an expected value.
 # LABELS: examples redis
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 . "$(dirname "$0")/_host.sh"
@@ -28,11 +29,29 @@ check "scan-count: data seeded" [ "$(cli EVAL "return #redis.call('KEYS', KEYS[1
 { for i in $(seq 1 200); do echo "event $i"; sleep 0.01; done; } |
   KEYS="$P:user:*" NAME='^alice' "$OFFPATH" run "$EX/scan-count.lua" \
     --input - > "$T/scan.out" 2> "$T/scan.err"
+
 check "scan-count.lua exits 0" [ $? -eq 0 ]
 check "scan-count.lua: the count" contains "$T/scan.out" "6666 of 20050 hashes match ^alice"
 check "scan-count.lua: every event served" contains "$T/scan.out" "served 200 events"
 during=$(sed -n 's/.*, \([0-9]*\) of them during the scan/\1/p' "$T/scan.out")
 check "scan-count.lua: events were served during the scan ($during)" [ "${during:-0}" -ge 1 ]
+# ---- count-hashes.lua (offpath.block; no server) ----
+# The page's function: COUNT moves to a worker on a cache miss, each SCAN
+# batch an atomic block section that advances the function's cursor and
+# count; an HGET sent right after is answered before the count ends; the
+# cached count is answered on the spot until it expires.
+{ for i in $(seq 1 95); do n=bob; [ $((i % 4)) -eq 0 ] && n=alice; echo "HSET user:$i name $n n $i"; done
+  echo "COUNT alice"; echo "HGET user:4 name"; sleep 1
+  echo "COUNT alice"; echo "DEL user:4"; echo "COUNT alice"; sleep 1.5
+  echo "COUNT alice"; echo "COUNT nobody"; } |
+  TTL=1 "$OFFPATH" run "$EX/count-hashes.lua" --input - > "$T/ch.out" 2> "$T/ch.err"
+check "count-hashes.lua exits 0" [ $? -eq 0 ]
+check "count-hashes: the count, in 10 batches" [ "$(grep -c '^count alice = 23 (computed in 10 batches)$' "$T/ch.out")" -eq 1 ]
+check "count-hashes: other commands served meanwhile" [ "$(grep -n -e '^alice$' -e '^count alice' "$T/ch.out" | head -1 | cut -d: -f2)" = "alice" ]
+check "count-hashes: then the cached value, synchronously" [ "$(grep -c '^count alice = 23 (cached)$' "$T/ch.out")" -eq 2 ]
+check "count-hashes: after the expiry, counted again" contains "$T/ch.out" "count alice = 22 (computed in 10 batches)"
+check "count-hashes: nothing matches" contains "$T/ch.out" "count nobody = 0 (computed in 10 batches)"
+check "count-hashes: no errors" contains "$T/ch.err" "errors 0,"
 
 # ---- cache-first.lua ----
 # First run: 1 and 2 miss everywhere (backend); repeated while in flight
