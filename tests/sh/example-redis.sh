@@ -29,12 +29,12 @@ check "scan-count: data seeded" [ "$(cli EVAL "return #redis.call('KEYS', KEYS[1
 { for i in $(seq 1 200); do echo "event $i"; sleep 0.01; done; } |
   KEYS="$P:user:*" NAME='^alice' "$OFFPATH" run "$EX/scan-count.lua" \
     --input - > "$T/scan.out" 2> "$T/scan.err"
-
 check "scan-count.lua exits 0" [ $? -eq 0 ]
 check "scan-count.lua: the count" contains "$T/scan.out" "6666 of 20050 hashes match ^alice"
 check "scan-count.lua: every event served" contains "$T/scan.out" "served 200 events"
 during=$(sed -n 's/.*, \([0-9]*\) of them during the scan/\1/p' "$T/scan.out")
 check "scan-count.lua: events were served during the scan ($during)" [ "${during:-0}" -ge 1 ]
+
 # ---- count-hashes.lua (offpath.block; no server) ----
 # The page's function: COUNT moves to a worker on a cache miss, each SCAN
 # batch an atomic block section that advances the function's cursor and
