@@ -100,6 +100,10 @@ void op__xfer_paths_out(op_xfer *x, lua_State *L);
 /* Worker VM, before it decodes a task: take the paths published last, if
 ** it has not yet. Thread: worker.  [-0, +0, -] */
 void op__xfer_paths_in(op_xfer *x, lua_State *L);
+/* Whether the first value encoded in p[0..len) crossed by name (a module
+** or library value: the destination's own copy, not a copy of the
+** source's). Thread: any. */
+int op__encoded_by_name(const char *p, size_t len);
 
 /* ---- tasks (task.c) ---- */
 

@@ -24,7 +24,8 @@
 ** The worker stores them into its own fn's upvalues, which are the cells
 ** of the function that called offpath.block. A value that cannot be copied
 ** back fails the section, naming the upvalue. Nothing is sent back when the
-** section raises.
+** section raises, nor for a function that crossed by name (a module's: the
+** main VM's own copy, whose state is not the worker's).
 */
 #include <string.h>
 #include <time.h>
@@ -240,10 +241,13 @@ static int block_body(lua_State *L) {
   op_task *t = lua_touserdata(L, 1);
   char err[512];
   lua_Debug ar;
-  int n, base, rc, nup, i;
+  int n, base, rc, nup, i, by_name;
 
   lua_settop(L, 0);
   lua_pushcfunction(L, op__traceback); /* 1 */
+  /* A function that crossed by name is this VM's own (a module's): what
+  ** it assigns is this VM's state, not the caller's. */
+  by_name = op__encoded_by_name(t->buf.p, t->buf.len);
   n = op__decode(rt->xfer, L, t->buf.p, t->buf.len, err, sizeof err);
   if (n < 1)
     return luaL_error(L, "%s (into the main VM)", err);
@@ -251,7 +255,7 @@ static int block_body(lua_State *L) {
   /* [tb, fn, args] -> [tb, fn, snapshot of its upvalues, fn, args] */
   lua_pushvalue(L, 2);
   lua_getinfo(L, ">u", &ar);
-  nup = ar.nups;
+  nup = by_name ? 0 : ar.nups;
   luaL_checkstack(L, nup + LUA_MINSTACK, "too many upvalues");
   for (i = 1; i <= nup; i++)
     lua_getupvalue(L, 2, i);

@@ -3015,3 +3015,10 @@ void op__xfer_paths_in(op_xfer *x, lua_State *L) {
   if (st == LUA_OK)
     x->paths_gen = gen; /* else: tried again with the next task */
 }
+
+/* ---- block sections ---- */
+
+int op__encoded_by_name(const char *p, size_t len) {
+  return len >= 2 && (p[0] == T_HDR || p[0] == T_HDR_REFS) &&
+         (unsigned char)p[1] == T_NAMED;
+}

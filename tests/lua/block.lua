@@ -310,3 +310,20 @@ T.test("copy-back: a value that cannot cross names the upvalue", function()
   T.eq(v, "before")
   T.ok(e ~= nil)
 end)
+
+T.test("copy-back: a module's function runs on the main VM's own state",
+  function()
+  local main_before = require("fixtures.blockmod").get()
+  local r = offpath.run("one_at_a_time", function()
+    local blockmod = require "fixtures.blockmod"
+    blockmod.incr(); blockmod.incr() -- the worker's state: 2
+    -- Sending the module table makes this VM name the module's fields, so
+    -- blockmod.incr then crosses by name: the main VM's own copy.
+    offpath.block(function() end, blockmod)
+    local on_main = offpath.block(blockmod.incr)
+    return { on_main = on_main, worker = blockmod.get() }
+  end)
+  T.eq(r.on_main, main_before + 1, "the main VM's counter")
+  T.eq(r.worker, 2, "the worker's own state is not overwritten")
+  T.eq(require("fixtures.blockmod").get(), main_before + 1)
+end)
