@@ -38,6 +38,7 @@ local type, error, tostring, select = type, error, tostring, select
 local pairs, ipairs = pairs, ipairs
 local getmetatable, setmetatable, rawget = getmetatable, setmetatable, rawget
 local open, remove, time = io.open, os.remove, os.time
+local rawequal, getupvalue = rawequal, debug.getupvalue
 
 local M = {}
 
@@ -301,6 +302,23 @@ local function launch(a, what, fn, ...)
   return track(a, what, offpath.launch(pool, fn, ...))
 end
 
+-- Say why offpath.schedule refused a block, in Trisul's terms: the
+-- host's engine among onexecute's upvalues gets Trisul's advice.
+local function refusal(err, onexecute)
+  local engine = offpath.engine
+  for i = 1, 255 do
+    local name, v = getupvalue(onexecute, i)
+    if name == nil then break end
+    if engine ~= nil and rawequal(v, engine) then
+      return "T.async:schedule: onexecute uses the engine (upvalue '"
+        .. name .. "'): " .. MAIN_ONLY
+    end
+  end
+  return (tostring(err):gsub("argument 1", "data")
+    :gsub("of function", "of onexecute")
+    :gsub("%(in offpath%.schedule%)$", "(in T.async:schedule)"))
+end
+
 -- T.async:schedule{data=, onexecute=, onresult=[, onerror=, timeout=]}
 -- onexecute(data) runs in a worker; onresult(engine, data, result) runs on
 -- the main thread if onexecute returned a value (Trisul calls it only
@@ -326,7 +344,7 @@ function Async.schedule(...)
     error("bad argument to T.async:schedule: 'onerror' must be a function", 2)
   end
   local pool = ensure_pool(a)
-  local task = offpath.schedule {
+  local ok, task = pcall(offpath.schedule, {
     pool = pool, timeout = block.timeout, data = block.data,
     onexecute = onexecute,
     onresult = function(_, data, result)
@@ -340,7 +358,8 @@ function Async.schedule(...)
       if onerror ~= nil then return onerror(M.engine, data, err) end
       error("T.async:schedule: " .. tostring(err), 0)
     end,
-  }
+  })
+  if not ok then error(refusal(task, onexecute), 2) end
   a.pending = a.pending + 1
   return task
 end

@@ -300,3 +300,33 @@ tap.test("the engine inside onexecute: main-thread only, use onresult",
   pcall(t.wait, t)
   tap.ok(got:find("engine:count: the engine is main-thread only", 1, true), got)
 end)
+
+tap.test("a block that cannot cross is refused at the caller's line", function()
+  local co = coroutine.create(function() end)
+  local line
+  local e = tap.err("cannot copy thread", function()
+    line = debug.getinfo(1, "l").currentline + 1
+    T.async:schedule { data = co, onexecute = function() end }
+  end)
+  tap.ok(e:find("trisul.lua:" .. line .. ": cannot copy thread (data) "
+    .. "(in T.async:schedule)", 1, true), e)
+  local fh = assert(io.tmpfile())
+  e = tap.err("cannot copy userdata", function()
+    line = debug.getinfo(1, "l").currentline + 1
+    T.async:schedule { onexecute = function() return fh end }
+  end)
+  tap.ok(e:find("trisul.lua:" .. line .. ": cannot copy userdata (upvalue "
+    .. "'fh' of onexecute) (in T.async:schedule)", 1, true), e)
+  fh:close()
+  -- The host's own engine in onexecute: Trisul's advice. (The coroutine
+  -- makes the copy fail here; the runtime refuses the engine's methods
+  -- themselves too.)
+  local engine = offpath.engine
+  e = tap.err("onexecute uses the engine", function()
+    T.async:schedule { onexecute = function()
+      engine:count("x"); return co end }
+  end)
+  tap.ok(e:find("T.async:schedule: onexecute uses the engine (upvalue "
+    .. "'engine'): the engine is main-thread only", 1, true), e)
+  tap.eq(T.async:pending_items(), 0)
+end)
