@@ -47,4 +47,18 @@ printf 'erin@ok.org\nzed@bad.test\n' > "$T/senders2"
 check "validate.lua: lines exit 0" [ $? -eq 0 ]
 check "validate.lua: lines, accepted" contains "$T/v2.out" '{"code":250,"mailfrom":"erin@ok.org","text":"ok"}'
 check "validate.lua: lines, blocked" contains "$T/v2.out" '{"code":550,"mailfrom":"zed@bad.test","text":"sender domain bad.test is blocked"}'
+# init() must return true, as in Momentum: otherwise nothing is validated.
+cat > "$T/badinit.lua" <<'EOF'
+local mod = {}
+function mod:init() return nil end
+function mod:validate_mailfrom(str, accept, vctx) return msys.core.VALIDATE_CONT end
+msys.registerModule("badinit", mod)
+EOF
+"$OFFPATH" run --compat momentum "$T/badinit.lua" --input "$T/senders2" > "$T/bi.out" 2> "$T/bi.err"
+check "--compat momentum: a failed init is exit 1" [ $? -eq 1 ]
+check "--compat momentum: says which module" contains "$T/bi.err" "msys: module 'badinit': init did not return true"
+check "--compat momentum: no verdicts" [ "$(lines "$T/bi.out")" -eq 0 ]
+"$OFFPATH" run --compat smtp "$T/badinit.lua" > /dev/null 2> "$T/usage.err"
+check "--compat with an unknown product: usage error" [ $? -eq 2 ]
+check "--compat: says what it takes" contains "$T/usage.err" "--compat must be 'trisul' or 'momentum', not 'smtp'"
 finish
