@@ -40,7 +40,7 @@ function on_event(engine, sender)
   local verdict = blocked and "reject" or "accept"
 
   if AUDIT then
-    -- Fire-and-forget: starts after this handler returns to the scheduler.
+    -- Fire-and-forget: copied now, runs on its own; no results.
     msys.runInPool("IO", function()
       local f = assert(io.open(AUDIT, "a"))
       f:write(verdict, " ", sender, "\n")
