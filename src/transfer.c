@@ -146,14 +146,14 @@
 ** metatable is protected: setmetatable(package, ...) raises, since the
 ** fields would go with it). Per task the epoch is compared; on a change,
 ** and every 256th task (to notice a rawset or debug.setmetatable, after
-** which both strings are read on every task), the strings are compared with the last published ones and,
-** if different, a new immutable blob is published in the store under its
-** mutex and paths_gen is bumped. op__xfer_paths_in, on a worker before it
-** decodes a task, sets its VM's two fields when paths_gen moved past the
-** one it applied last, holding a reference to the blob (refs, under the
-** mutex) while it copies the strings out. Between changes a worker's own
-** assignments (a pool's init script) stay. op__xfer_free puts the two
-** fields back.
+** which both strings are read on every task), the strings are compared
+** with the last published ones and, if different, a new immutable blob is
+** published in the store under its mutex and paths_gen is bumped.
+** op__xfer_paths_in, on a worker before it decodes a task, sets its VM's
+** two fields when paths_gen moved past the one it applied last, holding a
+** reference to the blob (refs, under the mutex) while it copies the
+** strings out. Between changes a worker's own assignments (a pool's init
+** script) stay. op__xfer_free puts the two fields back.
 **
 ** Encoding fast paths
 ** -------------------
@@ -495,7 +495,9 @@ struct op_xfer {
   fcache *fc;               /* store id -> factory */
   size_t nfc;
   tmpl *tmpl[256];
-  op_buf dump;                    /* scratch for lua_dump */
+  op_buf dump; /* scratch for lua_dump */
+
+  /* Search paths (see DESIGN). */
   int paths_ref;                  /* main: its search-path record; -1: none */
   const lua_Integer *paths_epoch; /* main: bumped per assignment, or NULL */
   lua_Integer paths_epoch_seen;   /* main: *paths_epoch at the last look */
