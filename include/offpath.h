@@ -191,6 +191,25 @@ OP_EXTERN int op_call(op_runtime *rt, const char *handler, int nargs);
 /* Like op_call, with the function on the stack below its nargs arguments. */
 OP_EXTERN int op_call_value(op_runtime *rt, int nargs);
 
+/* The end of a call made with op_call_track: err is NULL if nothing of it
+** failed, else the first failure nobody handled (borrowed: valid until cb
+** returns). Runs on the loop thread, possibly while Lua code runs (a
+** task:cancel() may end the last member): it must only record the
+** outcome, never call into Lua or the runtime. */
+typedef void (*op_track_cb)(op_runtime *rt, const char *err, void *ud);
+
+/* Like op_call_value, and track the call with everything it starts:
+** offpath.go coroutines, run/launch/schedule tasks, their on_done,
+** onresult and onerror callbacks, and what those start in turn. cb(rt,
+** err, ud) runs once when the last of them has ended (before this returns
+** if nothing suspended). err counts an error that ends the handler's
+** coroutine, a coroutine or task of the call that failed or timed out
+** with nobody waiting for it or listening to it, and a schedule callback
+** that raised. Returns like op_call_value; cb runs exactly once when it
+** returns 0 or OP_ESCRIPT, never otherwise. */
+OP_EXTERN int op_call_track(op_runtime *rt, int nargs, op_track_cb cb,
+                            void *ud);
+
 /* Called on the loop thread when a handler, task callback or block section
 ** fails after it could no longer return the error to a caller. msg has the
 ** file, line and traceback. The default prints to stderr. */

@@ -39,6 +39,7 @@ typedef struct op_task op_task;
 typedef struct op_worker op_worker;
 typedef struct op_co op_co;
 typedef struct op_tasks op_tasks;
+typedef struct op_group op_group;
 
 /* ---- growable byte buffers (buf.c) ---- */
 
@@ -428,6 +429,17 @@ op_runtime *op__runtime(lua_State *L);
 ** ready (loop thread). */
 void op__defer(op_runtime *rt, void (*fn)(op_runtime *, void *), void *arg);
 
+/* ---- invocation groups (group.c) ---- */
+
+/* Count a new member of g (a coroutine or task started by code of g).
+** NULL: none. */
+void op__group_join(op_group *g);
+/* Record msg as g's failure unless it has one. NULL g: nothing. */
+void op__group_fail(op_group *g, const char *msg);
+/* A member of g ended, with err (a failure nobody handled) or NULL; the
+** last one runs g's callback and frees g. NULL g: nothing. */
+void op__group_leave(op_runtime *rt, op_group *g, const char *err);
+
 /* ---- the offpath Lua modules ---- */
 
 /* lua_main.c: open the main-thread module (returns the module table). */
@@ -529,6 +541,7 @@ struct op_co {
   op_wait_id wait; /* the pending wait, or 0 */
   int ctx_ref;     /* offpath.context table, or LUA_NOREF */
   int ready_nargs; /* values to resume with, while on the ready list */
+  op_group *grp;   /* invocation group (op_call_track), or NULL */
   /* Called when the coroutine's function returns (status LUA_OK, results
   ** on L) or fails (error object on L). Owner: lua_main.c (go tasks). */
   void (*on_end)(op_co *c, int status, int nres);
@@ -571,6 +584,7 @@ struct op_runtime {
   int depth;              /* nesting of resumes on the stack */
   int suspended;          /* handler coroutines suspended now */
   int live_cos;           /* handler coroutines started and not ended */
+  op_group *grp;          /* group of the Lua code running now (group.c) */
 
   uint64_t inflight;   /* pool tasks submitted and not completed */
   int hold_submits;    /* op__pool_submit holds tasks until op__pool_flush */

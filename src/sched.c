@@ -430,9 +430,10 @@ op_co *op__co_acquire(op_runtime *rt) {
   return c;
 }
 
-/* Put c back for reuse, or drop it. */
+/* Put c back for reuse, or drop it; it leaves its invocation group. */
 static void co_release(op_co *c, int reusable) {
   op_runtime *rt = c->rt;
+  op_group *g = c->grp;
 
   if (c->ctx_ref != LUA_NOREF) {
     luaL_unref(rt->L, LUA_REGISTRYINDEX, c->ctx_ref);
@@ -440,16 +441,18 @@ static void co_release(op_co *c, int reusable) {
   }
   c->on_end = NULL;
   c->data = NULL;
+  c->grp = NULL;
   if (reusable && rt->nfree_cos < MAX_FREE_COS && !rt->closing) {
     lua_settop(c->L, 0);
     c->next = rt->free_cos;
     rt->free_cos = c;
     rt->nfree_cos++;
-    return;
+  } else {
+    *(op_co **)lua_getextraspace(c->L) = &rt->root;
+    luaL_unref(rt->L, LUA_REGISTRYINDEX, c->ref);
+    free(c);
   }
-  *(op_co **)lua_getextraspace(c->L) = &rt->root;
-  luaL_unref(rt->L, LUA_REGISTRYINDEX, c->ref);
-  free(c);
+  op__group_leave(rt, g, NULL);
 }
 
 /* A coroutine failed: build "message\nstack traceback" of it on rt->L. */
@@ -473,6 +476,7 @@ static void co_resume(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
   int status, nres = 0;
   uint64_t t0, saved_now;
+  op_group *saved_grp;
 
   if (rt->depth > 0) {
     /* Lua is running on this thread: resume on the next turn instead. */
@@ -486,9 +490,12 @@ static void co_resume(op_co *c, int nargs) {
   t0 = uv_hrtime();
   saved_now = rt->batch_now;
   rt->batch_now = t0; /* submits made by this resume read it */
+  saved_grp = rt->grp;
+  rt->grp = c->grp; /* what it starts joins its group */
   rt->depth++;
   status = lua_resume(c->L, rt->L, nargs, &nres);
   rt->depth--;
+  rt->grp = saved_grp;
   rt->batch_now = saved_now;
   op__hist_add(&rt->call_hist, uv_hrtime() - t0);
 
@@ -514,6 +521,7 @@ static void co_resume(op_co *c, int nargs) {
     c->on_end(c, status, 1);
   } else {
     push_co_error(c);
+    op__group_fail(c->grp, lua_tostring(rt->L, -1));
     rt->call_errors++;
     if (c->quiet) /* op_call returns the error: only record it */
       op__set_errmsg(rt, "%s", lua_tostring(rt->L, -1));
@@ -530,6 +538,8 @@ int op__co_start(op_co *c, lua_State *from, int nargs) {
 
   lua_xmove(from, c->L, nargs + 1);
   rt->live_cos++;
+  c->grp = rt->grp; /* started by code of a group: a member */
+  op__group_join(c->grp);
   if (rt->depth > 0) {
     /* Started from Lua (offpath.go, on_done): run it on the next turn so
     ** the caller is not re-entered. */

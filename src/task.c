@@ -56,6 +56,7 @@ struct op_ltask {
   double timeout;
   const char *call;  /* "offpath.run", ... for messages */
   op_co *co;         /* go: the running coroutine, NULL once ended */
+  op_group *grp;     /* invocation group until it ends, or NULL */
   int res_ref;       /* go: results table or error value, LUA_NOREF */
   op_ltask *bl_next; /* backlog link */
 };
@@ -514,6 +515,7 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
       push_error(L, lt);
       lua_pushfstring(L, "offpath.schedule: %s", lua_tostring(L, -1));
       op__report_error(rt, lua_tostring(L, -1));
+      op__group_fail(rt->grp, lua_tostring(L, -1));
       rt->call_errors++;
     }
     lua_settop(L, top);
@@ -537,6 +539,7 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
   if (op__pcall(L, 3, 0) != LUA_OK) {
     rt->call_errors++;
     op__report_error(rt, lua_tostring(L, -1));
+    op__group_fail(rt->grp, lua_tostring(L, -1));
   }
   lua_settop(L, top);
 }
@@ -561,7 +564,7 @@ static int task_settle(op_ltask *lt, int state) {
 
 /* The second half: run the callbacks and tell the waiters of a task that
 ** task_settle() has ended. */
-static void task_notify(op_ltask *lt) {
+static void notify(op_ltask *lt) {
   op_runtime *rt = lt->rt;
   lua_State *L = rt->L;
   int top = lua_gettop(L), obj, uv = 0, i, n;
@@ -615,6 +618,30 @@ static void task_notify(op_ltask *lt) {
     }
   }
   lua_settop(L, top);
+}
+
+/* notify(), as a member of lt's invocation group if it has one: the
+** callbacks join the group, and a failure nobody hears fails it. */
+static void task_notify(op_ltask *lt) {
+  op_runtime *rt = lt->rt;
+  op_group *g = lt->grp, *saved;
+
+  if (g == NULL) {
+    notify(lt);
+    return;
+  }
+  lt->grp = NULL;
+  if ((lt->state == OP_TASK_FAILED || lt->state == OP_TASK_TIMEOUT) &&
+      !lt->observed && !lt->sched) {
+    push_error(rt->L, lt);
+    op__group_fail(g, lua_tostring(rt->L, -1));
+    lua_pop(rt->L, 1);
+  }
+  saved = rt->grp;
+  rt->grp = g;
+  notify(lt);
+  rt->grp = saved;
+  op__group_leave(rt, g, NULL);
 }
 
 /* End lt in state (once): stop its deadline, count it, run its callbacks
@@ -807,6 +834,10 @@ int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait) {
                lt->call);
   }
   anchor(L, lt, -1);
+  if (rc == 0 || may_wait) {
+    lt->grp = lt->rt->grp; /* it ends in task_notify */
+    op__group_join(lt->grp);
+  }
   if (rc == 0) {
     lt->in_pool = 1;
     start_deadline(lt);
@@ -907,6 +938,8 @@ op_ltask *op__task_go(lua_State *L, int fnidx, int nargs) {
   lt = new_task(L, OP_LT_GO, "offpath.go", 0, UV_CB);
   lt->state = OP_TASK_RUNNING;
   anchor(L, lt, -1);
+  lt->grp = rt->grp; /* it ends in task_notify */
+  op__group_join(lt->grp);
   c = op__co_acquire(rt);
   c->on_end = go_end;
   c->data = lt;
