@@ -197,6 +197,7 @@ OP_EXTERN int op_call_value(op_runtime *rt, int nargs);
 ** task:cancel() may end the last member): it must only record the
 ** outcome, never call into Lua or the runtime. */
 typedef void (*op_track_cb)(op_runtime *rt, const char *err, void *ud);
+typedef struct op_track op_track;
 
 /* Like op_call_value, and track the call with everything it starts:
 ** offpath.go coroutines, run/launch/schedule tasks, their on_done,
@@ -209,6 +210,13 @@ typedef void (*op_track_cb)(op_runtime *rt, const char *err, void *ud);
 ** returns 0 or OP_ESCRIPT, never otherwise. */
 OP_EXTERN int op_call_track(op_runtime *rt, int nargs, op_track_cb cb,
                             void *ud);
+
+/* Hold the tracked call whose Lua code runs now open, for host work done on
+** its behalf (a record it emitted, not yet written): its callback waits
+** until op_track_release(). Returns NULL outside a tracked call. Release
+** exactly once, with err NULL or a failure (copied). Thread: loop. */
+OP_EXTERN op_track *op_track_hold(op_runtime *rt);
+OP_EXTERN void op_track_release(op_runtime *rt, op_track *t, const char *err);
 
 /* Called on the loop thread when a handler, task callback or block section
 ** fails after it could no longer return the error to a caller. msg has the

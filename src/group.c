@@ -24,7 +24,9 @@
 ** error that no waiter receives, a task that failed or timed out with no
 ** waiter and no callback, a schedule callback that raised or a failed
 ** schedule without onerror. Untracked calls have no group: each hook is one
-** NULL test.
+** NULL test. A host holds the group of the code running now open with
+** op_track_hold() for work of its own (an emitted record not yet written)
+** and lets go with op_track_release(), as a member.
 */
 #include <string.h>
 
@@ -33,7 +35,7 @@
 /* The error of a group whose message could not be copied. */
 static char nomem_err[] = "failed (no memory for the message)";
 
-struct op_group {
+struct op_track {
   uint32_t n; /* live members */
   op_track_cb cb;
   void *ud;
@@ -68,6 +70,15 @@ void op__group_leave(op_runtime *rt, op_group *g, const char *err) {
   if (g->err != nomem_err)
     free(g->err);
   free(g);
+}
+
+op_track *op_track_hold(op_runtime *rt) {
+  op__group_join(rt->grp);
+  return rt->grp;
+}
+
+void op_track_release(op_runtime *rt, op_track *t, const char *err) {
+  op__group_leave(rt, t, err);
 }
 
 int op_call_track(op_runtime *rt, int nargs, op_track_cb cb, void *ud) {

@@ -39,7 +39,7 @@ typedef struct op_task op_task;
 typedef struct op_worker op_worker;
 typedef struct op_co op_co;
 typedef struct op_tasks op_tasks;
-typedef struct op_group op_group;
+typedef struct op_track op_group; /* op_track in offpath.h */
 
 /* ---- growable byte buffers (buf.c) ---- */
 

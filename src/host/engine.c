@@ -86,6 +86,7 @@ static uint32_t rec_alloc(host *h, rec_kind kind, src *s, uint64_t line,
   h->free_rec = p->next_free;
   p->kind = (uint8_t)kind;
   p->s = s;
+  p->entry = NULL;
   p->line = line;
   p->t0 = timed ? uv_hrtime() : 0;
   p->live = 1;
@@ -164,9 +165,15 @@ static void handler_end(host *h, uint32_t slot, int ok, const char *msg) {
       h->failed++;
       if (has_prefix(msg, "timeout"))
         h->timeouts++;
-      host_report(h, "on_event failed on %s line %llu: %s", r->s->name,
-                  (unsigned long long)r->line, msg);
+      if (r->entry != NULL)
+        host_report(h, "on_event failed on %s entry %s: %s", r->s->name,
+                    rstream_entry_id(r->entry), msg);
+      else
+        host_report(h, "on_event failed on %s line %llu: %s", r->s->name,
+                    (unsigned long long)r->line, msg);
     }
+    if (!ok && r->entry != NULL)
+      rstream_handler_failed(r->entry, msg);
     input_src_unref(r->s);
     if (!sync) /* else the pump that dispatched it goes on */
       input_kick(h);
@@ -262,7 +269,7 @@ static int event_by_name_k(lua_State *L, int status, lua_KContext ctx) {
   return 0;
 }
 
-/* event_by_name(engine, record): on_event looked up as any global, through
+/* event_by_name(engine, record [, entry]): on_event looked up as any global, through
 ** the metatable of a globals table without the raw field, inside the
 ** handler's pcall so that a raising __index fails the record. */
 static int event_by_name(lua_State *L) {
@@ -271,18 +278,19 @@ static int event_by_name(lua_State *L) {
     return luaL_error(L, "no on_event function");
   }
   lua_insert(L, 1);
-  lua_callk(L, 2, 0, 0, event_by_name_k);
+  lua_callk(L, lua_gettop(L) - 1, 0, 0, event_by_name_k);
   return 0;
 }
 
-/* run_event(slot, record): the body of on_event's coroutines. Upvalues:
-** the globals table, the engine, "on_event". */
+/* run_event(slot, record [, entry]): the body of on_event's coroutines.
+** Upvalues: the globals table, the engine, "on_event". */
 static int run_event(lua_State *L) {
   lua_KContext slot = (lua_KContext)lua_tointeger(L, 1);
+  int status, t, entry = lua_gettop(L) > 2, mh;
   host *h;
-  int status, t;
 
-  lua_pushcfunction(L, msgh); /* 3 */
+  lua_pushcfunction(L, msgh); /* 3 or 4 */
+  mh = lua_gettop(L);
   lua_pushvalue(L, lua_upvalueindex(3));
   t = lua_rawget(L, lua_upvalueindex(1));
   if (t == LUA_TNIL && lua_getmetatable(L, lua_upvalueindex(1))) {
@@ -296,7 +304,9 @@ static int run_event(lua_State *L) {
   }
   lua_pushvalue(L, lua_upvalueindex(2));
   lua_pushvalue(L, 2);
-  status = lua_pcallk(L, 2, 0, 3, slot, handler_k);
+  if (entry)
+    lua_pushvalue(L, 3);
+  status = lua_pcallk(L, 2 + entry, 0, mh, slot, handler_k);
   return handler_k(L, status, slot);
 }
 
@@ -309,22 +319,26 @@ static void call_failed(host *h, uint32_t slot) {
 
 /* ---- calls ---- */
 
-int engine_dispatch(host *h, src *s, const char *line, size_t len) {
+/* Dispatch a record: a line, or a stream entry e whose table is on top of
+** L (then tracked). Returns 1, 0 if not a record (blank or malformed,
+** err set), -1 on out of memory. */
+static int dispatch(host *h, src *s, const char *line, size_t len, rentry *e,
+                    char *err, size_t errlen) {
   lua_State *L = h->L;
-  int top = lua_gettop(L), rc, timed;
-  char err[256];
+  int top = lua_gettop(L) - (e != NULL), rc, timed, nargs = 2;
   uint32_t slot;
 
   if (h->o.json) {
-    if (len == 0)
+    if (len == 0 && e == NULL)
       return 0; /* blank lines are not records */
-    if (!json_push_line(L, line, len, err, sizeof err)) {
+    if (!json_push_line(L, line, len, err, errlen)) {
+      lua_settop(L, top);
       h->malformed++;
       s->top->malformed++;
-      host_report(h, "%s line %llu: malformed JSON: %s", s->name,
-                  (unsigned long long)s->lineno, err);
       return 0;
     }
+    if (e != NULL)
+      lua_insert(L, -2); /* record, entry */
   }
   timed = h->lat_streak < HOST_LAT_SAMPLE || h->in % HOST_LAT_SAMPLE == 0;
   slot = rec_alloc(h, REC_EVENT, s, s->lineno, timed);
@@ -333,8 +347,9 @@ int engine_dispatch(host *h, src *s, const char *line, size_t len) {
     host_report(h, "%s line %llu: out of memory, record dropped", s->name,
                 (unsigned long long)s->lineno);
     h->skipped++;
-    return 0;
+    return -1;
   }
+  h->recs[slot].entry = e;
   h->in++;
   s->top->records++;
   s->refs++;
@@ -343,15 +358,23 @@ int engine_dispatch(host *h, src *s, const char *line, size_t len) {
     h->inflight_max = h->inflight;
   lua_rawgeti(L, LUA_REGISTRYINDEX, h->event_ref);
   lua_pushinteger(L, (lua_Integer)slot);
-  if (h->o.json)
-    lua_rotate(L, top + 1, 2); /* the record goes last */
-  else
+  if (!h->o.json)
     lua_pushlstring(L, line, len);
+  nargs += e != NULL;
+  if (h->o.json)
+    lua_rotate(L, top + 1, 2); /* the record (and entry) go last */
+  else if (e != NULL)
+    lua_rotate(L, top + 1, -1); /* the entry goes last */
   h->dispatch_slot = slot;
-  rc = op_call_value(h->rt, 2);
+  if (e != NULL)
+    rc = op_call_track(h->rt, nargs, rstream_track_end, e);
+  else
+    rc = op_call_value(h->rt, nargs);
   h->dispatch_slot = UINT32_MAX;
   if (rc != 0) {
     call_failed(h, slot);
+    if (e != NULL && rc != OP_ESCRIPT)
+      return -1; /* not tracked: its callback never runs */
   } else if (h->recs[slot].live) {
     /* Suspended: time it from now if it was not chosen. */
     latency_exact(h);
@@ -359,6 +382,28 @@ int engine_dispatch(host *h, src *s, const char *line, size_t len) {
       h->recs[slot].t0 = uv_hrtime();
   }
   return 1;
+}
+
+int engine_dispatch(host *h, src *s, const char *line, size_t len) {
+  char err[256];
+  int rc = dispatch(h, s, line, len, NULL, err, sizeof err);
+
+  if (rc == 0 && len > 0)
+    host_report(h, "%s line %llu: malformed JSON: %s", s->name,
+                (unsigned long long)s->lineno, err);
+  return rc > 0;
+}
+
+int engine_dispatch_entry(host *h, src *s, const char *data, size_t len,
+                          rentry *e, char *err, size_t errlen) {
+  int rc = dispatch(h, s, data, len, e, err, errlen);
+
+  if (rc == 0) {
+    char msg[300];
+    snprintf(msg, sizeof msg, "malformed JSON: %s", err);
+    snprintf(err, errlen, "%s", msg);
+  }
+  return rc;
 }
 
 /* getglobal_p(name) -> the global name, read as any global.  [-1, +1, e] */
@@ -496,6 +541,10 @@ static void out_append(host *h, lua_State *L, const char *p, size_t n) {
   size_t need = n + 1, cap;
   char *q;
 
+  if (h->rout != NULL) {
+    rout_emit(h, L, p, n);
+    return;
+  }
   if (h->out_failed)
     return;
   if (o->cap - o->len < need) {
@@ -517,6 +566,16 @@ static void out_append(host *h, lua_State *L, const char *p, size_t n) {
 int engine_output_open(host *h, char *err, size_t errlen) {
   const char *path = h->o.output;
 
+  if (path != NULL && strncmp(path, "redis-stream://", 15) == 0) {
+    if (rout_open(h, path, err, errlen) != 0) {
+      char msg[512];
+      snprintf(msg, sizeof msg, "cannot open output %s: %s", path, err);
+      snprintf(err, errlen, "%s", msg);
+      return -1;
+    }
+    h->out_fd = -1;
+    return 0;
+  }
   if (path == NULL || strcmp(path, "-") == 0) {
     h->out_fd = 1;
     h->out_own = 0;
@@ -532,6 +591,7 @@ int engine_output_open(host *h, char *err, size_t errlen) {
 }
 
 void engine_output_close(host *h) {
+  rout_free(h);
   if (h->out_own && h->out_fd >= 0)
     close(h->out_fd);
   h->out_fd = -1;

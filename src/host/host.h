@@ -101,13 +101,17 @@ void json_encode(lua_State *L, int idx, jbuf *b, const char *what);
 
 typedef struct host host;
 typedef struct src src;
+typedef struct rstream rstream; /* rstream.c */
+typedef struct rentry rentry;
+typedef struct rout rout;
 
 typedef enum src_kind {
   SRC_FILE = 0,   /* regular file or device: uv_fs_read in chunks */
   SRC_STREAM,     /* pipe, FIFO, socket or terminal: uv_read */
   SRC_TCP_SERVER, /* tcp://HOST:PORT listener */
   SRC_TCP_CLIENT, /* one accepted connection */
-  SRC_UDP         /* udp://HOST:PORT, read with recvmmsg */
+  SRC_UDP,        /* udp://HOST:PORT, read with recvmmsg */
+  SRC_RSTREAM     /* redis-stream://: a consumer group (rstream.c) */
 } src_kind;
 
 /* One input source. Freed once its handle is closed and no record that
@@ -135,6 +139,7 @@ struct src {
   uint64_t drops;     /* UDP: datagrams the kernel dropped */
   uint64_t truncated; /* UDP: datagrams longer than the buffer */
   char *udp_buf;      /* UDP: receive buffers */
+  rstream *rs;        /* SRC_RSTREAM: the consumer */
   uv_fs_t req;        /* SRC_FILE reads */
   union {
     uv_handle_t handle;
@@ -151,6 +156,7 @@ typedef enum rec_kind { REC_EVENT = 0, REC_START, REC_TICK, REC_STOP } rec_kind;
 /* A handler call in flight: a record, or a lifecycle handler. */
 typedef struct rec {
   src *s;        /* SRC of an event (referenced), else NULL */
+  rentry *entry; /* a stream entry (tracked call), else NULL */
   uint64_t line; /* line number within s */
   uint64_t t0;   /* uv_hrtime() when it was handed over; 0: not timed */
   uint32_t next_free;
@@ -248,6 +254,8 @@ struct host {
   int out_failed;
   outbuf out_pending, out_writing;
   uv_fs_t out_req;
+  rout *rout;        /* --output redis-stream://, else NULL */
+  uint64_t out_held; /* its bytes not yet confirmed */
 
   /* Handles (all unreferenced: they never keep the loop alive). */
   uv_timer_t tick_timer, second_timer, grace_timer;
@@ -273,11 +281,18 @@ void input_close_all(host *h);
 void input_free_all(host *h);
 void input_src_unref(src *s);
 void input_udp_refresh_drops(src *s);
+src *input_src_new(host *h, src_kind kind, const char *name);
 const char *input_kind_name(src_kind k);
 
 /* engine.c */
 int engine_setup(host *h);
 int engine_dispatch(host *h, src *s, const char *line, size_t len);
+/* Hand the record data of entry e (its table on top of h->L, popped) to
+** on_event(engine, record, entry) as a tracked call. Returns 1, 0 if the
+** record is malformed (err set; nothing was called), -1 on out of
+** memory. */
+int engine_dispatch_entry(host *h, src *s, const char *data, size_t len,
+                          rentry *e, char *err, size_t errlen);
 int engine_call_lifecycle(host *h, const char *name, rec_kind kind);
 void engine_cancel_all(host *h);
 void engine_latency_flush(host *h);
@@ -290,8 +305,24 @@ void engine_on_error(op_runtime *rt, const char *msg, void *ud);
 static inline int engine_blocked(const host *h) {
   return !h->started || h->stopping ||
          h->inflight >= (uint32_t)h->o.max_inflight ||
-         h->out_pending.len >= HOST_OUT_HIGH;
+         h->out_pending.len >= HOST_OUT_HIGH || h->out_held >= HOST_OUT_HIGH;
 }
+
+/* rstream.c: redis-stream:// inputs and output */
+int rstream_open(host *h, const char *spec, char *err, size_t errlen);
+void rstream_pump(src *s, int *budget);
+void rstream_read(src *s);
+void rstream_close(src *s);
+void rstream_destroy(src *s);
+void rstream_push_stats(src *s, lua_State *L);
+void rstream_stats_text(src *s, char *buf, size_t len);
+const char *rstream_entry_id(const rentry *e);
+void rstream_handler_failed(rentry *e, const char *msg);
+void rstream_track_end(op_runtime *rt, const char *err, void *ud);
+int rout_open(host *h, const char *spec, char *err, size_t errlen);
+void rout_emit(host *h, lua_State *L, const char *p, size_t n);
+void rout_stats_text(host *h, char *buf, size_t len);
+void rout_free(host *h);
 
 /* stats.c */
 void stats_line(host *h);

@@ -68,6 +68,8 @@ const char *input_kind_name(src_kind k) {
     return "tcp-client";
   case SRC_UDP:
     return "udp";
+  case SRC_RSTREAM:
+    return "redis-stream";
   }
   return "?";
 }
@@ -95,7 +97,19 @@ static src *src_new(host *h, src_kind kind, const char *name) {
   return s;
 }
 
+src *input_src_new(host *h, src_kind kind, const char *name) {
+  src *s = src_new(h, kind, name);
+
+  if (s != NULL && kind == SRC_RSTREAM) {
+    s->counted = 1;
+    h->nopen++;
+  }
+  return s;
+}
+
 static void src_destroy(src *s) {
+  if (s->kind == SRC_RSTREAM)
+    rstream_destroy(s);
   ls_free(&s->ls);
   free(s->udp_buf);
   free(s->name);
@@ -179,7 +193,10 @@ static void src_close(src *s) {
     udp_drain(s);
     input_udp_refresh_drops(s);
   }
-  if (s->has_handle) {
+  if (s->kind == SRC_RSTREAM) {
+    rstream_close(s);
+    src_closed(s);
+  } else if (s->has_handle) {
     if (s->kind == SRC_UDP)
       uv_poll_stop(&s->u.poll);
     uv_close(&s->u.handle, src_close_cb);
@@ -229,6 +246,7 @@ static void src_want(src *s, int want) {
     }
     break;
   case SRC_TCP_SERVER:
+  case SRC_RSTREAM:
     break;
   }
 }
@@ -256,6 +274,11 @@ static void src_pump(src *s, int *budget) {
 
   if (s->closing || s->kind == SRC_TCP_SERVER)
     return;
+  if (s->kind == SRC_RSTREAM) {
+    rstream_pump(s, budget);
+    pause_note(h);
+    return;
+  }
   while (!engine_blocked(h) && *budget > 0) {
     r = ls_next(&s->ls, s->eof, &line, &len);
     if (r == LS_NONE) {
@@ -809,6 +832,8 @@ int input_open(host *h, const char *spec, char *err, size_t errlen) {
     return open_tcp(h, spec, err, errlen);
   if (strncmp(spec, "udp://", 6) == 0)
     return open_udp(h, spec, err, errlen);
+  if (strncmp(spec, "redis-stream://", 15) == 0)
+    return rstream_open(h, spec, err, errlen);
   if (strcmp(spec, "-") == 0) {
     for (s = h->srcs; s != NULL; s = s->next) {
       if (strcmp(s->name, "-") == 0) {

@@ -182,6 +182,8 @@ void stats_push_table(host *h, lua_State *L) {
       set_int(L, "drops", s->drops);
       set_int(L, "truncated", s->truncated);
     }
+    if (s->kind == SRC_RSTREAM)
+      rstream_push_stats(s, L);
     lua_rawseti(L, -2, ++n);
   }
   lua_setfield(L, -2, "inputs");
@@ -274,7 +276,7 @@ static int summary_json_p(lua_State *L) {
 
 static void summary_text(host *h) {
   op_stats st;
-  char a[32], b[32], c[32], d[32], e[32], f[32];
+  char a[32], b[32], c[32], d[32], e[32], f[32], text[256];
   const char *sig = signal_name(h->stop_signal);
   int i, used = 0;
   src *s;
@@ -326,7 +328,15 @@ static void summary_text(host *h) {
       fprintf(stderr, ", %" PRIu64 " clients", s->clients);
     if (s->kind == SRC_UDP)
       fprintf(stderr, ", %" PRIu64 " dropped by the kernel", s->drops);
+    if (s->kind == SRC_RSTREAM) {
+      rstream_stats_text(s, text, sizeof text);
+      fprintf(stderr, "; %s", text);
+    }
     fputc('\n', stderr);
+  }
+  if (h->rout != NULL) {
+    rout_stats_text(h, text, sizeof text);
+    fprintf(stderr, "  output    %s\n", text);
   }
   if (h->pauses)
     fprintf(stderr,
@@ -371,7 +381,8 @@ void stats_summary(host *h) {
 
 void stats_line(host *h) {
   op_stats st;
-  char a[32], b[32], line[512];
+  char a[32], b[32], line[1024], text[256];
+  src *s;
   double t = elapsed(h), dt = t - (double)h->last_t / 1e9;
   size_t n;
   int i;
@@ -392,6 +403,12 @@ void stats_line(host *h) {
                           st.pools[i].name, st.pools[i].submitted,
                           st.pools[i].inflight - st.pools[i].queued,
                           st.pools[i].queued);
+  }
+  for (s = h->srcs; s != NULL && n < sizeof line; s = s->next) {
+    if (s->kind != SRC_RSTREAM)
+      continue;
+    rstream_stats_text(s, text, sizeof text);
+    n += (size_t)snprintf(line + n, sizeof line - n, " | %s", text);
   }
   if (n < sizeof line)
     snprintf(line + n, sizeof line - n, " | errors %" PRIu64 " drops %" PRIu64,
