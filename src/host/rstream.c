@@ -37,8 +37,8 @@
 ** connection goes; the link's cleanup hook then schedules a reconnect
 ** (backoff 0.1 s doubling to 5 s). Entries in flight are unaffected (they
 ** are in the group's pending list); acks whose reply was lost are sent
-** again (XACK of an acknowledged id is a no-op, and the count of
-** acknowledged entries comes from Redis' replies, so nothing counts twice).
+** again (XACK of an acknowledged id is a no-op; an id is counted once,
+** when a reply confirms it).
 ** An XREADGROUP whose reply was lost leaves its entries pending for a
 ** claim. At shutdown reading stops at once; entries in flight end (or are
 ** cancelled after --grace) and their acks are flushed; what was read and
@@ -608,27 +608,30 @@ typedef struct rack {
   char *ids[];
 } rack;
 
-static void ack_queue(rstream *rs, const char *id) {
-  char **p, *copy = strdup(id);
+/* Queue the id (malloc, taken) for XACK. Out of memory: the entry stays
+** pending, and is delivered again. */
+static void ack_push(rstream *rs, char *id) {
   uint32_t cap;
+  char **p;
 
-  if (copy == NULL) {
-    host_report(rs->h, "input %s: out of memory: entry %s left pending",
-                rs->s->name, id);
+  if (id != NULL && rs->nacks == rs->acks_cap) {
+    cap = rs->acks_cap ? 2 * rs->acks_cap : 64;
+    if ((p = realloc(rs->acks, cap * sizeof *p)) != NULL) {
+      rs->acks = p;
+      rs->acks_cap = cap;
+    }
+  }
+  if (id == NULL || rs->nacks == rs->acks_cap) {
+    host_report(rs->h, "input %s: out of memory: an entry is left pending",
+                rs->s->name);
+    free(id);
     return;
   }
-  if (rs->nacks == rs->acks_cap) {
-    cap = rs->acks_cap ? 2 * rs->acks_cap : 64;
-    if ((p = realloc(rs->acks, cap * sizeof *p)) == NULL) {
-      free(copy);
-      host_report(rs->h, "input %s: out of memory: entry %s left pending",
-                  rs->s->name, id);
-      return;
-    }
-    rs->acks = p;
-    rs->acks_cap = cap;
-  }
-  rs->acks[rs->nacks++] = copy;
+  rs->acks[rs->nacks++] = id;
+}
+
+static void ack_queue(rstream *rs, const char *id) {
+  ack_push(rs, strdup(id));
   if (rs->nacks >= RS_ACK_MAX)
     rs_flush(rs);
   else if (!uv_is_active((uv_handle_t *)&rs->flush_timer))
@@ -644,7 +647,9 @@ static void ack_cb(redisAsyncContext *ac, void *reply, void *priv) {
   link_replied(ac);
   rs->busy--;
   if (r != NULL && r->type == REDIS_REPLY_INTEGER) {
-    rs->acked += (uint64_t)r->integer;
+    /* Count ids, not the reply: an XACK sent again after its first reply
+    ** was lost finds the ids already acknowledged and answers 0. */
+    rs->acked += a->n;
     for (i = 0; i < a->n; i++)
       free(a->ids[i]);
   } else if (!rs->destroyed) {
@@ -652,12 +657,8 @@ static void ack_cb(redisAsyncContext *ac, void *reply, void *priv) {
     if (r != NULL)
       host_report(rs->h, "input %s: XACK failed: %s", rs->s->name,
                   reply_error(r));
-    for (i = 0; i < a->n; i++) {
-      if (rs->nacks < rs->acks_cap)
-        rs->acks[rs->nacks++] = a->ids[i];
-      else
-        free(a->ids[i]); /* cannot happen: the ids came from there */
-    }
+    for (i = 0; i < a->n; i++)
+      ack_push(rs, a->ids[i]);
   } else {
     for (i = 0; i < a->n; i++)
       free(a->ids[i]);
@@ -873,8 +874,9 @@ static void push_entry(lua_State *L, const rentry *e) {
   lua_setfield(L, -2, "deliveries");
   lua_createtable(L, 0, e->nf);
   for (i = 0; i < e->nf; i++) {
+    lua_pushlstring(L, e->f[2 * i], e->flen[2 * i]);
     lua_pushlstring(L, e->f[2 * i + 1], e->flen[2 * i + 1]);
-    lua_setfield(L, -2, e->f[2 * i]);
+    lua_rawset(L, -3);
   }
   lua_setfield(L, -2, "fields");
 }
@@ -1126,7 +1128,7 @@ static void claim_cb(redisAsyncContext *ac, void *reply, void *priv) {
     goto done;
   /* Their delivery counts (the claim added one): this consumer's pending
   ** entries between the first and the last claimed id. */
-  snprintf(count, sizeof count, "%u", RS_CLAIM_MAX * 4 + 1000);
+  snprintf(count, sizeof count, "%u", c->n + rs->flight.n + rs->queue.n + 1000);
   argv[0] = "XPENDING";
   argv[1] = rs->key;
   argv[2] = rs->group;
@@ -1216,10 +1218,12 @@ static void claim_tick(uv_timer_t *t) {
   uint32_t room = rs_room(rs);
   int i;
 
-  if (rs->closing || !rs->group_ok || !link_usable(rs->cmd))
+  if (!rs->group_ok || !link_usable(rs->cmd))
+    return;
+  heartbeat(rs); /* also while stopping: the entries still in flight */
+  if (rs->closing)
     return;
   pending_query(rs);
-  heartbeat(rs);
   if (rs->claim_busy || room == 0 || !rs->h->started)
     return;
   snprintf(idle, sizeof idle, "%" PRIu64, rs->claim_ms);
@@ -1332,6 +1336,7 @@ static void rs_finish(rstream *rs) {
     return;
   rs->finished = 1;
   uv_timer_stop(&rs->retry_timer);
+  uv_timer_stop(&rs->claim_timer);
   argv[0] = "XPENDING";
   argv[1] = rs->key;
   argv[2] = rs->group;
@@ -1446,7 +1451,6 @@ void rstream_close(src *s) {
   if (rs == NULL || rs->closing)
     return;
   rs->closing = 1;
-  uv_timer_stop(&rs->claim_timer);
   while ((e = rs->queue.head) != NULL) {
     rs->h->skipped++; /* read, never handed over: pending for others */
     entry_free(e);
