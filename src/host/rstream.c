@@ -463,6 +463,7 @@ struct rstream {
 };
 
 static void rs_connect(rstream *rs);
+static void release_ids(rstream *rs, const char **ids, int n);
 static void rs_flush(rstream *rs);
 static void rs_finish(rstream *rs);
 static void flush_cb(uv_timer_t *t);
@@ -592,11 +593,13 @@ static rentry *entry_find(rstream *rs, const char *id) {
   return NULL;
 }
 
-/* Entries this input may take now: --max-inflight minus what it holds. */
+/* Entries this input may take now. It holds at most --max-inflight in
+** flight and as many read ahead, so that a handler ending finds the next
+** entry here rather than a round trip away. */
 static uint32_t rs_room(rstream *rs) {
   uint32_t held = rs->queue.n + rs->flight.n, max;
 
-  max = (uint32_t)rs->h->o.max_inflight;
+  max = 2 * (uint32_t)rs->h->o.max_inflight;
   return held >= max ? 0 : max - held;
 }
 
@@ -841,8 +844,10 @@ void rstream_track_end(op_runtime *rt, const char *err, void *ud) {
   }
   rs->failed++;
   if (rs->destroyed || strncmp(e->err, "cancelled", 9) == 0) {
+    if (!rs->destroyed)
+      release_ids(rs, &e->id, 1);
     rs_finish(rs);
-    entry_free(e); /* stopped, not failed: stays pending for others */
+    entry_free(e); /* stopped, not failed: pending for others */
     return;
   }
   argv[0] = "XPENDING";
@@ -975,8 +980,12 @@ void rstream_read(src *s) {
   uint32_t room = rs_room(rs);
   int i;
 
+  host *h = rs->h;
+
+  /* Not engine_blocked(): a full engine is when reading ahead pays. */
   if (rs->closing || !rs->group_ok || rs->rd_busy || !link_usable(rs->rd) ||
-      room == 0 || engine_blocked(rs->h) || rs->queue.n > 0)
+      room == 0 || rs->queue.n > 0 || !h->started || h->stopping ||
+      h->out_pending.len >= HOST_OUT_HIGH || h->out_held >= HOST_OUT_HIGH)
     return;
   snprintf(count, sizeof count, "%u", room < RS_READ_MAX ? room : RS_READ_MAX);
   snprintf(block, sizeof block, "%d", RS_BLOCK_MS);
@@ -1245,6 +1254,31 @@ static void claim_tick(uv_timer_t *t) {
   }
 }
 
+/* Make entries held here (ids, n of them) look idle for claim_idle, so
+** that other consumers claim them at once (XCLAIM IDLE, JUSTID: the
+** delivery counter stays). For what this consumer gives up when it stops. */
+static void release_ids(rstream *rs, const char **ids, int n) {
+  const char *argv[8 + RS_BEAT_MAX];
+  size_t lens[8 + RS_BEAT_MAX];
+  char idle[24];
+  int i, argc = 5;
+
+  snprintf(idle, sizeof idle, "%" PRIu64, rs->claim_ms);
+  argv[0] = "XCLAIM";
+  argv[1] = rs->key;
+  argv[2] = rs->group;
+  argv[3] = rs->consumer;
+  argv[4] = "0";
+  for (i = 0; i < n && i < RS_BEAT_MAX; i++)
+    argv[argc++] = ids[i];
+  argv[argc++] = "IDLE";
+  argv[argc++] = idle;
+  argv[argc++] = "JUSTID";
+  for (i = 0; i < argc; i++)
+    lens[i] = strlen(argv[i]);
+  link_cmd(rs->cmd, ignore_cb, NULL, argc, argv, lens);
+}
+
 /* ---- connections ---- */
 
 static void retry_cb(uv_timer_t *t) {
@@ -1445,14 +1479,24 @@ fail:
 }
 
 void rstream_close(src *s) {
+  const char *ids[RS_BEAT_MAX];
   rstream *rs = s->rs;
   rentry *e;
+  int n = 0;
 
   if (rs == NULL || rs->closing)
     return;
   rs->closing = 1;
+  /* Read, never handed over: pending for others, at once. */
+  for (e = rs->queue.head; e != NULL; e = e->next) {
+    ids[n++] = e->id;
+    if (n == RS_BEAT_MAX || e->next == NULL) {
+      release_ids(rs, ids, n);
+      n = 0;
+    }
+  }
   while ((e = rs->queue.head) != NULL) {
-    rs->h->skipped++; /* read, never handed over: pending for others */
+    rs->h->skipped++;
     entry_free(e);
   }
   link_close(rs->rd);
