@@ -709,11 +709,6 @@ static void flush_cb(uv_timer_t *t) {
 
 /* ---- dead letters and failures ---- */
 
-typedef struct rop {
-  rentry *e;
-  int64_t deliveries;
-} rop;
-
 static void dead_cb(redisAsyncContext *ac, void *reply, void *priv) {
   rentry *e = priv;
   rstream *rs = e->rs;
@@ -974,13 +969,12 @@ static void read_cb(redisAsyncContext *ac, void *reply, void *priv) {
 
 void rstream_read(src *s) {
   rstream *rs = s->rs;
+  host *h = rs->h;
   const char *argv[11];
   size_t lens[11];
   char count[16], block[16];
   uint32_t room = rs_room(rs);
   int i;
-
-  host *h = rs->h;
 
   /* Not engine_blocked(): a full engine is when reading ahead pays. */
   if (rs->closing || !rs->group_ok || rs->rd_busy || !link_usable(rs->rd) ||
@@ -1069,7 +1063,9 @@ static void claim_counts_cb(redisAsyncContext *ac, void *reply, void *priv) {
     e = c->e[i];
     e->deliveries = pending_count(reply, e->id);
     if (reply == NULL || rs->destroyed || rs->closing || e->deliveries == 0) {
-      entry_free(e); /* ours now, pending: claimed again later */
+      if (reply != NULL && !rs->destroyed && rs->closing)
+        release_ids(rs, &e->id, 1); /* stopping: for the others */
+      entry_free(e);                /* ours now, pending: claimed again later */
       continue;
     }
     rs->read++;
