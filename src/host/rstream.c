@@ -1483,6 +1483,8 @@ void rstream_close(src *s) {
   if (rs == NULL || rs->closing)
     return;
   rs->closing = 1;
+  /* An unreachable server must not hold the host: see rs_gone. */
+  uv_unref((uv_handle_t *)&rs->retry_timer);
   /* Read, never handed over: pending for others, at once. */
   for (e = rs->queue.head; e != NULL; e = e->next) {
     ids[n++] = e->id;
@@ -1817,12 +1819,22 @@ void rout_stats_text(host *h, char *buf, size_t len) {
 
 void rout_free(host *h) {
   rout *o = h->rout;
+  uint64_t lost = 0;
   rmsg *m;
 
   if (o == NULL)
     return;
   h->rout = NULL;
   o->freed = 1;
+  for (m = o->head; m != NULL; m = m->next)
+    lost++;
+  if (lost > 0) {
+    h->out_errors++;
+    host_report(h,
+                "output %s: %" PRIu64 " records not written: Redis at "
+                "%s:%d did not confirm them",
+                o->key, lost, o->ip, o->port);
+  }
   while ((m = o->head) != NULL) {
     msg_unlink(o, m);
     h->out_held -= m->len;
