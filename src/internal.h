@@ -541,12 +541,12 @@ struct op_co {
   op_wait_id wait; /* the pending wait, or 0 */
   int ctx_ref;     /* offpath.context table, or LUA_NOREF */
   int ready_nargs; /* values to resume with, while on the ready list */
-  op_group *grp;   /* invocation group (op_call_track), or NULL */
   /* Called when the coroutine's function returns (status LUA_OK, results
   ** on L) or fails (error object on L). Owner: lua_main.c (go tasks). */
   void (*on_end)(op_co *c, int status, int nres);
   void *data;
-  op_co *next; /* free list / deferred list */
+  op_group *grp; /* invocation group (op_call_track), or NULL */
+  op_co *next;   /* free list / deferred list */
 };
 
 typedef struct op_wait op_wait;
