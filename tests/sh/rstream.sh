@@ -17,7 +17,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
   exit 1
 fi
 sh "$SRC/tests/fixtures/redis.sh" start "$T" >/dev/null || exit 1
-trap 'sh "$SRC/tests/fixtures/redis.sh" stop "$T" >/dev/null 2>&1; cleanup' EXIT
+trap 'kill -CONT "$(cat "${REDIS_PIDFILE:-/dev/null}")" 2>/dev/null
+  sh "$SRC/tests/fixtures/redis.sh" stop "$T" >/dev/null 2>&1; cleanup' EXIT
 . "$T/redis.env"
 R() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 URL=redis-stream://127.0.0.1:$REDIS_PORT
@@ -223,13 +224,21 @@ function on_event(engine, rec) engine:emit(rec) end
 EOF
 head -c 70000 /dev/zero | tr '\0' x > "$T/line"
 for i in $(seq 1 200); do cat "$T/line"; echo; done > "$T/big.txt"
-R DEBUG SLEEP 2 >/dev/null &
-SLEEPER=$!
-sleep 0.2
-start_host "$T/big.err" run "$T/big.lua" --json --input "$T/big.txt" \
+# Redis stopped (SIGSTOP): the kernel still accepts the connection and
+# buffers what is sent, nothing is confirmed, so past 8 MiB unconfirmed
+# (120 records) the host must stop reading.
+REDIS_PID=$(cat "$REDIS_PIDFILE")
+kill -STOP "$REDIS_PID"
+start_host "$T/big.err" run "$T/big.lua" --json --stats --input "$T/big.txt" \
   --output "$URL/out6"
+stats_in() { sed -n 's/.* in \([0-9][0-9]*\) (.*/\1/p' "$T/big.err" | tail -1; }
+in_ge() { [ "$(stats_in)" -ge "$1" ] 2>/dev/null; }
+wait_for 60 in_ge 120
+sleep 2.5
+check "slow output: reading stops while Redis does not answer" \
+  test "$(stats_in)" -lt 200
+kill -CONT "$REDIS_PID"
 wait "$HOST_PID"
-wait "$SLEEPER"
 check "slow output: every record written" test "$(R XLEN out6)" = 200
 check "slow output: the input paused" \
   test "$(grep -o '"pauses":[0-9]*' "$T/big.err" | cut -d: -f2)" -ge 1
