@@ -61,9 +61,13 @@ T.test("connect where nothing may suspend returns at once", function()
   for i = 1, 2 do
     local ok, e = once(early_refused.query, early_refused, "SELECT 1")
     T.eq(ok, false)
-    T.ok(e:find('^pg: connection failed: Connection refused %(server at ' ..
-      '"127.0.0.1", port 1%)' .. (i == 1 and "" or
-      ' %(next attempt in %d+%.%d+ s%)') .. ' %(db:query at'), e)
+    -- The first query may find the connect already failed (a loaded
+    -- machine): then it too is told when the next attempt is.
+    local head = '^pg: connection failed: Connection refused %(server at ' ..
+      '"127.0.0.1", port 1%)'
+    local wait = ' %(next attempt in %d+%.%d+ s%)'
+    T.ok(e:find(head .. wait .. ' %(db:query at') or
+      (i == 1 and e:find(head .. ' %(db:query at')), e)
   end
   -- A comparator of table.sort may not suspend either: connect returns at
   -- once there too, and a query raises.
