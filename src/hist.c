@@ -34,14 +34,18 @@ void op__hist_add_n(op_hist *h, uint64_t ns, uint64_t n) {
 
   if (b >= nb)
     b = nb - 1;
+  if (n == 0)
+    return;
   h->bucket[b] += (uint32_t)n;
+  if (h->count == 0 || ns < h->min)
+    h->min = ns;
   h->count += n;
   if (ns > h->max)
     h->max = ns;
 }
 
 double op__hist_quantile(const op_hist *h, double q) {
-  uint64_t rank, seen = 0, lo, hi;
+  uint64_t rank, seen = 0, lo, hi, mid;
   unsigned b, n = sizeof h->bucket / sizeof h->bucket[0];
 
   if (h->count == 0)
@@ -53,12 +57,13 @@ double op__hist_quantile(const op_hist *h, double q) {
     seen += h->bucket[b];
     if (seen > rank) {
       lo = bucket_low(b);
-      hi = b + 1 < n ? bucket_low(b + 1) : lo;
-      if (hi > h->max)
-        hi = h->max;
-      if (hi < lo)
-        hi = lo;
-      return (double)(lo + (hi - lo) / 2) / 1e9;
+      hi = b + 1 < n ? bucket_low(b + 1) : h->max;
+      mid = lo + (hi - lo) / 2;
+      if (mid < h->min)
+        mid = h->min;
+      if (mid > h->max)
+        mid = h->max;
+      return (double)mid / 1e9;
     }
   }
   return (double)h->max / 1e9;

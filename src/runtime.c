@@ -683,12 +683,27 @@ static void handle_close_cb(uv_handle_t *h) {
   rt->uv_handles--;
 }
 
+/* Open /dev/null on each of descriptors 0, 1 and 2 that is closed (a
+** program started with 1>&-), before the loop, the eventfd or a socket
+** can take the number and be read or written as stdin or stdout (libuv
+** asserts on a loop descriptor <= 2). open() takes the lowest free number,
+** so they are opened in order. */
+static void std_fds_open(void) {
+  int fd;
+
+  for (fd = 0; fd <= 2; fd++)
+    if (fcntl(fd, F_GETFD) == -1 && errno == EBADF)
+      if (open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY) == -1)
+        break;
+}
+
 int op_runtime_new(const op_config *cfg, op_runtime **out) {
   op_config defaults;
   op_runtime *rt;
   int i, rc;
 
   *out = NULL;
+  std_fds_open();
   if (cfg == NULL) {
     op_config_init(&defaults);
     cfg = &defaults;

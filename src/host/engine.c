@@ -49,9 +49,13 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "host.h"
+
+static int push_global_fn(lua_State *L, const char *name);
 
 static const char *const kind_names[] = { "on_event", "on_start", "on_tick",
                                           "on_stop" };
@@ -180,8 +184,7 @@ static void handler_end(host *h, uint32_t slot, int ok, const char *msg) {
     break;
   case REC_START:
     if (ok) {
-      h->started = 1;
-      input_kick(h);
+      engine_started(h);
     } else if (h->stop_signal && has_prefix(msg, "cancelled")) {
       /* Stopped before it was done: not a broken script. */
       h->start_failed = 1;
@@ -318,6 +321,26 @@ static void call_failed(host *h, uint32_t slot) {
 }
 
 /* ---- calls ---- */
+
+/* on_start has ended (or there is none): let records flow, and say now if
+** there is no on_event to take them. */
+void engine_started(host *h) {
+  lua_State *L = h->L;
+
+  h->started = 1;
+  if (!h->no_handler_warned && h->nopen > 0) {
+    if (push_global_fn(L, "on_event")) {
+      lua_pop(L, 1);
+    } else {
+      h->no_handler_warned = 1;
+      host_report(h,
+                  "warning: %s defines no on_event function: every record "
+                  "will fail",
+                  h->o.script);
+    }
+  }
+  input_kick(h);
+}
 
 /* Dispatch a record: a line, or a stream entry e whose table is on top of
 ** L (then tracked). Returns 1, 0 if not a record (blank or malformed,
@@ -476,7 +499,56 @@ void engine_on_error(op_runtime *rt, const char *msg, void *ud) {
 
 /* ---- output ---- */
 
+/*
+** Two ways to write, chosen by what the output is:
+**
+**   poll  a pipe, FIFO, terminal or other character device, or a socket:
+**         written from the loop thread without blocking, the rest when
+**         uv_poll says it is writable. A pipe or device is written
+**         through a description of its own (/proc/self/fd/N opened anew,
+**         O_NONBLOCK), so stdout itself stays blocking for print(); a
+**         socket through send(MSG_DONTWAIT). Output nobody reads can then
+**         be abandoned (engine_output_abandon).
+**   fs    a regular file (or where the above is not possible): one
+**         uv_fs_write at a time on libuv's threads.
+**
+** A reader that went away (EPIPE, ECONNRESET) ends the run as a filter
+** would: host_stop(), exit status 141. Any other write error discards
+** further output. Bytes emitted and never written are counted as
+** abandoned.
+*/
+
 static void out_start(host *h);
+static void out_poll_cb(uv_poll_t *p, int status, int events);
+
+/* Everything buffered is dropped: count it as abandoned. */
+static void out_drop(host *h) {
+  h->out_abandoned +=
+      (h->out_writing.len - h->out_writing.off) + h->out_pending.len;
+  h->out_writing.len = h->out_writing.off = 0;
+  h->out_pending.len = 0;
+  if (h->out_polling) {
+    uv_poll_stop(&h->out_poll);
+    h->out_polling = 0;
+  }
+}
+
+/* A write failed with the libuv error err. */
+static void out_fail(host *h, int err) {
+  h->out_failed = 1;
+  h->out_errors++;
+  out_drop(h);
+  if (err == UV_EPIPE || err == UV_ECONNRESET) {
+    h->out_broken = 1;
+    host_report(h, "output: the reader went away (%s): stopping",
+                uv_strerror(err));
+    host_stop(h);
+  } else {
+    host_report(h, "output: write failed: %s; further output is discarded",
+                uv_strerror(err));
+  }
+  input_kick(h);
+}
 
 static void out_cb(uv_fs_t *req) {
   host *h = req->data;
@@ -485,15 +557,10 @@ static void out_cb(uv_fs_t *req) {
   uv_fs_req_cleanup(req);
   h->out_busy = 0;
   if (res < 0) {
-    h->out_failed = 1;
-    h->out_errors++;
-    host_report(h, "output: write failed: %s; further output is discarded",
-                uv_strerror((int)res));
-    h->out_writing.len = h->out_writing.off = 0;
-    h->out_pending.len = 0;
-    input_kick(h);
+    out_fail(h, (int)res);
     return;
   }
+  h->out_bytes += (uint64_t)res;
   h->out_writing.off += (size_t)res;
   if (h->out_writing.off < h->out_writing.len) {
     out_start(h);
@@ -504,32 +571,93 @@ static void out_cb(uv_fs_t *req) {
   input_kick(h);
 }
 
+/* Make what is pending the buffer being written, if that one is done.
+** Returns whether there is anything to write. */
+static int out_next(host *h) {
+  outbuf tmp;
+
+  if (h->out_writing.off < h->out_writing.len)
+    return 1;
+  h->out_writing.len = h->out_writing.off = 0;
+  if (h->out_pending.len == 0)
+    return 0;
+  tmp = h->out_writing;
+  h->out_writing = h->out_pending;
+  h->out_pending = tmp;
+  h->out_pending.len = h->out_pending.off = 0;
+  return 1;
+}
+
+/* Poll mode: write until done or the output would block. */
+static void out_write_poll(host *h) {
+  const char *p;
+  size_t n;
+  ssize_t w;
+  int drained = 0;
+
+  while (!h->out_failed && out_next(h)) {
+    p = h->out_writing.p + h->out_writing.off;
+    n = h->out_writing.len - h->out_writing.off;
+    if (h->out_socket)
+      w = send(h->out_poll_fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+    else
+      w = write(h->out_poll_fd, p, n);
+    if (w < 0 && errno == EINTR)
+      continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!h->out_polling) {
+        uv_poll_start(&h->out_poll, UV_WRITABLE, out_poll_cb);
+        h->out_polling = 1;
+      }
+      return;
+    }
+    if (w < 0) {
+      out_fail(h, uv_translate_sys_error(errno));
+      return;
+    }
+    h->out_writing.off += (size_t)w;
+    h->out_bytes += (uint64_t)w;
+    drained = 1;
+  }
+  if (h->out_polling) {
+    uv_poll_stop(&h->out_poll);
+    h->out_polling = 0;
+  }
+  if (drained)
+    input_kick(h);
+}
+
+static void out_poll_cb(uv_poll_t *p, int status, int events) {
+  host *h = p->data;
+
+  (void)events;
+  if (status < 0) {
+    out_fail(h, status);
+    return;
+  }
+  out_write_poll(h);
+}
+
 /* Write what is pending, one request at a time. */
 static void out_start(host *h) {
-  outbuf tmp;
   uv_buf_t b;
   int rc;
 
-  if (h->out_busy || h->out_failed)
+  if (h->out_failed)
     return;
-  if (h->out_writing.off >= h->out_writing.len) {
-    if (h->out_pending.len == 0)
-      return;
-    tmp = h->out_writing;
-    h->out_writing = h->out_pending;
-    h->out_pending = tmp;
-    h->out_pending.len = h->out_pending.off = 0;
-    h->out_writing.off = 0;
+  if (h->out_poll_fd >= 0) {
+    if (!h->out_polling) /* else poll_cb goes on when it can */
+      out_write_poll(h);
+    return;
   }
+  if (h->out_busy || !out_next(h))
+    return;
   b = uv_buf_init(h->out_writing.p + h->out_writing.off,
                   (unsigned)(h->out_writing.len - h->out_writing.off));
   h->out_req.data = h;
   rc = uv_fs_write(h->loop, &h->out_req, h->out_fd, &b, 1, -1, out_cb);
   if (rc != 0) {
-    h->out_failed = 1;
-    h->out_errors++;
-    host_report(h, "output: write failed: %s; further output is discarded",
-                uv_strerror(rc));
+    out_fail(h, rc);
     return;
   }
   h->out_busy = 1;
@@ -545,8 +673,10 @@ static void out_append(host *h, lua_State *L, const char *p, size_t n) {
     rout_emit(h, L, p, n);
     return;
   }
-  if (h->out_failed)
+  if (h->out_failed) {
+    h->out_abandoned += need;
     return;
+  }
   if (o->cap - o->len < need) {
     cap = o->cap ? o->cap : 65536;
     while (cap - o->len < need)
@@ -563,9 +693,48 @@ static void out_append(host *h, lua_State *L, const char *p, size_t n) {
   out_start(h);
 }
 
+/* Choose poll mode for out_fd if it suits (see above). Failing that, the
+** output stays in fs mode. */
+static void out_poll_setup(host *h) {
+  struct stat st;
+  char path[64];
+  int fd, flags;
+
+  if (fstat(h->out_fd, &st) != 0 || S_ISREG(st.st_mode))
+    return;
+  if (S_ISSOCK(st.st_mode)) {
+    fd = h->out_fd; /* send(MSG_DONTWAIT): its flags stay as they are */
+    h->out_socket = 1;
+  } else if (!S_ISFIFO(st.st_mode) && !S_ISCHR(st.st_mode)) {
+    return;
+  } else if (h->out_own) {
+    fd = h->out_fd; /* our own description already */
+  } else {
+    snprintf(path, sizeof path, "/proc/self/fd/%d", h->out_fd);
+    fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0)
+      return;
+    h->out_poll_own = 1;
+  }
+  flags = fcntl(fd, F_GETFL);
+  if (uv_poll_init(h->loop, &h->out_poll, fd) != 0) {
+    if (h->out_poll_own)
+      close(fd);
+    h->out_poll_own = h->out_socket = 0;
+    return;
+  }
+  if (h->out_socket && flags != -1)
+    fcntl(fd, F_SETFL, flags); /* uv_poll_init made it non-blocking */
+  else
+    fcntl(fd, F_SETFL, (flags == -1 ? 0 : flags) | O_NONBLOCK);
+  h->out_poll.data = h;
+  h->out_poll_fd = fd;
+}
+
 int engine_output_open(host *h, char *err, size_t errlen) {
   const char *path = h->o.output;
 
+  h->out_poll_fd = -1;
   if (path != NULL && strncmp(path, "redis-stream://", 15) == 0) {
     if (rout_open(h, path, err, errlen) != 0) {
       char msg[512];
@@ -579,19 +748,52 @@ int engine_output_open(host *h, char *err, size_t errlen) {
   if (path == NULL || strcmp(path, "-") == 0) {
     h->out_fd = 1;
     h->out_own = 0;
-    return 0;
+  } else {
+    h->out_fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (h->out_fd < 0) {
+      snprintf(err, errlen, "cannot open output %s: %s", path, strerror(errno));
+      return -1;
+    }
+    h->out_own = 1;
   }
-  h->out_fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (h->out_fd < 0) {
-    snprintf(err, errlen, "cannot open output %s: %s", path, strerror(errno));
-    return -1;
-  }
-  h->out_own = 1;
+  out_poll_setup(h);
   return 0;
+}
+
+/* After the grace period, every 250 ms: output waiting on a reader that
+** wrote nothing since the last call is abandoned (dropped, counted, said),
+** and so is what is emitted after. Output written by libuv's threads (a
+** regular file) is not. */
+void engine_output_abandon(host *h) {
+  uint64_t before = h->out_abandoned;
+
+  if (!h->out_polling || h->out_failed)
+    return;
+  if (h->out_bytes != h->out_mark) {
+    h->out_mark = h->out_bytes; /* still moving: give it one more period */
+    return;
+  }
+  h->out_failed = 1;
+  out_drop(h);
+  host_report(h,
+              "output: nobody reads it: %llu bytes abandoned, and all "
+              "further output",
+              (unsigned long long)(h->out_abandoned - before));
+  input_kick(h);
+}
+
+/* Close the output's poll handle: once before the loop's last run. */
+void engine_output_stop(host *h) {
+  if (h->out_poll_fd >= 0 && !uv_is_closing((uv_handle_t *)&h->out_poll))
+    uv_close((uv_handle_t *)&h->out_poll, NULL);
 }
 
 void engine_output_close(host *h) {
   rout_free(h);
+  if (h->out_poll_own && h->out_poll_fd >= 0)
+    close(h->out_poll_fd);
+  h->out_poll_fd = -1;
+  h->out_poll_own = 0;
   if (h->out_own && h->out_fd >= 0)
     close(h->out_fd);
   h->out_fd = -1;
@@ -608,17 +810,50 @@ static void push_ref(lua_State *L, int ref) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
 }
 
+/* Raise a bad argument error of the method name, counting arguments as
+** the caller wrote them (engine:emit(x): x is #1), whatever way the method
+** was called (a local, pcall, a field): Lua's own message would say '?'
+** or count the engine.  [-0, +0, e] */
+static int arg_error(lua_State *L, int arg, const char *name,
+                     const char *expected) {
+  const char *got = lua_isnone(L, arg) ? "no value" : luaL_typename(L, arg);
+
+  if (arg == 1)
+    return luaL_error(L, "calling '%s' on bad self (%s expected, got %s)", name,
+                      expected, got);
+  return luaL_error(L, "bad argument #%d to '%s' (%s expected, got %s)",
+                    arg - 1, name, expected, got);
+}
+
+static void check_self(lua_State *L, const char *name) {
+  if (!lua_istable(L, 1))
+    arg_error(L, 1, name, "engine");
+}
+
+static const char *check_str(lua_State *L, int arg, const char *name) {
+  int t = lua_type(L, arg);
+
+  if (t != LUA_TSTRING && t != LUA_TNUMBER)
+    arg_error(L, arg, name, "string");
+  return lua_tostring(L, arg);
+}
+
+static void check_num(lua_State *L, int arg, const char *name) {
+  if (lua_type(L, arg) != LUA_TNUMBER)
+    arg_error(L, arg, name, "number");
+}
+
 /* engine:count(name, [n]) -> the new total */
 static int engine_count(lua_State *L) {
   host *h = op_engine_ud(L);
 
-  luaL_checktype(L, 1, LUA_TTABLE);
-  luaL_checkstring(L, 2);
+  check_self(L, "count");
+  check_str(L, 2, "count");
   if (lua_isnoneornil(L, 3)) {
     lua_settop(L, 2);
     lua_pushinteger(L, 1);
   } else {
-    luaL_checknumber(L, 3);
+    check_num(L, 3, "count");
     lua_settop(L, 3);
   }
   push_ref(L, h->counters_ref); /* 4 */
@@ -639,9 +874,9 @@ static int engine_count(lua_State *L) {
 static int engine_gauge(lua_State *L) {
   host *h = op_engine_ud(L);
 
-  luaL_checktype(L, 1, LUA_TTABLE);
-  luaL_checkstring(L, 2);
-  luaL_checknumber(L, 3);
+  check_self(L, "gauge");
+  check_str(L, 2, "gauge");
+  check_num(L, 3, "gauge");
   push_ref(L, h->gauges_ref);
   lua_pushvalue(L, 2);
   lua_pushvalue(L, 3);
@@ -649,15 +884,39 @@ static int engine_gauge(lua_State *L) {
   return 0;
 }
 
-/* engine:alert(msg) */
+/* engine:alert(msg): msg on one line of stderr, whatever it holds: control
+** characters (a NUL, an escape sequence, a newline) are written as \n,
+** \r, \t or \xHH. */
 static int engine_alert(lua_State *L) {
+  static const char hex[] = "0123456789abcdef";
   host *h = op_engine_ud(L);
-  const char *msg;
+  const unsigned char *p;
+  luaL_Buffer b;
+  size_t n, i;
+  char esc[4];
 
-  luaL_checktype(L, 1, LUA_TTABLE);
-  msg = luaL_tolstring(L, 2, NULL);
+  check_self(L, "alert");
+  p = (const unsigned char *)luaL_tolstring(L, 2, &n);
+  luaL_buffinit(L, &b);
+  for (i = 0; i < n; i++) {
+    if (p[i] >= 0x20 && p[i] != 0x7f) {
+      luaL_addchar(&b, (char)p[i]);
+      continue;
+    }
+    esc[0] = '\\';
+    if (p[i] == '\n' || p[i] == '\r' || p[i] == '\t') {
+      esc[1] = p[i] == '\n' ? 'n' : p[i] == '\r' ? 'r' : 't';
+      luaL_addlstring(&b, esc, 2);
+    } else {
+      esc[1] = 'x';
+      esc[2] = hex[p[i] >> 4];
+      esc[3] = hex[p[i] & 15];
+      luaL_addlstring(&b, esc, 4);
+    }
+  }
+  luaL_pushresult(&b);
   h->alerts++;
-  host_report(h, "alert: %s", msg);
+  host_report(h, "alert: %s", lua_tostring(L, -1));
   return 0;
 }
 
@@ -668,7 +927,7 @@ static int engine_emit(lua_State *L) {
   size_t n;
   jbuf *b;
 
-  luaL_checktype(L, 1, LUA_TTABLE);
+  check_self(L, "emit");
   switch (lua_type(L, 2)) {
   case LUA_TSTRING:
   case LUA_TNUMBER:
@@ -680,7 +939,7 @@ static int engine_emit(lua_State *L) {
     lua_rawgetp(L, LUA_REGISTRYINDEX, &jbuf_key);
     b = lua_touserdata(L, -1);
     b->len = 0;
-    json_encode(L, 2, b, "emit");
+    json_encode(L, 2, b, "emit", 0);
     out_append(h, L, b->p, b->len);
     if (b->cap > (1u << 20)) {
       /* Do not keep a huge buffer after one huge record. */
@@ -690,7 +949,7 @@ static int engine_emit(lua_State *L) {
     }
     break;
   default:
-    return luaL_typeerror(L, 2, "string or table");
+    return arg_error(L, 2, "emit", "string or table");
   }
   h->out++;
   return 0;

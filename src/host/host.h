@@ -90,8 +90,10 @@ void jbuf_add(lua_State *L, jbuf *b, const char *s, size_t n);
 ** sorted, floats in their shortest exact form). Raises a message starting
 ** with what ("emit: ...") for a value JSON cannot hold: a function,
 ** userdata, a thread, a non-string non-integer key, invalid UTF-8, or a
-** table nested deeper than 1000 levels (a cycle).  [-0, +0, e] */
-void json_encode(lua_State *L, int idx, jbuf *b, const char *what);
+** table nested deeper than 1000 levels (a cycle). With lossy set, a byte
+** that is not part of valid UTF-8 is written as \ufffd instead (the
+** summary, whose counter names come from records).  [-0, +0, e] */
+void json_encode(lua_State *L, int idx, jbuf *b, const char *what, int lossy);
 
 /* ---- statistics helpers (stats.c) ---- */
 
@@ -188,7 +190,9 @@ typedef struct host_opts {
   int max_inflight;
   double grace; /* seconds */
   int stats;
-  int summary_json;
+  int summary_json;   /* --json: the summary and --stats lines as JSON */
+  int quiet;          /* --quiet: no summary */
+  int fail_on_error;  /* --fail-on-error: exit 4 if errors were counted */
   const char *compat; /* --compat NAME: offpath.NAME drives the script */
 } host_opts;
 
@@ -239,7 +243,9 @@ struct host {
   uint64_t pauses; /* times reading stopped for backpressure */
   uint64_t paused_ns, paused_since;
   uint64_t out_errors;
-  op_hist rec_hist; /* record latency, read to handler end */
+  uint64_t out_bytes;     /* written */
+  uint64_t out_abandoned; /* bytes dropped unwritten at stop */
+  op_hist rec_hist;       /* record latency, read to handler end */
   int counters_ref, gauges_ref;
 
   /* Rate limit of messages. */
@@ -252,10 +258,17 @@ struct host {
   int out_own;
   int out_busy;
   int out_failed;
+  int out_broken;  /* the reader went away: exit 141 */
+  int out_poll_fd; /* poll mode: the descriptor written, else -1 */
+  int out_poll_own;
+  int out_socket;    /* poll mode on a socket: send(MSG_DONTWAIT) */
+  int out_polling;   /* waiting until the output is writable */
+  uint64_t out_mark; /* out_bytes at the last engine_output_abandon() */
   outbuf out_pending, out_writing;
   uv_fs_t out_req;
   rout *rout;        /* --output redis-stream://, else NULL */
   uint64_t out_held; /* its bytes not yet confirmed */
+  uv_poll_t out_poll;
 
   /* Handles (all unreferenced: they never keep the loop alive). */
   uv_timer_t tick_timer, second_timer, grace_timer;
@@ -272,6 +285,9 @@ struct host {
 /* main.c */
 void host_report(host *h, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* Stop as on a first SIGINT/SIGTERM: close the inputs, give the handlers
+** in flight the grace period, then cancel them. */
+void host_stop(host *h);
 
 /* input.c */
 int input_open(host *h, const char *spec, char *err, size_t errlen);
@@ -297,7 +313,10 @@ int engine_call_lifecycle(host *h, const char *name, rec_kind kind);
 void engine_cancel_all(host *h);
 void engine_latency_flush(host *h);
 int engine_output_open(host *h, char *err, size_t errlen);
+void engine_output_abandon(host *h);
+void engine_output_stop(host *h);
 void engine_output_close(host *h);
+void engine_started(host *h);
 void engine_on_error(op_runtime *rt, const char *msg, void *ud);
 
 /* Whether records wait: before on_start ended, while stopping, at
@@ -329,5 +348,8 @@ void stats_line(host *h);
 void stats_summary(host *h);
 void stats_push_table(host *h, lua_State *L);
 uint64_t stats_drops(host *h);
+/* The errors of the summary (failed records, ticks and lifecycle handlers,
+** runtime errors, output errors). */
+uint64_t stats_errors(host *h);
 
 #endif /* OFFPATH_HOST_H */

@@ -108,6 +108,7 @@ typedef struct enc {
   lua_State *L;
   jbuf *b;
   const char *what;
+  int lossy;    /* invalid UTF-8 becomes U+FFFD instead of an error */
   char key[64]; /* innermost key, for messages */
 } enc;
 
@@ -223,6 +224,11 @@ static void encode_string(enc *e, const char *s, size_t n) {
     }
     if (p[i] >= 0x80) {
       k = utf8_len(p + i, n - i);
+      if (k == 0 && e->lossy) {
+        jb_adds(e, "\\ufffd"); /* one replacement per invalid byte */
+        i++;
+        continue;
+      }
       if (k == 0)
         enc_error(e, "string is not valid UTF-8");
       jb_add(e, s + i, k);
@@ -433,12 +439,13 @@ static void encode_value(enc *e, int idx, int depth) {
   }
 }
 
-void json_encode(lua_State *L, int idx, jbuf *b, const char *what) {
+void json_encode(lua_State *L, int idx, jbuf *b, const char *what, int lossy) {
   enc e;
 
   e.L = L;
   e.b = b;
   e.what = what;
+  e.lossy = lossy;
   e.key[0] = '\0';
   encode_value(&e, lua_absindex(L, idx), 0);
 }

@@ -27,7 +27,9 @@ enum {
   EXIT_OK = 0,
   EXIT_SCRIPT = 1, /* missing or broken script, on_start/on_stop failed */
   EXIT_USAGE = 2,  /* unknown option, bad value */
-  EXIT_INPUT = 3   /* an input or the output cannot be opened */
+  EXIT_INPUT = 3,  /* an input or the output cannot be opened */
+  EXIT_FAILED = 4, /* --fail-on-error, and errors were counted */
+  EXIT_PIPE = 141  /* the output's reader went away (128 + SIGPIPE) */
 };
 
 static const char usage_text[] =
@@ -57,10 +59,16 @@ static const char usage_text[] =
     "  --grace SECONDS       on SIGINT/SIGTERM, time for handlers in\n"
     "                        flight before they are cancelled (default 5)\n"
     "  --stats               print statistics on stderr every second\n"
-    "  --json                print the exit summary as JSON on stderr\n"
+    "  --json                print the summary (and --stats) as JSON on\n"
+    "                        stderr\n"
+    "  --quiet, -q           no summary at exit\n"
+    "  --fail-on-error       exit 4 if a record failed, a line was\n"
+    "                        malformed or too long, or any error was counted\n"
     "\n"
     "exit status: 0 ok, 1 script error, 2 usage error, 3 an input or the\n"
-    "output cannot be opened. See docs/cli.md.\n";
+    "output cannot be opened, 4 errors (with --fail-on-error), 141 the\n"
+    "output's reader went away; 128+N: signal N again, or the main thread\n"
+    "did not respond to it. See docs/cli.md.\n";
 
 /* ---- messages ---- */
 
@@ -174,6 +182,14 @@ static int parse_args(host *h, int argc, char **argv) {
     }
     if (strcmp(arg, "--json") == 0) {
       o->summary_json = 1;
+      continue;
+    }
+    if (strcmp(arg, "--quiet") == 0 || strcmp(arg, "-q") == 0) {
+      o->quiet = 1;
+      continue;
+    }
+    if (strcmp(arg, "--fail-on-error") == 0) {
+      o->fail_on_error = 1;
       continue;
     }
     /* Options with a value: "--opt value" or "--opt=value". */
@@ -315,6 +331,15 @@ static void grace_cb(uv_timer_t *t) {
                 h->inflight);
   h->cancelled_all = 1;
   engine_cancel_all(h);
+  engine_output_abandon(h);
+}
+
+void host_stop(host *h) {
+  if (h->stopping)
+    return;
+  input_close_all(h);
+  uv_timer_start(&h->grace_timer, grace_cb,
+                 (uint64_t)(h->o.grace * 1000.0 + 0.5), 250);
 }
 
 static void signal_cb(uv_signal_t *sig, int signum) {
@@ -340,9 +365,15 @@ static void signal_cb(uv_signal_t *sig, int signum) {
               "%s: inputs closed; waiting up to %g s for %u handlers "
               "in flight",
               name, h->o.grace, h->inflight);
-  input_close_all(h);
-  uv_timer_start(&h->grace_timer, grace_cb,
-                 (uint64_t)(h->o.grace * 1000.0 + 0.5), 250);
+  if (h->stopping) {
+    /* Already stopping (the output's reader went away, on_start failed):
+    ** the grace period starts now if it had not. */
+    if (!uv_is_active((uv_handle_t *)&h->grace_timer))
+      uv_timer_start(&h->grace_timer, grace_cb,
+                     (uint64_t)(h->o.grace * 1000.0 + 0.5), 250);
+    return;
+  }
+  host_stop(h);
 }
 
 static void init_handles(host *h) {
@@ -539,10 +570,8 @@ static int run(host *h) {
   }
 
   uv_timer_start(&h->second_timer, second_cb, 1000, 1000);
-  if (engine_call_lifecycle(h, "on_start", REC_START) == 0) {
-    h->started = 1;
-    input_kick(h);
-  }
+  if (engine_call_lifecycle(h, "on_start", REC_START) == 0)
+    engine_started(h);
   uv_timer_start(&h->tick_timer, tick_cb, (uint64_t)(h->o.tick * 1000.0 + 0.5),
                  (uint64_t)(h->o.tick * 1000.0 + 0.5));
   run_records(h);
@@ -561,11 +590,18 @@ static int run(host *h) {
   stats_summary(h);
   if ((h->start_failed && !h->start_cancelled) || h->stop_failed)
     rc = EXIT_SCRIPT;
+  else if (h->out_broken)
+    rc = EXIT_PIPE;
+  else if (h->o.fail_on_error &&
+           (stats_errors(h) > 0 || h->malformed > 0 || h->oversize > 0))
+    rc = EXIT_FAILED;
 
 done:
   close_handles(h);
   input_close_all(h);
   op_runtime_run(h->rt); /* close callbacks, last writes */
+  engine_output_stop(h);
+  op_runtime_run(h->rt);
   engine_output_close(h);
   input_free_all(h);
   i = op_runtime_free(h->rt);
@@ -577,12 +613,27 @@ done:
   return rc;
 }
 
+/* Closed 0, 1 or 2 (a supervisor's 0<&- or 1>&-) are opened on /dev/null
+** first thing: otherwise the next descriptor opened (the script, libuv's
+** loop) takes the number, and records are read from it or output written
+** to it. */
+static void std_fds_open(void) {
+  int fd;
+
+  for (fd = 0; fd <= 2; fd++)
+    if (fcntl(fd, F_GETFD) == -1 && errno == EBADF)
+      if (open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY) == -1)
+        break;
+}
+
 int main(int argc, char **argv) {
   static host h;
   int rc;
 
+  std_fds_open();
   h.stdin_flags = -1;
   h.out_fd = -1;
+  h.out_poll_fd = -1;
   h.free_rec = UINT32_MAX;
   rc = parse_args(&h, argc, argv);
   if (rc < 0) {

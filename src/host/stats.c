@@ -30,7 +30,7 @@ static uint64_t task_timeouts(const op_stats *st) {
   return n;
 }
 
-static uint64_t errors(host *h) {
+uint64_t stats_errors(host *h) {
   return h->failed + h->tick_failed +
          (uint64_t)(h->start_failed && !h->start_cancelled) +
          (uint64_t)h->stop_failed + h->rt_errors + h->out_errors;
@@ -119,6 +119,7 @@ void stats_push_table(host *h, lua_State *L) {
   set_num(L, "p50", op__hist_quantile(&h->rec_hist, 0.50));
   set_num(L, "p99", op__hist_quantile(&h->rec_hist, 0.99));
   set_num(L, "max", (double)h->rec_hist.max / 1e9);
+  set_num(L, "min", (double)h->rec_hist.min / 1e9);
   set_int(L, "count", h->rec_hist.count);
   lua_setfield(L, -2, "record");
   lua_setfield(L, -2, "latency");
@@ -143,11 +144,17 @@ void stats_push_table(host *h, lua_State *L) {
   }
   lua_setfield(L, -2, "pools");
 
-  set_int(L, "errors", errors(h));
+  set_int(L, "errors", stats_errors(h));
   set_int(L, "timeouts", task_timeouts(&st));
   set_int(L, "handler_timeouts", h->timeouts);
   set_int(L, "drops", stats_drops(h));
   set_int(L, "alerts", h->alerts);
+
+  lua_createtable(L, 0, 3);
+  set_int(L, "bytes", h->out_bytes);
+  set_int(L, "errors", h->out_errors);
+  set_int(L, "abandoned", h->out_abandoned);
+  lua_setfield(L, -2, "output");
 
   lua_createtable(L, 0, 4);
   set_int(L, "count", h->ticks);
@@ -263,15 +270,31 @@ static void print_kv(host *h, int ref, const char *label) {
     lua_pop(L, 1);
 }
 
-/* Encode the summary table as one line of JSON on stderr.  [-0, +0, m] */
+/* Encode the summary table as one line of JSON on stderr. Names that are
+** not valid UTF-8 (counters named after binary records) are escaped, so
+** only out of memory loses the line.  [-0, +0, m] */
 static int summary_json_p(lua_State *L) {
   host *h = lua_touserdata(L, 1);
   jbuf *b = jbuf_new(L);
 
   stats_push_table(h, L);
-  json_encode(L, -1, b, "summary");
+  json_encode(L, -1, b, "summary", 1);
   fprintf(stderr, "%.*s\n", (int)b->len, b->p);
+  fflush(stderr);
   return 0;
+}
+
+/* The summary as one line of JSON on stderr; what for messages. */
+static void summary_json(host *h, const char *what) {
+  lua_State *L = h->L;
+
+  lua_pushcfunction(L, summary_json_p);
+  lua_pushlightuserdata(L, h);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    fprintf(stderr, "offpath: cannot write the %s: %s\n", what,
+            lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
 }
 
 static void summary_text(host *h) {
@@ -346,8 +369,11 @@ static void summary_text(host *h) {
   fprintf(stderr,
           "  errors %" PRIu64 ", timeouts %" PRIu64 " (tasks) %" PRIu64
           " (handlers), drops %" PRIu64 ", alerts %" PRIu64 "\n",
-          errors(h), task_timeouts(&st), h->timeouts, stats_drops(h),
+          stats_errors(h), task_timeouts(&st), h->timeouts, stats_drops(h),
           h->alerts);
+  if (h->out_abandoned)
+    fprintf(stderr, "  output    %" PRIu64 " bytes abandoned unwritten\n",
+            h->out_abandoned);
   if (h->ticks)
     fprintf(stderr, "  ticks     %" PRIu64 ", %" PRIu64 " over the interval\n",
             h->ticks, h->tick_overruns);
@@ -356,7 +382,6 @@ static void summary_text(host *h) {
 }
 
 void stats_summary(host *h) {
-  lua_State *L = h->L;
   src *s;
 
   for (s = h->srcs; s != NULL; s = s->next)
@@ -366,17 +391,13 @@ void stats_summary(host *h) {
     fputc('\n', stderr);
     h->stats_line_open = 0;
   }
+  if (h->o.quiet)
+    return;
   if (!h->o.summary_json) {
     summary_text(h);
     return;
   }
-  lua_pushcfunction(L, summary_json_p);
-  lua_pushlightuserdata(L, h);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-    fprintf(stderr, "offpath: cannot write the summary: %s\n",
-            lua_tostring(L, -1));
-    lua_pop(L, 1);
-  }
+  summary_json(h, "summary");
 }
 
 void stats_line(host *h) {
@@ -387,6 +408,11 @@ void stats_line(host *h) {
   size_t n;
   int i;
 
+  if (h->o.summary_json) {
+    /* One object a line, the summary's fields: a program reads them. */
+    summary_json(h, "statistics");
+    return;
+  }
   op_stats_get(h->rt, &st);
   n = (size_t)snprintf(
       line, sizeof line,
@@ -412,7 +438,7 @@ void stats_line(host *h) {
   }
   if (n < sizeof line)
     snprintf(line + n, sizeof line - n, " | errors %" PRIu64 " drops %" PRIu64,
-             errors(h), stats_drops(h));
+             stats_errors(h), stats_drops(h));
   h->last_in = h->in;
   h->last_t = (uint64_t)(t * 1e9);
   if (h->stats_tty) {

@@ -102,7 +102,7 @@ struct exec_op {
   int signal;
   double grace;
   size_t max_output;
-  char name[256]; /* the program, for messages */
+  char name[256]; /* the command, for messages */
   char msg[1024]; /* a spawn failure, delivered on the next turn */
 };
 
@@ -691,7 +691,12 @@ static int offpath_exec(lua_State *L) {
   op->max_output = maxout >= (double)SIZE_MAX ? SIZE_MAX : (size_t)maxout;
   op__buf_init(&op->out[1]);
   op__buf_init(&op->out[2]);
-  snprintf(op->name, sizeof op->name, "%s", argv[0]);
+  /* Messages name the command: the string run by /bin/sh -c, or the
+  ** program of an argv table (cut to fit, marked with "..."). */
+  if (snprintf(op->name, sizeof op->name, "%s",
+               lua_type(L, 1) == LUA_TSTRING ? argv[2] : argv[0]) >=
+      (int)sizeof op->name)
+    memcpy(op->name + sizeof op->name - 4, "...", 4);
   if (lua_type(L, 4) == LUA_TSTRING) {
     op->has_stdin = 1;
     op->stdin_p = lua_tolstring(L, 4, &op->stdin_len);
