@@ -235,6 +235,13 @@ OP_EXTERN void *op_engine_ud(lua_State *L);
 /* The runtime that owns a main-VM lua_State (or one of its coroutines). */
 OP_EXTERN op_runtime *op_runtime_from_lua(lua_State *L);
 
+/* The lua_State the loop thread runs Lua code on now: a handler's
+** coroutine, else the main state. For a watchdog thread that found the
+** loop thread stuck: it may lua_sethook() it (as lua.c does from a signal
+** handler) or read where it is; the answer is stale as soon as the loop
+** thread moves on. Thread: any. */
+OP_EXTERN lua_State *op_runtime_running(op_runtime *rt);
+
 /* Suspended handler coroutines right now (for host backpressure). */
 OP_EXTERN int op_runtime_suspended(op_runtime *rt);
 

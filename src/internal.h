@@ -220,6 +220,9 @@ op_task *op__worker_block_task(op_worker *w);
 void op__worker_block_sync(op_worker *w, int wait);
 /* Run a block section a worker asked for (drain). Thread: loop. */
 void op__block_run(op_runtime *rt, op_task *t);
+/* Replace debug.sethook in the main VM with a guard that refuses inside
+** block sections, whose budget is a hook.  [-0, +0, m] */
+void op__block_guard_hooks(lua_State *L);
 /* Run a block section on the loop thread from a worker: encodes fn and
 ** args from the worker's stack, waits, pushes the results or raises.
 ** Thread: worker.  [-n, +r, e] */
@@ -582,6 +585,8 @@ struct op_runtime {
   uint32_t nwaits, free_wait;
   uint32_t pending_waits; /* resolved-not-yet waits */
   int depth;              /* nesting of resumes on the stack */
+  lua_State *running;     /* the coroutine co_resume runs, or NULL; read
+                             by op_runtime_running() from other threads */
   int suspended;          /* handler coroutines suspended now */
   int live_cos;           /* handler coroutines started and not ended */
   op_group *grp;          /* group of the Lua code running now (group.c) */

@@ -11,7 +11,11 @@
 ** queue, between two events, so nothing else runs meanwhile (atomic). A
 ** count hook enforces the time budget (op_config.block_budget) with the
 ** configured policy; the results, or the error message, are encoded into
-** the task and the worker is woken.
+** the task and the worker is woken. debug.sethook in the main VM refuses
+** to run inside a section, so the section cannot take the hook off. What
+** runs with hooks off (a finalizer) or in C (a pattern match) can still
+** outlive the budget: the host's watchdog ends a process whose loop
+** thread does not answer a signal (docs/design.md).
 **
 ** The section runs on a copy of fn, so an assignment to one of its
 ** upvalues (the Redis idiom: a cursor and a count advanced batch by batch)
@@ -201,6 +205,30 @@ static void budget_hook(lua_State *L, lua_Debug *ar) {
   /* lua_pushfstring's %f prints like %.14g: "0.05", not "0.050000". */
   luaL_error(L, "timeout: block section overran its budget of %f s",
              rt->cfg.block_budget);
+}
+
+/* debug.sethook in the main VM: the original (upvalue 1), except inside a
+** block section, where it raises: the section's budget is a count hook,
+** and code sent by a worker must not be able to take it off (on the
+** section's thread or on a coroutine it makes). */
+static int guarded_sethook(lua_State *L) {
+  if (block_active)
+    return luaL_error(L, "debug.sethook: not allowed in an offpath.block "
+                         "section (its time budget is a hook)");
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, 0);
+  return 0;
+}
+
+void op__block_guard_hooks(lua_State *L) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, LUA_DBLIBNAME) == LUA_TTABLE) {
+    lua_getfield(L, -1, "sethook");
+    lua_pushcclosure(L, guarded_sethook, 1);
+    lua_setfield(L, -2, "sethook");
+  }
+  lua_pop(L, 2);
 }
 
 /* Encode the upvalues of the function at fn that no longer hold the

@@ -766,6 +766,7 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
   op__sched_init(rt);
   luaL_requiref(rt->L, "offpath", op__open_main, 1);
   lua_pop(rt->L, 1);
+  op__block_guard_hooks(rt->L); /* before the names of library functions */
   rt->xfer = op__xfer_new(rt->L, rt->protos);
   if (rt->xfer == NULL)
     goto nomem;
@@ -986,4 +987,12 @@ void op_push_engine(op_runtime *rt) {
 
 void *op_engine_ud(lua_State *L) {
   return op__runtime(L)->engine_ud;
+}
+
+/* The coroutine co_resume runs, else the main state (main chunk, block
+** sections, finalizers run from C); see offpath.h. */
+lua_State *op_runtime_running(op_runtime *rt) {
+  lua_State *L = __atomic_load_n(&rt->running, __ATOMIC_RELAXED);
+
+  return L != NULL ? L : rt->L;
 }

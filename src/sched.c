@@ -493,7 +493,9 @@ static void co_resume(op_co *c, int nargs) {
   saved_grp = rt->grp;
   rt->grp = c->grp; /* what it starts joins its group */
   rt->depth++;
+  __atomic_store_n(&rt->running, c->L, __ATOMIC_RELAXED);
   status = lua_resume(c->L, rt->L, nargs, &nres);
+  __atomic_store_n(&rt->running, NULL, __ATOMIC_RELAXED);
   rt->depth--;
   rt->grp = saved_grp;
   rt->batch_now = saved_now;

@@ -273,7 +273,9 @@ struct host {
   /* Handles (all unreferenced: they never keep the loop alive). */
   uv_timer_t tick_timer, second_timer, grace_timer;
   uv_idle_t pump_idle;
-  uv_signal_t sigint, sigterm;
+  uv_async_t sig_async;  /* a signal was caught (main.c) */
+  uv_timer_t beat_timer; /* the watchdog's view of the loop */
+  int sigs_seen;         /* signals handled on the loop thread */
   int handles_open;
 
   /* --stats line */

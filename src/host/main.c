@@ -15,10 +15,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "host.h"
@@ -342,17 +345,73 @@ void host_stop(host *h) {
                  (uint64_t)(h->o.grace * 1000.0 + 0.5), 250);
 }
 
-static void signal_cb(uv_signal_t *sig, int signum) {
-  host *h = sig->data;
-  const char *name = signum == SIGINT ? "SIGINT" : "SIGTERM";
-  static int count;
+/* ---- signals and the watchdog ---- */
 
-  count++;
-  if (count >= 3) {
-    fprintf(stderr, "offpath: %s again: exiting now\n", name);
+/*
+** SIGINT and SIGTERM are caught by sig_handler(), not uv_signal, so that
+** they are heard whatever the loop thread is doing:
+**
+**   1st, 2nd  counted; the loop thread hears of them through sig_async
+**             (uv_async_send is async-signal-safe): the first stops the
+**             host (host_stop), the second cancels at once. The watchdog
+**             thread is woken (sem_post).
+**   3rd       exit at once from the handler, status 128 + the signal.
+**
+** The watchdog sleeps until the first signal, then checks every 100 ms
+** that the loop thread still runs its loop: from the first signal on,
+** beat_timer fires every 100 ms and counts beat_turn. A count that has
+** not moved for --grace seconds (at least one) after the signal means
+** frozen: a handler or block section looping where no hook reaches, a
+** finalizer that loops, a pattern match in C. The watchdog then says what
+** the loop thread runs (op_runtime_where) and exits, status 128 + the
+** signal. A loop waiting in poll still runs its timer: handlers waiting on
+** workers or sockets get the grace period and the cancel. Once the
+** summary is out (watch_forget_rt) the watchdog only waits for the end.
+*/
+
+static host *sig_host;
+static atomic_int sig_count;                   /* signals caught */
+static volatile sig_atomic_t sig_nums[2];      /* the first two */
+static atomic_int sig_async_ok, sig_async_use; /* sig_async may be sent */
+static sem_t watch_sem;
+static atomic_uint beat_turn;
+static atomic_int watch_quit;
+static uv_mutex_t watch_mu;  /* guards watch_rt against op_runtime_free */
+static op_runtime *watch_rt; /* what frozen() asks where it runs */
+static int watch_on_;        /* not yet past the summary */
+static uv_thread_t watch_thread;
+static int watch_started;
+
+static const char *sig_name(int signum) {
+  return signum == SIGINT ? "SIGINT" : "SIGTERM";
+}
+
+/* Thread: any (signal handler). Only async-signal-safe calls. */
+static void sig_handler(int signum) {
+  int saved = errno, n = atomic_fetch_add(&sig_count, 1) + 1;
+  const char *m = signum == SIGINT ? "offpath: SIGINT again: exiting now\n"
+                                   : "offpath: SIGTERM again: exiting now\n";
+
+  if (n >= 3) {
+    if (write(2, m, strlen(m)) < 0) {
+      /* nothing to do: exiting anyway */
+    }
     _exit(128 + signum);
   }
-  if (count == 2) {
+  sig_nums[n - 1] = signum;
+  atomic_fetch_add(&sig_async_use, 1);
+  if (atomic_load(&sig_async_ok))
+    uv_async_send(&sig_host->sig_async);
+  atomic_fetch_sub(&sig_async_use, 1);
+  sem_post(&watch_sem);
+  errno = saved;
+}
+
+/* The signal number n (1 or 2) of the run, on the loop thread. */
+static void on_signal(host *h, int signum, int n) {
+  const char *name = sig_name(signum);
+
+  if (n == 2) {
     host_report(h, "%s again: cancelling %u handlers in flight", name,
                 h->inflight);
     h->cancelled_all = 1;
@@ -376,23 +435,254 @@ static void signal_cb(uv_signal_t *sig, int signum) {
   host_stop(h);
 }
 
+static void beat_cb(uv_timer_t *t) {
+  (void)t;
+  atomic_fetch_add_explicit(&beat_turn, 1, memory_order_relaxed);
+}
+
+static void sig_async_cb(uv_async_t *a) {
+  host *h = a->data;
+  int n = atomic_load(&sig_count), signum;
+
+  if (!uv_is_active((uv_handle_t *)&h->beat_timer))
+    uv_timer_start(&h->beat_timer, beat_cb, 100, 100);
+
+  while (h->sigs_seen < n && h->sigs_seen < 2) {
+    signum = sig_nums[h->sigs_seen];
+    if (signum == 0)
+      break; /* its handler is still running: it sends again */
+    h->sigs_seen++;
+    on_signal(h, signum, h->sigs_seen);
+  }
+}
+
+/* "FILE:LINE" of the innermost Lua function of L with a line, or "?".
+** Reads only ("Sl" pushes and allocates nothing). */
+static const char *where_of(lua_State *L, char *buf, size_t len) {
+  lua_Debug ar;
+  int level;
+
+  for (level = 0; L != NULL && level < 16; level++) {
+    if (!lua_getstack(L, level, &ar))
+      break;
+    if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
+      snprintf(buf, len, "%s:%d", ar.short_src, ar.currentline);
+      return buf;
+    }
+  }
+  snprintf(buf, len, "?");
+  return buf;
+}
+
+static int watch_wait(unsigned ms);
+
+static int frozen_sig;       /* the signal the host did not answer */
+static double frozen_secs;   /* for how long */
+static atomic_int frozen_by; /* 1: the hook is saying it */
+
+/* Say that the main thread is frozen at where, and exit. */
+static void frozen_exit(const char *where) {
+  char msg[512];
+  int n;
+
+  n = snprintf(msg, sizeof msg,
+               "offpath: %s: the main thread did not come back to its loop "
+               "for %.1f s (running %s): exiting, status %d\n",
+               sig_name(frozen_sig), frozen_secs, where, 128 + frozen_sig);
+  if (n < 0)
+    n = 0;
+  if ((size_t)n >= sizeof msg)
+    n = (int)sizeof msg - 1;
+  if (write(2, msg, (size_t)n) < 0) {
+    /* nothing to do: exiting anyway */
+  }
+  _exit(128 + frozen_sig);
+}
+
+/* Count hook the watchdog sets on the frozen state: on the loop thread, at
+** the next instruction of a Lua loop, where the line is exact. */
+static void frozen_hook(lua_State *L, lua_Debug *ar) {
+  char where[256];
+
+  (void)ar;
+  if (atomic_exchange(&frozen_by, 1) != 0)
+    return;
+  frozen_exit(where_of(L, where, sizeof where));
+}
+
+/* The loop thread is frozen. If it runs Lua code, a hook on its state
+** reports from there; if that does not fire within 200 ms (C code: a
+** pattern match, a finalizer, which runs with hooks off), say where its
+** stack was seen from here. Thread: watchdog. */
+static void frozen(host *h, double secs) {
+  char where[256];
+  lua_State *L = NULL;
+
+  (void)h;
+  frozen_sig = sig_nums[0] ? sig_nums[0] : SIGTERM;
+  frozen_secs = secs;
+  uv_mutex_lock(&watch_mu);
+  if (watch_rt != NULL)
+    L = op_runtime_running(watch_rt);
+  uv_mutex_unlock(&watch_mu);
+  if (L != NULL) {
+    lua_sethook(L, frozen_hook, LUA_MASKCOUNT, 1);
+    watch_wait(200);
+  }
+  if (atomic_exchange(&frozen_by, 1) != 0) {
+    for (;;)
+      pause(); /* the hook is exiting */
+  }
+  frozen_exit(where_of(L, where, sizeof where));
+}
+
+/* Whether the run is not yet past its summary. Thread: watchdog. */
+static int watch_on(void) {
+  int on;
+
+  uv_mutex_lock(&watch_mu);
+  on = watch_on_;
+  uv_mutex_unlock(&watch_mu);
+  return on;
+}
+
+/* Wait for sem or until ms have passed. Returns 1 if sem was posted. */
+static int watch_wait(unsigned ms) {
+  struct timespec ts;
+
+  if (ms == 0) {
+    while (sem_wait(&watch_sem) != 0)
+      if (errno != EINTR)
+        return 0;
+    return 1;
+  }
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ts.tv_nsec += (long)ms * 1000000L;
+  ts.tv_sec += ts.tv_nsec / 1000000000L;
+  ts.tv_nsec %= 1000000000L;
+  while (sem_timedwait(&watch_sem, &ts) != 0)
+    if (errno != EINTR)
+      return 0;
+  return 1;
+}
+
+/* The watchdog. Thread: its own. */
+static void watch_main(void *arg) {
+  host *h = arg;
+  double limit = h->o.grace > 1.0 ? h->o.grace : 1.0;
+  uint64_t since, now;
+  unsigned turn, last;
+
+  watch_wait(0); /* the first signal, or the end */
+  if (atomic_load(&watch_quit))
+    return;
+  last = atomic_load_explicit(&beat_turn, memory_order_relaxed);
+  since = uv_hrtime();
+  for (;;) {
+    watch_wait(100);
+    if (atomic_load(&watch_quit))
+      return;
+    now = uv_hrtime();
+    turn = atomic_load_explicit(&beat_turn, memory_order_relaxed);
+    if (turn != last || !watch_on()) {
+      last = turn;
+      since = now;
+    } else if ((double)(now - since) / 1e9 >= limit) {
+      frozen(h, (double)(now - since) / 1e9);
+    }
+  }
+}
+
+/* Catch SIGINT and SIGTERM and start the watchdog: first thing, so that
+** a signal during start-up (or a main chunk that loops) is heard too. */
+static void signals_install(host *h) {
+  struct sigaction sa;
+
+  sig_host = h;
+  if (sem_init(&watch_sem, 0, 0) != 0 || uv_mutex_init(&watch_mu) != 0) {
+    fprintf(stderr, "offpath: cannot start the watchdog\n");
+    abort();
+  }
+  watch_on_ = 1;
+  if (uv_thread_create(&watch_thread, watch_main, h) == 0)
+    watch_started = 1;
+  else
+    fprintf(stderr, "offpath: warning: cannot start the watchdog thread: a "
+                    "frozen main thread will need SIGKILL\n");
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = sig_handler;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+}
+
+/* The loop exists: signals reach it from now on (those caught before are
+** handled on its first turn). */
+static void signals_start(host *h) {
+  uv_async_init(h->loop, &h->sig_async, sig_async_cb);
+  h->sig_async.data = h;
+  uv_unref((uv_handle_t *)&h->sig_async);
+  uv_timer_init(h->loop, &h->beat_timer);
+  uv_unref((uv_handle_t *)&h->beat_timer);
+  uv_mutex_lock(&watch_mu);
+  watch_rt = h->rt;
+  uv_mutex_unlock(&watch_mu);
+  atomic_store(&sig_async_ok, 1);
+  if (atomic_load(&sig_count) > 0)
+    uv_async_send(&h->sig_async);
+}
+
+/* Stop sending sig_async (signals are still caught, and counted: a third
+** still exits) and close the loop's handles of signals. */
+static void signals_close(host *h) {
+  atomic_store(&sig_async_ok, 0);
+  while (atomic_load(&sig_async_use) > 0)
+    ; /* a handler on another thread is inside uv_async_send */
+  uv_close((uv_handle_t *)&h->sig_async, NULL);
+  uv_close((uv_handle_t *)&h->beat_timer, NULL);
+}
+
+/* Past the summary (before op_runtime_free): the watchdog no longer looks
+** at the runtime, and no longer ends the process. */
+static void watch_forget_rt(void) {
+  if (!watch_started)
+    return;
+  uv_mutex_lock(&watch_mu);
+  watch_rt = NULL;
+  watch_on_ = 0;
+  uv_mutex_unlock(&watch_mu);
+}
+
+/* End the watchdog and take the default actions back. */
+static void signals_end(void) {
+  struct sigaction sa;
+
+  if (watch_started) {
+    atomic_store(&watch_quit, 1);
+    sem_post(&watch_sem);
+    uv_thread_join(&watch_thread);
+    watch_started = 0;
+  }
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = SIG_DFL;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+}
+
 static void init_handles(host *h) {
   uv_timer_init(h->loop, &h->tick_timer);
   uv_timer_init(h->loop, &h->second_timer);
   uv_timer_init(h->loop, &h->grace_timer);
   uv_idle_init(h->loop, &h->pump_idle);
-  uv_signal_init(h->loop, &h->sigint);
-  uv_signal_init(h->loop, &h->sigterm);
   h->tick_timer.data = h->second_timer.data = h->grace_timer.data = h;
-  h->pump_idle.data = h->sigint.data = h->sigterm.data = h;
+  h->pump_idle.data = h;
   /* None of these keeps the loop alive: inputs, handlers and tasks do. */
   uv_unref((uv_handle_t *)&h->tick_timer);
   uv_unref((uv_handle_t *)&h->second_timer);
   uv_unref((uv_handle_t *)&h->grace_timer);
-  uv_unref((uv_handle_t *)&h->sigint);
-  uv_unref((uv_handle_t *)&h->sigterm);
-  uv_signal_start(&h->sigint, signal_cb, SIGINT);
-  uv_signal_start(&h->sigterm, signal_cb, SIGTERM);
+  signals_start(h);
   h->handles_open = 1;
 }
 
@@ -403,8 +693,7 @@ static void close_handles(host *h) {
   uv_close((uv_handle_t *)&h->second_timer, NULL);
   uv_close((uv_handle_t *)&h->grace_timer, NULL);
   uv_close((uv_handle_t *)&h->pump_idle, NULL);
-  uv_close((uv_handle_t *)&h->sigint, NULL);
-  uv_close((uv_handle_t *)&h->sigterm, NULL);
+  signals_close(h);
   h->handles_open = 0;
 }
 
@@ -604,6 +893,7 @@ done:
   op_runtime_run(h->rt);
   engine_output_close(h);
   input_free_all(h);
+  watch_forget_rt();
   i = op_runtime_free(h->rt);
   if (i != 0 && i != OP_ESCRIPT)
     fprintf(stderr, "offpath: shutdown: %s\n", op_strerror(i));
@@ -638,7 +928,10 @@ int main(int argc, char **argv) {
   rc = parse_args(&h, argc, argv);
   if (rc < 0) {
     signal(SIGPIPE, SIG_IGN); /* a closed output is an error, not death */
+    signals_install(&h);
     rc = run(&h);
+    watch_forget_rt();
+    signals_end();
   }
   free_opts(&h.o);
   return rc;

@@ -144,7 +144,8 @@ end)
 T.test("output over max_output fails and kills the child", function()
   local pidf = tmp .. "/max.pid"
   local e = T.err("^exec: output larger than 1000 bytes on stdout of "
-    .. "'/bin/sh' %(max_output%)", offpath.exec,
+    .. "'echo %$%$ > .*; while :; do echo x+; done' %(max_output%)",
+    offpath.exec,
     "echo $$ > " .. pidf .. "; while :; do echo xxxxxxxxxxxxxxxx; done",
     { max_output = 1000 })
   T.ok(wait_gone(read_pid(pidf), 5), "child still there after max_output")

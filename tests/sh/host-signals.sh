@@ -98,9 +98,9 @@ check "stubborn: cancelled 5" test "$(rnum "$T/stubborn.err" cancelled)" = 5
 check "stubborn: accounted" accounted stubborn
 # A signal while on_start is still suspended: it is cancelled, which is not
 # a script error; no record is read and on_stop does not run.
-printf 'function on_start() offpath.sleep(30) end\nfunction on_event(e, r) e:emit(r) end\nfunction on_stop(e) e:emit("on_stop") end\n' > "$T/start.lua"
+printf 'function on_start() io.stderr:write("on_start began\\n") offpath.sleep(30) end\nfunction on_event(e, r) e:emit(r) end\nfunction on_stop(e) e:emit("on_stop") end\n' > "$T/start.lua"
 start_host "$T/start.err" run "$T/start.lua" --input "$T/in.txt" --grace 0.2 --output "$T/start.out"
-sleep 0.3
+wait_for 20 contains "$T/start.err" "on_start began"
 stop_host TERM
 check "start: exit 0" test "$HOST_RC" = 0
 check "start: said on stderr" contains "$T/start.err" "on_start cancelled: cancelled"
