@@ -542,7 +542,7 @@ static void out_fail(host *h, int err) {
     h->out_broken = 1;
     host_report(h, "output: the reader went away (%s): stopping",
                 uv_strerror(err));
-    host_stop(h);
+    host_stop_soon(h); /* maybe inside emit, inside the input's pump */
   } else {
     host_report(h, "output: write failed: %s; further output is discarded",
                 uv_strerror(err));

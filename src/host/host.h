@@ -290,6 +290,9 @@ void host_report(host *h, const char *fmt, ...)
 /* Stop as on a first SIGINT/SIGTERM: close the inputs, give the handlers
 ** in flight the grace period, then cancel them. */
 void host_stop(host *h);
+/* host_stop() on the next loop turn: from inside a handler, whose input
+** is being read. */
+void host_stop_soon(host *h);
 
 /* input.c */
 int input_open(host *h, const char *spec, char *err, size_t errlen);

@@ -8,9 +8,13 @@
 **
 **   load script -> open output and inputs -> on_start -+-> records flow
 **                                                      |   (on_tick)
-**   inputs at their end, or SIGINT/SIGTERM (inputs     |
-**   closed, grace period, then suspended handlers      v
-**   cancelled) ------> nothing left to run ------> on_stop -> summary
+**   inputs at their end, or SIGINT/SIGTERM or a broken |
+**   output (inputs closed, grace period, then          v
+**   suspended handlers cancelled and unread output
+**   abandoned) ------> nothing left to run ------> on_stop -> summary
+**
+** Signals are caught here, not by the loop, and a watchdog thread ends a
+** main thread that does not answer one (see "signals and the watchdog").
 */
 #include <errno.h>
 #include <fcntl.h>
@@ -343,6 +347,15 @@ void host_stop(host *h) {
   input_close_all(h);
   uv_timer_start(&h->grace_timer, grace_cb,
                  (uint64_t)(h->o.grace * 1000.0 + 0.5), 250);
+}
+
+static void stop_soon_cb(uv_timer_t *t) {
+  host_stop(t->data);
+}
+
+void host_stop_soon(host *h) {
+  if (!h->stopping && !uv_is_active((uv_handle_t *)&h->grace_timer))
+    uv_timer_start(&h->grace_timer, stop_soon_cb, 0, 0);
 }
 
 /* ---- signals and the watchdog ---- */

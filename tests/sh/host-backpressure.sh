@@ -45,11 +45,12 @@ check "limit 1: one at a time" test "$(cat "$T/out")" = "max 1 over 0"
 # Files: with two slow handlers in flight the host reads a chunk or so
 # ahead, not the whole file.
 cat > "$T/stuck.lua" <<'EOF'
-function on_event(engine, rec) offpath.sleep(30) end
+function on_event(engine, rec) io.stderr:write("started\n") offpath.sleep(30) end
 EOF
 yes 'a line of about forty characters, padded' | head -n 300000 > "$T/big.txt"
 start_host "$T/err" run "$T/stuck.lua" --input "$T/big.txt" --max-inflight 2 --grace 0 --json
-sleep 0.5
+wait_for 30 has_matches "$T/err" '^started' 2
+sleep 0.2
 stop_host TERM
 in=$(rnum "$T/err" in)
 skipped=$(rnum "$T/err" skipped)
