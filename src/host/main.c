@@ -25,6 +25,8 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -395,6 +397,38 @@ static int watch_on_;        /* not yet past the summary */
 static uv_thread_t watch_thread;
 static int watch_started;
 
+/* Write msg on stderr without ever blocking, for the messages of an exit
+** that must happen even when nobody reads stderr: a pipe or terminal
+** through a non-blocking description of our own, a socket with
+** MSG_DONTWAIT; a regular file does not block. What does not fit is
+** lost. Async-signal-safe. */
+static void say_now(const char *msg, size_t n) {
+  struct stat st;
+  int fd;
+
+  if (fstat(2, &st) != 0)
+    return;
+  if (S_ISSOCK(st.st_mode)) {
+    if (send(2, msg, n, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+      /* lost */
+    }
+    return;
+  }
+  if (S_ISREG(st.st_mode)) {
+    if (write(2, msg, n) < 0) {
+      /* lost */
+    }
+    return;
+  }
+  fd = open("/proc/self/fd/2", O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+  if (fd < 0)
+    return;
+  if (write(fd, msg, n) < 0) {
+    /* lost */
+  }
+  close(fd);
+}
+
 static const char *sig_name(int signum) {
   return signum == SIGINT ? "SIGINT" : "SIGTERM";
 }
@@ -406,9 +440,7 @@ static void sig_handler(int signum) {
                                    : "offpath: SIGTERM again: exiting now\n";
 
   if (n >= 3) {
-    if (write(2, m, strlen(m)) < 0) {
-      /* nothing to do: exiting anyway */
-    }
+    say_now(m, strlen(m));
     _exit(128 + signum);
   }
   sig_nums[n - 1] = signum;
@@ -506,9 +538,7 @@ static void frozen_exit(const char *where) {
     n = 0;
   if ((size_t)n >= sizeof msg)
     n = (int)sizeof msg - 1;
-  if (write(2, msg, (size_t)n) < 0) {
-    /* nothing to do: exiting anyway */
-  }
+  say_now(msg, (size_t)n);
   _exit(128 + frozen_sig);
 }
 
