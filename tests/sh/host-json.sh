@@ -58,7 +58,8 @@ for i in $(seq 1 500); do echo "{bad $i"; echo "{\"ok\":$i}"; done > "$T/many.js
 "$OFFPATH" run "$T/json.lua" --format json --input "$T/many.jsonl" --json > "$T/out" 2> "$T/err"
 check "many malformed: 500 good records" test "$(lines "$T/out")" = 500
 check "many malformed: all counted" test "$(rnum "$T/err" malformed)" = 500
-check "many malformed: at most 20 messages a second" test "$(grep -c 'malformed JSON' "$T/err")" -le 20
+# 20 a second: the run may span more than one second on a loaded machine.
+check "many malformed: at most 20 messages a second" awk -v n="$(grep -c 'malformed JSON' "$T/err")" -v t="$(num "$T/err" elapsed)" 'BEGIN { exit !(n <= 20 * (int(t) + 1) && n < 500) }'
 check "many malformed: the rest are summed up" contains "$T/err" "more messages suppressed"
 
 # emit refuses what JSON cannot hold; the record fails, the others go on.
