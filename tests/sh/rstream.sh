@@ -231,7 +231,8 @@ REDIS_PID=$(cat "$REDIS_PIDFILE")
 kill -STOP "$REDIS_PID"
 start_host "$T/big.err" run "$T/big.lua" --json --stats --input "$T/big.txt" \
   --output "$URL/out6"
-stats_in() { sed -n 's/.* in \([0-9][0-9]*\) (.*/\1/p' "$T/big.err" | tail -1; }
+# --stats --json: a JSON object a second; records.in of the last one.
+stats_in() { grep '^{' "$T/big.err" | tail -1 | grep -o '"records":{[^}]*}' | grep -o '"in":[0-9]*' | cut -d: -f2; }
 in_ge() { [ "$(stats_in)" -ge "$1" ] 2>/dev/null; }
 wait_for 60 in_ge 120
 sleep 2.5
@@ -241,7 +242,7 @@ kill -CONT "$REDIS_PID"
 wait "$HOST_PID"
 check "slow output: every record written" test "$(R XLEN out6)" = 200
 check "slow output: the input paused" \
-  test "$(grep -o '"pauses":[0-9]*' "$T/big.err" | cut -d: -f2)" -ge 1
+  test "$(grep '^{' "$T/big.err" | tail -1 | grep -o '"pauses":[0-9]*' | cut -d: -f2)" -ge 1
 
 # ---- options: field, group, JSON records, the entry table ----
 cat > "$T/json.lua" <<'EOF'
