@@ -5,7 +5,9 @@
 #   make test       ASan+UBSan build, every test through ctest
 #   make test-tsan  ThreadSanitizer build, the pool and queue tests
 #   make bench      release build, benchmarks against peers -> docs/benchmarks.md
-#   make install    install library, header, offpath.pc and the command
+#   make install    install library, header, offpath.pc, the CMake package,
+#                   the command, its man page and completion, and the Lua
+#                   module under PREFIX (default /usr/local; DESTDIR works)
 #   make format     apply .clang-format to every C file
 #   make check      formatting and checksrc, as CI runs them
 
@@ -50,8 +52,10 @@ bench:
 	cmake --build $(BUILD)/release -j $(JOBS)
 	sh bench/run.sh $(BUILD)/release
 
+# --prefix: the build directory keeps the prefix it was configured with;
+# PREFIX given now must win.
 install: $(BUILD)/release/offpath
-	cmake --install $(BUILD)/release
+	cmake --install $(BUILD)/release --prefix "$(PREFIX)"
 
 format:
 	clang-format -i $(C_FILES)

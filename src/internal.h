@@ -624,7 +624,8 @@ struct op_runtime {
   op_task *free_ctasks; /* finished C tasks kept for reuse */
   int nfree_ctasks;
   int closing;
-  int loaded; /* a script's main chunk ran */
+  int loaded;   /* a script's main chunk ran */
+  int borrowed; /* L is the caller's (the Lua module): never closed here */
 
   /* Statistics (loop thread). */
   uint64_t calls, call_errors;
@@ -657,6 +658,15 @@ static inline op_co *op__co(lua_State *L) {
 int op__pcall(lua_State *L, int nargs, int nres);
 /* Message handler: message plus traceback.  [-1, +1, m] */
 int op__traceback(lua_State *L);
+
+/* op_runtime_new on the caller's lua_State L (the main thread of a stock
+** Lua program, for the Lua module), or on a new one when L is NULL. A
+** borrowed L gets offpath's preloads and the scheduler's record of its
+** main thread, but not the offpath module (the caller opens it) and is
+** never closed by op_runtime_free.  [-0, +0, m] */
+int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out);
+/* Registry field of a runtime's main VM: the runtime (light userdata). */
+#define OP_RUNTIME_KEY "offpath.runtime"
 
 /* Start or continue the scheduler parts of rt (sched.c). */
 int op__sched_init(op_runtime *rt);

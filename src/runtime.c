@@ -698,6 +698,10 @@ static void std_fds_open(void) {
 }
 
 int op_runtime_new(const op_config *cfg, op_runtime **out) {
+  return op__runtime_new(cfg, NULL, out);
+}
+
+int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
   op_config defaults;
   op_runtime *rt;
   int i, rc;
@@ -760,12 +764,22 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
   uv_unref((uv_handle_t *)&rt->spin_prepare);
 
   rt->protos = op__protostore_new();
-  rt->L = op__new_state(rt);
+  if (L != NULL) {
+    rt->L = L; /* borrowed: the caller made it and will close it */
+    rt->borrowed = 1;
+    op__preload_modules(L);
+  } else {
+    rt->L = op__new_state(rt);
+  }
   if (rt->protos == NULL || rt->L == NULL)
     goto nomem;
   op__sched_init(rt);
-  luaL_requiref(rt->L, "offpath", op__open_main, 1);
-  lua_pop(rt->L, 1);
+  lua_pushlightuserdata(rt->L, rt);
+  lua_setfield(rt->L, LUA_REGISTRYINDEX, OP_RUNTIME_KEY);
+  if (!rt->borrowed) {
+    luaL_requiref(rt->L, "offpath", op__open_main, 1);
+    lua_pop(rt->L, 1);
+  }
   op__block_guard_hooks(rt->L); /* before the names of library functions */
   rt->xfer = op__xfer_new(rt->L, rt->protos);
   if (rt->xfer == NULL)
@@ -831,7 +845,8 @@ int op_runtime_free(op_runtime *rt) {
       op__sched_close(rt);
     if (rt->xfer != NULL)
       op__xfer_free(rt->xfer);
-    lua_close(rt->L);
+    if (!rt->borrowed)
+      lua_close(rt->L);
     op__task_close(rt);
   }
   if (rt->protos != NULL)
