@@ -192,6 +192,8 @@ void op__pool_cancel_queued(op_pool *p);
 void op__pool_free(op_pool *p);
 const char *op__pool_name(op_pool *p);
 void op__pool_stats(op_pool *p, op_pool_stats *out);
+/* The pool's latency histogram, submit to completion (loop thread). */
+const op_hist *op__pool_hist(op_pool *p);
 /* Count an ended task in the pool's statistics (loop thread). */
 void op__pool_count_end(op_pool *p, op_task *t, op_task_state how);
 
