@@ -18,7 +18,7 @@ CMAKE_FLAGS ?=
 CTEST_FLAGS ?=
 C_FILES  = $(shell git ls-files '*.c' '*.h' 2>/dev/null || find src include tests bench examples -name '*.[ch]')
 
-.PHONY: all run test test-tsan bench install format check deps clean
+.PHONY: all run test test-tsan bench install format check deps clean man
 
 all: $(BUILD)/release/offpath
 
@@ -68,3 +68,8 @@ clean:
 	rm -rf $(BUILD)
 
 FORCE:
+
+# The man page is generated from docs/offpath.1.scd and committed, so a
+# build needs no scdoc; tests/sh/man.sh checks that the two agree.
+man:
+	scdoc < docs/offpath.1.scd > docs/offpath.1
