@@ -131,10 +131,10 @@ static void one(mbuf *b, const char *name, const char *type, const char *help,
 }
 
 /* Upper bounds of the histogram buckets, in seconds. */
-static const double le_bounds[] = { 1e-6,   2.5e-6, 5e-6, 1e-5,   2.5e-5, 5e-5,
-                                    1e-4,   2.5e-4, 5e-4, 1e-3,   2.5e-3, 5e-3,
-                                    0.01,   0.025,  0.05, 0.1,    0.25,   0.5,
-                                    1,      2.5,    5,    10,     30,     60 };
+static const double le_bounds[] = { 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5,
+                                    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+                                    0.01, 0.025,  0.05, 0.1,  0.25,   0.5,
+                                    1,    2.5,    5,    10,   30,     60 };
 
 /* The samples of one histogram, with the label pair `label="value"` when
 ** label is not NULL. Buckets are cumulative; a value lands in the first
@@ -300,8 +300,7 @@ static char *render(host *h, size_t *len) {
   pools(&b, &st, "offpath_pool_threads", "gauge", "Worker threads.",
         POOL_FIELD(threads), 0);
   pools(&b, &st, "offpath_pool_queue_capacity", "gauge",
-        "Length of the pool's bounded queue.",
-        POOL_FIELD(queue_cap), 0);
+        "Length of the pool's bounded queue.", POOL_FIELD(queue_cap), 0);
   pools(&b, &st, "offpath_pool_tasks_submitted_total", "counter",
         "Tasks submitted.", POOL_FIELD(submitted), 1);
   pools(&b, &st, "offpath_pool_tasks_completed_total", "counter",
@@ -335,7 +334,8 @@ static char *render(host *h, size_t *len) {
   head(&b, "offpath_script_count_total", "counter",
        "The script's engine:count totals.");
   script_values(&b, h->L, h->counters_ref, "offpath_script_count_total");
-  head(&b, "offpath_script_value", "gauge", "The script's engine:gauge values.");
+  head(&b, "offpath_script_value", "gauge",
+       "The script's engine:gauge values.");
   script_values(&b, h->L, h->gauges_ref, "offpath_script_value");
 
   if (b.oom) {
@@ -542,10 +542,10 @@ int metrics_start(host *h, char *err, size_t errlen) {
   uv_unref((uv_handle_t *)&m->async); /* never keeps the loop alive */
   if (v6)
     flags |= MHD_USE_IPv6;
-  m->d = MHD_start_daemon(flags, 0, NULL, NULL, serve, m,
-                          MHD_OPTION_LISTEN_SOCKET, fd,
-                          MHD_OPTION_CONNECTION_LIMIT, MAX_CLIENTS,
-                          MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_END);
+  m->d =
+      MHD_start_daemon(flags, 0, NULL, NULL, serve, m, MHD_OPTION_LISTEN_SOCKET,
+                       fd, MHD_OPTION_CONNECTION_LIMIT, MAX_CLIENTS,
+                       MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_END);
   h->metrics = m;
   if (m->d == NULL) {
     close(fd);
