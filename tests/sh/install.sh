@@ -21,7 +21,9 @@ configured=$(sed -n 's/^CMAKE_INSTALL_PREFIX:PATH=//p' "$B/CMakeCache.txt")
 P=$T/prefix
 mkdir -p "$T/b"
 ln -s "$B" "$T/b/release"
-make -C "$SRC" install BUILD="$T/b" PREFIX="$P" > "$T/make.out" 2>&1
+# -o: never reconfigure the build directory the tests run from.
+make -C "$SRC" -o "$T/b/release/Makefile" install BUILD="$T/b" PREFIX="$P" \
+  > "$T/make.out" 2>&1
 check "make install PREFIX= exits 0" [ $? -eq 0 ]
 check "the build was configured for another prefix" [ "$configured" != "$P" ]
 for f in bin/offpath include/offpath.h lib/liboffpath.a lib/pkgconfig/offpath.pc \
@@ -53,7 +55,9 @@ for via in package static; do
   cmake -S "$CONSUMER" -B "$T/c-$via" -DVIA=$via -DCMAKE_PREFIX_PATH="$P" \
     -DCMAKE_C_FLAGS="$CFLAGS" > "$T/c-$via.log" 2>&1 &&
     cmake --build "$T/c-$via" >> "$T/c-$via.log" 2>&1
-  check "find_package ($via): configures and builds" [ $? -eq 0 ] || sed 's/^/  | /' "$T/c-$via.log" >&2
+  rc=$?
+  [ $rc -eq 0 ] || sed 's/^/  | /' "$T/c-$via.log" >&2
+  check "find_package ($via): configures and builds" [ $rc -eq 0 ]
   "$T/c-$via/consumer" > "$T/c-$via.out" 2>&1
   check "find_package ($via): runs" contains "$T/c-$via.out" "offpath 0.1.0: 42"
 done
@@ -67,7 +71,9 @@ cmake -S "$CONSUMER" -B "$T/c-subdir" -DVIA=subdir -DOFFPATH_SOURCE="$SRC" \
   -DCMAKE_BUILD_TYPE=Debug -DCMAKE_INSTALL_PREFIX="$T/parent" > "$T/c-subdir.log" 2>&1 &&
   cmake --build "$T/c-subdir" -j 2 >> "$T/c-subdir.log" 2>&1 &&
   cmake --install "$T/c-subdir" >> "$T/c-subdir.log" 2>&1
-check "add_subdirectory: configures, builds, installs" [ $? -eq 0 ] || sed 's/^/  | /' "$T/c-subdir.log" >&2
+rc=$?
+[ $rc -eq 0 ] || sed 's/^/  | /' "$T/c-subdir.log" >&2
+check "add_subdirectory: configures, builds, installs" [ $rc -eq 0 ]
 "$T/c-subdir/consumer" > "$T/c-subdir.out" 2>&1
 check "add_subdirectory: runs" contains "$T/c-subdir.out" "offpath 0.1.0: 42"
 check "add_subdirectory: the parent installs its program" [ -x "$T/parent/bin/consumer" ]
