@@ -470,6 +470,11 @@ static int listen_on(const char *spec, char *err, size_t errlen, int *v6) {
   }
   n = (size_t)(colon - spec);
   port = colon + 1;
+  if (strspn(port, "0123456789") != strlen(port) || strlen(port) > 5 ||
+      strtol(port, NULL, 10) > 65535) {
+    snprintf(err, errlen, "the port must be a number 0..65535, not '%s'", port);
+    return -1;
+  }
   if (spec[0] == '[' && n >= 2 && spec[n - 1] == ']') {
     spec++;
     n -= 2;

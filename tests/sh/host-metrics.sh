@@ -103,6 +103,9 @@ check "no error from the server" lacks "$T/err" "metrics:"
 "$OFFPATH" run "$T/m.lua" --input /dev/null --metrics nonsense 2> "$T/bad1"
 check "no port: exit 3" [ $? -eq 3 ]
 check "no port: says why" contains "$T/bad1" "cannot serve metrics on nonsense: expects HOST:PORT"
+"$OFFPATH" run "$T/m.lua" --input /dev/null --metrics 127.0.0.1:99999 2> "$T/bad5"
+check "port out of range: exit 3" [ $? -eq 3 ]
+check "port out of range: says why" contains "$T/bad5" "the port must be a number 0..65535, not '99999'"
 "$OFFPATH" run "$T/m.lua" --input /dev/null --metrics 2> "$T/bad4"
 check "no value: usage error" [ $? -eq 2 ]
 finish
