@@ -11,8 +11,8 @@ _offpath() {
     prev=${COMP_WORDS[COMP_CWORD - 1]}
     cword=$COMP_CWORD
   fi
-  local opts="--input -i --format --output -o --pool --tick --max-inflight
-    --grace --stats --json --metrics --help -h"
+  local opts="--input -i --format --output -o --pool --compat --tick
+    --max-inflight --grace --stats --json --metrics --help -h"
 
   if [ "$cword" -eq 1 ]; then
     COMPREPLY=($(compgen -W "run --help --version" -- "$cur"))
@@ -21,6 +21,10 @@ _offpath() {
   case $prev in
   --format)
     COMPREPLY=($(compgen -W "lines json" -- "$cur"))
+    return
+    ;;
+  --compat)
+    COMPREPLY=($(compgen -W "trisul momentum" -- "$cur"))
     return
     ;;
   --input | -i)
