@@ -28,11 +28,12 @@ _offpath() {
     return
     ;;
   --input | -i)
-    COMPREPLY=($(compgen -f -- "$cur") $(compgen -W "- tcp://127.0.0.1: udp://127.0.0.1:" -- "$cur"))
+    COMPREPLY=($(compgen -f -- "$cur") $(compgen -W "- tcp://127.0.0.1: udp://127.0.0.1:
+      redis-stream://127.0.0.1:6379/" -- "$cur"))
     return
     ;;
   --output | -o)
-    COMPREPLY=($(compgen -f -- "$cur"))
+    COMPREPLY=($(compgen -f -- "$cur") $(compgen -W "redis-stream://127.0.0.1:6379/" -- "$cur"))
     return
     ;;
   --pool)
