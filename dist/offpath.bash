@@ -12,7 +12,8 @@ _offpath() {
     cword=$COMP_CWORD
   fi
   local opts="--input -i --format --output -o --pool --compat --tick
-    --max-inflight --grace --stats --json --metrics --help -h"
+    --max-inflight --grace --stats --json --quiet -q --fail-on-error
+    --metrics --help -h"
 
   if [ "$cword" -eq 1 ]; then
     COMPREPLY=($(compgen -W "run --help --version" -- "$cur"))

@@ -191,10 +191,10 @@ typedef struct host_opts {
   int max_inflight;
   double grace; /* seconds */
   int stats;
-  int summary_json;   /* --json: the summary and --stats lines as JSON */
-  int quiet;          /* --quiet: no summary */
-  int fail_on_error;  /* --fail-on-error: exit 4 if errors were counted */
-  const char *compat; /* --compat NAME: offpath.NAME drives the script */
+  int summary_json;    /* --json: the summary and --stats lines as JSON */
+  int quiet;           /* --quiet: no summary */
+  int fail_on_error;   /* --fail-on-error: exit 4 if errors were counted */
+  const char *compat;  /* --compat NAME: offpath.NAME drives the script */
   const char *metrics; /* --metrics HOST:PORT, or NULL */
 } host_opts;
 
