@@ -53,7 +53,8 @@ OP_EXTERN const char *op_version(void);
   XX(ENOPOOL, -30002, "no such pool")                                          \
   XX(ECOPY, -30003, "value cannot be copied between Lua states")               \
   XX(ESTARTED, -30004, "pool already started")                                 \
-  XX(ENOHANDLER, -30005, "no such handler")
+  XX(ENOHANDLER, -30005, "no such handler")                                    \
+  XX(ENOTHREAD, -30006, "cannot start a pool thread")
 
 typedef enum op_errno {
 #define OP_ERRNO_ENUM(name, value, text) OP_##name = (value),
@@ -110,6 +111,9 @@ typedef struct op_config {
                                hook in a running task: 0 for SIGRTMIN+4,
                                < 0 to run every task under the hook
                                (about 2x slower Lua in workers) */
+  double stuck_grace;       /* seconds a stopped task may run on before its
+                               worker is declared stuck, abandoned and
+                               replaced; 0 for the default, 1 */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,
@@ -270,9 +274,11 @@ OP_EXTERN int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
 
 typedef struct op_pool_stats {
   char name[OP_POOL_NAME_MAX];
-  int threads;
+  int threads; /* threads configured */
+  int running; /* threads running: fewer if some could not start */
   int queue_cap;
   uint64_t submitted, completed, failed, timedout, cancelled;
+  uint64_t stuck;       /* workers given up as stuck (and replaced) */
   uint32_t queued;      /* waiting in the queue now */
   uint32_t inflight;    /* submitted and not yet ended */
   uint32_t queue_hwm;   /* most ever waiting in the queue */
@@ -285,6 +291,8 @@ typedef struct op_stats {
   uint64_t calls;                      /* handler calls through op_call */
   uint64_t call_errors;                /* handlers that ended with an error */
   uint32_t suspended;                  /* handler coroutines suspended now */
+  uint64_t stuck;                      /* workers given up as stuck, all
+                                          pools */
   double call_p50, call_p99, call_max; /* main-thread seconds per resume */
 } op_stats;
 

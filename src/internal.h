@@ -188,8 +188,21 @@ int op__pool_full(op_pool *p);
 void op__pool_stop_task(op_pool *p, op_task *t, int code);
 /* Cancel every queued task (shutdown with OP_SHUTDOWN_CANCEL). */
 void op__pool_cancel_queued(op_pool *p);
-/* Stop the threads and free the pool; the queue must be empty. */
-void op__pool_free(op_pool *p);
+/* Stop the threads and free the pool; the queue must be empty. Returns
+** how many threads given up as stuck still run: the last of them frees
+** the pool, and what they use (the prototype store) must be left. */
+int op__pool_free(op_pool *p);
+/* The text for an error op__pool_submit returned on p (OP_ENOTHREAD: the
+** system's reason a thread could not start). */
+const char *op__pool_error(op_pool *p, int rc);
+/* Give up, and replace, each worker of p whose task was asked to stop
+** grace ns or more before now and still runs (reported through the error
+** callback). Returns how many stopped tasks still run within their grace.
+** Thread: loop. */
+int op__pool_check_stuck(op_pool *p, uint64_t now, uint64_t grace);
+/* Make sure the stuck watch runs while stopped tasks still run (runtime.c).
+** Thread: loop. */
+void op__watch_stuck(op_runtime *rt);
 const char *op__pool_name(op_pool *p);
 void op__pool_stats(op_pool *p, op_pool_stats *out);
 /* Count an ended task in the pool's statistics (loop thread). */
@@ -213,11 +226,21 @@ op_pool *op__worker_pool(op_worker *w);
 op_xfer *op__worker_xfer(op_worker *w);
 /* Whether the task running on w was asked to stop. Thread: worker. */
 int op__worker_stopping(op_worker *w);
+/* The name of w's pool (valid while w's thread runs). */
+const char *op__worker_pool_name(op_worker *w);
+/* Around a block section: enter returns 0 if w was given up as stuck (it
+** must not hand the loop thread anything); a worker in a section is
+** waiting for the loop thread, so it is never declared stuck. */
+int op__worker_block_enter(op_worker *w);
+void op__worker_block_leave(op_worker *w);
 /* The task a worker hands to the loop thread for a block section. */
 op_task *op__worker_block_task(op_worker *w);
 /* wait = 1: wait until the loop thread finished the block section (worker);
 ** wait = 0: tell the worker it is finished (loop thread). */
 void op__worker_block_sync(op_worker *w, int wait);
+/* Make os.exit of the main VM L refuse inside block sections.
+** [-0, +0, m] */
+void op__guard_exit(lua_State *L);
 /* Run a block section a worker asked for (drain). Thread: loop. */
 void op__block_run(op_runtime *rt, op_task *t);
 /* Replace debug.sethook in the main VM with a guard that refuses inside
@@ -312,6 +335,9 @@ typedef struct op_backlog {
 op_backlog *op__pool_backlog(op_pool *p);
 /* Register the offpath.task metatable.  [-0, +0, m] */
 void op__task_open(lua_State *L);
+/* Cancel every task that has not ended (go, launch, run, schedule), as
+** task:cancel() does; for a host's shutdown. Returns how many. */
+int op__task_cancel_all(op_runtime *rt);
 /* Settle what collected pool tasks left (after lua_close of the main VM):
 ** report unobserved failures, free result buffers. */
 void op__task_close(op_runtime *rt);
@@ -629,6 +655,11 @@ struct op_runtime {
   /* Statistics (loop thread). */
   uint64_t calls, call_errors;
   op_hist call_hist;
+
+  /* Stuck workers (pool.c): grace in seconds, and the watch timer that
+  ** runs while stopped tasks still run. */
+  double stuck_grace;
+  uv_timer_t stuck_timer;
 
   op_error_cb on_error;
   void *on_error_ud;

@@ -215,6 +215,8 @@ static int offpath_stats(lua_State *L) {
     op_pool_stats *p = &st.pools[i];
     lua_createtable(L, 0, 14);
     set_integer(L, "threads", (uint64_t)p->threads);
+    set_integer(L, "running", (uint64_t)p->running);
+    set_integer(L, "stuck", p->stuck);
     set_integer(L, "queue_size", (uint64_t)p->queue_cap);
     set_integer(L, "submitted", p->submitted);
     set_integer(L, "completed", p->completed);
@@ -233,6 +235,7 @@ static int offpath_stats(lua_State *L) {
   set_integer(L, "calls", st.calls);
   set_integer(L, "errors", st.call_errors);
   set_integer(L, "suspended", st.suspended);
+  set_integer(L, "stuck", st.stuck);
   lua_createtable(L, 0, 3);
   set_number(L, "p50", st.call_p50);
   set_number(L, "p99", st.call_p99);
@@ -244,7 +247,8 @@ static int offpath_stats(lua_State *L) {
 }
 
 /* offpath.configure{pools={name={threads=, queue=, init=}}, shutdown=
-** "drain"|"cancel", block_budget=, block_policy="abort"|"continue"} */
+** "drain"|"cancel", block_budget=, block_policy="abort"|"continue",
+** stuck_grace=} */
 static int offpath_configure(lua_State *L) {
   static const char *const shutdowns[] = { "drain", "cancel", NULL };
   static const char *const policies[] = { "abort", "continue", NULL };
@@ -297,6 +301,11 @@ static int offpath_configure(lua_State *L) {
   if (lua_getfield(L, 1, "block_policy") != LUA_TNIL)
     rt->cfg.block_policy =
         (op_block_policy)luaL_checkoption(L, -1, NULL, policies);
+  if (lua_getfield(L, 1, "stuck_grace") != LUA_TNIL) {
+    double g = luaL_checknumber(L, -1);
+    luaL_argcheck(L, g > 0 && g <= 3600, 1, "stuck_grace must be 0..3600 s");
+    rt->stuck_grace = g;
+  }
   lua_settop(L, 1);
   return 0;
 }

@@ -92,6 +92,7 @@
 
 #define HOOK_COUNT    1000
 #define DEFAULT_QUEUE 4096
+#define MAX_COS       256 /* nested resumes tracked (Lua allows ~200) */
 
 struct op_worker {
   op_pool *pool;
@@ -102,7 +103,27 @@ struct op_worker {
   op_task *volatile current;    /* the task running, for the hook and the
                                signal handler (worker thread only) */
   volatile sig_atomic_t hooked; /* the stop hook is installed */
-  int hook_fast;           /* the hook was switched to fire every instruction */
+  /* The stop code of the task running: written by the loop thread under
+  ** p->mu while the task is running here (t->worker == this), reset when
+  ** the worker takes a task. The hook reads this, never the task, so a
+  ** thread given up as stuck touches no task when it comes back. */
+  atomic_int stop;
+  /* Coroutines being resumed now, innermost last (coroutine.resume and
+  ** coroutine.wrap go through co_enter): the stop signal hooks them all.
+  ** Worker thread and its signal handler only. */
+  lua_State *volatile cos[MAX_COS];
+  volatile sig_atomic_t ncos;
+  /* The running Lua task's arguments, then its results or error message:
+  ** the worker's own until it hands the task in (see "Stuck workers"). */
+  op_buf in, out;
+  int status;
+  _Atomic(const char *) fn_src; /* the task function's chunk name */
+  atomic_int fn_line;           /* and the line it is defined on */
+  /* Under p->mu. */
+  op_task *task;           /* the Lua task it runs, or NULL */
+  uint64_t stop_at;        /* when the loop thread asked that task to stop */
+  int in_block;            /* waiting for a block section (not stuck) */
+  int abandoned;           /* given up as stuck: a ghost from now on */
   uv_sem_t wake;           /* posted once for each time the worker sleeps */
   op_worker *next_sleeper; /* link in p->sleepers */
   /* Block sections (lua_worker.c). */
@@ -117,9 +138,12 @@ struct op_pool {
   char name[OP_POOL_NAME_MAX];
   int nthreads;
   int cap;
-  char *init; /* init script path, or NULL */
-  op_worker *workers;
+  char *init;          /* init script path, or NULL */
+  op_worker **workers; /* nthreads slots; NULL: no thread there */
   int started;
+  int running;   /* threads running (not ghosts); loop thread */
+  int start_err; /* why the last thread could not start, or 0 */
+  int reported;  /* the shortfall was reported */
 
   uv_mutex_t mu; /* guards everything down to `stopping` */
   op_task *head, *tail;
@@ -132,6 +156,8 @@ struct op_pool {
   int claimed;         /* submits that count on a looker instead of a wake-up */
   op_spin spin;        /* the spinning worker's budget */
   int stopping;        /* written by the loop thread only */
+  int ghosts;          /* threads given up as stuck and still running */
+  int freed;           /* op__pool_free ran: the last ghost frees p */
   atomic_int has_done; /* done_head != NULL, read without the lock */
   /* Queue non-empty or stopping, for the spinner; written under mu, only
   ** when it changes (set_avail). On a cache line of its own: a worker
@@ -146,7 +172,7 @@ struct op_pool {
   uint32_t npend;
   uint32_t hwm;
   op_backlog backlog;
-  uint64_t submitted, completed, failed, timedout, cancelled;
+  uint64_t submitted, completed, failed, timedout, cancelled, stuck;
   uint32_t inflight;
   op_hist hist;
 };
@@ -217,30 +243,141 @@ op_backlog *op__pool_backlog(op_pool *p) {
 
 /* ---- worker VMs ---- */
 
-/* The count hook of worker VMs: raise if the running task must stop. */
+/* The count hook of worker VMs: raise if the running task must stop. It
+** is set on every coroutine of the task (co_enter, the stop signal), and
+** once the stop is seen it fires on every instruction of the coroutine it
+** fired in, so that a pcall there cannot swallow the stop. */
 static void stop_hook(lua_State *L, lua_Debug *ar) {
   op_worker *w = *(op_worker **)lua_getextraspace(L);
-  op_task *t;
   int code;
 
   (void)ar;
-  if (w == NULL || (t = w->current) == NULL)
+  if (w == NULL || w->current == NULL)
     return;
-  code = atomic_load_explicit(&t->stop, memory_order_relaxed);
+  code = atomic_load_explicit(&w->stop, memory_order_relaxed);
   if (code == 0) {
     /* Installed by a signal meant for an earlier task: slow down. */
-    if (lua_gethookcount(L) == 1 && !w->hook_fast)
+    if (lua_gethookcount(L) == 1)
       lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
     return;
   }
-  if (!w->hook_fast) {
-    /* From now on fire on every instruction: pcall cannot swallow it. */
-    w->hook_fast = 1;
+  if (lua_gethookcount(L) != 1)
     lua_sethook(L, stop_hook, LUA_MASKCOUNT, 1);
-  }
   if (code == OP_ETIMEDOUT)
     luaL_error(L, "timeout: task stopped at its deadline");
   luaL_error(L, "cancelled: task stopped");
+}
+
+/* co is about to be resumed by a task running on w: put it on w's stack
+** of resumed coroutines, and give it the stop hook if the task runs under
+** one (a coroutine made before the hook, or kept in _OSTLS from an earlier
+** task, has none). The stopper sets w->stop before it signals: either
+** the signal finds co on the stack, or the check after the push sees the
+** stop. Returns whether co was pushed. Thread: worker. */
+static int co_enter(op_worker *w, lua_State *co) {
+  int n = w->ncos;
+
+  if (w->current == NULL || n >= MAX_COS)
+    return 0;
+  w->cos[n] = co;
+  atomic_signal_fence(memory_order_seq_cst);
+  w->ncos = n + 1;
+  atomic_signal_fence(memory_order_seq_cst);
+  if (atomic_load_explicit(&w->stop, memory_order_relaxed) != 0) {
+    w->hooked = 1;
+    lua_sethook(co, stop_hook, LUA_MASKCOUNT, 1);
+  } else if (w->hooked && lua_gethook(co) != stop_hook) {
+    lua_sethook(co, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  }
+  return 1;
+}
+
+static void co_leave(op_worker *w, int pushed) {
+  if (pushed)
+    w->ncos = w->ncos - 1;
+}
+
+/* Call the function at upvalue 1 with the arguments on L's stack, with co
+** (at upvalue 2, or argument 1) on w's stack of resumed coroutines.
+** [-n, +r, e] */
+static int co_call(lua_State *L, lua_State *co) {
+  op_worker *w = *(op_worker **)lua_getextraspace(L);
+  int pushed, status;
+
+  if (w == NULL || co == NULL || op__worker_self() != w) {
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+  }
+  pushed = co_enter(w, co);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+  co_leave(w, pushed);
+  if (status != LUA_OK)
+    return lua_error(L);
+  return lua_gettop(L);
+}
+
+/* coroutine.resume in worker VMs: the library's, with co_enter. */
+static int wk_co_resume(lua_State *L) {
+  return co_call(L, lua_tothread(L, 1));
+}
+
+/* The functions coroutine.wrap returns in worker VMs. */
+static int wk_co_wrapped(lua_State *L) {
+  return co_call(L, lua_tothread(L, lua_upvalueindex(2)));
+}
+
+/* coroutine.wrap in worker VMs: the library's function, called through
+** wk_co_wrapped so that its coroutine goes through co_enter.
+** Upvalue 1: the library's wrap; 2: wk_co_wrapped's nothing. */
+static int wk_co_wrap(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, 1, 1); /* the library's wrapper; its upvalue is the thread */
+  if (lua_getupvalue(L, 1, 1) == NULL || !lua_isthread(L, -1))
+    return 1; /* not the closure we know: hand it out as it is */
+  lua_pushcclosure(L, wk_co_wrapped, 2);
+  return 1;
+}
+
+/* debug.sethook in worker VMs: refused where it would take the stop hook
+** off a coroutine of a task that runs under it (a deadline, or a stop
+** requested). Upvalue 1: the library's. */
+static int wk_sethook(lua_State *L) {
+  lua_State *co = lua_isthread(L, 1) ? lua_tothread(L, 1) : L;
+
+  if (lua_gethook(co) == stop_hook)
+    return luaL_error(L, "debug.sethook: the task runs under the stop hook "
+                         "(it has a deadline or was stopped), which worker "
+                         "code cannot replace");
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, 0);
+  return 0;
+}
+
+/* os.exit in worker VMs: it would end the host from a worker thread, with
+** no on_stop, no summary and output lost. */
+static int wk_exit(lua_State *L) {
+  return luaL_error(L, "os.exit is not allowed in a worker: it would end "
+                       "the host behind its back; return or raise an error "
+                       "instead");
+}
+
+/* Replace lib.name (lib a global table) by fn, a closure over the old
+** value.  [-0, +0, m] */
+static void replace(lua_State *L, const char *lib, const char *name,
+                    lua_CFunction fn) {
+  lua_getglobal(L, lib);
+  lua_getfield(L, -1, name);
+  lua_pushcclosure(L, fn, 1);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 1);
 }
 
 /* Make w's VM, on w's thread. Returns 0 or -1 (message printed). */
@@ -259,6 +396,12 @@ static int worker_open(op_worker *w) {
   lua_pop(L, 1);
   lua_newtable(L);
   lua_setglobal(L, "_OSTLS");
+  /* Before the transfer state names the library: a function crossing as
+  ** "coroutine.wrap" resolves to these. */
+  replace(L, "coroutine", "resume", wk_co_resume);
+  replace(L, "coroutine", "wrap", wk_co_wrap);
+  replace(L, "debug", "sethook", wk_sethook);
+  replace(L, "os", "exit", wk_exit);
   w->xfer = op__xfer_new(L, p->rt->protos);
   if (w->xfer == NULL) {
     fprintf(stderr, "offpath: pool '%s' worker %d: out of memory\n", p->name,
@@ -277,14 +420,19 @@ static int worker_open(op_worker *w) {
 }
 
 /* The stop signal, on the worker thread whose running task was stopped:
-** install the stop hook (async-signal-safe by Lua's design). */
+** install the stop hook on the task's thread and on every coroutine being
+** resumed (async-signal-safe by Lua's design). */
 static void stop_signal(int sig) {
   op_worker *w = self;
+  int i, n;
 
   (void)sig;
   if (w != NULL && w->L != NULL && w->current != NULL) {
     w->hooked = 1;
     lua_sethook(w->L, stop_hook, LUA_MASKCOUNT, 1);
+    n = w->ncos;
+    for (i = 0; i < n; i++)
+      lua_sethook(w->cos[i], stop_hook, LUA_MASKCOUNT, 1);
   }
 }
 
@@ -316,41 +464,35 @@ static void worker_close(op_worker *w) {
   w->L = NULL;
 }
 
-/* Empty t->buf for what the worker writes next. A heap block holding the
-** arguments is left in t->stale for the loop thread, which allocated it,
-** to free: freeing it here made a 1 KB argument's round trip 3x slower. */
-static void reset_buf(op_task *t) {
-  if (t->buf.p != t->buf.small && t->stale == NULL) {
-    t->stale = t->buf.p;
-    op__buf_init(&t->buf);
-  } else {
-    op__buf_free(&t->buf);
-  }
-}
-
-/* The protected body of a Lua task: decode the function and arguments,
-** call the function, encode its results into t->buf in their place. Pushes (true) or
-** (false, message) when decoding or encoding fails; an error of the
-** function itself propagates to run_lua's pcall, whose message handler
-** adds the traceback (one protected call per task).  [-1, +2, e] */
+/* The protected body of a Lua task: decode the function and arguments
+** from w->in, call the function, encode its results into w->out. Pushes
+** (true) or (false, message) when decoding or encoding fails; an error of
+** the function itself propagates to run_lua's pcall, whose message
+** handler adds the traceback (one protected call per task).  [-1, +2, e] */
 static int task_body(lua_State *L) {
-  op_worker *w = *(op_worker **)lua_getextraspace(L);
-  op_task *t = lua_touserdata(L, 1);
+  op_worker *w = lua_touserdata(L, 1);
+  lua_Debug ar;
   char err[512];
   int n, rc;
 
   lua_settop(L, 0);
   op__xfer_paths_in(w->xfer, L);
-  n = op__decode(w->xfer, L, t->buf.p, t->buf.len, err, sizeof err);
+  n = op__decode(w->xfer, L, w->in.p, w->in.len, err, sizeof err);
   if (n < 1) {
     lua_settop(L, 0);
     lua_pushboolean(L, 0);
     lua_pushstring(L, n < 0 ? err : "cannot copy: no function");
     return 2;
   }
+  /* Where the function is defined, for a report if it never stops. The
+  ** chunk name lives as long as the VM (the prototype is cached). */
+  lua_pushvalue(L, 1);
+  if (lua_getinfo(L, ">S", &ar)) {
+    atomic_store_explicit(&w->fn_src, ar.source, memory_order_relaxed);
+    atomic_store_explicit(&w->fn_line, ar.linedefined, memory_order_relaxed);
+  }
   lua_call(L, n - 1, LUA_MULTRET);
-  reset_buf(t); /* decoded: its bytes are not needed any more */
-  rc = op__encode(w->xfer, L, 1, lua_gettop(L), &t->buf, "result", 1, err,
+  rc = op__encode(w->xfer, L, 1, lua_gettop(L), &w->out, "result", 1, err,
                   sizeof err);
   lua_settop(L, 0);
   lua_pushboolean(L, rc == 0);
@@ -361,6 +503,8 @@ static int task_body(lua_State *L) {
   return 2;
 }
 
+/* Run the Lua task whose arguments are in w->in: its outcome goes to
+** w->status and w->out, never to the task (worker_main hands it in). */
 static void run_lua(op_worker *w, op_task *t) {
   lua_State *L = w->L;
   size_t len;
@@ -369,41 +513,83 @@ static void run_lua(op_worker *w, op_task *t) {
 
   w->current = t;
   atomic_signal_fence(memory_order_seq_cst);
-  if (t->watch || stop_signo(w->pool) == 0 || atomic_load(&t->stop) != 0) {
+  if (t->watch || stop_signo(w->pool) == 0 || atomic_load(&w->stop) != 0) {
     w->hooked = 1;
     lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
   }
   lua_settop(L, 0);
   lua_pushcfunction(L, op__traceback);
   lua_pushcfunction(L, task_body);
-  lua_pushlightuserdata(L, t);
+  lua_pushlightuserdata(L, w);
   if (lua_pcall(L, 1, 2, 1) != LUA_OK) {
     lua_pushboolean(L, 0);
     lua_insert(L, -2);
   }
   w->current = NULL;
   atomic_signal_fence(memory_order_seq_cst);
+  w->ncos = 0;
   if (w->hooked) {
     w->hooked = 0;
-    w->hook_fast = 0;
     lua_sethook(L, NULL, 0, 0);
   }
-  stop = atomic_load(&t->stop);
+  stop = atomic_load(&w->stop);
   if (lua_toboolean(L, -2)) {
-    t->status = 0;
+    w->status = 0;
   } else if (stop != 0) {
-    t->status = stop;
-    reset_buf(t);
+    w->status = stop;
+    op__buf_free(&w->out);
   } else {
-    t->status = OP_ESCRIPT;
+    w->status = OP_ESCRIPT;
     msg = lua_tolstring(L, -1, &len);
     if (msg == NULL)
       msg = "(error object is not a string)", len = strlen(msg);
-    reset_buf(t);
-    if (op__buf_append(&t->buf, msg, len) != 0)
-      t->status = OP_ENOMEM;
+    op__buf_free(&w->out);
+    if (op__buf_append(&w->out, msg, len) != 0)
+      w->status = OP_ENOMEM;
   }
   lua_settop(L, 0);
+}
+
+/* Give the finished Lua task t its outcome from w (p->mu held). The
+** arguments' heap block is left in t->stale for the loop thread, which
+** allocated it, to free: freeing it here made a 1 KB argument's round
+** trip 3x slower. */
+static void hand_in_lua(op_worker *w, op_task *t) {
+  t->status = w->status;
+  if (w->in.p != w->in.small && t->stale == NULL) {
+    t->stale = w->in.p;
+    op__buf_init(&w->in);
+  } else {
+    op__buf_free(&w->in);
+  }
+  op__buf_move(&t->buf, &w->out);
+  t->worker = NULL;
+  w->task = NULL;
+  w->stop_at = 0;
+}
+
+static void worker_free(op_worker *w);
+static void pool_destroy(op_pool *p);
+
+/* The end of a thread given up as stuck, which came back (p->mu held, and
+** released here): it touches nothing of the task it ran, which the loop
+** thread has ended and handed back; it closes its own VM and frees its
+** own record, and the last ghost of a freed pool frees the pool. */
+static void ghost_exit(op_worker *w) {
+  op_pool *p = w->pool;
+  int last;
+
+  uv_mutex_unlock(&p->mu);
+  w->current = NULL;
+  worker_close(w); /* finalizers may run: offpath.block refuses (ghost) */
+  uv_mutex_lock(&p->mu);
+  p->ghosts--;
+  last = p->freed && p->ghosts == 0;
+  uv_mutex_unlock(&p->mu);
+  self = NULL;
+  worker_free(w);
+  if (last)
+    pool_destroy(p);
 }
 
 static void worker_main(void *arg) {
@@ -434,6 +620,10 @@ static void worker_main(void *arg) {
   op__note_cpu(&p->rt->worker_cpu, op__this_cpu());
   for (;;) {
     uv_mutex_lock(&p->mu);
+    if (w->abandoned) {
+      ghost_exit(w); /* done was handed back for us: never touch it */
+      return;
+    }
     send = spin = 0;
     if (done != NULL) {
       /* Hand in the finished task in the same critical section. The first
@@ -441,7 +631,7 @@ static void worker_main(void *arg) {
       ** is sent without the lock). */
       done->next = NULL;
       if (done->kind == OP_TASK_LUA)
-        done->worker = NULL;
+        hand_in_lua(w, done);
       if (p->done_head == NULL) {
         p->done_head = done;
         atomic_store(&p->has_done, 1);
@@ -514,8 +704,16 @@ static void worker_main(void *arg) {
         p->tail = NULL;
       t->queued = 0;
       queued_add(p, -1);
-      if (t->kind == OP_TASK_LUA)
-        t->worker = w; /* who to signal if it is stopped */
+      if (t->kind == OP_TASK_LUA) {
+        /* Who to signal if it is stopped; the arguments become the
+        ** worker's (see "Stuck workers" in the DESIGN block). */
+        t->worker = w;
+        w->task = t;
+        w->stop_at = 0;
+        atomic_store_explicit(&w->stop, atomic_load(&t->stop),
+                              memory_order_relaxed);
+        op__buf_move(&w->in, &t->buf);
+      }
     }
     set_avail(p, p->head != NULL || p->stopping);
     uv_mutex_unlock(&p->mu);
@@ -525,17 +723,17 @@ static void worker_main(void *arg) {
       break;
 
     t->next = t->prev = NULL;
-    if (atomic_load(&t->stop) != 0) {
+    if (t->kind == OP_TASK_C) {
       t->status = atomic_load(&t->stop);
-    } else if (t->kind == OP_TASK_C) {
-      t->work(t->arg);
-      t->status = 0;
+      if (t->status == 0)
+        t->work(t->arg);
+    } else if ((w->status = atomic_load(&w->stop)) != 0) {
+      /* stopped before it ran */
     } else if (w->L != NULL) {
       run_lua(w, t);
     } else {
-      t->status = OP_ESCRIPT;
-      reset_buf(t);
-      op__buf_append(&t->buf, "worker has no Lua state", 23);
+      w->status = OP_ESCRIPT;
+      op__buf_append(&w->out, "worker has no Lua state", 23);
     }
     done = t;
   }
@@ -570,29 +768,90 @@ void op__pool_take_done(op_pool *p, op_task **head, op_task **tail) {
 
 /* ---- pools ---- */
 
+/* A worker record for slot id of p, its thread not started.  */
+static op_worker *worker_new(op_pool *p, int id) {
+  op_worker *w = calloc(1, sizeof *w);
+
+  if (w == NULL)
+    return NULL;
+  w->pool = p;
+  w->id = id;
+  atomic_init(&w->stop, 0);
+  atomic_init(&w->fn_src, NULL);
+  atomic_init(&w->fn_line, 0);
+  op__buf_init(&w->in);
+  op__buf_init(&w->out);
+  op__task_init(&w->block, OP_TASK_BLOCK);
+  w->block.worker = w;
+  if (uv_mutex_init(&w->block_mu) || uv_cond_init(&w->block_cv) ||
+      uv_sem_init(&w->wake, 0))
+    OP_PANIC("cannot make a worker's locks");
+  return w;
+}
+
+static void worker_free(op_worker *w) {
+  uv_mutex_destroy(&w->block_mu);
+  uv_cond_destroy(&w->block_cv);
+  uv_sem_destroy(&w->wake);
+  op__task_release(&w->block);
+  op__buf_free(&w->in);
+  op__buf_free(&w->out);
+  free(w);
+}
+
+/* Start a thread in slot i of p. Returns 0 or a libuv error (the slot
+** stays empty). */
+static int start_worker(op_pool *p, int i) {
+  op_worker *w = worker_new(p, i + 1);
+  int rc;
+
+  if (w == NULL)
+    return UV_ENOMEM;
+  rc = uv_thread_create(&w->thread, worker_main, w);
+  if (rc != 0) {
+    worker_free(w);
+    return rc;
+  }
+  p->workers[i] = w;
+  p->running++;
+  return 0;
+}
+
+/* Start the threads of p's empty slots. A thread that cannot start (a
+** thread or address-space limit) leaves its slot empty and the pool goes
+** on with the threads it has; the shortfall is reported once and shown in
+** the statistics (threads against running). Returns 0, or OP_ENOTHREAD if
+** the pool has no thread at all (op__pool_error says why). */
 static int start(op_pool *p) {
-  int i, rc;
+  int i, rc, err = 0;
+  char msg[256];
 
   if (stop_signo(p) != 0)
     install_stop_signal(stop_signo(p));
-  p->workers = calloc((size_t)p->nthreads, sizeof *p->workers);
-  if (p->workers == NULL)
-    return OP_ENOMEM;
-  for (i = 0; i < p->nthreads; i++) {
-    op_worker *w = &p->workers[i];
-    w->pool = p;
-    w->id = i + 1;
-    op__task_init(&w->block, OP_TASK_BLOCK);
-    w->block.worker = w;
-    if (uv_mutex_init(&w->block_mu) || uv_cond_init(&w->block_cv) ||
-        uv_sem_init(&w->wake, 0))
-      OP_PANIC("cannot make a worker's locks");
-    rc = uv_thread_create(&w->thread, worker_main, w);
-    if (rc != 0)
-      OP_PANIC("cannot start a pool thread");
+  if (p->workers == NULL) {
+    p->workers = calloc((size_t)p->nthreads, sizeof *p->workers);
+    if (p->workers == NULL)
+      return OP_ENOMEM;
   }
+  for (i = 0; i < p->nthreads; i++)
+    if (p->workers[i] == NULL && (rc = start_worker(p, i)) != 0)
+      err = p->start_err = rc;
   p->started = 1;
-  return 0;
+  if (err != 0 && !p->reported) {
+    p->reported = 1;
+    snprintf(msg, sizeof msg,
+             "warning: pool '%s' runs %d of its %d threads: cannot start a "
+             "thread: %s",
+             p->name, p->running, p->nthreads, uv_strerror(err));
+    op__report_error(p->rt, msg);
+  }
+  return p->running > 0 ? 0 : OP_ENOTHREAD;
+}
+
+const char *op__pool_error(op_pool *p, int rc) {
+  if (rc == OP_ENOTHREAD && p->start_err != 0)
+    return uv_strerror(p->start_err);
+  return op_strerror(rc);
 }
 
 /* p->mu is held for a few instructions at a time by the loop thread and
@@ -782,10 +1041,11 @@ int op__pool_submit(op_pool *p, op_task *t) {
   uint32_t n;
   int rc, hold;
 
-  if (!p->started && (rc = start(p)) != 0)
-    return rc;
   if (p->stopping)
     return OP_ESHUTDOWN;
+  /* A pool with no thread tries again: the limit may have gone. */
+  if ((!p->started || p->running == 0) && (rc = start(p)) != 0)
+    return rc;
   n = nqueued(p);
   if (n >= (uint32_t)p->cap)
     return OP_EAGAIN;
@@ -860,15 +1120,117 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
     t->queued = 0;
   }
   atomic_store(&t->stop, code);
-  if (!taken && t->kind == OP_TASK_LUA && stop_signo(p) != 0)
-    runner = t->worker;
-  if (runner != NULL)
-    pthread_kill(runner->thread, stop_signo(p)); /* see the DESIGN block */
+  if (!taken && t->kind == OP_TASK_LUA && (runner = t->worker) != NULL) {
+    /* Running: the worker's hook reads its own copy of the code. The
+    ** clock starts for declaring it stuck (op__pool_check_stuck). */
+    atomic_store(&runner->stop, code);
+    if (runner->stop_at == 0)
+      runner->stop_at = uv_hrtime() | 1;
+    if (stop_signo(p) != 0)
+      pthread_kill(runner->thread, stop_signo(p)); /* see the DESIGN block */
+  }
   uv_mutex_unlock(&p->mu);
   if (taken) {
     t->status = code;
     op__complete(p->rt, t);
+  } else if (runner != NULL) {
+    op__watch_stuck(p->rt);
   }
+}
+
+/* ---- stuck workers ---- */
+
+/* Give up the worker in slot i, whose task has not stopped within the
+** grace time (p->mu held): end its task for the loop thread as the
+** worker would have (status = the stop code, handed in through p's done
+** list), detach the thread and put a fresh one with a fresh VM in its
+** place. The old record becomes the ghost's own (ghost_exit). Writes the
+** report into msg. Returns whether the new thread started. */
+static int abandon(op_pool *p, int i, char *msg, size_t len) {
+  op_worker *w = p->workers[i];
+  op_task *t = w->task;
+  const char *src = atomic_load_explicit(&w->fn_src, memory_order_relaxed);
+  int line = atomic_load_explicit(&w->fn_line, memory_order_relaxed);
+  int code = atomic_load(&w->stop), rc;
+
+  if (src == NULL)
+    src = "=?";
+  snprintf(msg, len,
+           "stuck: pool '%s' worker %d did not stop within %g s of its %s "
+           "(task function %s:%d); its thread is abandoned and replaced",
+           p->name, w->id, p->rt->stuck_grace,
+           code == OP_ETIMEDOUT ? "deadline" : "cancel",
+           src[0] == '@' || src[0] == '=' ? src + 1 : "[string]", line);
+  w->abandoned = 1;
+  w->task = NULL;
+  t->worker = NULL;
+  t->status = code;
+  t->next = NULL;
+  if (p->done_head == NULL) {
+    p->done_head = t;
+    atomic_store(&p->has_done, 1);
+  } else {
+    p->done_tail->next = t;
+  }
+  p->done_tail = t;
+  p->ghosts++;
+  p->stuck++;
+  p->running--;
+  pthread_detach(w->thread);
+  p->workers[i] = NULL;
+  rc = start_worker(p, i);
+  if (rc != 0)
+    p->start_err = rc;
+  return rc == 0;
+}
+
+int op__pool_check_stuck(op_pool *p, uint64_t now, uint64_t grace) {
+  char msg[512];
+  int i, waiting, found, none;
+
+  if (!p->started)
+    return 0;
+  do {
+    waiting = found = 0;
+    uv_mutex_lock(&p->mu);
+    for (i = 0; i < p->nthreads && !found; i++) {
+      op_worker *w = p->workers[i];
+      if (w == NULL || w->task == NULL || w->stop_at == 0)
+        continue;
+      if (w->in_block || now - w->stop_at < grace) {
+        waiting++;
+        continue;
+      }
+      found = 1;
+      abandon(p, i, msg, sizeof msg);
+    }
+    none = p->running == 0;
+    uv_mutex_unlock(&p->mu);
+    if (found) {
+      op__notify_loop(p->rt); /* the task handed back */
+      op__report_error(p->rt, msg);
+      if (none) /* nothing will ever run them */
+        op__pool_cancel_queued(p);
+    }
+  } while (found);
+  return waiting;
+}
+
+int op__worker_block_enter(op_worker *w) {
+  op_pool *p = w->pool;
+  int ok;
+
+  uv_mutex_lock(&p->mu);
+  ok = !w->abandoned;
+  w->in_block = ok;
+  uv_mutex_unlock(&p->mu);
+  return ok;
+}
+
+void op__worker_block_leave(op_worker *w) {
+  uv_mutex_lock(&w->pool->mu);
+  w->in_block = 0;
+  uv_mutex_unlock(&w->pool->mu);
 }
 
 void op__pool_cancel_queued(op_pool *p) {
@@ -897,9 +1259,16 @@ void op__pool_cancel_queued(op_pool *p) {
   }
 }
 
-void op__pool_free(op_pool *p) {
+/* Free p's memory (every thread gone). */
+static void pool_destroy(op_pool *p) {
+  uv_mutex_destroy(&p->mu);
+  free(p->init);
+  free(p);
+}
+
+int op__pool_free(op_pool *p) {
   op_worker *sleepers;
-  int i;
+  int i, ghosts;
 
   op__pool_flush(p);
   uv_mutex_lock(&p->mu);
@@ -909,20 +1278,24 @@ void op__pool_free(op_pool *p) {
   sleepers = take_sleepers(p, UINT32_MAX);
   uv_mutex_unlock(&p->mu);
   wake_all(sleepers);
-  if (p->started) {
-    for (i = 0; i < p->nthreads; i++) {
-      uv_thread_join(&p->workers[i].thread);
-      uv_mutex_destroy(&p->workers[i].block_mu);
-      uv_cond_destroy(&p->workers[i].block_cv);
-      uv_sem_destroy(&p->workers[i].wake);
-      op__task_release(&p->workers[i].block);
+  for (i = 0; p->workers != NULL && i < p->nthreads; i++) {
+    if (p->workers[i] != NULL) {
+      uv_thread_join(&p->workers[i]->thread);
+      worker_free(p->workers[i]);
     }
   }
   op_assert(p->head == NULL);
   free(p->workers);
-  uv_mutex_destroy(&p->mu);
-  free(p->init);
-  free(p);
+  p->workers = NULL;
+  /* Ghosts still running may come back and look at p: the last one
+  ** frees it (ghost_exit). */
+  uv_mutex_lock(&p->mu);
+  p->freed = 1;
+  ghosts = p->ghosts;
+  uv_mutex_unlock(&p->mu);
+  if (ghosts == 0)
+    pool_destroy(p);
+  return ghosts;
 }
 
 /* ---- statistics ---- */
@@ -961,6 +1334,8 @@ void op__pool_stats(op_pool *p, op_pool_stats *out) {
   memset(out, 0, sizeof *out);
   snprintf(out->name, sizeof out->name, "%s", p->name);
   out->threads = p->nthreads;
+  out->running = p->started ? p->running : p->nthreads;
+  out->stuck = p->stuck;
   out->queue_cap = p->cap;
   out->submitted = p->submitted;
   out->completed = p->completed;
@@ -1006,6 +1381,10 @@ op_xfer *op__worker_xfer(op_worker *w) {
 }
 
 int op__worker_stopping(op_worker *w) {
-  op_task *t = w->current;
-  return t != NULL && atomic_load_explicit(&t->stop, memory_order_relaxed);
+  return w->current != NULL &&
+         atomic_load_explicit(&w->stop, memory_order_relaxed) != 0;
+}
+
+const char *op__worker_pool_name(op_worker *w) {
+  return w->pool->name;
 }

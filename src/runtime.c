@@ -592,6 +592,36 @@ static void idle_cb(uv_prepare_t *prep) {
       memory_order_relaxed);
 }
 
+/* ---- stuck workers ---- */
+
+/* The stuck watch: give up the workers whose stopped task still runs
+** after the grace time (op__pool_check_stuck), and stop when no stopped
+** task runs any more. Unreferenced: it never keeps the loop alive by
+** itself, and a loop waiting on the stopped task runs it. */
+static void stuck_cb(uv_timer_t *timer) {
+  op_runtime *rt = timer->data;
+  uint64_t now = uv_hrtime(), grace = (uint64_t)(rt->stuck_grace * 1e9);
+  int i, waiting = 0;
+
+  for (i = 0; i < rt->npools; i++)
+    waiting += op__pool_check_stuck(rt->pools[i], now, grace);
+  if (waiting == 0)
+    uv_timer_stop(timer);
+}
+
+void op__watch_stuck(op_runtime *rt) {
+  uint64_t ms;
+
+  if (uv_is_active((uv_handle_t *)&rt->stuck_timer))
+    return;
+  /* Looks four times per grace time: a stuck worker is given up within
+  ** 1.25 grace times of its stop. */
+  ms = (uint64_t)(rt->stuck_grace * 250.0);
+  if (ms < 10)
+    ms = 10;
+  uv_timer_start(&rt->stuck_timer, stuck_cb, ms, ms);
+}
+
 /* ---- C tasks ---- */
 
 typedef struct ctask {
@@ -753,6 +783,11 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
   atomic_init(&rt->loop_sleeps, 0);
   atomic_init(&rt->worker_cpu, -1);
   rt->spin.max = rt->spin.cur = cfg->spin_us > 0 ? (unsigned)cfg->spin_us : 0;
+  rt->stuck_grace = cfg->stuck_grace > 0 ? cfg->stuck_grace : 1.0;
+  uv_timer_init(rt->loop, &rt->stuck_timer);
+  rt->stuck_timer.data = rt;
+  rt->uv_handles++;
+  uv_unref((uv_handle_t *)&rt->stuck_timer);
   uv_prepare_init(rt->loop, &rt->spin_prepare);
   rt->spin_prepare.data = rt;
   rt->uv_handles++;
@@ -764,6 +799,7 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
   if (rt->protos == NULL || rt->L == NULL)
     goto nomem;
   op__sched_init(rt);
+  op__guard_exit(rt->L);
   luaL_requiref(rt->L, "offpath", op__open_main, 1);
   lua_pop(rt->L, 1);
   op__block_guard_hooks(rt->L); /* before the names of library functions */
@@ -801,7 +837,7 @@ static void drain(op_runtime *rt) {
 }
 
 int op_runtime_free(op_runtime *rt) {
-  int i, rc = 0;
+  int i, rc = 0, ghosts = 0;
   uint64_t errors;
 
   if (rt == NULL)
@@ -821,7 +857,7 @@ int op_runtime_free(op_runtime *rt) {
   if (rt->L != NULL)
     op__io_shutdown(rt);
   for (i = 0; i < rt->npools; i++)
-    op__pool_free(rt->pools[i]);
+    ghosts += op__pool_free(rt->pools[i]);
   rt->npools = 0;
   rt->last_cpool = NULL;
   if (rt->call_errors != errors)
@@ -834,8 +870,11 @@ int op_runtime_free(op_runtime *rt) {
     lua_close(rt->L);
     op__task_close(rt);
   }
-  if (rt->protos != NULL)
+  /* A thread given up as stuck may still decode or encode with the
+  ** prototype store when it comes back: it is left to the process. */
+  if (rt->protos != NULL && ghosts == 0)
     op__protostore_free(rt->protos);
+  uv_close((uv_handle_t *)&rt->stuck_timer, handle_close_cb);
   uv_close((uv_handle_t *)&rt->wake_poll, handle_close_cb);
   uv_close((uv_handle_t *)&rt->spin_prepare, handle_close_cb);
   while (rt->uv_handles > 0)
@@ -900,6 +939,9 @@ int op_runtime_suspended(op_runtime *rt) {
 int op_runtime_cancel(op_runtime *rt) {
   int n = (int)rt->pending_waits;
 
+  /* Tasks first, whether or not anyone waits on them (launch, schedule,
+  ** go): then the waits left (sleeps, io operations, handlers). */
+  n += op__task_cancel_all(rt);
   op__sched_cancel_all(rt);
   return n;
 }
@@ -924,12 +966,14 @@ static int run_chunk(op_runtime *rt, int status) {
 }
 
 int op_runtime_start(op_runtime *rt) {
-  int i, rc;
+  int i, rc, first = 0;
 
+  /* Every pool, even after one failed: each goes on with the threads it
+  ** could start. */
   for (i = 0; i < rt->npools; i++)
-    if ((rc = op__pool_start(rt->pools[i])) != 0)
-      return rc;
-  return 0;
+    if ((rc = op__pool_start(rt->pools[i])) != 0 && first == 0)
+      first = rc;
+  return first;
 }
 
 int op_load_script(op_runtime *rt, const char *path) {

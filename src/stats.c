@@ -11,8 +11,10 @@ int op_stats_get(op_runtime *rt, op_stats *out) {
 
   memset(out, 0, sizeof *out);
   out->npools = rt->npools;
-  for (i = 0; i < rt->npools; i++)
+  for (i = 0; i < rt->npools; i++) {
     op__pool_stats(rt->pools[i], &out->pools[i]);
+    out->stuck += out->pools[i].stuck;
+  }
   out->calls = rt->calls;
   out->call_errors = rt->call_errors;
   out->suspended = (uint32_t)rt->suspended;
