@@ -315,7 +315,7 @@ int engine_dispatch(host *h, src *s, const char *line, size_t len);
 int engine_dispatch_entry(host *h, src *s, const char *data, size_t len,
                           rentry *e, char *err, size_t errlen);
 int engine_call_lifecycle(host *h, const char *name, rec_kind kind);
-void engine_cancel_all(host *h);
+int engine_cancel_all(host *h);
 void engine_latency_flush(host *h);
 int engine_output_open(host *h, char *err, size_t errlen);
 void engine_output_abandon(host *h);

@@ -334,12 +334,16 @@ static void tick_cb(uv_timer_t *t) {
 
 static void grace_cb(uv_timer_t *t) {
   host *h = t->data;
+  unsigned handlers = h->inflight;
+  int n, first = !h->cancelled_all;
 
-  if (!h->cancelled_all && h->inflight > 0)
-    host_report(h, "grace period over: cancelling %u handlers in flight",
-                h->inflight);
   h->cancelled_all = 1;
-  engine_cancel_all(h);
+  n = engine_cancel_all(h);
+  if (first && (handlers > 0 || n > 0))
+    host_report(h,
+                "grace period over: cancelling %u handlers in flight "
+                "(%d tasks and waits)",
+                handlers, n);
   engine_output_abandon(h);
 }
 
@@ -457,10 +461,15 @@ static void on_signal(host *h, int signum, int n) {
   const char *name = sig_name(signum);
 
   if (n == 2) {
-    host_report(h, "%s again: cancelling %u handlers in flight", name,
-                h->inflight);
+    unsigned handlers = h->inflight;
+    int ntasks;
+
     h->cancelled_all = 1;
-    engine_cancel_all(h);
+    ntasks = engine_cancel_all(h);
+    host_report(h,
+                "%s again: cancelling %u handlers in flight (%d tasks and "
+                "waits)",
+                name, handlers, ntasks);
     uv_timer_start(&h->grace_timer, grace_cb, 250, 250);
     return;
   }
