@@ -1,6 +1,9 @@
 -- stuck.lua - stops that worker code cannot escape, and workers that never
 -- stop: declared stuck after the grace time, reported, counted and
 -- replaced by a fresh thread with a fresh VM, so the pool keeps its size.
+-- (A cancel without a deadline, which needs the stop signal: see
+-- stop-signal.lua.)
+-- LABELS: tsan
 local T = require "_tap"
 
 offpath.configure {
@@ -32,21 +35,6 @@ T.test("a stop caught in one coroutine reaches a pcall loop in another",
       while true do pcall(coroutine.resume, b) end
     end
     T.err("^timeout", offpath.run, { pool = "one", timeout = 0.1 }, f)
-    T.eq(alive("one"), 1)
-    T.eq(stats("one").stuck, 0)
-  end)
-
-T.test("a cancel reaches a loop in a coroutine of a task with no deadline",
-  function()
-    local t = offpath.launch("one", function()
-      local co = coroutine.wrap(function()
-        while true do pcall(function() while true do end end) end
-      end)
-      co()
-    end)
-    offpath.sleep(0.05)
-    t:cancel()
-    T.err("^cancelled", t.wait, t)
     T.eq(alive("one"), 1)
     T.eq(stats("one").stuck, 0)
   end)
