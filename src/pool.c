@@ -117,6 +117,7 @@ struct op_worker {
   ** the worker's own until it hands the task in (see "Stuck workers"). */
   op_buf in, out;
   int status;
+  int watch; /* the task has a deadline: it runs under the stop hook */
   _Atomic(const char *) fn_src; /* the task function's chunk name */
   atomic_int fn_line;           /* and the line it is defined on */
   /* Under p->mu. */
@@ -144,6 +145,7 @@ struct op_pool {
   int running;   /* threads running (not ghosts); loop thread */
   int start_err; /* why the last thread could not start, or 0 */
   int reported;  /* the shortfall was reported */
+  int signo;     /* the stop signal, or 0 (op_config.stop_signal) */
 
   uv_mutex_t mu; /* guards everything down to `stopping` */
   op_task *head, *tail;
@@ -439,8 +441,7 @@ static void stop_signal(int sig) {
 /* The signal that stops p's running tasks, or 0 if they always run under
 ** the hook (op_config.stop_signal < 0). */
 static int stop_signo(op_pool *p) {
-  int sig = p->rt->cfg.stop_signal;
-  return sig == 0 ? SIGRTMIN + 4 : sig > 0 ? sig : 0;
+  return p->signo;
 }
 
 /* Install the handler (idempotent; the same handler for every runtime). */
@@ -488,8 +489,8 @@ static int task_body(lua_State *L) {
   ** chunk name lives as long as the VM (the prototype is cached). */
   lua_pushvalue(L, 1);
   if (lua_getinfo(L, ">S", &ar)) {
-    atomic_store_explicit(&w->fn_src, ar.source, memory_order_relaxed);
     atomic_store_explicit(&w->fn_line, ar.linedefined, memory_order_relaxed);
+    atomic_store_explicit(&w->fn_src, ar.source, memory_order_release);
   }
   lua_call(L, n - 1, LUA_MULTRET);
   rc = op__encode(w->xfer, L, 1, lua_gettop(L), &w->out, "result", 1, err,
@@ -513,7 +514,7 @@ static void run_lua(op_worker *w, op_task *t) {
 
   w->current = t;
   atomic_signal_fence(memory_order_seq_cst);
-  if (t->watch || stop_signo(w->pool) == 0 || atomic_load(&w->stop) != 0) {
+  if (w->watch || stop_signo(w->pool) == 0 || atomic_load(&w->stop) != 0) {
     w->hooked = 1;
     lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
   }
@@ -703,12 +704,15 @@ static void worker_main(void *arg) {
       else
         p->tail = NULL;
       t->queued = 0;
+      t->next = t->prev = NULL;
       queued_add(p, -1);
       if (t->kind == OP_TASK_LUA) {
         /* Who to signal if it is stopped; the arguments become the
         ** worker's (see "Stuck workers" in the DESIGN block). */
         t->worker = w;
         w->task = t;
+        w->watch = t->watch;
+        atomic_store_explicit(&w->fn_src, NULL, memory_order_relaxed);
         w->stop_at = 0;
         atomic_store_explicit(&w->stop, atomic_load(&t->stop),
                               memory_order_relaxed);
@@ -722,7 +726,6 @@ static void worker_main(void *arg) {
     if (t == NULL)
       break;
 
-    t->next = t->prev = NULL;
     if (t->kind == OP_TASK_C) {
       t->status = atomic_load(&t->stop);
       if (t->status == 0)
@@ -904,6 +907,9 @@ int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
   atomic_init(&p->has_done, 0);
   atomic_init(&p->queued, 0);
   p->spin.max = p->spin.cur = rt->spin.max;
+  p->signo = rt->cfg.stop_signal == 0  ? SIGRTMIN + 4
+             : rt->cfg.stop_signal > 0 ? rt->cfg.stop_signal
+                                       : 0;
   rt->pools[rt->npools++] = p;
   if (out != NULL)
     *out = p;
@@ -1149,7 +1155,7 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
 static int abandon(op_pool *p, int i, char *msg, size_t len) {
   op_worker *w = p->workers[i];
   op_task *t = w->task;
-  const char *src = atomic_load_explicit(&w->fn_src, memory_order_relaxed);
+  const char *src = atomic_load_explicit(&w->fn_src, memory_order_acquire);
   int line = atomic_load_explicit(&w->fn_line, memory_order_relaxed);
   int code = atomic_load(&w->stop), rc;
 
