@@ -249,10 +249,12 @@ OP_EXTERN lua_State *op_runtime_running(op_runtime *rt);
 /* Suspended handler coroutines right now (for host backpressure). */
 OP_EXTERN int op_runtime_suspended(op_runtime *rt);
 
-/* Cancel every suspended wait: each handler gets "cancelled: ..." raised
-** at its suspension point, and the operation behind the wait is aborted
-** (a task stopped, a child killed, a request removed). For a host's
-** shutdown deadline. Returns how many waits were cancelled. */
+/* Cancel all work in flight: every task not yet ended (launch, schedule,
+** go, run; as task:cancel() does, whether or not anyone waits on it), then
+** every suspended wait: each handler gets "cancelled: ..." raised at its
+** suspension point, and the operation behind the wait is aborted (a child
+** killed, a request removed, a file operation stopped). For a host's
+** shutdown deadline. Returns how many tasks and waits were cancelled. */
 OP_EXTERN int op_runtime_cancel(op_runtime *rt);
 
 /* ---- C tasks ---- */
@@ -275,7 +277,8 @@ OP_EXTERN int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
 typedef struct op_pool_stats {
   char name[OP_POOL_NAME_MAX];
   int threads; /* threads configured */
-  int running; /* threads running: fewer if some could not start */
+  int running; /* threads running: fewer if some could not start (0
+                  until the pool starts) */
   int queue_cap;
   uint64_t submitted, completed, failed, timedout, cancelled;
   uint64_t stuck;       /* workers given up as stuck (and replaced) */

@@ -188,10 +188,19 @@ int op__pool_full(op_pool *p);
 void op__pool_stop_task(op_pool *p, op_task *t, int code);
 /* Cancel every queued task (shutdown with OP_SHUTDOWN_CANCEL). */
 void op__pool_cancel_queued(op_pool *p);
-/* Stop the threads and free the pool; the queue must be empty. Returns
-** how many threads given up as stuck still run: the last of them frees
-** the pool, and what they use (the prototype store) must be left. */
-int op__pool_free(op_pool *p);
+/* What threads given up as stuck may still use after their runtime is
+** freed (the prototype store): each pool with such threads holds a
+** reference, the runtime one; the last to let go frees it. */
+typedef struct op_remnant {
+  atomic_int refs;
+  op_protostore *protos;
+} op_remnant;
+/* Let go of a reference to r: the last frees it. Thread: any. */
+void op__remnant_release(op_remnant *r);
+/* Stop the threads and free the pool; the queue must be empty. A pool
+** whose threads given up as stuck still run is freed by the last of them,
+** which then releases r (taken here). */
+void op__pool_free(op_pool *p, op_remnant *r);
 /* The text for an error op__pool_submit returned on p (OP_ENOTHREAD: the
 ** system's reason a thread could not start). */
 const char *op__pool_error(op_pool *p, int rc);

@@ -160,6 +160,7 @@ struct op_pool {
   int stopping;        /* written by the loop thread only */
   int ghosts;          /* threads given up as stuck and still running */
   int freed;           /* op__pool_free ran: the last ghost frees p */
+  op_remnant *remnant; /* released when p is freed (op__pool_free) */
   atomic_int has_done; /* done_head != NULL, read without the lock */
   /* Queue non-empty or stopping, for the spinner; written under mu, only
   ** when it changes (set_avail). On a cache line of its own: a worker
@@ -1265,14 +1266,24 @@ void op__pool_cancel_queued(op_pool *p) {
   }
 }
 
+void op__remnant_release(op_remnant *r) {
+  if (r != NULL && atomic_fetch_sub(&r->refs, 1) == 1) {
+    op__protostore_free(r->protos);
+    free(r);
+  }
+}
+
 /* Free p's memory (every thread gone). */
 static void pool_destroy(op_pool *p) {
+  op_remnant *r = p->remnant;
+
   uv_mutex_destroy(&p->mu);
   free(p->init);
   free(p);
+  op__remnant_release(r);
 }
 
-int op__pool_free(op_pool *p) {
+void op__pool_free(op_pool *p, op_remnant *r) {
   op_worker *sleepers;
   int i, ghosts;
 
@@ -1298,10 +1309,13 @@ int op__pool_free(op_pool *p) {
   uv_mutex_lock(&p->mu);
   p->freed = 1;
   ghosts = p->ghosts;
+  if (ghosts > 0 && r != NULL) {
+    atomic_fetch_add(&r->refs, 1);
+    p->remnant = r;
+  }
   uv_mutex_unlock(&p->mu);
   if (ghosts == 0)
     pool_destroy(p);
-  return ghosts;
 }
 
 /* ---- statistics ---- */
@@ -1340,7 +1354,7 @@ void op__pool_stats(op_pool *p, op_pool_stats *out) {
   memset(out, 0, sizeof *out);
   snprintf(out->name, sizeof out->name, "%s", p->name);
   out->threads = p->nthreads;
-  out->running = p->started ? p->running : p->nthreads;
+  out->running = p->running;
   out->stuck = p->stuck;
   out->queue_cap = p->cap;
   out->submitted = p->submitted;

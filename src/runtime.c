@@ -837,8 +837,9 @@ static void drain(op_runtime *rt) {
 }
 
 int op_runtime_free(op_runtime *rt) {
-  int i, rc = 0, ghosts = 0;
+  int i, rc = 0;
   uint64_t errors;
+  op_remnant *rem;
 
   if (rt == NULL)
     return 0;
@@ -856,8 +857,15 @@ int op_runtime_free(op_runtime *rt) {
   }
   if (rt->L != NULL)
     op__io_shutdown(rt);
+  /* Threads given up as stuck may still use the prototype store when
+  ** they come back: it goes to the last of them (op_remnant). */
+  rem = malloc(sizeof *rem);
+  if (rem != NULL) {
+    atomic_init(&rem->refs, 1);
+    rem->protos = rt->protos;
+  }
   for (i = 0; i < rt->npools; i++)
-    ghosts += op__pool_free(rt->pools[i]);
+    op__pool_free(rt->pools[i], rem);
   rt->npools = 0;
   rt->last_cpool = NULL;
   if (rt->call_errors != errors)
@@ -870,10 +878,7 @@ int op_runtime_free(op_runtime *rt) {
     lua_close(rt->L);
     op__task_close(rt);
   }
-  /* A thread given up as stuck may still decode or encode with the
-  ** prototype store when it comes back: it is left to the process. */
-  if (rt->protos != NULL && ghosts == 0)
-    op__protostore_free(rt->protos);
+  op__remnant_release(rem); /* NULL (no memory): the store is left */
   uv_close((uv_handle_t *)&rt->stuck_timer, handle_close_cb);
   uv_close((uv_handle_t *)&rt->wake_poll, handle_close_cb);
   uv_close((uv_handle_t *)&rt->spin_prepare, handle_close_cb);

@@ -1084,15 +1084,18 @@ int op__task_cancel_all(op_runtime *rt) {
   op_tasks *ts = rt->tasks;
   lua_State *L = rt->L;
   op_ltask *lt;
-  uint32_t slot;
+  uint32_t slot, end;
   int n = 0;
 
   if (ts == NULL)
     return 0;
+  end = ts->nslots;
+
   /* Every task not yet ended is anchored. Stopping one runs its callbacks,
-  ** which may anchor more: those are new, and stopped as the walk gets
-  ** to them. */
-  for (slot = 1; slot <= ts->nslots; slot++) {
+  ** which may start more: the walk ends at the slots taken when it began,
+  ** so a callback that starts a task per cancel cannot keep it going (a
+  ** host cancels again later). */
+  for (slot = 1; slot <= end; slot++) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, ts->ref);
     lua_rawgeti(L, -1, (lua_Integer)slot);
     lt = lua_type(L, -1) == LUA_TUSERDATA ? lua_touserdata(L, -1) : NULL;

@@ -1,0 +1,87 @@
+/*
+** test-stuck.c - a worker whose task never reaches the stop hook (a
+** finalizer that loops for a while: Lua runs finalizers with hooks off)
+** is declared stuck after the grace time, reported, counted and replaced;
+** when its thread finally comes back, before or after the runtime is
+** freed, it touches nothing of its task or runtime, frees its own VM and
+** hands the pool (and the prototype store) to no one else.
+** LABELS: tsan
+*/
+#include <string.h>
+#include <uv.h>
+
+#include "offpath.h"
+#include "test.h"
+
+static int reports;
+
+static void on_error(op_runtime *rt, const char *msg, void *ud) {
+  (void)rt;
+  (void)ud;
+  if (strstr(msg, "stuck: pool 'p' worker 1 did not stop within 0.2 s of "
+                  "its deadline (task function stuck.lua:2)") != NULL)
+    reports++;
+  else
+    fprintf(stderr, "unexpected report: %s\n", msg);
+}
+
+/* after_free: the stuck thread comes back after op_runtime_free. */
+static void test_stuck(int after_free) {
+  static const char script[] =
+      "local offpath = require 'offpath'\n"
+      "T = offpath.launch({ pool = 'p', timeout = 0.05 }, function()\n"
+      "  setmetatable({}, { __gc = function()\n"
+      "    local t0 = offpath.now()\n"
+      "    while offpath.now() - t0 < 0.5 do end\n"
+      "  end })\n"
+      "  collectgarbage()\n"
+      "  return 'never seen'\n"
+      "end)\n"
+      "T:on_done(function(ok, err) FIRST = err end)\n";
+  op_config cfg;
+  op_runtime *rt;
+  op_stats st;
+  lua_State *L;
+
+  op_config_init(&cfg);
+  cfg.stuck_grace = 0.2;
+  ASSERT_OK(op_config_pool(&cfg, "p", 1, 0));
+  ASSERT_OK(op_runtime_new(&cfg, &rt));
+  op_runtime_on_error(rt, on_error, NULL);
+  reports = 0;
+  L = op_runtime_lua(rt);
+  ASSERT_OK(op_load_string(rt, script, "=stuck.lua"));
+  /* Returns once the task is handed back: at its stuck declaration. */
+  ASSERT_OK(op_runtime_run(rt));
+  ASSERT_EQ(reports, 1);
+  lua_getglobal(L, "FIRST");
+  ASSERT_STR_HAS(lua_tostring(L, -1), "timeout");
+  lua_pop(L, 1);
+  op_stats(rt, &st);
+  ASSERT_EQ(st.stuck, 1);
+  ASSERT_EQ(st.pools[2].stuck, 1);
+  ASSERT_EQ(st.pools[2].running, 1);
+  ASSERT_EQ(st.pools[2].inflight, 0);
+  ASSERT_EQ(st.pools[2].timedout, 1);
+  /* The replacement runs tasks, in a fresh VM. */
+  ASSERT_OK(op_load_string(rt,
+                           "offpath.launch('p', function() return 7 end)"
+                           ":on_done(function(ok, v) SECOND = v end)",
+                           "=again.lua"));
+  ASSERT_OK(op_runtime_run(rt));
+  lua_getglobal(L, "SECOND");
+  ASSERT_EQ(lua_tointeger(L, -1), 7);
+  lua_pop(L, 1);
+  if (!after_free)
+    uv_sleep(1500); /* the ghost comes back and ends */
+  ASSERT_OK(op_runtime_free(rt));
+  if (after_free)
+    uv_sleep(1500); /* the ghost comes back to a freed runtime */
+}
+
+int main(void) {
+  test_stuck(0);
+  test_stuck(1);
+  printf("test-stuck: ok\n");
+  return 0;
+}
