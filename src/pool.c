@@ -53,11 +53,39 @@
 ** pool->mu). No Lua call is made under either lock.
 **
 ** Stopping a task: op__pool_stop_task() takes a queued task off the queue
-** (under pool->mu) and completes it as stopped; for a running task it only
-** sets t->stop. A count hook (every HOOK_COUNT instructions) sees the flag
-** and raises, and then keeps raising on every instruction so that a pcall
-** in the task cannot swallow the stop. C code inside a task (os.execute, a
-** blocking read) cannot be interrupted this way.
+** (under pool->mu) and completes it as stopped; for a running task it sets
+** t->stop and the worker's own copy, w->stop. A count hook (every
+** HOOK_COUNT instructions) sees the flag and raises, and then keeps raising
+** on every instruction of that coroutine so that a pcall there cannot
+** swallow the stop. Worker VMs resume coroutines through co_enter
+** (coroutine.resume and coroutine.wrap are wrapped): it keeps the stack of
+** coroutines being resumed, for the stop signal, and hooks a coroutine
+** resumed while the task runs under the hook; coroutines made by a hooked
+** thread inherit its hook; debug.sethook refuses to replace it. C code
+** inside a task (os.execute, a blocking read, a pattern match) and __gc
+** finalizers (Lua runs them with hooks off) cannot be interrupted this
+** way: see "Stuck workers".
+**
+** Stuck workers. A Lua task that was asked to stop and still runs
+** rt->stuck_grace seconds later (w->stop_at, the stuck watch in runtime.c)
+** is given up: abandon() hands the task back to the loop thread as
+** stopped, through p's done list, detaches the thread and starts a fresh
+** one with a fresh VM in its slot. The old thread becomes a *ghost*. So
+** that it never touches what the loop thread may free, a worker owns what
+** it uses while a task runs: the arguments (w->in, moved out of the task
+** when it is taken), the results (w->out), the stop code (w->stop); it
+** touches the task again only under p->mu, after checking w->abandoned
+** (hand_in_lua). A ghost that comes back closes its VM and frees its
+** record (ghost_exit); p itself stays until the last ghost is gone
+** (p->ghosts, p->freed), and the prototype store with it (op_remnant).
+** A worker inside a block section waits for the loop thread and is never
+** given up (w->in_block). C tasks are never given up: their memory
+** belongs to their completion; they look at t->stop themselves.
+**
+**   RUNNING --stop--> STOPPING --returns--> hand in (normal)
+**                        |
+**                        +--grace passes--> ABANDONED (ghost) --returns-->
+**                                           ghost_exit (frees its own)
 **
 ** The hook is installed only when a task may need stopping: with Lua 5.4 a
 ** count hook makes the VM trap on every instruction, which halves the
@@ -65,12 +93,18 @@
 ** it starts; a running task stopped without one gets it from a signal
 ** (op_config.stop_signal, SIGRTMIN+4 by default) sent to its worker
 ** thread, whose handler calls
-** lua_sethook, the way lua.c stops a script on SIGINT. The worker publishes
-** the task it runs before it looks at t->stop, and the stopper sets
-** t->stop before it signals, so one of the two installs the hook.
-** Coroutines a task made before its hook was installed do not inherit it.
+** lua_sethook on the task's thread and on every coroutine being resumed,
+** the way lua.c stops a script on SIGINT. The worker publishes the task it
+** runs (and each coroutine it resumes) before it looks at w->stop, and
+** the stopper sets w->stop before it signals, so one of the two installs
+** the hook.
 ** (Under ThreadSanitizer, which delivers signals only at calls it
-** intercepts, a stopped Lua loop without a deadline keeps running.)
+** intercepts, a stopped Lua loop without a deadline keeps running until
+** it is given up as stuck.)
+**
+** Threads that cannot start (a thread or address-space limit) leave their
+** slot empty: the pool runs with p->running threads, and a pool with none
+** refuses submits (OP_ENOTHREAD) after trying again.
 **
 ** Workers run under SCHED_BATCH where there is one (Linux): the kernel
 ** then does not let a worker that wakes up preempt the loop thread on
