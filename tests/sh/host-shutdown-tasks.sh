@@ -35,6 +35,7 @@ offpath.configure { stuck_grace = 0.3, pools = { spin = { threads = 1 } } }
 function on_start(engine)
   offpath.launch("spin", function()
     setmetatable({}, { __gc = function() while true do end end })
+    collectgarbage("incremental") -- runs finalizers at once
     collectgarbage()
   end)
   engine:emit("started")
