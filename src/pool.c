@@ -154,6 +154,10 @@ struct op_worker {
   int watch; /* the task has a deadline: it runs under the stop hook */
   _Atomic(const char *) fn_src; /* the task function's chunk name */
   atomic_int fn_line;           /* and the line it is defined on */
+  int fn_ref;                   /* registry slot of the last task function */
+  const void *fn_last;          /* its address */
+  const char *fn_src_last;      /* its chunk name and line */
+  int fn_line_last;
   /* Under p->mu. */
   op_task *task;           /* the Lua task it runs, or NULL */
   uint64_t stop_at;        /* when the loop thread asked that task to stop */
@@ -433,6 +437,8 @@ static int worker_open(op_worker *w) {
   lua_pop(L, 1);
   lua_newtable(L);
   lua_setglobal(L, "_OSTLS");
+  lua_pushboolean(L, 0);
+  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   /* Before the transfer state names the library: a function crossing as
   ** "coroutine.wrap" resolves to these. */
   replace(L, "coroutine", "resume", wk_co_resume);
@@ -521,12 +527,22 @@ static int task_body(lua_State *L) {
     return 2;
   }
   /* Where the function is defined, for a report if it never stops. The
-  ** chunk name lives as long as the VM (the prototype is cached). */
-  lua_pushvalue(L, 1);
-  if (lua_getinfo(L, ">S", &ar)) {
-    atomic_store_explicit(&w->fn_line, ar.linedefined, memory_order_relaxed);
-    atomic_store_explicit(&w->fn_src, ar.source, memory_order_release);
+  ** chunk name lives as long as the VM (the prototype is cached). A
+  ** function sent again often arrives as the same closure (transfer.c):
+  ** the last one is kept (so its address means it), and not looked up
+  ** again. */
+  if (lua_topointer(L, 1) != w->fn_last) {
+    w->fn_last = lua_topointer(L, 1);
+    lua_pushvalue(L, 1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, w->fn_ref);
+    lua_pushvalue(L, 1);
+    if (lua_getinfo(L, ">S", &ar)) {
+      w->fn_src_last = ar.source;
+      w->fn_line_last = ar.linedefined;
+    }
   }
+  atomic_store_explicit(&w->fn_line, w->fn_line_last, memory_order_relaxed);
+  atomic_store_explicit(&w->fn_src, w->fn_src_last, memory_order_release);
   lua_call(L, n - 1, LUA_MULTRET);
   rc = op__encode(w->xfer, L, 1, lua_gettop(L), &w->out, "result", 1, err,
                   sizeof err);
@@ -586,6 +602,22 @@ static void run_lua(op_worker *w, op_task *t) {
   lua_settop(L, 0);
 }
 
+/* Move src's contents into the empty buffer dst; src becomes empty
+** (op__buf_move, without its calls: twice per task). */
+static void buf_take(op_buf *dst, op_buf *src) {
+  dst->len = src->len;
+  if (src->p == src->small) {
+    dst->p = dst->small;
+    memcpy(dst->small, src->small, sizeof dst->small); /* fixed: inlined */
+  } else {
+    dst->p = src->p;
+    dst->cap = src->cap;
+    src->p = src->small;
+    src->cap = OP_BUF_INLINE;
+  }
+  src->len = 0;
+}
+
 /* Give the finished Lua task t its outcome from w (p->mu held). The
 ** arguments' heap block is left in t->stale for the loop thread, which
 ** allocated it, to free: freeing it here made a 1 KB argument's round
@@ -598,7 +630,7 @@ static void hand_in_lua(op_worker *w, op_task *t) {
   } else {
     op__buf_free(&w->in);
   }
-  op__buf_move(&t->buf, &w->out);
+  buf_take(&t->buf, &w->out);
   t->worker = NULL;
   w->task = NULL;
   w->stop_at = 0;
@@ -751,7 +783,7 @@ static void worker_main(void *arg) {
         w->stop_at = 0;
         atomic_store_explicit(&w->stop, atomic_load(&t->stop),
                               memory_order_relaxed);
-        op__buf_move(&w->in, &t->buf);
+        buf_take(&w->in, &t->buf);
       }
     }
     set_avail(p, p->head != NULL || p->stopping);
