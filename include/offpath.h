@@ -73,11 +73,17 @@ OP_EXTERN const char *op_err_name(int err);
 #define OP_POOL_NAME_MAX 32
 
 typedef struct op_pool_config {
-  const char *name; /* "io", "cpu", or any name up to 31 bytes */
-  int threads;      /* worker threads; 0 means the default */
-  int queue;        /* bounded queue length; 0 means the default (4096) */
-  const char *init; /* a Lua file run once in each worker VM, or NULL */
+  const char *name;    /* "io", "cpu", or any name up to 31 bytes */
+  int threads;         /* worker threads; 0 means the default */
+  int queue;           /* bounded queue length; 0 means the default (4096) */
+  const char *init;    /* a Lua file run once in each worker VM, or NULL */
+  size_t memory_limit; /* bytes per worker VM; 0: op_config.memory_limit */
 } op_pool_config;
+
+/* The memory limit of each worker VM unless configured (1 GiB), and the
+** value that means no limit in op_pool_config.memory_limit. */
+#define OP_MEMORY_LIMIT_DEFAULT ((size_t)1 << 30)
+#define OP_MEMORY_UNLIMITED     ((size_t)-1)
 
 /* What happens to queued tasks when the runtime is freed. */
 typedef enum op_shutdown_mode {
@@ -110,10 +116,19 @@ typedef struct op_config {
                                hook in a running task: 0 for SIGRTMIN+4,
                                < 0 to run every task under the hook
                                (about 2x slower Lua in workers) */
+  size_t memory_limit;      /* bytes per worker VM for pools that set none:
+                               a task that needs more fails with "memory
+                               limit of N MB reached in task at file:line".
+                               Default OP_MEMORY_LIMIT_DEFAULT; 0 or
+                               OP_MEMORY_UNLIMITED: none */
+  size_t main_memory_limit; /* bytes for the main VM; 0 (default): none.
+                               Past it, allocations fail with "not enough
+                               memory" */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,
-** drain at shutdown, block budget 0.1 s with the abort policy, spin_us 50. */
+** drain at shutdown, block budget 0.1 s with the abort policy, spin_us 50,
+** 1 GiB per worker VM. */
 OP_EXTERN void op_config_init(op_config *cfg);
 
 /* Add or override one pool in cfg. Returns 0, OP_EINVAL for a bad name or

@@ -243,7 +243,35 @@ static int offpath_stats(lua_State *L) {
   return 1;
 }
 
-/* offpath.configure{pools={name={threads=, queue=, init=}}, shutdown=
+/* The memory_limit field of the pool table at idx: bytes (an integer) or a
+** size ("64MB"), 0 or false for none; (size_t)-1 if absent.  [-0, +0, e] */
+static size_t memory_limit_arg(lua_State *L, int idx, const char *pool) {
+  size_t bytes = (size_t)-1;
+  int t = lua_getfield(L, idx, "memory_limit");
+
+  if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1))
+    bytes = 0;
+  else if (t == LUA_TNUMBER && lua_isinteger(L, -1) &&
+           lua_tointeger(L, -1) >= 0)
+    bytes = (size_t)lua_tointeger(L, -1);
+  else if (t == LUA_TSTRING && op__parse_size(lua_tostring(L, -1), &bytes) == 0)
+    ;
+  else if (t != LUA_TNIL)
+    luaL_error(L,
+               "offpath.configure: pool '%s': memory_limit must be bytes or "
+               "a size such as \"64MB\", not '%s'",
+               pool, luaL_tolstring(L, -1, NULL));
+  if (bytes != 0 && bytes != (size_t)-1 && bytes < OP_MEMORY_LIMIT_MIN)
+    luaL_error(L,
+               "offpath.configure: pool '%s': memory_limit must be at "
+               "least 1MB",
+               pool);
+  lua_pop(L, 1);
+  return bytes;
+}
+
+/* offpath.configure{pools={name={threads=, queue=, init=, memory_limit=}},
+** shutdown=
 ** "drain"|"cancel", block_budget=, block_policy="abort"|"continue"} */
 static int offpath_configure(lua_State *L) {
   static const char *const shutdowns[] = { "drain", "cancel", NULL };
@@ -251,6 +279,7 @@ static int offpath_configure(lua_State *L) {
   op_runtime *rt = op__runtime(L);
   op_pool_config pc;
   op_pool *p;
+  size_t mem;
   int rc;
 
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -266,9 +295,12 @@ static int offpath_configure(lua_State *L) {
       pc.queue = (int)luaL_optinteger(L, -1, 0);
       lua_getfield(L, -3, "init");
       pc.init = luaL_optstring(L, -1, NULL);
+      mem = memory_limit_arg(L, -4, pc.name);
       p = op__pool_find(rt, pc.name);
       rc = p != NULL ? op__pool_configure(p, pc.threads, pc.queue, pc.init)
-                     : op__pool_add(rt, &pc, NULL);
+                     : op__pool_add(rt, &pc, &p);
+      if (rc == 0 && mem != (size_t)-1)
+        rc = op__pool_set_memory_limit(p, mem);
       if (rc == OP_ESTARTED)
         return luaL_error(L,
                           "offpath.configure: pool '%s' has already "

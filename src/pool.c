@@ -87,11 +87,15 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "internal.h"
 
 #define HOOK_COUNT    1000
 #define DEFAULT_QUEUE 4096
+#define IDLE_GROWTH   ((size_t)8 << 20) /* see idle_collect */
 
 struct op_worker {
   op_pool *pool;
@@ -110,6 +114,7 @@ struct op_worker {
   uv_mutex_t block_mu;
   uv_cond_t block_cv;
   int block_done;
+  op_vmem mem; /* the VM's memory and limit (alloc.c) */
 };
 
 struct op_pool {
@@ -117,7 +122,8 @@ struct op_pool {
   char name[OP_POOL_NAME_MAX];
   int nthreads;
   int cap;
-  char *init; /* init script path, or NULL */
+  char *init;       /* init script path, or NULL */
+  size_t mem_limit; /* bytes per worker VM, 0: none */
   op_worker *workers;
   int started;
 
@@ -217,13 +223,43 @@ op_backlog *op__pool_backlog(op_pool *p) {
 
 /* ---- worker VMs ---- */
 
-/* The count hook of worker VMs: raise if the running task must stop. */
+static void stop_hook(lua_State *L, lua_Debug *ar);
+
+/* The heap went past the limit and alloc.c armed the hook: put the hook
+** back as it was, collect, and raise if a task runs and the heap is still
+** past the limit.  [-0, +0, e] */
+static void mem_over(op_worker *w, lua_State *L) {
+  char lim[32], where[256] = "?";
+  lua_Debug ar;
+
+  w->mem.over = 0;
+  if (!w->hooked)
+    lua_sethook(L, NULL, 0, 0);
+  else if (!w->hook_fast)
+    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  if (w->current == NULL)
+    return;
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  if (op__vm_used(&w->mem) <= w->mem.limit)
+    return;
+  if (lua_getstack(L, 0, &ar) && lua_getinfo(L, "Sl", &ar) &&
+      ar.currentline > 0)
+    snprintf(where, sizeof where, "%s:%d", ar.short_src, ar.currentline);
+  lua_pushfstring(L, "memory limit of %s reached in task at %s",
+                  op__fmt_size(w->mem.limit, lim, sizeof lim), where);
+  lua_error(L);
+}
+
+/* The count hook of worker VMs: raise if the running task must stop or
+** went past its memory limit. */
 static void stop_hook(lua_State *L, lua_Debug *ar) {
   op_worker *w = *(op_worker **)lua_getextraspace(L);
   op_task *t;
   int code;
 
   (void)ar;
+  if (w != NULL && w->mem.over)
+    mem_over(w, L);
   if (w == NULL || (t = w->current) == NULL)
     return;
   code = atomic_load_explicit(&t->stop, memory_order_relaxed);
@@ -246,7 +282,11 @@ static void stop_hook(lua_State *L, lua_Debug *ar) {
 /* Make w's VM, on w's thread. Returns 0 or -1 (message printed). */
 static int worker_open(op_worker *w) {
   op_pool *p = w->pool;
-  lua_State *L = op__new_state(p->rt);
+  lua_State *L;
+
+  w->mem.limit = p->mem_limit;
+  w->mem.hook = stop_hook;
+  L = op__new_state(p->rt, &w->mem);
 
   if (L == NULL) {
     fprintf(stderr, "offpath: pool '%s' worker %d: cannot make a Lua state\n",
@@ -273,6 +313,8 @@ static int worker_open(op_worker *w) {
       lua_pop(L, 1);
     }
   }
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  w->mem.rest = op__vm_used(&w->mem);
   return 0;
 }
 
@@ -314,6 +356,27 @@ static void worker_close(op_worker *w) {
     lua_close(w->L);
   w->xfer = NULL;
   w->L = NULL;
+}
+
+/* About to sleep with a heap that more than doubled, by IDLE_GROWTH bytes
+** or more, since set-up or the last such collection (a big argument or
+** result, a task that built a large table): collect it with mu released,
+** and give the freed memory back to the system. Returns whether it did.
+** Thread: worker, with mu held. */
+static int idle_collect(op_worker *w, uv_mutex_t *mu) {
+  size_t used;
+
+  if (w->L == NULL || (used = op__vm_used(&w->mem)) <= 2 * w->mem.rest ||
+      used - w->mem.rest < IDLE_GROWTH)
+    return 0;
+  uv_mutex_unlock(mu);
+  lua_gc(w->L, LUA_GCCOLLECT, 0);
+  w->mem.rest = op__vm_used(&w->mem);
+#ifdef __GLIBC__
+  malloc_trim(0); /* free pages inside the heap go back too */
+#endif
+  uv_mutex_lock(mu);
+  return 1;
 }
 
 /* Empty t->buf for what the worker writes next. A heap block holding the
@@ -365,7 +428,8 @@ static void run_lua(op_worker *w, op_task *t) {
   lua_State *L = w->L;
   size_t len;
   const char *msg;
-  int stop;
+  char lim[32], mbuf[128]; /* no Lua allocation here: unprotected */
+  int stop, st;
 
   w->current = t;
   atomic_signal_fence(memory_order_seq_cst);
@@ -377,15 +441,17 @@ static void run_lua(op_worker *w, op_task *t) {
   lua_pushcfunction(L, op__traceback);
   lua_pushcfunction(L, task_body);
   lua_pushlightuserdata(L, t);
-  if (lua_pcall(L, 1, 2, 1) != LUA_OK) {
+  w->mem.hit = 0;
+  if ((st = lua_pcall(L, 1, 2, 1)) != LUA_OK) {
     lua_pushboolean(L, 0);
     lua_insert(L, -2);
   }
   w->current = NULL;
   atomic_signal_fence(memory_order_seq_cst);
-  if (w->hooked) {
+  if (w->hooked || w->mem.over) {
     w->hooked = 0;
     w->hook_fast = 0;
+    w->mem.over = 0;
     lua_sethook(L, NULL, 0, 0);
   }
   stop = atomic_load(&t->stop);
@@ -399,11 +465,23 @@ static void run_lua(op_worker *w, op_task *t) {
     msg = lua_tolstring(L, -1, &len);
     if (msg == NULL)
       msg = "(error object is not a string)", len = strlen(msg);
+    if ((st == LUA_ERRMEM || st == LUA_ERRERR) && w->mem.hit) {
+      /* Refused by the limit where the hook could not raise (alloc.c):
+      ** Lua's memory errors carry no position. */
+      snprintf(mbuf, sizeof mbuf, "memory limit of %s reached in task (%s)",
+               op__fmt_size(w->mem.limit, lim, sizeof lim), msg);
+      msg = mbuf, len = strlen(mbuf);
+    }
     reset_buf(t);
     if (op__buf_append(&t->buf, msg, len) != 0)
       t->status = OP_ENOMEM;
   }
   lua_settop(L, 0);
+  if (w->mem.hit) {
+    /* The task left its heap near the limit: start the next one clean. */
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    w->mem.hit = 0;
+  }
 }
 
 static void worker_main(void *arg) {
@@ -496,6 +574,8 @@ static void worker_main(void *arg) {
         spin = 0;
         continue;
       }
+      if (idle_collect(w, &p->mu))
+        continue; /* the queue may have changed meanwhile */
       /* Sleep until a submitter takes us off the list and posts. */
       spin = 0;
       w->next_sleeper = p->sleepers;
@@ -621,7 +701,9 @@ int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
 
   if (pc->name == NULL || (len = strlen(pc->name)) == 0 ||
       len >= OP_POOL_NAME_MAX || pc->threads < 0 || pc->threads > 1024 ||
-      pc->queue < 0)
+      pc->queue < 0 ||
+      (pc->memory_limit != 0 && pc->memory_limit < OP_MEMORY_LIMIT_MIN) ||
+      (rt->cfg.memory_limit != 0 && rt->cfg.memory_limit < OP_MEMORY_LIMIT_MIN))
     return OP_EINVAL;
   if (op__pool_find(rt, pc->name) != NULL)
     return op__pool_configure(op__pool_find(rt, pc->name), pc->threads,
@@ -645,6 +727,9 @@ int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
   atomic_init(&p->has_done, 0);
   atomic_init(&p->queued, 0);
   p->spin.max = p->spin.cur = rt->spin.max;
+  p->mem_limit = pc->memory_limit ? pc->memory_limit : rt->cfg.memory_limit;
+  if (p->mem_limit == OP_MEMORY_UNLIMITED)
+    p->mem_limit = 0;
   rt->pools[rt->npools++] = p;
   if (out != NULL)
     *out = p;
@@ -668,6 +753,15 @@ int op__pool_configure(op_pool *p, int threads, int queue, const char *init) {
     free(p->init);
     p->init = copy;
   }
+  return 0;
+}
+
+int op__pool_set_memory_limit(op_pool *p, size_t bytes) {
+  if (bytes != 0 && bytes < OP_MEMORY_LIMIT_MIN)
+    return OP_EINVAL;
+  if (p->started)
+    return OP_ESTARTED;
+  p->mem_limit = bytes != OP_MEMORY_UNLIMITED ? bytes : 0;
   return 0;
 }
 

@@ -64,6 +64,7 @@ void op_config_init(op_config *cfg) {
   /* Spinning only across CPUs, and only while the other side is awake:
   ** a wake-up there costs tens of microseconds (docs/benchmarks.md). */
   cfg->spin_us = 50;
+  cfg->memory_limit = OP_MEMORY_LIMIT_DEFAULT;
 }
 
 int op_config_pool(op_config *cfg, const char *name, int threads, int queue) {
@@ -184,8 +185,8 @@ void op__preload_modules(lua_State *L) {
   lua_pop(L, 1);
 }
 
-lua_State *op__new_state(op_runtime *rt) {
-  lua_State *L = luaL_newstate();
+lua_State *op__new_state(op_runtime *rt, op_vmem *mem) {
+  lua_State *L = op__vm_new(mem);
 
   if (L == NULL)
     return NULL;
@@ -760,7 +761,10 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
   uv_unref((uv_handle_t *)&rt->spin_prepare);
 
   rt->protos = op__protostore_new();
-  rt->L = op__new_state(rt);
+  rt->mem.limit = cfg->main_memory_limit != OP_MEMORY_UNLIMITED
+                      ? cfg->main_memory_limit
+                      : 0;
+  rt->L = op__new_state(rt, &rt->mem);
   if (rt->protos == NULL || rt->L == NULL)
     goto nomem;
   op__sched_init(rt);
