@@ -288,10 +288,12 @@ typedef struct op_pool_stats {
   int threads;
   int queue_cap;
   uint64_t submitted, completed, failed, timedout, cancelled;
-  uint32_t queued;      /* waiting in the queue now */
-  uint32_t inflight;    /* submitted and not yet ended */
-  uint32_t queue_hwm;   /* most ever waiting in the queue */
-  double p50, p99, max; /* seconds from submit to completion seen */
+  uint32_t queued;       /* waiting in the queue now */
+  uint32_t inflight;     /* submitted and not yet ended */
+  uint32_t queue_hwm;    /* most ever waiting in the queue */
+  double p50, p99, max;  /* seconds from submit to completion seen */
+  uint64_t memory;       /* bytes held by its worker VMs now */
+  uint64_t memory_limit; /* per worker VM; 0: none */
 } op_pool_stats;
 
 typedef struct op_stats {
@@ -301,6 +303,8 @@ typedef struct op_stats {
   uint64_t call_errors;                /* handlers that ended with an error */
   uint32_t suspended;                  /* handler coroutines suspended now */
   double call_p50, call_p99, call_max; /* main-thread seconds per resume */
+  uint64_t memory;                     /* bytes held by the main VM now */
+  uint64_t protos; /* entries in the prototype store (functions sent) */
 } op_stats;
 
 /* Fill *out. Returns 0. */

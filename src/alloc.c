@@ -119,7 +119,7 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 lua_State *op__vm_new(op_vmem *m) {
   lua_State *L;
 
-  atomic_init(&m->used, 0);
+  atomic_store_explicit(&m->used, 0, memory_order_relaxed);
   m->L = NULL;
   m->refused = m->over = m->hit = 0;
   /* luaL_newstate's panic and warning functions, then our allocator: its

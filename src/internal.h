@@ -94,10 +94,17 @@ const char *op__fmt_size(size_t n, char *buf, size_t len);
 /* ---- copying Lua values between VMs (transfer.c) ---- */
 
 /* The runtime-wide store of function prototypes: id -> dumped bytecode.
-** Append-only; safe to use from any thread. */
+** Safe to use from any thread. Bounded: each VM keeps at most OP_PROTO_CAP
+** of the prototypes it encodes stored (and anchored) and OP_FACTORY_CAP
+** factories loaded, least recently used out first; an entry given up
+** stays decodable for OP_STORE_GRACE more insertions (transfer.c). */
+#define OP_PROTO_CAP   4096
+#define OP_FACTORY_CAP 4096
+#define OP_STORE_GRACE 8192
 typedef struct op_protostore op_protostore;
 op_protostore *op__protostore_new(void);
 void op__protostore_free(op_protostore *ps);
+/* Entries held (prototypes and C functions). Thread: any. */
 size_t op__protostore_count(op_protostore *ps);
 
 /* The per-lua_State side of transfers: name maps for library values and

@@ -203,17 +203,18 @@ static void set_integer(lua_State *L, const char *k, uint64_t v) {
 }
 
 /* offpath.stats() -> {pools={name={...}}, calls=, errors=, suspended=,
+** memory=, protos=,
 ** latency={p50=, p99=, max=}} */
 static int offpath_stats(lua_State *L) {
   op_stats st;
   int i;
 
   op_stats_get(op__runtime(L), &st);
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, 7);
   lua_createtable(L, 0, st.npools);
   for (i = 0; i < st.npools; i++) {
     op_pool_stats *p = &st.pools[i];
-    lua_createtable(L, 0, 14);
+    lua_createtable(L, 0, 16);
     set_integer(L, "threads", (uint64_t)p->threads);
     set_integer(L, "queue_size", (uint64_t)p->queue_cap);
     set_integer(L, "submitted", p->submitted);
@@ -227,12 +228,16 @@ static int offpath_stats(lua_State *L) {
     set_number(L, "p50", p->p50);
     set_number(L, "p99", p->p99);
     set_number(L, "max", p->max);
+    set_integer(L, "memory", p->memory);
+    set_integer(L, "memory_limit", p->memory_limit);
     lua_setfield(L, -2, p->name);
   }
   lua_setfield(L, -2, "pools");
   set_integer(L, "calls", st.calls);
   set_integer(L, "errors", st.call_errors);
   set_integer(L, "suspended", st.suspended);
+  set_integer(L, "memory", st.memory);
+  set_integer(L, "protos", st.protos);
   lua_createtable(L, 0, 3);
   set_number(L, "p50", st.call_p50);
   set_number(L, "p99", st.call_p99);

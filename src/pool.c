@@ -1052,6 +1052,8 @@ void op__pool_set_spin(op_pool *p, unsigned us) {
 }
 
 void op__pool_stats(op_pool *p, op_pool_stats *out) {
+  int i;
+
   memset(out, 0, sizeof *out);
   snprintf(out->name, sizeof out->name, "%s", p->name);
   out->threads = p->nthreads;
@@ -1067,6 +1069,9 @@ void op__pool_stats(op_pool *p, op_pool_stats *out) {
   out->p50 = op__hist_quantile(&p->hist, 0.50);
   out->p99 = op__hist_quantile(&p->hist, 0.99);
   out->max = (double)p->hist.max / 1e9;
+  out->memory_limit = p->mem_limit;
+  for (i = 0; p->started && i < p->nthreads; i++)
+    out->memory += op__vm_used(&p->workers[i].mem);
 }
 
 /* Block sections need the worker's lock and condition (lua_worker.c). */

@@ -75,6 +75,11 @@ T.test("other pools keep serving while one runs out", function()
   end)
   local st = offpath.stats().pools.capped
   T.ok(st.failed >= 1)
+  T.eq(st.memory_limit, 16 * 1024 * 1024)
+  T.ok(st.memory > 0 and st.memory < 16 * 1024 * 1024 * 1.25)
+  T.eq(offpath.stats().pools.other.memory_limit, 1024 * 1024 * 1024)
+  T.ok(offpath.stats().memory > 0)
+  T.ok(offpath.stats().protos > 0)
 end)
 
 T.test("memory_limit is checked by configure", function()
