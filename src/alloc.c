@@ -27,9 +27,9 @@
 ** Lua's memory errors never call the message handler, so only the hooked
 ** path can say where it happened.
 **
-** Failure injection. op__alloc_fail(n, k) makes the n-th growing request
-** from now, and the k - 1 after it, fail in whatever VM makes them
-** (tests/c/test-oom.c sweeps n). Two in a row defeat Lua's retry after an
+** Failure injection. op__alloc_fail(n, k, w) makes the n-th growing
+** request from now, and the k - 1 after it, fail in whatever VM makes them
+** (only in worker VMs if w is set; tests/c/test-oom.c sweeps n). Two in a row defeat Lua's retry after an
 ** emergency collection, so one memory error is raised at that point.
 */
 #include <string.h>
@@ -42,9 +42,11 @@
 ** Lua, and workers read it as a plain counter. */
 static atomic_long fail_in;
 static atomic_long fail_run;
+static atomic_int fail_workers; /* only worker VMs (those with a hook) */
 
-void op__alloc_fail(long n, long k) {
+void op__alloc_fail(long n, long k, int workers_only) {
   atomic_store(&fail_run, k > 0 ? k : 1);
+  atomic_store(&fail_workers, workers_only);
   atomic_store(&fail_in, n > 0 ? n : 0);
 }
 
@@ -52,11 +54,12 @@ int op__alloc_pending(void) {
   return atomic_load(&fail_in) > 0;
 }
 
-/* Whether injection fails this request. */
-static int injected(void) {
+/* Whether injection fails this request of m's VM. */
+static int injected(const op_vmem *m) {
   long n = atomic_load_explicit(&fail_in, memory_order_relaxed);
 
-  if (n <= 0)
+  if (n <= 0 || (m->hook == NULL &&
+                 atomic_load_explicit(&fail_workers, memory_order_relaxed)))
     return 0;
   if (n > 1) {
     atomic_store_explicit(&fail_in, n - 1, memory_order_relaxed);
@@ -100,7 +103,7 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     return NULL;
   }
   if (nsize > old) {
-    if (injected())
+    if (injected(m))
       return NULL;
     if (m->limit != 0 && used + (nsize - old) > m->limit) {
       if (!over_limit(m, used, nsize - old))

@@ -82,9 +82,9 @@ lua_State *op__vm_new(op_vmem *m);
 /* Bytes m's VM holds now. Thread: any. */
 size_t op__vm_used(const op_vmem *m);
 /* Tests: fail the n-th growing Lua allocation from now and the k - 1 after
-** it (any VM); n = 0 turns injection off. Whether the n-th is still to
-** come. Thread: any. */
-void op__alloc_fail(long n, long k);
+** it, in any VM or (workers_only) in worker VMs; n = 0 turns injection
+** off. op__alloc_pending: whether the n-th is still to come. Thread: any. */
+void op__alloc_fail(long n, long k, int workers_only);
 int op__alloc_pending(void);
 /* "64MB", "512 kb", "1g", "1048576" -> bytes. 0 or OP_EINVAL. */
 int op__parse_size(const char *s, size_t *out);

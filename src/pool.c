@@ -279,6 +279,14 @@ static void stop_hook(lua_State *L, lua_Debug *ar) {
   luaL_error(L, "cancelled: task stopped");
 }
 
+/* The worker-side offpath module and _OSTLS, protected.  [-0, +0, m] */
+static int worker_open_p(lua_State *L) {
+  luaL_requiref(L, "offpath", op__open_worker, 1);
+  lua_newtable(L);
+  lua_setglobal(L, "_OSTLS");
+  return 0;
+}
+
 /* Make w's VM, on w's thread. Returns 0 or -1 (message printed). */
 static int worker_open(op_worker *w) {
   op_pool *p = w->pool;
@@ -287,24 +295,24 @@ static int worker_open(op_worker *w) {
   w->mem.limit = p->mem_limit;
   w->mem.hook = stop_hook;
   L = op__new_state(p->rt, &w->mem);
-
+  if (L != NULL) {
+    *(op_worker **)lua_getextraspace(L) = w;
+    lua_pushcfunction(L, worker_open_p);
+    if (lua_pcall(L, 0, 0, 0) != LUA_OK ||
+        (w->xfer = op__xfer_new(L, p->rt->protos)) == NULL) {
+      lua_close(L);
+      L = NULL;
+    }
+  }
   if (L == NULL) {
-    fprintf(stderr, "offpath: pool '%s' worker %d: cannot make a Lua state\n",
+    /* Tried again at the next task (worker_main). */
+    fprintf(stderr,
+            "offpath: pool '%s' worker %d: cannot make its Lua state: not "
+            "enough memory\n",
             p->name, w->id);
     return -1;
   }
   w->L = L;
-  *(op_worker **)lua_getextraspace(L) = w;
-  luaL_requiref(L, "offpath", op__open_worker, 1);
-  lua_pop(L, 1);
-  lua_newtable(L);
-  lua_setglobal(L, "_OSTLS");
-  w->xfer = op__xfer_new(L, p->rt->protos);
-  if (w->xfer == NULL) {
-    fprintf(stderr, "offpath: pool '%s' worker %d: out of memory\n", p->name,
-            w->id);
-    return -1;
-  }
   op__xfer_paths_in(w->xfer, L); /* the init script sees them too */
   if (p->init != NULL) {
     if (luaL_loadfile(L, p->init) != LUA_OK || op__pcall(L, 0, 0) != LUA_OK) {
@@ -610,12 +618,13 @@ static void worker_main(void *arg) {
     } else if (t->kind == OP_TASK_C) {
       t->work(t->arg);
       t->status = 0;
-    } else if (w->L != NULL) {
+    } else if (w->L != NULL || worker_open(w) == 0) {
       run_lua(w, t);
     } else {
       t->status = OP_ESCRIPT;
       reset_buf(t);
-      op__buf_append(&t->buf, "worker has no Lua state", 23);
+      op__buf_append(&t->buf, "not enough memory (worker has no Lua state)",
+                     43);
     }
     done = t;
   }

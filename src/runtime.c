@@ -185,11 +185,12 @@ void op__preload_modules(lua_State *L) {
   lua_pop(L, 1);
 }
 
-lua_State *op__new_state(op_runtime *rt, op_vmem *mem) {
-  lua_State *L = op__vm_new(mem);
+/* The set-up of op__new_state, protected: arg 1 is the runtime.
+** [-1, +0, m] */
+static int new_state_p(lua_State *L) {
+  op_runtime *rt = lua_touserdata(L, 1);
 
-  if (L == NULL)
-    return NULL;
+  lua_pop(L, 1);
   luaL_openlibs(L);
   /* Tasks make many short-lived objects: generational collection costs a
   ** fraction of incremental collection for them (see docs/benchmarks.md). */
@@ -202,6 +203,28 @@ lua_State *op__new_state(op_runtime *rt, op_vmem *mem) {
     lua_concat(L, 2);
     lua_setfield(L, -2, "path");
     lua_pop(L, 1);
+  }
+  return 0;
+}
+
+/* require "offpath" in the main VM, protected.  [-0, +0, m] */
+static int open_main_p(lua_State *L) {
+  luaL_requiref(L, "offpath", op__open_main, 1);
+  op__block_guard_hooks(L); /* before the names of library functions */
+  return 0;
+}
+
+/* Returns NULL on out of memory. */
+lua_State *op__new_state(op_runtime *rt, op_vmem *mem) {
+  lua_State *L = op__vm_new(mem);
+
+  if (L == NULL)
+    return NULL;
+  lua_pushcfunction(L, new_state_p);
+  lua_pushlightuserdata(L, rt);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    lua_close(L);
+    return NULL;
   }
   return L;
 }
@@ -768,9 +791,9 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
   if (rt->protos == NULL || rt->L == NULL)
     goto nomem;
   op__sched_init(rt);
-  luaL_requiref(rt->L, "offpath", op__open_main, 1);
-  lua_pop(rt->L, 1);
-  op__block_guard_hooks(rt->L); /* before the names of library functions */
+  lua_pushcfunction(rt->L, open_main_p);
+  if (lua_pcall(rt->L, 0, 0, 0) != LUA_OK)
+    goto nomem;
   rt->xfer = op__xfer_new(rt->L, rt->protos);
   if (rt->xfer == NULL)
     goto nomem;

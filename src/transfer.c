@@ -735,7 +735,7 @@ static int add_name(op_xfer *x, lua_State *L, int nt, int ni, int vi) {
   lua_pushvalue(L, ni);
   lua_rawset(L, nt);
   if ((s = pmap_add(m, p)) == NULL)
-    luaL_error(L, "out of memory");
+    luaL_error(L, "not enough memory");
   s->aux = (uintptr_t)lua_tolstring(L, ni, &len); /* anchored by names */
   s->val = (uint32_t)len;
   return 1;
@@ -1299,7 +1299,7 @@ static int too_deep(enc *e) {
 }
 
 static int nomem(enc *e) {
-  setmsg(e->err, e->errlen, "cannot copy: out of memory");
+  setmsg(e->err, e->errlen, "not enough memory");
   return OP_ENOMEM;
 }
 
@@ -2401,7 +2401,7 @@ done:
   op__buf_free(&src);
   op__buf_free(&bin);
   if (rc == OP_ENOMEM && err != NULL && errlen > 0 && err[0] == 0)
-    setmsg(err, errlen, "cannot copy: out of memory");
+    setmsg(err, errlen, "not enough memory");
   return rc;
 }
 
@@ -2427,7 +2427,7 @@ static int corrupt(dec *d, const char *what) {
 }
 
 static int dnomem(dec *d) {
-  setmsg(d->err, d->errlen, "cannot decode: out of memory");
+  setmsg(d->err, d->errlen, "not enough memory");
   return OP_ENOMEM;
 }
 
@@ -2696,7 +2696,7 @@ static int factory_chunk(dec *d, uint64_t id, const tmpl *t, op_buf *c,
       pb[HEADER_LEN] != n ||
       ck_function(pb, se->len, &pos, &fi, 0, d->x->setupval, sets) != 0 ||
       pos != se->len || fi.nup != n) {
-    setmsg(d->err, d->errlen, "cannot copy: stored prototype %llu is bad",
+    setmsg(d->err, d->errlen, "stored prototype %llu is bad",
            (unsigned long long)id);
     rc = OP_EINVAL;
     goto done;
@@ -2743,7 +2743,7 @@ static int load_factory(dec *d, uint64_t id) {
     return corrupt(d, "bad prototype id");
   if (gone) {
     setmsg(d->err, d->errlen,
-           "cannot copy: function %llu is no longer in the prototype store "
+           "function %llu is no longer in the prototype store "
            "(more than %d other new functions were sent meanwhile)",
            (unsigned long long)id, STORE_GRACE);
     return OP_EINVAL;
@@ -2761,8 +2761,7 @@ static int load_factory(dec *d, uint64_t id) {
   st = luaL_loadbufferx(L, c.p, c.len, "=(offpath factory)", "b");
   op__buf_free(&c);
   if (st != LUA_OK) {
-    setmsg(d->err, d->errlen, "cannot copy: loading factory: %s",
-           lua_tostring(L, -1));
+    setmsg(d->err, d->errlen, "loading factory: %s", lua_tostring(L, -1));
     lua_pop(L, 1);
     return st == LUA_ERRMEM ? OP_ENOMEM : OP_EINVAL;
   }
