@@ -5,17 +5,19 @@
 -- every task ended exactly once and samples VmRSS every second.
 -- Not a CI test: it runs for a long time. Thread: the main VM.
 --
--- usage: offpath run bench/soak.lua --input /dev/null [--tick 1]
+-- usage: offpath run bench/soak.lua --input /dev/null
 --
 -- Environment:
 --   OP_SOAK_TASKS   tasks in all (default 10000000)
 --   OP_SOAK_LANES   tasks in flight (default 64)
 --   OP_SOAK_SEED    random seed (default 1)
 --
--- Prints "rss t=SECONDS kb=N done=N" every second on stderr, then one line
--- on stdout: tasks=, ended= (each exactly once), ok=, errors=, timeouts=,
--- cancels=, limits=, wall_s=, rss_start_kb=, rss_warm_kb= (after the first
--- 10 % of the tasks), rss_peak_kb=, rss_end_kb=, protos=.
+-- Prints "rss t=SECONDS kb=N done=N" every second on stderr (a go
+-- coroutine samples VmRSS), then one line on stdout: tasks=, ended= (each
+-- exactly once), ok=, errors=, timeouts=, cancels=, limits=, wall_s=,
+-- rss_start_kb=, rss_warm_kb= (the first sample after 10 % of the tasks),
+-- rss_min_kb= and rss_max_kb= (samples after that), rss_end_kb= (after a
+-- full collection), protos=.
 
 local offpath = require "offpath"
 
@@ -46,7 +48,7 @@ end
 local big = string.rep("b", 1 << 20)
 local count = { ok = 0, errors = 0, timeouts = 0, cancels = 0, limits = 0 }
 local ended, started = 0, 0
-local t0, rss_start, rss_warm, rss_peak = 0, 0, nil, 0
+local t0, rss_start, rss_warm, rss_min, rss_max = 0, 0, nil, nil, 0
 
 local function small(x) return x + 1 end
 local function fail(x) error("soak error " .. x) end
@@ -96,23 +98,32 @@ local function lane()
     local how = one(started)
     count[how] = count[how] + 1
     ended = ended + 1
-    if not rss_warm and ended >= N // 10 then rss_warm = rss_kb() end
   end
 end
 
-function on_tick()
-  local kb = rss_kb()
-  if kb > rss_peak then rss_peak = kb end
-  io.stderr:write(string.format("rss t=%.0f kb=%d done=%d\n",
-    offpath.now() - t0, kb, ended))
+-- Every second until the lanes are done.
+local function sampler()
+  while ended < N do
+    offpath.sleep(1)
+    local kb = rss_kb()
+    if ended >= N // 10 then
+      if not rss_warm then rss_warm = kb end
+      rss_min = math.min(rss_min or kb, kb)
+      rss_max = math.max(rss_max, kb)
+    end
+    io.stderr:write(string.format("rss t=%.0f kb=%d done=%d\n",
+      offpath.now() - t0, kb, ended))
+  end
 end
 
 function on_start()
   t0 = offpath.now()
   rss_start = rss_kb()
   local lanes = {}
+  local sampling = offpath.go(sampler)
   for i = 1, LANES do lanes[i] = offpath.go(lane) end
   offpath.all(lanes)
+  sampling:wait()
   local wall = offpath.now() - t0
   local sum = count.ok + count.errors + count.timeouts + count.cancels +
     count.limits
@@ -133,8 +144,8 @@ function on_start()
   local kb = rss_kb()
   print(string.format("tasks=%d ended=%d ok=%d errors=%d timeouts=%d " ..
     "cancels=%d limits=%d wall_s=%.1f rss_start_kb=%d rss_warm_kb=%d " ..
-    "rss_peak_kb=%d rss_end_kb=%d protos=%d", N, ended, count.ok,
-    count.errors, count.timeouts, count.cancels, count.limits, wall,
-    rss_start, rss_warm or kb, math.max(rss_peak, kb), kb,
+    "rss_min_kb=%d rss_max_kb=%d rss_end_kb=%d protos=%d", N, ended,
+    count.ok, count.errors, count.timeouts, count.cancels, count.limits, wall,
+    rss_start, rss_warm or kb, rss_min or kb, math.max(rss_max, kb), kb,
     offpath.stats().protos))
 end
