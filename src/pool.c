@@ -321,8 +321,7 @@ static int worker_open(op_worker *w) {
       lua_pop(L, 1);
     }
   }
-  lua_gc(L, LUA_GCCOLLECT, 0);
-  w->mem.rest = op__vm_used(&w->mem);
+  w->mem.rest = op__vm_used(&w->mem); /* no collection: start quickly */
   return 0;
 }
 
