@@ -74,7 +74,7 @@ static int trip_p(lua_State *LL) {
     return 0;
   }
   b = jbuf_new(LL);
-  json_encode(LL, -2, b, "fuzz");
+  json_encode(LL, -2, b, "fuzz", 0);
   t->out = malloc(b->len ? b->len : 1);
   CHECK(t->out != NULL);
   memcpy(t->out, b->p, b->len);
