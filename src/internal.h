@@ -61,13 +61,50 @@ int op__buf_append(op_buf *b, const void *p, size_t n);
 /* Move src's contents into dst (dst freed first); src becomes empty. */
 void op__buf_move(op_buf *dst, op_buf *src);
 
+/* ---- Lua VM memory (alloc.c) ---- */
+
+/* The memory of one Lua VM: what it holds and its limit. Written by the
+** thread running the VM; `used` may be read from any thread. */
+typedef struct op_vmem {
+  atomic_size_t used; /* bytes held now */
+  size_t limit;       /* 0: none */
+  size_t rest;        /* bytes held at rest (after set-up), for pool.c */
+  lua_Hook hook;      /* armed past the limit, or NULL: a hard limit */
+  lua_State *L;       /* the VM */
+  uint8_t refused;    /* the last growing request was refused */
+  uint8_t over;       /* granted past the limit: the hook must raise */
+  uint8_t hit;        /* a request was refused for the limit */
+} op_vmem;
+
+/* Make a VM (luaL_newstate) that allocates through m, with m->limit and
+** m->hook as set by the caller. Returns NULL on out of memory. */
+lua_State *op__vm_new(op_vmem *m);
+/* Bytes m's VM holds now. Thread: any. */
+size_t op__vm_used(const op_vmem *m);
+/* Tests: fail the n-th growing Lua allocation from now and the k - 1 after
+** it, in any VM or (workers_only) in worker VMs; n = 0 turns injection
+** off. op__alloc_pending: whether the n-th is still to come. Thread: any. */
+void op__alloc_fail(long n, long k, int workers_only);
+int op__alloc_pending(void);
+/* "64MB", "512 kb", "1g", "1048576" -> bytes. 0 or OP_EINVAL. */
+int op__parse_size(const char *s, size_t *out);
+/* n bytes as "64 MB" (exact units only) in buf; returns buf. */
+const char *op__fmt_size(size_t n, char *buf, size_t len);
+
 /* ---- copying Lua values between VMs (transfer.c) ---- */
 
 /* The runtime-wide store of function prototypes: id -> dumped bytecode.
-** Append-only; safe to use from any thread. */
+** Safe to use from any thread. Bounded: each VM keeps at most OP_PROTO_CAP
+** of the prototypes it encodes stored (and anchored) and OP_FACTORY_CAP
+** factories loaded, least recently used out first; an entry given up
+** stays decodable for OP_STORE_GRACE more insertions (transfer.c). */
+#define OP_PROTO_CAP   4096
+#define OP_FACTORY_CAP 4096
+#define OP_STORE_GRACE 8192
 typedef struct op_protostore op_protostore;
 op_protostore *op__protostore_new(void);
 void op__protostore_free(op_protostore *ps);
+/* Entries held (prototypes and C functions). Thread: any. */
 size_t op__protostore_count(op_protostore *ps);
 
 /* The per-lua_State side of transfers: name maps for library values and
@@ -175,6 +212,10 @@ int op__pool_configure(op_pool *p, int threads, int queue, const char *init);
 /* Queue t. Returns 0, OP_EAGAIN (full) or OP_ESHUTDOWN; on error the task
 ** is untouched and complete() is never called. */
 int op__pool_submit(op_pool *p, op_task *t);
+/* Set the memory limit of p's worker VMs (bytes, 0: none) before p
+** starts. 0, OP_EINVAL (below OP_MEMORY_LIMIT_MIN) or OP_ESTARTED. */
+int op__pool_set_memory_limit(op_pool *p, size_t bytes);
+#define OP_MEMORY_LIMIT_MIN ((size_t)1 << 20)
 /* Set the spin budget of p's workers (microseconds, 0: never). */
 void op__pool_set_spin(op_pool *p, unsigned us);
 /* Start p's threads now if they have not started. 0 or OP_ENOMEM. */
@@ -486,7 +527,7 @@ int op__open_main(lua_State *L);
 int op__open_worker(lua_State *L);
 /* Set up a fresh VM: libraries, package.path. Used for the main VM and
 ** every worker VM. */
-lua_State *op__new_state(op_runtime *rt);
+lua_State *op__new_state(op_runtime *rt, op_vmem *mem);
 
 /* Add the io/ modules' functions to the offpath table on top of L (main
 ** VM). io/io.c calls each io file's opener, e.g. op__open_io_fs(L).
@@ -595,6 +636,7 @@ struct op_runtime {
   uv_loop_t own_loop;
   int own;      /* loop is own_loop */
   lua_State *L; /* the main VM */
+  op_vmem mem;  /* its memory */
   op_config cfg;
   char *package_path; /* owned copy of cfg.package_path */
   op_pool *pools[OP_MAX_POOLS];

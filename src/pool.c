@@ -121,12 +121,16 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "internal.h"
 
 #define HOOK_COUNT    1000
 #define DEFAULT_QUEUE 4096
 #define MAX_COS       256 /* nested resumes tracked (Lua allows ~200) */
+#define IDLE_GROWTH   ((size_t)8 << 20) /* see idle_collect */
 
 struct op_worker {
   op_pool *pool;
@@ -170,6 +174,7 @@ struct op_worker {
   uv_mutex_t block_mu;
   uv_cond_t block_cv;
   int block_done;
+  op_vmem mem; /* the VM's memory and limit (alloc.c) */
 };
 
 struct op_pool {
@@ -178,6 +183,7 @@ struct op_pool {
   int nthreads;
   int cap;
   char *init;          /* init script path, or NULL */
+  size_t mem_limit;    /* bytes per worker VM, 0: none */
   op_worker **workers; /* nthreads slots; NULL: no thread there */
   int started;
   int running;   /* threads running (not ghosts); loop thread */
@@ -284,15 +290,45 @@ op_backlog *op__pool_backlog(op_pool *p) {
 
 /* ---- worker VMs ---- */
 
-/* The count hook of worker VMs: raise if the running task must stop. It
-** is set on every coroutine of the task (co_enter, the stop signal), and
-** once the stop is seen it fires on every instruction of the coroutine it
-** fired in, so that a pcall there cannot swallow the stop. */
+static void stop_hook(lua_State *L, lua_Debug *ar);
+
+/* The heap went past the limit and alloc.c armed the hook: put the hook
+** back as it was, collect, and raise if a task runs and the heap is still
+** past the limit.  [-0, +0, e] */
+static void mem_over(op_worker *w, lua_State *L) {
+  char lim[32], where[256] = "?";
+  lua_Debug ar;
+
+  w->mem.over = 0;
+  if (!w->hooked)
+    lua_sethook(L, NULL, 0, 0);
+  else /* stop_hook goes back to every instruction if a stop is due */
+    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  if (w->current == NULL)
+    return;
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  if (op__vm_used(&w->mem) <= w->mem.limit)
+    return;
+  if (lua_getstack(L, 0, &ar) && lua_getinfo(L, "Sl", &ar) &&
+      ar.currentline > 0)
+    snprintf(where, sizeof where, "%s:%d", ar.short_src, ar.currentline);
+  lua_pushfstring(L, "memory limit of %s reached in task at %s",
+                  op__fmt_size(w->mem.limit, lim, sizeof lim), where);
+  lua_error(L);
+}
+
+/* The count hook of worker VMs: raise if the running task must stop or
+** went past its memory limit. It is set on every coroutine of the task
+** (co_enter, the stop signal), and once the stop is seen it fires on every
+** instruction of the coroutine it fired in, so that a pcall there cannot
+** swallow the stop. */
 static void stop_hook(lua_State *L, lua_Debug *ar) {
   op_worker *w = *(op_worker **)lua_getextraspace(L);
   int code;
 
   (void)ar;
+  if (w != NULL && w->mem.over)
+    mem_over(w, L);
   if (w == NULL || w->current == NULL)
     return;
   code = atomic_load_explicit(&w->stop, memory_order_relaxed);
@@ -421,20 +457,12 @@ static void replace(lua_State *L, const char *lib, const char *name,
   lua_pop(L, 1);
 }
 
-/* Make w's VM, on w's thread. Returns 0 or -1 (message printed). */
-static int worker_open(op_worker *w) {
-  op_pool *p = w->pool;
-  lua_State *L = op__new_state(p->rt);
+/* The worker-side offpath module, _OSTLS and the guarded library
+** functions, protected. Argument 1: the worker.  [-0, +0, m] */
+static int worker_open_p(lua_State *L) {
+  op_worker *w = lua_touserdata(L, 1);
 
-  if (L == NULL) {
-    fprintf(stderr, "offpath: pool '%s' worker %d: cannot make a Lua state\n",
-            p->name, w->id);
-    return -1;
-  }
-  w->L = L;
-  *(op_worker **)lua_getextraspace(L) = w;
   luaL_requiref(L, "offpath", op__open_worker, 1);
-  lua_pop(L, 1);
   lua_newtable(L);
   lua_setglobal(L, "_OSTLS");
   lua_pushboolean(L, 0);
@@ -445,12 +473,36 @@ static int worker_open(op_worker *w) {
   replace(L, "coroutine", "wrap", wk_co_wrap);
   replace(L, "debug", "sethook", wk_sethook);
   replace(L, "os", "exit", wk_exit);
-  w->xfer = op__xfer_new(L, p->rt->protos);
-  if (w->xfer == NULL) {
-    fprintf(stderr, "offpath: pool '%s' worker %d: out of memory\n", p->name,
-            w->id);
+  return 0;
+}
+
+/* Make w's VM, on w's thread. Returns 0 or -1 (message printed). */
+static int worker_open(op_worker *w) {
+  op_pool *p = w->pool;
+  lua_State *L;
+
+  w->mem.limit = p->mem_limit;
+  w->mem.hook = stop_hook;
+  L = op__new_state(p->rt, &w->mem);
+  if (L != NULL) {
+    *(op_worker **)lua_getextraspace(L) = w;
+    lua_pushcfunction(L, worker_open_p);
+    lua_pushlightuserdata(L, w);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK ||
+        (w->xfer = op__xfer_new(L, p->rt->protos)) == NULL) {
+      lua_close(L);
+      L = NULL;
+    }
+  }
+  if (L == NULL) {
+    /* Tried again at the next task (worker_main). */
+    fprintf(stderr,
+            "offpath: pool '%s' worker %d: cannot make its Lua state: not "
+            "enough memory\n",
+            p->name, w->id);
     return -1;
   }
+  w->L = L;
   op__xfer_paths_in(w->xfer, L); /* the init script sees them too */
   if (p->init != NULL) {
     if (luaL_loadfile(L, p->init) != LUA_OK || op__pcall(L, 0, 0) != LUA_OK) {
@@ -459,6 +511,7 @@ static int worker_open(op_worker *w) {
       lua_pop(L, 1);
     }
   }
+  w->mem.rest = op__vm_used(&w->mem); /* no collection: start quickly */
   return 0;
 }
 
@@ -504,6 +557,27 @@ static void worker_close(op_worker *w) {
     lua_close(w->L);
   w->xfer = NULL;
   w->L = NULL;
+}
+
+/* About to sleep with a heap that more than doubled, by IDLE_GROWTH bytes
+** or more, since set-up or the last such collection (a big argument or
+** result, a task that built a large table): collect it with mu released,
+** and give the freed memory back to the system. Returns whether it did.
+** Thread: worker, with mu held. */
+static int idle_collect(op_worker *w, uv_mutex_t *mu) {
+  size_t used;
+
+  if (w->L == NULL || (used = op__vm_used(&w->mem)) <= 2 * w->mem.rest ||
+      used - w->mem.rest < IDLE_GROWTH)
+    return 0;
+  uv_mutex_unlock(mu);
+  lua_gc(w->L, LUA_GCCOLLECT, 0);
+  w->mem.rest = op__vm_used(&w->mem);
+#ifdef __GLIBC__
+  malloc_trim(0); /* free pages inside the heap go back too */
+#endif
+  uv_mutex_lock(mu);
+  return 1;
 }
 
 /* The protected body of a Lua task: decode the function and arguments
@@ -561,7 +635,8 @@ static void run_lua(op_worker *w, op_task *t) {
   lua_State *L = w->L;
   size_t len;
   const char *msg;
-  int stop;
+  char lim[32], mbuf[128]; /* no Lua allocation here: unprotected */
+  int stop, st;
 
   w->current = t;
   atomic_signal_fence(memory_order_seq_cst);
@@ -573,15 +648,17 @@ static void run_lua(op_worker *w, op_task *t) {
   lua_pushcfunction(L, op__traceback);
   lua_pushcfunction(L, task_body);
   lua_pushlightuserdata(L, w);
-  if (lua_pcall(L, 1, 2, 1) != LUA_OK) {
+  w->mem.hit = 0;
+  if ((st = lua_pcall(L, 1, 2, 1)) != LUA_OK) {
     lua_pushboolean(L, 0);
     lua_insert(L, -2);
   }
   w->current = NULL;
   atomic_signal_fence(memory_order_seq_cst);
   w->ncos = 0;
-  if (w->hooked) {
+  if (w->hooked || w->mem.over) {
     w->hooked = 0;
+    w->mem.over = 0;
     lua_sethook(L, NULL, 0, 0);
   }
   stop = atomic_load(&w->stop);
@@ -595,11 +672,23 @@ static void run_lua(op_worker *w, op_task *t) {
     msg = lua_tolstring(L, -1, &len);
     if (msg == NULL)
       msg = "(error object is not a string)", len = strlen(msg);
+    if ((st == LUA_ERRMEM || st == LUA_ERRERR) && w->mem.hit) {
+      /* Refused by the limit where the hook could not raise (alloc.c):
+      ** Lua's memory errors carry no position. */
+      snprintf(mbuf, sizeof mbuf, "memory limit of %s reached in task (%s)",
+               op__fmt_size(w->mem.limit, lim, sizeof lim), msg);
+      msg = mbuf, len = strlen(mbuf);
+    }
     op__buf_free(&w->out);
     if (op__buf_append(&w->out, msg, len) != 0)
       w->status = OP_ENOMEM;
   }
   lua_settop(L, 0);
+  if (w->mem.hit) {
+    /* The task left its heap near the limit: start the next one clean. */
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    w->mem.hit = 0;
+  }
 }
 
 /* Move src's contents into the empty buffer dst; src becomes empty
@@ -754,6 +843,8 @@ static void worker_main(void *arg) {
         spin = 0;
         continue;
       }
+      if (idle_collect(w, &p->mu))
+        continue; /* the queue may have changed meanwhile */
       /* Sleep until a submitter takes us off the list and posts. */
       spin = 0;
       w->next_sleeper = p->sleepers;
@@ -799,11 +890,12 @@ static void worker_main(void *arg) {
         t->work(t->arg);
     } else if ((w->status = atomic_load(&w->stop)) != 0) {
       /* stopped before it ran */
-    } else if (w->L != NULL) {
+    } else if (w->L != NULL || worker_open(w) == 0) {
       run_lua(w, t);
     } else {
       w->status = OP_ESCRIPT;
-      op__buf_append(&w->out, "worker has no Lua state", 23);
+      op__buf_append(&w->out, "not enough memory (worker has no Lua state)",
+                     43);
     }
     done = t;
   }
@@ -950,7 +1042,9 @@ int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
 
   if (pc->name == NULL || (len = strlen(pc->name)) == 0 ||
       len >= OP_POOL_NAME_MAX || pc->threads < 0 || pc->threads > 1024 ||
-      pc->queue < 0)
+      pc->queue < 0 ||
+      (pc->memory_limit != 0 && pc->memory_limit < OP_MEMORY_LIMIT_MIN) ||
+      (rt->cfg.memory_limit != 0 && rt->cfg.memory_limit < OP_MEMORY_LIMIT_MIN))
     return OP_EINVAL;
   if (op__pool_find(rt, pc->name) != NULL)
     return op__pool_configure(op__pool_find(rt, pc->name), pc->threads,
@@ -977,6 +1071,9 @@ int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
   p->signo = rt->cfg.stop_signal == 0  ? SIGRTMIN + 4
              : rt->cfg.stop_signal > 0 ? rt->cfg.stop_signal
                                        : 0;
+  p->mem_limit = pc->memory_limit ? pc->memory_limit : rt->cfg.memory_limit;
+  if (p->mem_limit == OP_MEMORY_UNLIMITED)
+    p->mem_limit = 0;
   rt->pools[rt->npools++] = p;
   if (out != NULL)
     *out = p;
@@ -1000,6 +1097,15 @@ int op__pool_configure(op_pool *p, int threads, int queue, const char *init) {
     free(p->init);
     p->init = copy;
   }
+  return 0;
+}
+
+int op__pool_set_memory_limit(op_pool *p, size_t bytes) {
+  if (bytes != 0 && bytes < OP_MEMORY_LIMIT_MIN)
+    return OP_EINVAL;
+  if (p->started)
+    return OP_ESTARTED;
+  p->mem_limit = bytes != OP_MEMORY_UNLIMITED ? bytes : 0;
   return 0;
 }
 
@@ -1417,6 +1523,8 @@ void op__pool_set_spin(op_pool *p, unsigned us) {
 }
 
 void op__pool_stats(op_pool *p, op_pool_stats *out) {
+  int i;
+
   memset(out, 0, sizeof *out);
   snprintf(out->name, sizeof out->name, "%s", p->name);
   out->threads = p->nthreads;
@@ -1434,6 +1542,10 @@ void op__pool_stats(op_pool *p, op_pool_stats *out) {
   out->p50 = op__hist_quantile(&p->hist, 0.50);
   out->p99 = op__hist_quantile(&p->hist, 0.99);
   out->max = (double)p->hist.max / 1e9;
+  out->memory_limit = p->mem_limit;
+  for (i = 0; p->workers != NULL && i < p->nthreads; i++)
+    if (p->workers[i] != NULL) /* ghosts are not counted */
+      out->memory += op__vm_used(&p->workers[i]->mem);
 }
 
 /* Block sections need the worker's lock and condition (lua_worker.c). */

@@ -64,6 +64,7 @@ void op_config_init(op_config *cfg) {
   /* Spinning only across CPUs, and only while the other side is awake:
   ** a wake-up there costs tens of microseconds (docs/benchmarks.md). */
   cfg->spin_us = 50;
+  cfg->memory_limit = OP_MEMORY_LIMIT_DEFAULT;
 }
 
 int op_config_pool(op_config *cfg, const char *name, int threads, int queue) {
@@ -184,11 +185,12 @@ void op__preload_modules(lua_State *L) {
   lua_pop(L, 1);
 }
 
-lua_State *op__new_state(op_runtime *rt) {
-  lua_State *L = luaL_newstate();
+/* The set-up of op__new_state, protected: arg 1 is the runtime.
+** [-1, +0, m] */
+static int new_state_p(lua_State *L) {
+  op_runtime *rt = lua_touserdata(L, 1);
 
-  if (L == NULL)
-    return NULL;
+  lua_pop(L, 1);
   luaL_openlibs(L);
   /* Tasks make many short-lived objects: generational collection costs a
   ** fraction of incremental collection for them (see docs/benchmarks.md). */
@@ -201,6 +203,29 @@ lua_State *op__new_state(op_runtime *rt) {
     lua_concat(L, 2);
     lua_setfield(L, -2, "path");
     lua_pop(L, 1);
+  }
+  return 0;
+}
+
+/* require "offpath" in the main VM, protected.  [-0, +0, m] */
+static int open_main_p(lua_State *L) {
+  op__guard_exit(L);
+  luaL_requiref(L, "offpath", op__open_main, 1);
+  op__block_guard_hooks(L); /* before the names of library functions */
+  return 0;
+}
+
+/* Returns NULL on out of memory. */
+lua_State *op__new_state(op_runtime *rt, op_vmem *mem) {
+  lua_State *L = op__vm_new(mem);
+
+  if (L == NULL)
+    return NULL;
+  lua_pushcfunction(L, new_state_p);
+  lua_pushlightuserdata(L, rt);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    lua_close(L);
+    return NULL;
   }
   return L;
 }
@@ -795,14 +820,16 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
   uv_unref((uv_handle_t *)&rt->spin_prepare);
 
   rt->protos = op__protostore_new();
-  rt->L = op__new_state(rt);
+  rt->mem.limit = cfg->main_memory_limit != OP_MEMORY_UNLIMITED
+                      ? cfg->main_memory_limit
+                      : 0;
+  rt->L = op__new_state(rt, &rt->mem);
   if (rt->protos == NULL || rt->L == NULL)
     goto nomem;
   op__sched_init(rt);
-  op__guard_exit(rt->L);
-  luaL_requiref(rt->L, "offpath", op__open_main, 1);
-  lua_pop(rt->L, 1);
-  op__block_guard_hooks(rt->L); /* before the names of library functions */
+  lua_pushcfunction(rt->L, open_main_p);
+  if (lua_pcall(rt->L, 0, 0, 0) != LUA_OK)
+    goto nomem;
   rt->xfer = op__xfer_new(rt->L, rt->protos);
   if (rt->xfer == NULL)
     goto nomem;

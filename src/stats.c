@@ -21,5 +21,7 @@ int op_stats_get(op_runtime *rt, op_stats *out) {
   out->call_p50 = op__hist_quantile(&rt->call_hist, 0.50);
   out->call_p99 = op__hist_quantile(&rt->call_hist, 0.99);
   out->call_max = (double)rt->call_hist.max / 1e9;
+  out->memory = op__vm_used(&rt->mem);
+  out->protos = op__protostore_count(rt->protos);
   return 0;
 }

@@ -176,6 +176,7 @@ typedef struct outbuf {
 typedef struct pool_opt {
   char *name;
   int threads;
+  size_t mem; /* memory limit per worker VM, bytes; (size_t)-1: not given */
 } pool_opt;
 
 typedef struct host_opts {
