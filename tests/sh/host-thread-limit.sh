@@ -1,7 +1,7 @@
 #!/bin/bash
 # host-thread-limit.sh - a pool thread that cannot start (here a real
-# RLIMIT_NPROC: the host runs as a user of its own with `ulimit -u 3`, so
-# the main thread and two workers fit) does not end the host: the pool
+# RLIMIT_NPROC: the host runs as a user of its own with `ulimit -u 4`, so
+# the main thread, the host's watchdog and two workers fit) does not end the host: the pool
 # goes on with the threads it has, the statistics show the shortfall, and
 # only a pool with no thread at all refuses work, with the system's reason.
 # LABELS: host
@@ -36,7 +36,7 @@ chmod 644 "$T/limit.lua"
 # stdin a pipe: the host reads it without libuv's own thread pool, which
 # aborts when it cannot start its threads.
 true | setpriv --reuid=$ID --regid=$ID --clear-groups \
-  bash -c 'ulimit -u 3 && exec "$0" run "$1"' "$OFFPATH" "$T/limit.lua" \
+  bash -c 'ulimit -u 4 && exec "$0" run "$1"' "$OFFPATH" "$T/limit.lua" \
   > "$T/out" 2> "$T/err"
 RC=$?
 check "exit 0" test "$RC" = 0
