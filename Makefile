@@ -4,6 +4,7 @@
 #   make run        build (release) and run the demo on built-in sample data
 #   make test       ASan+UBSan build, every test through ctest
 #   make test-tsan  ThreadSanitizer build, the pool and queue tests
+#   make fuzz       clang libFuzzer build, each target FUZZ_TIME seconds
 #   make bench      release build, benchmarks against peers -> docs/benchmarks.md
 #   make install    install library, header, offpath.pc, the CMake package,
 #                   the command, its man page and completion, and the Lua
@@ -18,7 +19,7 @@ CMAKE_FLAGS ?=
 CTEST_FLAGS ?=
 C_FILES  = $(shell git ls-files '*.c' '*.h' 2>/dev/null || find src include tests bench examples -name '*.[ch]')
 
-.PHONY: all run test test-tsan bench install format check deps clean man
+.PHONY: all run test test-tsan fuzz bench install format check deps clean man
 
 all: $(BUILD)/release/offpath
 
@@ -45,6 +46,13 @@ test-tsan:
 	cmake -S . -B $(BUILD)/tsan -DCMAKE_BUILD_TYPE=Debug -DOP_SANITIZE=thread $(CMAKE_FLAGS)
 	cmake --build $(BUILD)/tsan -j $(JOBS)
 	cd $(BUILD)/tsan && ctest --output-on-failure -L tsan -j $(JOBS) $(CTEST_FLAGS)
+
+FUZZ_TIME ?= 30
+fuzz:
+	@sh scripts/deps.sh test
+	cmake -S . -B $(BUILD)/fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=Debug -DOP_FUZZ=ON -DOP_SANITIZE="address;undefined" -DOP_BUILD_TESTS=OFF -DOP_BUILD_BENCH=OFF -DOP_WERROR=$${CI:+ON} $(CMAKE_FLAGS)
+	cmake --build $(BUILD)/fuzz -j $(JOBS)
+	sh tests/fuzz/run.sh $(BUILD)/fuzz $(FUZZ_TIME)
 
 bench:
 	@sh scripts/deps.sh bench

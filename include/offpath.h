@@ -53,7 +53,8 @@ OP_EXTERN const char *op_version(void);
   XX(ENOPOOL, -30002, "no such pool")                                          \
   XX(ECOPY, -30003, "value cannot be copied between Lua states")               \
   XX(ESTARTED, -30004, "pool already started")                                 \
-  XX(ENOHANDLER, -30005, "no such handler")
+  XX(ENOHANDLER, -30005, "no such handler")                                    \
+  XX(ENOTHREAD, -30006, "cannot start a pool thread")
 
 typedef enum op_errno {
 #define OP_ERRNO_ENUM(name, value, text) OP_##name = (value),
@@ -73,11 +74,17 @@ OP_EXTERN const char *op_err_name(int err);
 #define OP_POOL_NAME_MAX 32
 
 typedef struct op_pool_config {
-  const char *name; /* "io", "cpu", or any name up to 31 bytes */
-  int threads;      /* worker threads; 0 means the default */
-  int queue;        /* bounded queue length; 0 means the default (4096) */
-  const char *init; /* a Lua file run once in each worker VM, or NULL */
+  const char *name;    /* "io", "cpu", or any name up to 31 bytes */
+  int threads;         /* worker threads; 0 means the default */
+  int queue;           /* bounded queue length; 0 means the default (4096) */
+  const char *init;    /* a Lua file run once in each worker VM, or NULL */
+  size_t memory_limit; /* bytes per worker VM; 0: op_config.memory_limit */
 } op_pool_config;
+
+/* The memory limit of each worker VM unless configured (1 GiB), and the
+** value that means no limit in op_pool_config.memory_limit. */
+#define OP_MEMORY_LIMIT_DEFAULT ((size_t)1 << 30)
+#define OP_MEMORY_UNLIMITED     ((size_t)-1)
 
 /* What happens to queued tasks when the runtime is freed. */
 typedef enum op_shutdown_mode {
@@ -110,10 +117,22 @@ typedef struct op_config {
                                hook in a running task: 0 for SIGRTMIN+4,
                                < 0 to run every task under the hook
                                (about 2x slower Lua in workers) */
+  size_t memory_limit;      /* bytes per worker VM for pools that set none:
+                               a task that needs more fails with "memory
+                               limit of N MB reached in task at file:line".
+                               Default OP_MEMORY_LIMIT_DEFAULT; 0 or
+                               OP_MEMORY_UNLIMITED: none */
+  size_t main_memory_limit; /* bytes for the main VM; 0 (default): none.
+                               Past it, allocations fail with "not enough
+                               memory" */
+  double stuck_grace;       /* seconds a stopped task may run on before its
+                               worker is declared stuck, abandoned and
+                               replaced; 0 for the default, 1 */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,
-** drain at shutdown, block budget 0.1 s with the abort policy, spin_us 50. */
+** drain at shutdown, block budget 0.1 s with the abort policy, spin_us 50,
+** 1 GiB per worker VM. */
 OP_EXTERN void op_config_init(op_config *cfg);
 
 /* Add or override one pool in cfg. Returns 0, OP_EINVAL for a bad name or
@@ -245,10 +264,12 @@ OP_EXTERN lua_State *op_runtime_running(op_runtime *rt);
 /* Suspended handler coroutines right now (for host backpressure). */
 OP_EXTERN int op_runtime_suspended(op_runtime *rt);
 
-/* Cancel every suspended wait: each handler gets "cancelled: ..." raised
-** at its suspension point, and the operation behind the wait is aborted
-** (a task stopped, a child killed, a request removed). For a host's
-** shutdown deadline. Returns how many waits were cancelled. */
+/* Cancel all work in flight: every task not yet ended (launch, schedule,
+** go, run; as task:cancel() does, whether or not anyone waits on it), then
+** every suspended wait: each handler gets "cancelled: ..." raised at its
+** suspension point, and the operation behind the wait is aborted (a child
+** killed, a request removed, a file operation stopped). For a host's
+** shutdown deadline. Returns how many tasks and waits were cancelled. */
 OP_EXTERN int op_runtime_cancel(op_runtime *rt);
 
 /* ---- C tasks ---- */
@@ -270,13 +291,18 @@ OP_EXTERN int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
 
 typedef struct op_pool_stats {
   char name[OP_POOL_NAME_MAX];
-  int threads;
+  int threads; /* threads configured */
+  int running; /* threads running: fewer if some could not start (0
+                  until the pool starts) */
   int queue_cap;
   uint64_t submitted, completed, failed, timedout, cancelled;
-  uint32_t queued;      /* waiting in the queue now */
-  uint32_t inflight;    /* submitted and not yet ended */
-  uint32_t queue_hwm;   /* most ever waiting in the queue */
-  double p50, p99, max; /* seconds from submit to completion seen */
+  uint64_t stuck;        /* workers given up as stuck (and replaced) */
+  uint32_t queued;       /* waiting in the queue now */
+  uint32_t inflight;     /* submitted and not yet ended */
+  uint32_t queue_hwm;    /* most ever waiting in the queue */
+  double p50, p99, max;  /* seconds from submit to completion seen */
+  uint64_t memory;       /* bytes held by its worker VMs now */
+  uint64_t memory_limit; /* per worker VM; 0: none */
 } op_pool_stats;
 
 typedef struct op_stats {
@@ -285,7 +311,11 @@ typedef struct op_stats {
   uint64_t calls;                      /* handler calls through op_call */
   uint64_t call_errors;                /* handlers that ended with an error */
   uint32_t suspended;                  /* handler coroutines suspended now */
+  uint64_t stuck;                      /* workers given up as stuck, all
+                                          pools */
   double call_p50, call_p99, call_max; /* main-thread seconds per resume */
+  uint64_t memory;                     /* bytes held by the main VM now */
+  uint64_t protos; /* entries in the prototype store (functions sent) */
 } op_stats;
 
 /* Fill *out. Returns 0. */

@@ -61,13 +61,50 @@ int op__buf_append(op_buf *b, const void *p, size_t n);
 /* Move src's contents into dst (dst freed first); src becomes empty. */
 void op__buf_move(op_buf *dst, op_buf *src);
 
+/* ---- Lua VM memory (alloc.c) ---- */
+
+/* The memory of one Lua VM: what it holds and its limit. Written by the
+** thread running the VM; `used` may be read from any thread. */
+typedef struct op_vmem {
+  atomic_size_t used; /* bytes held now */
+  size_t limit;       /* 0: none */
+  size_t rest;        /* bytes held at rest (after set-up), for pool.c */
+  lua_Hook hook;      /* armed past the limit, or NULL: a hard limit */
+  lua_State *L;       /* the VM */
+  uint8_t refused;    /* the last growing request was refused */
+  uint8_t over;       /* granted past the limit: the hook must raise */
+  uint8_t hit;        /* a request was refused for the limit */
+} op_vmem;
+
+/* Make a VM (luaL_newstate) that allocates through m, with m->limit and
+** m->hook as set by the caller. Returns NULL on out of memory. */
+lua_State *op__vm_new(op_vmem *m);
+/* Bytes m's VM holds now. Thread: any. */
+size_t op__vm_used(const op_vmem *m);
+/* Tests: fail the n-th growing Lua allocation from now and the k - 1 after
+** it, in any VM or (workers_only) in worker VMs; n = 0 turns injection
+** off. op__alloc_pending: whether the n-th is still to come. Thread: any. */
+void op__alloc_fail(long n, long k, int workers_only);
+int op__alloc_pending(void);
+/* "64MB", "512 kb", "1g", "1048576" -> bytes. 0 or OP_EINVAL. */
+int op__parse_size(const char *s, size_t *out);
+/* n bytes as "64 MB" (exact units only) in buf; returns buf. */
+const char *op__fmt_size(size_t n, char *buf, size_t len);
+
 /* ---- copying Lua values between VMs (transfer.c) ---- */
 
 /* The runtime-wide store of function prototypes: id -> dumped bytecode.
-** Append-only; safe to use from any thread. */
+** Safe to use from any thread. Bounded: each VM keeps at most OP_PROTO_CAP
+** of the prototypes it encodes stored (and anchored) and OP_FACTORY_CAP
+** factories loaded, least recently used out first; an entry given up
+** stays decodable for OP_STORE_GRACE more insertions (transfer.c). */
+#define OP_PROTO_CAP   4096
+#define OP_FACTORY_CAP 4096
+#define OP_STORE_GRACE 8192
 typedef struct op_protostore op_protostore;
 op_protostore *op__protostore_new(void);
 void op__protostore_free(op_protostore *ps);
+/* Entries held (prototypes and C functions). Thread: any. */
 size_t op__protostore_count(op_protostore *ps);
 
 /* The per-lua_State side of transfers: name maps for library values and
@@ -175,6 +212,10 @@ int op__pool_configure(op_pool *p, int threads, int queue, const char *init);
 /* Queue t. Returns 0, OP_EAGAIN (full) or OP_ESHUTDOWN; on error the task
 ** is untouched and complete() is never called. */
 int op__pool_submit(op_pool *p, op_task *t);
+/* Set the memory limit of p's worker VMs (bytes, 0: none) before p
+** starts. 0, OP_EINVAL (below OP_MEMORY_LIMIT_MIN) or OP_ESTARTED. */
+int op__pool_set_memory_limit(op_pool *p, size_t bytes);
+#define OP_MEMORY_LIMIT_MIN ((size_t)1 << 20)
 /* Set the spin budget of p's workers (microseconds, 0: never). */
 void op__pool_set_spin(op_pool *p, unsigned us);
 /* Start p's threads now if they have not started. 0 or OP_ENOMEM. */
@@ -188,8 +229,30 @@ int op__pool_full(op_pool *p);
 void op__pool_stop_task(op_pool *p, op_task *t, int code);
 /* Cancel every queued task (shutdown with OP_SHUTDOWN_CANCEL). */
 void op__pool_cancel_queued(op_pool *p);
-/* Stop the threads and free the pool; the queue must be empty. */
-void op__pool_free(op_pool *p);
+/* What threads given up as stuck may still use after their runtime is
+** freed (the prototype store): each pool with such threads holds a
+** reference, the runtime one; the last to let go frees it. */
+typedef struct op_remnant {
+  atomic_int refs;
+  op_protostore *protos;
+} op_remnant;
+/* Let go of a reference to r: the last frees it. Thread: any. */
+void op__remnant_release(op_remnant *r);
+/* Stop the threads and free the pool; the queue must be empty. A pool
+** whose threads given up as stuck still run is freed by the last of them,
+** which then releases r (taken here). */
+void op__pool_free(op_pool *p, op_remnant *r);
+/* The text for an error op__pool_submit returned on p (OP_ENOTHREAD: the
+** system's reason a thread could not start). */
+const char *op__pool_error(op_pool *p, int rc);
+/* Give up, and replace, each worker of p whose task was asked to stop
+** grace ns or more before now and still runs (reported through the error
+** callback). Returns how many stopped tasks still run within their grace.
+** Thread: loop. */
+int op__pool_check_stuck(op_pool *p, uint64_t now, uint64_t grace);
+/* Make sure the stuck watch runs while stopped tasks still run (runtime.c).
+** Thread: loop. */
+void op__watch_stuck(op_runtime *rt);
 const char *op__pool_name(op_pool *p);
 void op__pool_stats(op_pool *p, op_pool_stats *out);
 /* The pool's latency histogram, submit to completion (loop thread). */
@@ -215,11 +278,21 @@ op_pool *op__worker_pool(op_worker *w);
 op_xfer *op__worker_xfer(op_worker *w);
 /* Whether the task running on w was asked to stop. Thread: worker. */
 int op__worker_stopping(op_worker *w);
+/* The name of w's pool (valid while w's thread runs). */
+const char *op__worker_pool_name(op_worker *w);
+/* Around a block section: enter returns 0 if w was given up as stuck (it
+** must not hand the loop thread anything); a worker in a section is
+** waiting for the loop thread, so it is never declared stuck. */
+int op__worker_block_enter(op_worker *w);
+void op__worker_block_leave(op_worker *w);
 /* The task a worker hands to the loop thread for a block section. */
 op_task *op__worker_block_task(op_worker *w);
 /* wait = 1: wait until the loop thread finished the block section (worker);
 ** wait = 0: tell the worker it is finished (loop thread). */
 void op__worker_block_sync(op_worker *w, int wait);
+/* Make os.exit of the main VM L refuse inside block sections.
+** [-0, +0, m] */
+void op__guard_exit(lua_State *L);
 /* Run a block section a worker asked for (drain). Thread: loop. */
 void op__block_run(op_runtime *rt, op_task *t);
 /* Replace debug.sethook in the main VM with a guard that refuses inside
@@ -314,6 +387,9 @@ typedef struct op_backlog {
 op_backlog *op__pool_backlog(op_pool *p);
 /* Register the offpath.task metatable.  [-0, +0, m] */
 void op__task_open(lua_State *L);
+/* Cancel every task that has not ended (go, launch, run, schedule), as
+** task:cancel() does; for a host's shutdown. Returns how many. */
+int op__task_cancel_all(op_runtime *rt);
 /* Settle what collected pool tasks left (after lua_close of the main VM):
 ** report unobserved failures, free result buffers. */
 void op__task_close(op_runtime *rt);
@@ -453,7 +529,7 @@ int op__open_main(lua_State *L);
 int op__open_worker(lua_State *L);
 /* Set up a fresh VM: libraries, package.path. Used for the main VM and
 ** every worker VM. */
-lua_State *op__new_state(op_runtime *rt);
+lua_State *op__new_state(op_runtime *rt, op_vmem *mem);
 
 /* Add the io/ modules' functions to the offpath table on top of L (main
 ** VM). io/io.c calls each io file's opener, e.g. op__open_io_fs(L).
@@ -562,6 +638,7 @@ struct op_runtime {
   uv_loop_t own_loop;
   int own;      /* loop is own_loop */
   lua_State *L; /* the main VM */
+  op_vmem mem;  /* its memory */
   op_config cfg;
   char *package_path; /* owned copy of cfg.package_path */
   op_pool *pools[OP_MAX_POOLS];
@@ -632,6 +709,11 @@ struct op_runtime {
   /* Statistics (loop thread). */
   uint64_t calls, call_errors;
   op_hist call_hist;
+
+  /* Stuck workers (pool.c): grace in seconds, and the watch timer that
+  ** runs while stopped tasks still run. */
+  double stuck_grace;
+  uv_timer_t stuck_timer;
 
   op_error_cb on_error;
   void *on_error_ud;

@@ -203,18 +203,21 @@ static void set_integer(lua_State *L, const char *k, uint64_t v) {
 }
 
 /* offpath.stats() -> {pools={name={...}}, calls=, errors=, suspended=,
+** memory=, protos=,
 ** latency={p50=, p99=, max=}} */
 static int offpath_stats(lua_State *L) {
   op_stats st;
   int i;
 
   op_stats_get(op__runtime(L), &st);
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, 7);
   lua_createtable(L, 0, st.npools);
   for (i = 0; i < st.npools; i++) {
     op_pool_stats *p = &st.pools[i];
-    lua_createtable(L, 0, 14);
+    lua_createtable(L, 0, 16);
     set_integer(L, "threads", (uint64_t)p->threads);
+    set_integer(L, "running", (uint64_t)p->running);
+    set_integer(L, "stuck", p->stuck);
     set_integer(L, "queue_size", (uint64_t)p->queue_cap);
     set_integer(L, "submitted", p->submitted);
     set_integer(L, "completed", p->completed);
@@ -227,12 +230,17 @@ static int offpath_stats(lua_State *L) {
     set_number(L, "p50", p->p50);
     set_number(L, "p99", p->p99);
     set_number(L, "max", p->max);
+    set_integer(L, "memory", p->memory);
+    set_integer(L, "memory_limit", p->memory_limit);
     lua_setfield(L, -2, p->name);
   }
   lua_setfield(L, -2, "pools");
   set_integer(L, "calls", st.calls);
   set_integer(L, "errors", st.call_errors);
   set_integer(L, "suspended", st.suspended);
+  set_integer(L, "stuck", st.stuck);
+  set_integer(L, "memory", st.memory);
+  set_integer(L, "protos", st.protos);
   lua_createtable(L, 0, 3);
   set_number(L, "p50", st.call_p50);
   set_number(L, "p99", st.call_p99);
@@ -243,14 +251,43 @@ static int offpath_stats(lua_State *L) {
   return 1;
 }
 
-/* offpath.configure{pools={name={threads=, queue=, init=}}, shutdown=
-** "drain"|"cancel", block_budget=, block_policy="abort"|"continue"} */
+/* The memory_limit field of the pool table at idx: bytes (an integer) or a
+** size ("64MB"), 0 or false for none; (size_t)-1 if absent.  [-0, +0, e] */
+static size_t memory_limit_arg(lua_State *L, int idx, const char *pool) {
+  size_t bytes = (size_t)-1;
+  int t = lua_getfield(L, idx, "memory_limit");
+
+  if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1))
+    bytes = 0;
+  else if (t == LUA_TNUMBER && lua_isinteger(L, -1) &&
+           lua_tointeger(L, -1) >= 0)
+    bytes = (size_t)lua_tointeger(L, -1);
+  else if (t == LUA_TSTRING && op__parse_size(lua_tostring(L, -1), &bytes) == 0)
+    ;
+  else if (t != LUA_TNIL)
+    luaL_error(L,
+               "offpath.configure: pool '%s': memory_limit must be bytes or "
+               "a size such as \"64MB\", not '%s'",
+               pool, luaL_tolstring(L, -1, NULL));
+  if (bytes != 0 && bytes != (size_t)-1 && bytes < OP_MEMORY_LIMIT_MIN)
+    luaL_error(L,
+               "offpath.configure: pool '%s': memory_limit must be at "
+               "least 1MB",
+               pool);
+  lua_pop(L, 1);
+  return bytes;
+}
+
+/* offpath.configure{pools={name={threads=, queue=, init=, memory_limit=}},
+** shutdown="drain"|"cancel", block_budget=, block_policy="abort"|"continue",
+** stuck_grace=} */
 static int offpath_configure(lua_State *L) {
   static const char *const shutdowns[] = { "drain", "cancel", NULL };
   static const char *const policies[] = { "abort", "continue", NULL };
   op_runtime *rt = op__runtime(L);
   op_pool_config pc;
   op_pool *p;
+  size_t mem;
   int rc;
 
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -266,9 +303,12 @@ static int offpath_configure(lua_State *L) {
       pc.queue = (int)luaL_optinteger(L, -1, 0);
       lua_getfield(L, -3, "init");
       pc.init = luaL_optstring(L, -1, NULL);
+      mem = memory_limit_arg(L, -4, pc.name);
       p = op__pool_find(rt, pc.name);
       rc = p != NULL ? op__pool_configure(p, pc.threads, pc.queue, pc.init)
-                     : op__pool_add(rt, &pc, NULL);
+                     : op__pool_add(rt, &pc, &p);
+      if (rc == 0 && mem != (size_t)-1)
+        rc = op__pool_set_memory_limit(p, mem);
       if (rc == OP_ESTARTED)
         return luaL_error(L,
                           "offpath.configure: pool '%s' has already "
@@ -297,6 +337,11 @@ static int offpath_configure(lua_State *L) {
   if (lua_getfield(L, 1, "block_policy") != LUA_TNIL)
     rt->cfg.block_policy =
         (op_block_policy)luaL_checkoption(L, -1, NULL, policies);
+  if (lua_getfield(L, 1, "stuck_grace") != LUA_TNIL) {
+    double g = luaL_checknumber(L, -1);
+    luaL_argcheck(L, g > 0 && g <= 3600, 1, "stuck_grace must be 0..3600 s");
+    rt->stuck_grace = g;
+  }
   lua_settop(L, 1);
   return 0;
 }

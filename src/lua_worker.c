@@ -80,9 +80,16 @@ static int wk_block(lua_State *L) {
     op__buf_free(&t->buf);
     return luaL_error(L, "%s (in offpath.block)", err);
   }
+  if (!op__worker_block_enter(w)) {
+    /* Given up as stuck: the loop thread may be gone. */
+    op__buf_free(&t->buf);
+    return luaL_error(L, "cancelled: offpath.block in a worker given up as "
+                         "stuck");
+  }
   t->status = 0;
   op__complete(op__pool_rt(p), t);
   op__worker_block_sync(w, 1);
+  op__worker_block_leave(w);
   /* t->buf now holds the results, or the error message */
   if (t->status != 0) {
     lua_pushlstring(L, t->buf.p, t->buf.len);
@@ -167,13 +174,37 @@ int op__open_worker(lua_State *L) {
 
 /* ---- loop side ---- */
 
+static _Thread_local int block_active;
+
+/* os.exit in the main VM: refused inside a block section, which runs for
+** a worker between two events (the host would end with its on_stop, its
+** summary and its output lost); elsewhere the library's. Upvalue 1: the
+** library's os.exit. */
+static int main_exit(lua_State *L) {
+  if (block_active)
+    return luaL_error(L, "os.exit is not allowed in an offpath.block "
+                         "section: it would end the host behind its back; "
+                         "return or raise an error instead");
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+void op__guard_exit(lua_State *L) {
+  lua_getglobal(L, "os");
+  lua_getfield(L, -1, "exit");
+  lua_pushcclosure(L, main_exit, 1);
+  lua_setfield(L, -2, "exit");
+  lua_pop(L, 1);
+}
+
 /* The block section running on this loop thread: its deadline, whether
 ** the overrun was reported, and whether one runs at all (a coroutine made
 ** inside a section keeps the hook after it; the hook then removes itself).
 ** Thread-local so that runtimes on different loop threads do not mix. */
 static _Thread_local uint64_t block_deadline;
 static _Thread_local int block_warned;
-static _Thread_local int block_active;
 
 /* Count hook on the main VM during a block section: enforce the budget
 ** with the runtime's policy. abort: raise, and from then on raise at every

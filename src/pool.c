@@ -53,11 +53,39 @@
 ** pool->mu). No Lua call is made under either lock.
 **
 ** Stopping a task: op__pool_stop_task() takes a queued task off the queue
-** (under pool->mu) and completes it as stopped; for a running task it only
-** sets t->stop. A count hook (every HOOK_COUNT instructions) sees the flag
-** and raises, and then keeps raising on every instruction so that a pcall
-** in the task cannot swallow the stop. C code inside a task (os.execute, a
-** blocking read) cannot be interrupted this way.
+** (under pool->mu) and completes it as stopped; for a running task it sets
+** t->stop and the worker's own copy, w->stop. A count hook (every
+** HOOK_COUNT instructions) sees the flag and raises, and then keeps raising
+** on every instruction of that coroutine so that a pcall there cannot
+** swallow the stop. Worker VMs resume coroutines through co_enter
+** (coroutine.resume and coroutine.wrap are wrapped): it keeps the stack of
+** coroutines being resumed, for the stop signal, and hooks a coroutine
+** resumed while the task runs under the hook; coroutines made by a hooked
+** thread inherit its hook; debug.sethook refuses to replace it. C code
+** inside a task (os.execute, a blocking read, a pattern match) and __gc
+** finalizers (Lua runs them with hooks off) cannot be interrupted this
+** way: see "Stuck workers".
+**
+** Stuck workers. A Lua task that was asked to stop and still runs
+** rt->stuck_grace seconds later (w->stop_at, the stuck watch in runtime.c)
+** is given up: abandon() hands the task back to the loop thread as
+** stopped, through p's done list, detaches the thread and starts a fresh
+** one with a fresh VM in its slot. The old thread becomes a *ghost*. So
+** that it never touches what the loop thread may free, a worker owns what
+** it uses while a task runs: the arguments (w->in, moved out of the task
+** when it is taken), the results (w->out), the stop code (w->stop); it
+** touches the task again only under p->mu, after checking w->abandoned
+** (hand_in_lua). A ghost that comes back closes its VM and frees its
+** record (ghost_exit); p itself stays until the last ghost is gone
+** (p->ghosts, p->freed), and the prototype store with it (op_remnant).
+** A worker inside a block section waits for the loop thread and is never
+** given up (w->in_block). C tasks are never given up: their memory
+** belongs to their completion; they look at t->stop themselves.
+**
+**   RUNNING --stop--> STOPPING --returns--> hand in (normal)
+**                        |
+**                        +--grace passes--> ABANDONED (ghost) --returns-->
+**                                           ghost_exit (frees its own)
 **
 ** The hook is installed only when a task may need stopping: with Lua 5.4 a
 ** count hook makes the VM trap on every instruction, which halves the
@@ -65,12 +93,18 @@
 ** it starts; a running task stopped without one gets it from a signal
 ** (op_config.stop_signal, SIGRTMIN+4 by default) sent to its worker
 ** thread, whose handler calls
-** lua_sethook, the way lua.c stops a script on SIGINT. The worker publishes
-** the task it runs before it looks at t->stop, and the stopper sets
-** t->stop before it signals, so one of the two installs the hook.
-** Coroutines a task made before its hook was installed do not inherit it.
+** lua_sethook on the task's thread and on every coroutine being resumed,
+** the way lua.c stops a script on SIGINT. The worker publishes the task it
+** runs (and each coroutine it resumes) before it looks at w->stop, and
+** the stopper sets w->stop before it signals, so one of the two installs
+** the hook.
 ** (Under ThreadSanitizer, which delivers signals only at calls it
-** intercepts, a stopped Lua loop without a deadline keeps running.)
+** intercepts, a stopped Lua loop without a deadline keeps running until
+** it is given up as stuck.)
+**
+** Threads that cannot start (a thread or address-space limit) leave their
+** slot empty: the pool runs with p->running threads, and a pool with none
+** refuses submits (OP_ENOTHREAD) after trying again.
 **
 ** Workers run under SCHED_BATCH where there is one (Linux): the kernel
 ** then does not let a worker that wakes up preempt the loop thread on
@@ -87,11 +121,16 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "internal.h"
 
 #define HOOK_COUNT    1000
 #define DEFAULT_QUEUE 4096
+#define MAX_COS       256 /* nested resumes tracked (Lua allows ~200) */
+#define IDLE_GROWTH   ((size_t)8 << 20) /* see idle_collect */
 
 struct op_worker {
   op_pool *pool;
@@ -102,7 +141,32 @@ struct op_worker {
   op_task *volatile current;    /* the task running, for the hook and the
                                signal handler (worker thread only) */
   volatile sig_atomic_t hooked; /* the stop hook is installed */
-  int hook_fast;           /* the hook was switched to fire every instruction */
+  /* The stop code of the task running: written by the loop thread under
+  ** p->mu while the task is running here (t->worker == this), reset when
+  ** the worker takes a task. The hook reads this, never the task, so a
+  ** thread given up as stuck touches no task when it comes back. */
+  atomic_int stop;
+  /* Coroutines being resumed now, innermost last (coroutine.resume and
+  ** coroutine.wrap go through co_enter): the stop signal hooks them all.
+  ** Worker thread and its signal handler only. */
+  lua_State *volatile cos[MAX_COS];
+  volatile sig_atomic_t ncos;
+  /* The running Lua task's arguments, then its results or error message:
+  ** the worker's own until it hands the task in (see "Stuck workers"). */
+  op_buf in, out;
+  int status;
+  int watch; /* the task has a deadline: it runs under the stop hook */
+  _Atomic(const char *) fn_src; /* the task function's chunk name */
+  atomic_int fn_line;           /* and the line it is defined on */
+  int fn_ref;                   /* registry slot of the last task function */
+  const void *fn_last;          /* its address */
+  const char *fn_src_last;      /* its chunk name and line */
+  int fn_line_last;
+  /* Under p->mu. */
+  op_task *task;           /* the Lua task it runs, or NULL */
+  uint64_t stop_at;        /* when the loop thread asked that task to stop */
+  int in_block;            /* waiting for a block section (not stuck) */
+  int abandoned;           /* given up as stuck: a ghost from now on */
   uv_sem_t wake;           /* posted once for each time the worker sleeps */
   op_worker *next_sleeper; /* link in p->sleepers */
   /* Block sections (lua_worker.c). */
@@ -110,6 +174,7 @@ struct op_worker {
   uv_mutex_t block_mu;
   uv_cond_t block_cv;
   int block_done;
+  op_vmem mem; /* the VM's memory and limit (alloc.c) */
 };
 
 struct op_pool {
@@ -117,9 +182,14 @@ struct op_pool {
   char name[OP_POOL_NAME_MAX];
   int nthreads;
   int cap;
-  char *init; /* init script path, or NULL */
-  op_worker *workers;
+  char *init;          /* init script path, or NULL */
+  size_t mem_limit;    /* bytes per worker VM, 0: none */
+  op_worker **workers; /* nthreads slots; NULL: no thread there */
   int started;
+  int running;   /* threads running (not ghosts); loop thread */
+  int start_err; /* why the last thread could not start, or 0 */
+  int reported;  /* the shortfall was reported */
+  int signo;     /* the stop signal, or 0 (op_config.stop_signal) */
 
   uv_mutex_t mu; /* guards everything down to `stopping` */
   op_task *head, *tail;
@@ -132,6 +202,9 @@ struct op_pool {
   int claimed;         /* submits that count on a looker instead of a wake-up */
   op_spin spin;        /* the spinning worker's budget */
   int stopping;        /* written by the loop thread only */
+  int ghosts;          /* threads given up as stuck and still running */
+  int freed;           /* op__pool_free ran: the last ghost frees p */
+  op_remnant *remnant; /* released when p is freed (op__pool_free) */
   atomic_int has_done; /* done_head != NULL, read without the lock */
   /* Queue non-empty or stopping, for the spinner; written under mu, only
   ** when it changes (set_avail). On a cache line of its own: a worker
@@ -146,7 +219,7 @@ struct op_pool {
   uint32_t npend;
   uint32_t hwm;
   op_backlog backlog;
-  uint64_t submitted, completed, failed, timedout, cancelled;
+  uint64_t submitted, completed, failed, timedout, cancelled, stuck;
   uint32_t inflight;
   op_hist hist;
 };
@@ -217,54 +290,219 @@ op_backlog *op__pool_backlog(op_pool *p) {
 
 /* ---- worker VMs ---- */
 
-/* The count hook of worker VMs: raise if the running task must stop. */
+static void stop_hook(lua_State *L, lua_Debug *ar);
+
+/* The heap went past the limit and alloc.c armed the hook: put the hook
+** back as it was, collect, and raise if a task runs and the heap is still
+** past the limit.  [-0, +0, e] */
+static void mem_over(op_worker *w, lua_State *L) {
+  char lim[32], where[256] = "?";
+  lua_Debug ar;
+
+  w->mem.over = 0;
+  if (!w->hooked)
+    lua_sethook(L, NULL, 0, 0);
+  else /* stop_hook goes back to every instruction if a stop is due */
+    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  if (w->current == NULL)
+    return;
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  if (op__vm_used(&w->mem) <= w->mem.limit)
+    return;
+  if (lua_getstack(L, 0, &ar) && lua_getinfo(L, "Sl", &ar) &&
+      ar.currentline > 0)
+    snprintf(where, sizeof where, "%s:%d", ar.short_src, ar.currentline);
+  lua_pushfstring(L, "memory limit of %s reached in task at %s",
+                  op__fmt_size(w->mem.limit, lim, sizeof lim), where);
+  lua_error(L);
+}
+
+/* The count hook of worker VMs: raise if the running task must stop or
+** went past its memory limit. It is set on every coroutine of the task
+** (co_enter, the stop signal), and once the stop is seen it fires on every
+** instruction of the coroutine it fired in, so that a pcall there cannot
+** swallow the stop. */
 static void stop_hook(lua_State *L, lua_Debug *ar) {
   op_worker *w = *(op_worker **)lua_getextraspace(L);
-  op_task *t;
   int code;
 
   (void)ar;
-  if (w == NULL || (t = w->current) == NULL)
+  if (w != NULL && w->mem.over)
+    mem_over(w, L);
+  if (w == NULL || w->current == NULL)
     return;
-  code = atomic_load_explicit(&t->stop, memory_order_relaxed);
+  code = atomic_load_explicit(&w->stop, memory_order_relaxed);
   if (code == 0) {
     /* Installed by a signal meant for an earlier task: slow down. */
-    if (lua_gethookcount(L) == 1 && !w->hook_fast)
+    if (lua_gethookcount(L) == 1)
       lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
     return;
   }
-  if (!w->hook_fast) {
-    /* From now on fire on every instruction: pcall cannot swallow it. */
-    w->hook_fast = 1;
+  if (lua_gethookcount(L) != 1)
     lua_sethook(L, stop_hook, LUA_MASKCOUNT, 1);
-  }
   if (code == OP_ETIMEDOUT)
     luaL_error(L, "timeout: task stopped at its deadline");
   luaL_error(L, "cancelled: task stopped");
 }
 
+/* co is about to be resumed by a task running on w: put it on w's stack
+** of resumed coroutines, and give it the stop hook if the task runs under
+** one (a coroutine made before the hook, or kept in _OSTLS from an earlier
+** task, has none). The stopper sets w->stop before it signals: either
+** the signal finds co on the stack, or the check after the push sees the
+** stop. Returns whether co was pushed. Thread: worker. */
+static int co_enter(op_worker *w, lua_State *co) {
+  int n = w->ncos;
+
+  if (w->current == NULL || n >= MAX_COS)
+    return 0;
+  w->cos[n] = co;
+  atomic_signal_fence(memory_order_seq_cst);
+  w->ncos = n + 1;
+  atomic_signal_fence(memory_order_seq_cst);
+  if (atomic_load_explicit(&w->stop, memory_order_relaxed) != 0) {
+    w->hooked = 1;
+    lua_sethook(co, stop_hook, LUA_MASKCOUNT, 1);
+  } else if (w->hooked && lua_gethook(co) != stop_hook) {
+    lua_sethook(co, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  }
+  return 1;
+}
+
+static void co_leave(op_worker *w, int pushed) {
+  if (pushed)
+    w->ncos = w->ncos - 1;
+}
+
+/* Call the function at upvalue 1 with the arguments on L's stack, with co
+** (at upvalue 2, or argument 1) on w's stack of resumed coroutines.
+** [-n, +r, e] */
+static int co_call(lua_State *L, lua_State *co) {
+  op_worker *w = *(op_worker **)lua_getextraspace(L);
+  int pushed, status;
+
+  if (w == NULL || co == NULL || op__worker_self() != w) {
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+  }
+  pushed = co_enter(w, co);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+  co_leave(w, pushed);
+  if (status != LUA_OK)
+    return lua_error(L);
+  return lua_gettop(L);
+}
+
+/* coroutine.resume in worker VMs: the library's, with co_enter. */
+static int wk_co_resume(lua_State *L) {
+  return co_call(L, lua_tothread(L, 1));
+}
+
+/* The functions coroutine.wrap returns in worker VMs. */
+static int wk_co_wrapped(lua_State *L) {
+  return co_call(L, lua_tothread(L, lua_upvalueindex(2)));
+}
+
+/* coroutine.wrap in worker VMs: the library's function, called through
+** wk_co_wrapped so that its coroutine goes through co_enter.
+** Upvalue 1: the library's wrap; 2: wk_co_wrapped's nothing. */
+static int wk_co_wrap(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, 1, 1); /* the library's wrapper; its upvalue is the thread */
+  if (lua_getupvalue(L, 1, 1) == NULL || !lua_isthread(L, -1))
+    return 1; /* not the closure we know: hand it out as it is */
+  lua_pushcclosure(L, wk_co_wrapped, 2);
+  return 1;
+}
+
+/* debug.sethook in worker VMs: refused where it would take the stop hook
+** off a coroutine of a task that runs under it (a deadline, or a stop
+** requested). Upvalue 1: the library's. */
+static int wk_sethook(lua_State *L) {
+  lua_State *co = lua_isthread(L, 1) ? lua_tothread(L, 1) : L;
+
+  if (lua_gethook(co) == stop_hook)
+    return luaL_error(L, "debug.sethook: the task runs under the stop hook "
+                         "(it has a deadline or was stopped), which worker "
+                         "code cannot replace");
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, 0);
+  return 0;
+}
+
+/* os.exit in worker VMs: it would end the host from a worker thread, with
+** no on_stop, no summary and output lost. */
+static int wk_exit(lua_State *L) {
+  return luaL_error(L, "os.exit is not allowed in a worker: it would end "
+                       "the host behind its back; return or raise an error "
+                       "instead");
+}
+
+/* Replace lib.name (lib a global table) by fn, a closure over the old
+** value.  [-0, +0, m] */
+static void replace(lua_State *L, const char *lib, const char *name,
+                    lua_CFunction fn) {
+  lua_getglobal(L, lib);
+  lua_getfield(L, -1, name);
+  lua_pushcclosure(L, fn, 1);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 1);
+}
+
+/* The worker-side offpath module, _OSTLS and the guarded library
+** functions, protected. Argument 1: the worker.  [-0, +0, m] */
+static int worker_open_p(lua_State *L) {
+  op_worker *w = lua_touserdata(L, 1);
+
+  luaL_requiref(L, "offpath", op__open_worker, 1);
+  lua_newtable(L);
+  lua_setglobal(L, "_OSTLS");
+  lua_pushboolean(L, 0);
+  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  /* Before the transfer state names the library: a function crossing as
+  ** "coroutine.wrap" resolves to these. */
+  replace(L, "coroutine", "resume", wk_co_resume);
+  replace(L, "coroutine", "wrap", wk_co_wrap);
+  replace(L, "debug", "sethook", wk_sethook);
+  replace(L, "os", "exit", wk_exit);
+  return 0;
+}
+
 /* Make w's VM, on w's thread. Returns 0 or -1 (message printed). */
 static int worker_open(op_worker *w) {
   op_pool *p = w->pool;
-  lua_State *L = op__new_state(p->rt);
+  lua_State *L;
 
+  w->mem.limit = p->mem_limit;
+  w->mem.hook = stop_hook;
+  L = op__new_state(p->rt, &w->mem);
+  if (L != NULL) {
+    *(op_worker **)lua_getextraspace(L) = w;
+    lua_pushcfunction(L, worker_open_p);
+    lua_pushlightuserdata(L, w);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK ||
+        (w->xfer = op__xfer_new(L, p->rt->protos)) == NULL) {
+      lua_close(L);
+      L = NULL;
+    }
+  }
   if (L == NULL) {
-    fprintf(stderr, "offpath: pool '%s' worker %d: cannot make a Lua state\n",
+    /* Tried again at the next task (worker_main). */
+    fprintf(stderr,
+            "offpath: pool '%s' worker %d: cannot make its Lua state: not "
+            "enough memory\n",
             p->name, w->id);
     return -1;
   }
   w->L = L;
-  *(op_worker **)lua_getextraspace(L) = w;
-  luaL_requiref(L, "offpath", op__open_worker, 1);
-  lua_pop(L, 1);
-  lua_newtable(L);
-  lua_setglobal(L, "_OSTLS");
-  w->xfer = op__xfer_new(L, p->rt->protos);
-  if (w->xfer == NULL) {
-    fprintf(stderr, "offpath: pool '%s' worker %d: out of memory\n", p->name,
-            w->id);
-    return -1;
-  }
   op__xfer_paths_in(w->xfer, L); /* the init script sees them too */
   if (p->init != NULL) {
     if (luaL_loadfile(L, p->init) != LUA_OK || op__pcall(L, 0, 0) != LUA_OK) {
@@ -273,26 +511,31 @@ static int worker_open(op_worker *w) {
       lua_pop(L, 1);
     }
   }
+  w->mem.rest = op__vm_used(&w->mem); /* no collection: start quickly */
   return 0;
 }
 
 /* The stop signal, on the worker thread whose running task was stopped:
-** install the stop hook (async-signal-safe by Lua's design). */
+** install the stop hook on the task's thread and on every coroutine being
+** resumed (async-signal-safe by Lua's design). */
 static void stop_signal(int sig) {
   op_worker *w = self;
+  int i, n;
 
   (void)sig;
   if (w != NULL && w->L != NULL && w->current != NULL) {
     w->hooked = 1;
     lua_sethook(w->L, stop_hook, LUA_MASKCOUNT, 1);
+    n = w->ncos;
+    for (i = 0; i < n; i++)
+      lua_sethook(w->cos[i], stop_hook, LUA_MASKCOUNT, 1);
   }
 }
 
 /* The signal that stops p's running tasks, or 0 if they always run under
 ** the hook (op_config.stop_signal < 0). */
 static int stop_signo(op_pool *p) {
-  int sig = p->rt->cfg.stop_signal;
-  return sig == 0 ? SIGRTMIN + 4 : sig > 0 ? sig : 0;
+  return p->signo;
 }
 
 /* Install the handler (idempotent; the same handler for every runtime). */
@@ -316,41 +559,66 @@ static void worker_close(op_worker *w) {
   w->L = NULL;
 }
 
-/* Empty t->buf for what the worker writes next. A heap block holding the
-** arguments is left in t->stale for the loop thread, which allocated it,
-** to free: freeing it here made a 1 KB argument's round trip 3x slower. */
-static void reset_buf(op_task *t) {
-  if (t->buf.p != t->buf.small && t->stale == NULL) {
-    t->stale = t->buf.p;
-    op__buf_init(&t->buf);
-  } else {
-    op__buf_free(&t->buf);
-  }
+/* About to sleep with a heap that more than doubled, by IDLE_GROWTH bytes
+** or more, since set-up or the last such collection (a big argument or
+** result, a task that built a large table): collect it with mu released,
+** and give the freed memory back to the system. Returns whether it did.
+** Thread: worker, with mu held. */
+static int idle_collect(op_worker *w, uv_mutex_t *mu) {
+  size_t used;
+
+  if (w->L == NULL || (used = op__vm_used(&w->mem)) <= 2 * w->mem.rest ||
+      used - w->mem.rest < IDLE_GROWTH)
+    return 0;
+  uv_mutex_unlock(mu);
+  lua_gc(w->L, LUA_GCCOLLECT, 0);
+  w->mem.rest = op__vm_used(&w->mem);
+#ifdef __GLIBC__
+  malloc_trim(0); /* free pages inside the heap go back too */
+#endif
+  uv_mutex_lock(mu);
+  return 1;
 }
 
-/* The protected body of a Lua task: decode the function and arguments,
-** call the function, encode its results into t->buf in their place. Pushes (true) or
-** (false, message) when decoding or encoding fails; an error of the
-** function itself propagates to run_lua's pcall, whose message handler
-** adds the traceback (one protected call per task).  [-1, +2, e] */
+/* The protected body of a Lua task: decode the function and arguments
+** from w->in, call the function, encode its results into w->out. Pushes
+** (true) or (false, message) when decoding or encoding fails; an error of
+** the function itself propagates to run_lua's pcall, whose message
+** handler adds the traceback (one protected call per task).  [-1, +2, e] */
 static int task_body(lua_State *L) {
-  op_worker *w = *(op_worker **)lua_getextraspace(L);
-  op_task *t = lua_touserdata(L, 1);
+  op_worker *w = lua_touserdata(L, 1);
+  lua_Debug ar;
   char err[512];
   int n, rc;
 
   lua_settop(L, 0);
   op__xfer_paths_in(w->xfer, L);
-  n = op__decode(w->xfer, L, t->buf.p, t->buf.len, err, sizeof err);
+  n = op__decode(w->xfer, L, w->in.p, w->in.len, err, sizeof err);
   if (n < 1) {
     lua_settop(L, 0);
     lua_pushboolean(L, 0);
     lua_pushstring(L, n < 0 ? err : "cannot copy: no function");
     return 2;
   }
+  /* Where the function is defined, for a report if it never stops. The
+  ** chunk name lives as long as the VM (the prototype is cached). A
+  ** function sent again often arrives as the same closure (transfer.c):
+  ** the last one is kept (so its address means it), and not looked up
+  ** again. */
+  if (lua_topointer(L, 1) != w->fn_last) {
+    w->fn_last = lua_topointer(L, 1);
+    lua_pushvalue(L, 1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, w->fn_ref);
+    lua_pushvalue(L, 1);
+    if (lua_getinfo(L, ">S", &ar)) {
+      w->fn_src_last = ar.source;
+      w->fn_line_last = ar.linedefined;
+    }
+  }
+  atomic_store_explicit(&w->fn_line, w->fn_line_last, memory_order_relaxed);
+  atomic_store_explicit(&w->fn_src, w->fn_src_last, memory_order_release);
   lua_call(L, n - 1, LUA_MULTRET);
-  reset_buf(t); /* decoded: its bytes are not needed any more */
-  rc = op__encode(w->xfer, L, 1, lua_gettop(L), &t->buf, "result", 1, err,
+  rc = op__encode(w->xfer, L, 1, lua_gettop(L), &w->out, "result", 1, err,
                   sizeof err);
   lua_settop(L, 0);
   lua_pushboolean(L, rc == 0);
@@ -361,49 +629,124 @@ static int task_body(lua_State *L) {
   return 2;
 }
 
+/* Run the Lua task whose arguments are in w->in: its outcome goes to
+** w->status and w->out, never to the task (worker_main hands it in). */
 static void run_lua(op_worker *w, op_task *t) {
   lua_State *L = w->L;
   size_t len;
   const char *msg;
-  int stop;
+  char lim[32], mbuf[128]; /* no Lua allocation here: unprotected */
+  int stop, st;
 
   w->current = t;
   atomic_signal_fence(memory_order_seq_cst);
-  if (t->watch || stop_signo(w->pool) == 0 || atomic_load(&t->stop) != 0) {
+  if (w->watch || stop_signo(w->pool) == 0 || atomic_load(&w->stop) != 0) {
     w->hooked = 1;
     lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
   }
   lua_settop(L, 0);
   lua_pushcfunction(L, op__traceback);
   lua_pushcfunction(L, task_body);
-  lua_pushlightuserdata(L, t);
-  if (lua_pcall(L, 1, 2, 1) != LUA_OK) {
+  lua_pushlightuserdata(L, w);
+  w->mem.hit = 0;
+  if ((st = lua_pcall(L, 1, 2, 1)) != LUA_OK) {
     lua_pushboolean(L, 0);
     lua_insert(L, -2);
   }
   w->current = NULL;
   atomic_signal_fence(memory_order_seq_cst);
-  if (w->hooked) {
+  w->ncos = 0;
+  if (w->hooked || w->mem.over) {
     w->hooked = 0;
-    w->hook_fast = 0;
+    w->mem.over = 0;
     lua_sethook(L, NULL, 0, 0);
   }
-  stop = atomic_load(&t->stop);
+  stop = atomic_load(&w->stop);
   if (lua_toboolean(L, -2)) {
-    t->status = 0;
+    w->status = 0;
   } else if (stop != 0) {
-    t->status = stop;
-    reset_buf(t);
+    w->status = stop;
+    op__buf_free(&w->out);
   } else {
-    t->status = OP_ESCRIPT;
+    w->status = OP_ESCRIPT;
     msg = lua_tolstring(L, -1, &len);
     if (msg == NULL)
       msg = "(error object is not a string)", len = strlen(msg);
-    reset_buf(t);
-    if (op__buf_append(&t->buf, msg, len) != 0)
-      t->status = OP_ENOMEM;
+    if ((st == LUA_ERRMEM || st == LUA_ERRERR) && w->mem.hit) {
+      /* Refused by the limit where the hook could not raise (alloc.c):
+      ** Lua's memory errors carry no position. */
+      snprintf(mbuf, sizeof mbuf, "memory limit of %s reached in task (%s)",
+               op__fmt_size(w->mem.limit, lim, sizeof lim), msg);
+      msg = mbuf, len = strlen(mbuf);
+    }
+    op__buf_free(&w->out);
+    if (op__buf_append(&w->out, msg, len) != 0)
+      w->status = OP_ENOMEM;
   }
   lua_settop(L, 0);
+  if (w->mem.hit) {
+    /* The task left its heap near the limit: start the next one clean. */
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    w->mem.hit = 0;
+  }
+}
+
+/* Move src's contents into the empty buffer dst; src becomes empty
+** (op__buf_move, without its calls: twice per task). */
+static void buf_take(op_buf *dst, op_buf *src) {
+  dst->len = src->len;
+  if (src->p == src->small) {
+    dst->p = dst->small;
+    memcpy(dst->small, src->small, sizeof dst->small); /* fixed: inlined */
+  } else {
+    dst->p = src->p;
+    dst->cap = src->cap;
+    src->p = src->small;
+    src->cap = OP_BUF_INLINE;
+  }
+  src->len = 0;
+}
+
+/* Give the finished Lua task t its outcome from w (p->mu held). The
+** arguments' heap block is left in t->stale for the loop thread, which
+** allocated it, to free: freeing it here made a 1 KB argument's round
+** trip 3x slower. */
+static void hand_in_lua(op_worker *w, op_task *t) {
+  t->status = w->status;
+  if (w->in.p != w->in.small && t->stale == NULL) {
+    t->stale = w->in.p;
+    op__buf_init(&w->in);
+  } else {
+    op__buf_free(&w->in);
+  }
+  buf_take(&t->buf, &w->out);
+  t->worker = NULL;
+  w->task = NULL;
+  w->stop_at = 0;
+}
+
+static void worker_free(op_worker *w);
+static void pool_destroy(op_pool *p);
+
+/* The end of a thread given up as stuck, which came back (p->mu held, and
+** released here): it touches nothing of the task it ran, which the loop
+** thread has ended and handed back; it closes its own VM and frees its
+** own record, and the last ghost of a freed pool frees the pool. */
+static void ghost_exit(op_worker *w) {
+  op_pool *p = w->pool;
+  int last;
+
+  uv_mutex_unlock(&p->mu);
+  w->current = NULL;
+  worker_close(w); /* finalizers may run: offpath.block refuses (ghost) */
+  uv_mutex_lock(&p->mu);
+  p->ghosts--;
+  last = p->freed && p->ghosts == 0;
+  uv_mutex_unlock(&p->mu);
+  self = NULL;
+  worker_free(w);
+  if (last)
+    pool_destroy(p);
 }
 
 static void worker_main(void *arg) {
@@ -434,6 +777,10 @@ static void worker_main(void *arg) {
   op__note_cpu(&p->rt->worker_cpu, op__this_cpu());
   for (;;) {
     uv_mutex_lock(&p->mu);
+    if (w->abandoned) {
+      ghost_exit(w); /* done was handed back for us: never touch it */
+      return;
+    }
     send = spin = 0;
     if (done != NULL) {
       /* Hand in the finished task in the same critical section. The first
@@ -441,7 +788,7 @@ static void worker_main(void *arg) {
       ** is sent without the lock). */
       done->next = NULL;
       if (done->kind == OP_TASK_LUA)
-        done->worker = NULL;
+        hand_in_lua(w, done);
       if (p->done_head == NULL) {
         p->done_head = done;
         atomic_store(&p->has_done, 1);
@@ -496,6 +843,8 @@ static void worker_main(void *arg) {
         spin = 0;
         continue;
       }
+      if (idle_collect(w, &p->mu))
+        continue; /* the queue may have changed meanwhile */
       /* Sleep until a submitter takes us off the list and posts. */
       spin = 0;
       w->next_sleeper = p->sleepers;
@@ -513,9 +862,20 @@ static void worker_main(void *arg) {
       else
         p->tail = NULL;
       t->queued = 0;
+      t->next = t->prev = NULL;
       queued_add(p, -1);
-      if (t->kind == OP_TASK_LUA)
-        t->worker = w; /* who to signal if it is stopped */
+      if (t->kind == OP_TASK_LUA) {
+        /* Who to signal if it is stopped; the arguments become the
+        ** worker's (see "Stuck workers" in the DESIGN block). */
+        t->worker = w;
+        w->task = t;
+        w->watch = t->watch;
+        atomic_store_explicit(&w->fn_src, NULL, memory_order_relaxed);
+        w->stop_at = 0;
+        atomic_store_explicit(&w->stop, atomic_load(&t->stop),
+                              memory_order_relaxed);
+        buf_take(&w->in, &t->buf);
+      }
     }
     set_avail(p, p->head != NULL || p->stopping);
     uv_mutex_unlock(&p->mu);
@@ -524,18 +884,18 @@ static void worker_main(void *arg) {
     if (t == NULL)
       break;
 
-    t->next = t->prev = NULL;
-    if (atomic_load(&t->stop) != 0) {
+    if (t->kind == OP_TASK_C) {
       t->status = atomic_load(&t->stop);
-    } else if (t->kind == OP_TASK_C) {
-      t->work(t->arg);
-      t->status = 0;
-    } else if (w->L != NULL) {
+      if (t->status == 0)
+        t->work(t->arg);
+    } else if ((w->status = atomic_load(&w->stop)) != 0) {
+      /* stopped before it ran */
+    } else if (w->L != NULL || worker_open(w) == 0) {
       run_lua(w, t);
     } else {
-      t->status = OP_ESCRIPT;
-      reset_buf(t);
-      op__buf_append(&t->buf, "worker has no Lua state", 23);
+      w->status = OP_ESCRIPT;
+      op__buf_append(&w->out, "not enough memory (worker has no Lua state)",
+                     43);
     }
     done = t;
   }
@@ -570,29 +930,90 @@ void op__pool_take_done(op_pool *p, op_task **head, op_task **tail) {
 
 /* ---- pools ---- */
 
+/* A worker record for slot id of p, its thread not started.  */
+static op_worker *worker_new(op_pool *p, int id) {
+  op_worker *w = calloc(1, sizeof *w);
+
+  if (w == NULL)
+    return NULL;
+  w->pool = p;
+  w->id = id;
+  atomic_init(&w->stop, 0);
+  atomic_init(&w->fn_src, NULL);
+  atomic_init(&w->fn_line, 0);
+  op__buf_init(&w->in);
+  op__buf_init(&w->out);
+  op__task_init(&w->block, OP_TASK_BLOCK);
+  w->block.worker = w;
+  if (uv_mutex_init(&w->block_mu) || uv_cond_init(&w->block_cv) ||
+      uv_sem_init(&w->wake, 0))
+    OP_PANIC("cannot make a worker's locks");
+  return w;
+}
+
+static void worker_free(op_worker *w) {
+  uv_mutex_destroy(&w->block_mu);
+  uv_cond_destroy(&w->block_cv);
+  uv_sem_destroy(&w->wake);
+  op__task_release(&w->block);
+  op__buf_free(&w->in);
+  op__buf_free(&w->out);
+  free(w);
+}
+
+/* Start a thread in slot i of p. Returns 0 or a libuv error (the slot
+** stays empty). */
+static int start_worker(op_pool *p, int i) {
+  op_worker *w = worker_new(p, i + 1);
+  int rc;
+
+  if (w == NULL)
+    return UV_ENOMEM;
+  rc = uv_thread_create(&w->thread, worker_main, w);
+  if (rc != 0) {
+    worker_free(w);
+    return rc;
+  }
+  p->workers[i] = w;
+  p->running++;
+  return 0;
+}
+
+/* Start the threads of p's empty slots. A thread that cannot start (a
+** thread or address-space limit) leaves its slot empty and the pool goes
+** on with the threads it has; the shortfall is reported once and shown in
+** the statistics (threads against running). Returns 0, or OP_ENOTHREAD if
+** the pool has no thread at all (op__pool_error says why). */
 static int start(op_pool *p) {
-  int i, rc;
+  int i, rc, err = 0;
+  char msg[256];
 
   if (stop_signo(p) != 0)
     install_stop_signal(stop_signo(p));
-  p->workers = calloc((size_t)p->nthreads, sizeof *p->workers);
-  if (p->workers == NULL)
-    return OP_ENOMEM;
-  for (i = 0; i < p->nthreads; i++) {
-    op_worker *w = &p->workers[i];
-    w->pool = p;
-    w->id = i + 1;
-    op__task_init(&w->block, OP_TASK_BLOCK);
-    w->block.worker = w;
-    if (uv_mutex_init(&w->block_mu) || uv_cond_init(&w->block_cv) ||
-        uv_sem_init(&w->wake, 0))
-      OP_PANIC("cannot make a worker's locks");
-    rc = uv_thread_create(&w->thread, worker_main, w);
-    if (rc != 0)
-      OP_PANIC("cannot start a pool thread");
+  if (p->workers == NULL) {
+    p->workers = calloc((size_t)p->nthreads, sizeof *p->workers);
+    if (p->workers == NULL)
+      return OP_ENOMEM;
   }
+  for (i = 0; i < p->nthreads; i++)
+    if (p->workers[i] == NULL && (rc = start_worker(p, i)) != 0)
+      err = p->start_err = rc;
   p->started = 1;
-  return 0;
+  if (err != 0 && !p->reported) {
+    p->reported = 1;
+    snprintf(msg, sizeof msg,
+             "warning: pool '%s' runs %d of its %d threads: cannot start a "
+             "thread: %s",
+             p->name, p->running, p->nthreads, uv_strerror(err));
+    op__report_error(p->rt, msg);
+  }
+  return p->running > 0 ? 0 : OP_ENOTHREAD;
+}
+
+const char *op__pool_error(op_pool *p, int rc) {
+  if (rc == OP_ENOTHREAD && p->start_err != 0)
+    return uv_strerror(p->start_err);
+  return op_strerror(rc);
 }
 
 /* p->mu is held for a few instructions at a time by the loop thread and
@@ -621,7 +1042,9 @@ int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
 
   if (pc->name == NULL || (len = strlen(pc->name)) == 0 ||
       len >= OP_POOL_NAME_MAX || pc->threads < 0 || pc->threads > 1024 ||
-      pc->queue < 0)
+      pc->queue < 0 ||
+      (pc->memory_limit != 0 && pc->memory_limit < OP_MEMORY_LIMIT_MIN) ||
+      (rt->cfg.memory_limit != 0 && rt->cfg.memory_limit < OP_MEMORY_LIMIT_MIN))
     return OP_EINVAL;
   if (op__pool_find(rt, pc->name) != NULL)
     return op__pool_configure(op__pool_find(rt, pc->name), pc->threads,
@@ -645,6 +1068,12 @@ int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out) {
   atomic_init(&p->has_done, 0);
   atomic_init(&p->queued, 0);
   p->spin.max = p->spin.cur = rt->spin.max;
+  p->signo = rt->cfg.stop_signal == 0  ? SIGRTMIN + 4
+             : rt->cfg.stop_signal > 0 ? rt->cfg.stop_signal
+                                       : 0;
+  p->mem_limit = pc->memory_limit ? pc->memory_limit : rt->cfg.memory_limit;
+  if (p->mem_limit == OP_MEMORY_UNLIMITED)
+    p->mem_limit = 0;
   rt->pools[rt->npools++] = p;
   if (out != NULL)
     *out = p;
@@ -668,6 +1097,15 @@ int op__pool_configure(op_pool *p, int threads, int queue, const char *init) {
     free(p->init);
     p->init = copy;
   }
+  return 0;
+}
+
+int op__pool_set_memory_limit(op_pool *p, size_t bytes) {
+  if (bytes != 0 && bytes < OP_MEMORY_LIMIT_MIN)
+    return OP_EINVAL;
+  if (p->started)
+    return OP_ESTARTED;
+  p->mem_limit = bytes != OP_MEMORY_UNLIMITED ? bytes : 0;
   return 0;
 }
 
@@ -782,10 +1220,11 @@ int op__pool_submit(op_pool *p, op_task *t) {
   uint32_t n;
   int rc, hold;
 
-  if (!p->started && (rc = start(p)) != 0)
-    return rc;
   if (p->stopping)
     return OP_ESHUTDOWN;
+  /* A pool with no thread tries again: the limit may have gone. */
+  if ((!p->started || p->running == 0) && (rc = start(p)) != 0)
+    return rc;
   n = nqueued(p);
   if (n >= (uint32_t)p->cap)
     return OP_EAGAIN;
@@ -860,15 +1299,117 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
     t->queued = 0;
   }
   atomic_store(&t->stop, code);
-  if (!taken && t->kind == OP_TASK_LUA && stop_signo(p) != 0)
-    runner = t->worker;
-  if (runner != NULL)
-    pthread_kill(runner->thread, stop_signo(p)); /* see the DESIGN block */
+  if (!taken && t->kind == OP_TASK_LUA && (runner = t->worker) != NULL) {
+    /* Running: the worker's hook reads its own copy of the code. The
+    ** clock starts for declaring it stuck (op__pool_check_stuck). */
+    atomic_store(&runner->stop, code);
+    if (runner->stop_at == 0)
+      runner->stop_at = uv_hrtime() | 1;
+    if (stop_signo(p) != 0)
+      pthread_kill(runner->thread, stop_signo(p)); /* see the DESIGN block */
+  }
   uv_mutex_unlock(&p->mu);
   if (taken) {
     t->status = code;
     op__complete(p->rt, t);
+  } else if (runner != NULL) {
+    op__watch_stuck(p->rt);
   }
+}
+
+/* ---- stuck workers ---- */
+
+/* Give up the worker in slot i, whose task has not stopped within the
+** grace time (p->mu held): end its task for the loop thread as the
+** worker would have (status = the stop code, handed in through p's done
+** list), detach the thread and put a fresh one with a fresh VM in its
+** place. The old record becomes the ghost's own (ghost_exit). Writes the
+** report into msg. Returns whether the new thread started. */
+static int abandon(op_pool *p, int i, char *msg, size_t len) {
+  op_worker *w = p->workers[i];
+  op_task *t = w->task;
+  const char *src = atomic_load_explicit(&w->fn_src, memory_order_acquire);
+  int line = atomic_load_explicit(&w->fn_line, memory_order_relaxed);
+  int code = atomic_load(&w->stop), rc;
+
+  if (src == NULL)
+    src = "=?";
+  snprintf(msg, len,
+           "stuck: pool '%s' worker %d did not stop within %g s of its %s "
+           "(task function %s:%d); its thread is abandoned and replaced",
+           p->name, w->id, p->rt->stuck_grace,
+           code == OP_ETIMEDOUT ? "deadline" : "cancel",
+           src[0] == '@' || src[0] == '=' ? src + 1 : "[string]", line);
+  w->abandoned = 1;
+  w->task = NULL;
+  t->worker = NULL;
+  t->status = code;
+  t->next = NULL;
+  if (p->done_head == NULL) {
+    p->done_head = t;
+    atomic_store(&p->has_done, 1);
+  } else {
+    p->done_tail->next = t;
+  }
+  p->done_tail = t;
+  p->ghosts++;
+  p->stuck++;
+  p->running--;
+  pthread_detach(w->thread);
+  p->workers[i] = NULL;
+  rc = start_worker(p, i);
+  if (rc != 0)
+    p->start_err = rc;
+  return rc == 0;
+}
+
+int op__pool_check_stuck(op_pool *p, uint64_t now, uint64_t grace) {
+  char msg[512];
+  int i, waiting, found, none;
+
+  if (!p->started)
+    return 0;
+  do {
+    waiting = found = 0;
+    uv_mutex_lock(&p->mu);
+    for (i = 0; i < p->nthreads && !found; i++) {
+      op_worker *w = p->workers[i];
+      if (w == NULL || w->task == NULL || w->stop_at == 0)
+        continue;
+      if (w->in_block || now - w->stop_at < grace) {
+        waiting++;
+        continue;
+      }
+      found = 1;
+      abandon(p, i, msg, sizeof msg);
+    }
+    none = p->running == 0;
+    uv_mutex_unlock(&p->mu);
+    if (found) {
+      op__notify_loop(p->rt); /* the task handed back */
+      op__report_error(p->rt, msg);
+      if (none) /* nothing will ever run them */
+        op__pool_cancel_queued(p);
+    }
+  } while (found);
+  return waiting;
+}
+
+int op__worker_block_enter(op_worker *w) {
+  op_pool *p = w->pool;
+  int ok;
+
+  uv_mutex_lock(&p->mu);
+  ok = !w->abandoned;
+  w->in_block = ok;
+  uv_mutex_unlock(&p->mu);
+  return ok;
+}
+
+void op__worker_block_leave(op_worker *w) {
+  uv_mutex_lock(&w->pool->mu);
+  w->in_block = 0;
+  uv_mutex_unlock(&w->pool->mu);
 }
 
 void op__pool_cancel_queued(op_pool *p) {
@@ -897,9 +1438,26 @@ void op__pool_cancel_queued(op_pool *p) {
   }
 }
 
-void op__pool_free(op_pool *p) {
+void op__remnant_release(op_remnant *r) {
+  if (r != NULL && atomic_fetch_sub(&r->refs, 1) == 1) {
+    op__protostore_free(r->protos);
+    free(r);
+  }
+}
+
+/* Free p's memory (every thread gone). */
+static void pool_destroy(op_pool *p) {
+  op_remnant *r = p->remnant;
+
+  uv_mutex_destroy(&p->mu);
+  free(p->init);
+  free(p);
+  op__remnant_release(r);
+}
+
+void op__pool_free(op_pool *p, op_remnant *r) {
   op_worker *sleepers;
-  int i;
+  int i, ghosts;
 
   op__pool_flush(p);
   uv_mutex_lock(&p->mu);
@@ -909,20 +1467,27 @@ void op__pool_free(op_pool *p) {
   sleepers = take_sleepers(p, UINT32_MAX);
   uv_mutex_unlock(&p->mu);
   wake_all(sleepers);
-  if (p->started) {
-    for (i = 0; i < p->nthreads; i++) {
-      uv_thread_join(&p->workers[i].thread);
-      uv_mutex_destroy(&p->workers[i].block_mu);
-      uv_cond_destroy(&p->workers[i].block_cv);
-      uv_sem_destroy(&p->workers[i].wake);
-      op__task_release(&p->workers[i].block);
+  for (i = 0; p->workers != NULL && i < p->nthreads; i++) {
+    if (p->workers[i] != NULL) {
+      uv_thread_join(&p->workers[i]->thread);
+      worker_free(p->workers[i]);
     }
   }
   op_assert(p->head == NULL);
   free(p->workers);
-  uv_mutex_destroy(&p->mu);
-  free(p->init);
-  free(p);
+  p->workers = NULL;
+  /* Ghosts still running may come back and look at p: the last one
+  ** frees it (ghost_exit). */
+  uv_mutex_lock(&p->mu);
+  p->freed = 1;
+  ghosts = p->ghosts;
+  if (ghosts > 0 && r != NULL) {
+    atomic_fetch_add(&r->refs, 1);
+    p->remnant = r;
+  }
+  uv_mutex_unlock(&p->mu);
+  if (ghosts == 0)
+    pool_destroy(p);
 }
 
 /* ---- statistics ---- */
@@ -958,9 +1523,13 @@ void op__pool_set_spin(op_pool *p, unsigned us) {
 }
 
 void op__pool_stats(op_pool *p, op_pool_stats *out) {
+  int i;
+
   memset(out, 0, sizeof *out);
   snprintf(out->name, sizeof out->name, "%s", p->name);
   out->threads = p->nthreads;
+  out->running = p->running;
+  out->stuck = p->stuck;
   out->queue_cap = p->cap;
   out->submitted = p->submitted;
   out->completed = p->completed;
@@ -973,6 +1542,10 @@ void op__pool_stats(op_pool *p, op_pool_stats *out) {
   out->p50 = op__hist_quantile(&p->hist, 0.50);
   out->p99 = op__hist_quantile(&p->hist, 0.99);
   out->max = (double)p->hist.max / 1e9;
+  out->memory_limit = p->mem_limit;
+  for (i = 0; p->workers != NULL && i < p->nthreads; i++)
+    if (p->workers[i] != NULL) /* ghosts are not counted */
+      out->memory += op__vm_used(&p->workers[i]->mem);
 }
 
 const op_hist *op__pool_hist(op_pool *p) {
@@ -1010,6 +1583,10 @@ op_xfer *op__worker_xfer(op_worker *w) {
 }
 
 int op__worker_stopping(op_worker *w) {
-  op_task *t = w->current;
-  return t != NULL && atomic_load_explicit(&t->stop, memory_order_relaxed);
+  return w->current != NULL &&
+         atomic_load_explicit(&w->stop, memory_order_relaxed) != 0;
+}
+
+const char *op__worker_pool_name(op_worker *w) {
+  return w->pool->name;
 }

@@ -64,6 +64,7 @@ void op_config_init(op_config *cfg) {
   /* Spinning only across CPUs, and only while the other side is awake:
   ** a wake-up there costs tens of microseconds (docs/benchmarks.md). */
   cfg->spin_us = 50;
+  cfg->memory_limit = OP_MEMORY_LIMIT_DEFAULT;
 }
 
 int op_config_pool(op_config *cfg, const char *name, int threads, int queue) {
@@ -184,11 +185,12 @@ void op__preload_modules(lua_State *L) {
   lua_pop(L, 1);
 }
 
-lua_State *op__new_state(op_runtime *rt) {
-  lua_State *L = luaL_newstate();
+/* The set-up of op__new_state, protected: arg 1 is the runtime.
+** [-1, +0, m] */
+static int new_state_p(lua_State *L) {
+  op_runtime *rt = lua_touserdata(L, 1);
 
-  if (L == NULL)
-    return NULL;
+  lua_pop(L, 1);
   luaL_openlibs(L);
   /* Tasks make many short-lived objects: generational collection costs a
   ** fraction of incremental collection for them (see docs/benchmarks.md). */
@@ -201,6 +203,36 @@ lua_State *op__new_state(op_runtime *rt) {
     lua_concat(L, 2);
     lua_setfield(L, -2, "path");
     lua_pop(L, 1);
+  }
+  return 0;
+}
+
+/* Name the runtime (argument 1) in the main VM's registry and require
+** "offpath" there (the Lua module's own state requires it itself), with
+** the guarded library functions; protected.  [-0, +0, m] */
+static int open_main_p(lua_State *L) {
+  op_runtime *rt = lua_touserdata(L, 1);
+
+  lua_pushlightuserdata(L, rt);
+  lua_setfield(L, LUA_REGISTRYINDEX, OP_RUNTIME_KEY);
+  op__guard_exit(L);
+  if (!rt->borrowed)
+    luaL_requiref(L, "offpath", op__open_main, 1);
+  op__block_guard_hooks(L); /* before the names of library functions */
+  return 0;
+}
+
+/* Returns NULL on out of memory. */
+lua_State *op__new_state(op_runtime *rt, op_vmem *mem) {
+  lua_State *L = op__vm_new(mem);
+
+  if (L == NULL)
+    return NULL;
+  lua_pushcfunction(L, new_state_p);
+  lua_pushlightuserdata(L, rt);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    lua_close(L);
+    return NULL;
   }
   return L;
 }
@@ -592,6 +624,36 @@ static void idle_cb(uv_prepare_t *prep) {
       memory_order_relaxed);
 }
 
+/* ---- stuck workers ---- */
+
+/* The stuck watch: give up the workers whose stopped task still runs
+** after the grace time (op__pool_check_stuck), and stop when no stopped
+** task runs any more. Unreferenced: it never keeps the loop alive by
+** itself, and a loop waiting on the stopped task runs it. */
+static void stuck_cb(uv_timer_t *timer) {
+  op_runtime *rt = timer->data;
+  uint64_t now = uv_hrtime(), grace = (uint64_t)(rt->stuck_grace * 1e9);
+  int i, waiting = 0;
+
+  for (i = 0; i < rt->npools; i++)
+    waiting += op__pool_check_stuck(rt->pools[i], now, grace);
+  if (waiting == 0)
+    uv_timer_stop(timer);
+}
+
+void op__watch_stuck(op_runtime *rt) {
+  uint64_t ms;
+
+  if (uv_is_active((uv_handle_t *)&rt->stuck_timer))
+    return;
+  /* Looks four times per grace time: a stuck worker is given up within
+  ** 1.25 grace times of its stop. */
+  ms = (uint64_t)(rt->stuck_grace * 250.0);
+  if (ms < 10)
+    ms = 10;
+  uv_timer_start(&rt->stuck_timer, stuck_cb, ms, ms);
+}
+
 /* ---- C tasks ---- */
 
 typedef struct ctask {
@@ -757,6 +819,11 @@ int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
   atomic_init(&rt->loop_sleeps, 0);
   atomic_init(&rt->worker_cpu, -1);
   rt->spin.max = rt->spin.cur = cfg->spin_us > 0 ? (unsigned)cfg->spin_us : 0;
+  rt->stuck_grace = cfg->stuck_grace > 0 ? cfg->stuck_grace : 1.0;
+  uv_timer_init(rt->loop, &rt->stuck_timer);
+  rt->stuck_timer.data = rt;
+  rt->uv_handles++;
+  uv_unref((uv_handle_t *)&rt->stuck_timer);
   uv_prepare_init(rt->loop, &rt->spin_prepare);
   rt->spin_prepare.data = rt;
   rt->uv_handles++;
@@ -769,18 +836,18 @@ int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
     rt->borrowed = 1;
     op__preload_modules(L);
   } else {
-    rt->L = op__new_state(rt);
+    rt->mem.limit = cfg->main_memory_limit != OP_MEMORY_UNLIMITED
+                        ? cfg->main_memory_limit
+                        : 0;
+    rt->L = op__new_state(rt, &rt->mem);
   }
   if (rt->protos == NULL || rt->L == NULL)
     goto nomem;
   op__sched_init(rt);
+  lua_pushcfunction(rt->L, open_main_p);
   lua_pushlightuserdata(rt->L, rt);
-  lua_setfield(rt->L, LUA_REGISTRYINDEX, OP_RUNTIME_KEY);
-  if (!rt->borrowed) {
-    luaL_requiref(rt->L, "offpath", op__open_main, 1);
-    lua_pop(rt->L, 1);
-  }
-  op__block_guard_hooks(rt->L); /* before the names of library functions */
+  if (lua_pcall(rt->L, 1, 0, 0) != LUA_OK)
+    goto nomem;
   rt->xfer = op__xfer_new(rt->L, rt->protos);
   if (rt->xfer == NULL)
     goto nomem;
@@ -817,6 +884,7 @@ static void drain(op_runtime *rt) {
 int op_runtime_free(op_runtime *rt) {
   int i, rc = 0;
   uint64_t errors;
+  op_remnant *rem;
 
   if (rt == NULL)
     return 0;
@@ -834,8 +902,15 @@ int op_runtime_free(op_runtime *rt) {
   }
   if (rt->L != NULL)
     op__io_shutdown(rt);
+  /* Threads given up as stuck may still use the prototype store when
+  ** they come back: it goes to the last of them (op_remnant). */
+  rem = malloc(sizeof *rem);
+  if (rem != NULL) {
+    atomic_init(&rem->refs, 1);
+    rem->protos = rt->protos;
+  }
   for (i = 0; i < rt->npools; i++)
-    op__pool_free(rt->pools[i]);
+    op__pool_free(rt->pools[i], rem);
   rt->npools = 0;
   rt->last_cpool = NULL;
   if (rt->call_errors != errors)
@@ -849,8 +924,8 @@ int op_runtime_free(op_runtime *rt) {
       lua_close(rt->L);
     op__task_close(rt);
   }
-  if (rt->protos != NULL)
-    op__protostore_free(rt->protos);
+  op__remnant_release(rem); /* NULL (no memory): the store is left */
+  uv_close((uv_handle_t *)&rt->stuck_timer, handle_close_cb);
   uv_close((uv_handle_t *)&rt->wake_poll, handle_close_cb);
   uv_close((uv_handle_t *)&rt->spin_prepare, handle_close_cb);
   while (rt->uv_handles > 0)
@@ -915,6 +990,9 @@ int op_runtime_suspended(op_runtime *rt) {
 int op_runtime_cancel(op_runtime *rt) {
   int n = (int)rt->pending_waits;
 
+  /* Tasks first, whether or not anyone waits on them (launch, schedule,
+  ** go): then the waits left (sleeps, io operations, handlers). */
+  n += op__task_cancel_all(rt);
   op__sched_cancel_all(rt);
   return n;
 }
@@ -939,12 +1017,14 @@ static int run_chunk(op_runtime *rt, int status) {
 }
 
 int op_runtime_start(op_runtime *rt) {
-  int i, rc;
+  int i, rc, first = 0;
 
+  /* Every pool, even after one failed: each goes on with the threads it
+  ** could start. */
   for (i = 0; i < rt->npools; i++)
-    if ((rc = op__pool_start(rt->pools[i])) != 0)
-      return rc;
-  return 0;
+    if ((rc = op__pool_start(rt->pools[i])) != 0 && first == 0)
+      first = rc;
+  return first;
 }
 
 int op_load_script(op_runtime *rt, const char *path) {

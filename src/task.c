@@ -834,6 +834,11 @@ int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait) {
     luaL_error(L, "shutdown: %s refused, the runtime is shutting down",
                lt->call);
   }
+  if (rc != 0 && rc != OP_EAGAIN) { /* the pool has no thread at all */
+    op__buf_free(&lt->t.buf);
+    luaL_error(L, "cannot start a thread for pool '%s': %s (%s)",
+               op__pool_name(p), op__pool_error(p, rc), lt->call);
+  }
   anchor(L, lt, -1);
   if (rc == 0 || may_wait) {
     lt->grp = lt->rt->grp; /* it ends in task_notify */
@@ -1076,6 +1081,34 @@ static int task_on_done(lua_State *L) {
   lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
   lua_settop(L, 1);
   return 1;
+}
+
+int op__task_cancel_all(op_runtime *rt) {
+  op_tasks *ts = rt->tasks;
+  lua_State *L = rt->L;
+  op_ltask *lt;
+  uint32_t slot, end;
+  int n = 0;
+
+  if (ts == NULL)
+    return 0;
+  end = ts->nslots;
+
+  /* Every task not yet ended is anchored. Stopping one runs its callbacks,
+  ** which may start more: the walk ends at the slots taken when it began,
+  ** so a callback that starts a task per cancel cannot keep it going (a
+  ** host cancels again later). */
+  for (slot = 1; slot <= end; slot++) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ts->ref);
+    lua_rawgeti(L, -1, (lua_Integer)slot);
+    lt = lua_type(L, -1) == LUA_TUSERDATA ? lua_touserdata(L, -1) : NULL;
+    lua_pop(L, 2);
+    if (lt != NULL && lt->state < OP_TASK_DONE) {
+      task_stop(lt, OP_ECANCELED);
+      n++;
+    }
+  }
+  return n;
 }
 
 /* task:cancel(): returns true if it stopped the task, false if it had

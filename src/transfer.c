@@ -64,8 +64,8 @@
 ** Prototype identity
 ** ------------------
 ** Bytecode never travels in the buffer. The store (op_protostore) maps ids
-** to dumped, unstripped prototypes and to C function pointers; it is
-** append-only. The encoder keys its cache by the Proto pointer, read from
+** to dumped, unstripped prototypes and to C function pointers (see "The
+** bounded store" below). The encoder keys its cache by the Proto pointer, read from
 ** the LClosure that lua_topointer returns (Lua 5.4 layout, mirrored in
 ** lclosure_mirror and checked once per op_xfer by check_layout(): two
 ** closures of one function must share p, a third must not, and the
@@ -111,10 +111,42 @@
 ** opcode number is checked per VM (setupval_opcode); if the check fails,
 ** only functions without upvalues are reused.
 **
+** The bounded store
+** -----------------
+** Functions made per event with load() are new prototypes every time, so
+** nothing that grows per prototype may grow forever. An id is a slot of
+** the store and the generation of its entry (slot | gen << 32): a slot
+** is reused once its entry is freed, with the next generation, so an old
+** id never names the new entry (store_get compares the whole id).
+**
+** Each VM owns the entries it stored (a Proto belongs to one VM). It
+** stamps a prototype's protos slot at every encode; past PROTO_CAP
+** prototypes, evict_protos drops the quarter used least recently: the
+** anchors go first (protected), then each id is retired and its encode
+** cache slot cleared, then the map is rebuilt without them. Once the
+** anchor is gone the Proto may be collected and its address reused by a
+** new function, which then misses every cache and gets a new id.
+**
+** A retired entry stays decodable for STORE_GRACE more insertions into
+** the store (store_reap frees it then), because encodings made with it
+** may still wait in a queue. A decoder that meets a freed id fails with
+** "cannot copy: function N is no longer in the prototype store"; that
+** takes a task waiting while thousands of other new functions are sent.
+**
+** The decoding side caches factories by slot (fc), each with the id it
+** was loaded for: an id that differs (the slot was reused) loads the new
+** entry's factory in its place. Past FACTORY_CAP loaded factories,
+** evict_factories drops the quarter used least recently; they are loaded
+** again from the store if they come back. So the store holds at most
+** PROTO_CAP entries per encoding VM plus STORE_GRACE retired ones, and
+** each VM at most FACTORY_CAP factories. The fallback key (a dump string,
+** when the layout check fails) is not bounded.
+**
 ** Caches and their lifetime
 ** -------------------------
-**   store      runtime-wide; entries live until op__protostore_free.
-**   protos     per VM, C map Proto* -> id; anchors keep the Proto alive.
+**   store      runtime-wide; entries live until retired and reaped (above).
+**   protos     per VM, C map Proto* -> id; anchors keep the Proto alive
+**              until evict_protos.
 **   cfuncs     per VM, C map function pointer -> id.
 **   named      per VM, C map object -> its name (pointer into the Lua
 **              string held by the names table).
@@ -127,11 +159,12 @@
 **
 ** Thread safety of the store
 ** --------------------------
-** Entries sit in chunks of 64, 128, 256, ... pointers that never move.
-** An insert takes the mutex, fills the entry and its chunk slot, then
-** publishes count with a release store. A lookup loads count with acquire
-** and reads only ids below it, with no lock. Entries are immutable once
-** published. Lock order: the store mutex is a leaf; no Lua call under it.
+** Slots sit in chunks of 64, 128, 256, ... that never move. Every access
+** takes the store mutex: an insert, a retirement, and a decoder's read
+** of an entry (only when a VM loads a factory or decodes a C function,
+** not per task): load_factory builds the factory chunk from the entry's
+** bytes under the lock, since the entry may be freed once it is
+** released. Lock order: the store mutex is a leaf; no Lua call under it.
 **
 ** Search paths
 ** ------------
@@ -178,10 +211,13 @@
 
 #include "internal.h"
 
-#define MAX_DEPTH  200 /* nested tables and functions, both directions */
-#define NAME_DEPTH 2   /* module.a.b at most */
-#define ONE_LEVEL  200 /* largest n for a one-level factory template */
-#define SPLIT      128 /* parameters of the outer factory when nested */
+#define MAX_DEPTH   200 /* nested tables and functions, both directions */
+#define NAME_DEPTH  2   /* module.a.b at most */
+#define ONE_LEVEL   200 /* largest n for a one-level factory template */
+#define SPLIT       128 /* parameters of the outer factory when nested */
+#define PROTO_CAP   OP_PROTO_CAP /* see internal.h */
+#define FACTORY_CAP OP_FACTORY_CAP
+#define STORE_GRACE OP_STORE_GRACE
 
 /* ---- wire tags ---- */
 
@@ -332,6 +368,9 @@ static void pmap_clear(pmap *m) {
 enum { S_PROTO = 1, S_CFUNC = 2 };
 
 typedef struct sentry {
+  struct sentry *next; /* retired list */
+  uint64_t id;
+  uint64_t retired; /* ps->made when retired, or 0 */
   uint8_t kind;
   uint8_t nup;      /* S_PROTO: upvalue count */
   lua_CFunction fn; /* S_CFUNC */
@@ -339,26 +378,46 @@ typedef struct sentry {
   char bytes[];     /* S_PROTO: lua_dump output, not stripped */
 } sentry;
 
-#define STORE_BASE   6 /* first chunk holds 1 << STORE_BASE entries */
-#define STORE_CHUNKS 40
+/* A slot of the store: its entry (NULL: free) and the generation its
+** next entry gets. */
+typedef struct sslot {
+  sentry *e;
+  uint32_t gen;
+  uint32_t next_free; /* free list link, slot + 1 (0: end) */
+} sslot;
+
+#define STORE_BASE   6 /* first chunk holds 1 << STORE_BASE slots */
+#define STORE_CHUNKS 26
 
 typedef struct paths_blob paths_blob;
 static int paths_unhook(lua_State *L);
 
 struct op_protostore {
-  uv_mutex_t mu;
-  sentry **chunk[STORE_CHUNKS]; /* written under mu before count */
-  atomic_size_t count;
+  uv_mutex_t mu; /* everything below */
+  sslot *chunk[STORE_CHUNKS];
+  size_t nslots;               /* slots ever used */
+  uint32_t free_head;          /* slot + 1 of the first free slot, 0: none */
+  sentry *ret_head, *ret_tail; /* retired entries, oldest first */
+  uint64_t made;               /* entries ever added */
+  atomic_size_t count;         /* entries held, retired ones included */
   paths_blob *paths;     /* the published search paths (under mu), or NULL */
   atomic_uint paths_gen; /* bumped after each publication */
 };
 
-static void store_pos(size_t id, unsigned *k, size_t *off) {
-  size_t j = id + ((size_t)1 << STORE_BASE);
-  unsigned hb = 63u - (unsigned)__builtin_clzll((unsigned long long)j);
+/* An id names a slot and the generation of its entry: an id whose entry
+** was freed never names the entry that reuses the slot. */
+#define ID_SLOT(id)        ((size_t)((id)&0xffffffffu))
+#define ID_GEN(id)         ((uint32_t)((id) >> 32))
+#define ID_MAKE(slot, gen) (((uint64_t)(gen) << 32) | (uint64_t)(slot))
 
-  *k = hb - STORE_BASE;
-  *off = j - ((size_t)1 << hb);
+static sslot *store_slot(op_protostore *ps, size_t slot) {
+  size_t j = slot + ((size_t)1 << STORE_BASE);
+  unsigned hb = 63u - (unsigned)__builtin_clzll((unsigned long long)j);
+  unsigned k = hb - STORE_BASE;
+
+  if (k >= STORE_CHUNKS || ps->chunk[k] == NULL)
+    return NULL;
+  return &ps->chunk[k][j - ((size_t)1 << hb)];
 }
 
 op_protostore *op__protostore_new(void) {
@@ -374,17 +433,13 @@ op_protostore *op__protostore_new(void) {
 }
 
 void op__protostore_free(op_protostore *ps) {
-  size_t i, n;
+  size_t i;
   unsigned k;
-  size_t off;
 
   if (ps == NULL)
     return;
-  n = atomic_load(&ps->count);
-  for (i = 0; i < n; i++) {
-    store_pos(i, &k, &off);
-    free(ps->chunk[k][off]);
-  }
+  for (i = 0; i < ps->nslots; i++)
+    free(store_slot(ps, i)->e);
   for (k = 0; k < STORE_CHUNKS; k++)
     free(ps->chunk[k]);
   free(ps->paths); /* no worker holds it any more */
@@ -392,49 +447,118 @@ void op__protostore_free(op_protostore *ps) {
   free(ps);
 }
 
-/* How many entries (prototypes and C functions) the store holds. Thread:
-** any. */
+/* How many entries (prototypes and C functions) the store holds, retired
+** ones included. Thread: any. */
 size_t op__protostore_count(op_protostore *ps) {
-  return atomic_load_explicit(&ps->count, memory_order_acquire);
+  return atomic_load_explicit(&ps->count, memory_order_relaxed);
 }
 
-/* The entry id, or NULL if there is none. Lock-free. Thread: any. */
+/* The entry named id, or NULL if there is none (any more). Call with
+** ps->mu held: entries may be freed once it is released. */
 static const sentry *store_get(op_protostore *ps, uint64_t id) {
-  size_t n = atomic_load_explicit(&ps->count, memory_order_acquire);
-  unsigned k;
-  size_t off;
+  const sslot *s;
 
-  if (id >= n)
+  if (ID_SLOT(id) >= ps->nslots || (s = store_slot(ps, ID_SLOT(id))) == NULL ||
+      s->e == NULL || s->e->id != id)
     return NULL;
-  store_pos((size_t)id, &k, &off);
-  return ps->chunk[k][off];
+  return s->e;
 }
 
-/* Append an entry (takes ownership of e). Returns 0 and the id in *id, or
+/* Whether id named an entry that has been freed since. ps->mu held. */
+static int store_gone(op_protostore *ps, uint64_t id) {
+  const sslot *s;
+
+  if (ID_SLOT(id) >= ps->nslots || (s = store_slot(ps, ID_SLOT(id))) == NULL)
+    return 0;
+  return ID_GEN(id) < (s->e != NULL ? ID_GEN(s->e->id) : s->gen);
+}
+
+/* Free the retired entries that have waited STORE_GRACE insertions, and
+** their slots. ps->mu held. */
+static void store_reap(op_protostore *ps) {
+  sentry *e;
+  sslot *s;
+
+  while ((e = ps->ret_head) != NULL && ps->made - e->retired >= STORE_GRACE) {
+    ps->ret_head = e->next;
+    if (ps->ret_head == NULL)
+      ps->ret_tail = NULL;
+    s = store_slot(ps, ID_SLOT(e->id));
+    s->e = NULL;
+    s->gen = ID_GEN(e->id) + 1;
+    s->next_free = ps->free_head;
+    ps->free_head = (uint32_t)(ID_SLOT(e->id) + 1);
+    atomic_store_explicit(&ps->count, atomic_load(&ps->count) - 1,
+                          memory_order_relaxed);
+    free(e);
+  }
+}
+
+/* Add an entry (takes ownership of e). Returns 0 and the id in *id, or
 ** OP_ENOMEM (e freed). Thread: any. */
-static int store_add(op_protostore *ps, sentry *e, uint32_t *id) {
-  size_t n, off;
+static int store_add(op_protostore *ps, sentry *e, uint64_t *id) {
+  size_t slot, cap;
   unsigned k;
+  sslot *s;
 
   uv_mutex_lock(&ps->mu);
-  n = atomic_load_explicit(&ps->count, memory_order_relaxed);
-  store_pos(n, &k, &off);
-  if (n >= UINT32_MAX || k >= STORE_CHUNKS)
-    goto fail;
-  if (ps->chunk[k] == NULL) {
-    ps->chunk[k] = calloc((size_t)1 << (k + STORE_BASE), sizeof(sentry *));
-    if (ps->chunk[k] == NULL)
+  if (ps->free_head != 0) {
+    slot = ps->free_head - 1;
+    s = store_slot(ps, slot);
+    ps->free_head = s->next_free;
+  } else {
+    slot = ps->nslots;
+    if (slot >= UINT32_MAX)
       goto fail;
+    if ((s = store_slot(ps, slot)) == NULL) {
+      k = 63u -
+          (unsigned)__builtin_clzll(
+              (unsigned long long)(slot + ((size_t)1 << STORE_BASE))) -
+          STORE_BASE;
+      cap = (size_t)1 << (k + STORE_BASE);
+      if (k >= STORE_CHUNKS ||
+          (ps->chunk[k] = calloc(cap, sizeof(sslot))) == NULL)
+        goto fail;
+      s = store_slot(ps, slot);
+    }
+    ps->nslots++;
   }
-  ps->chunk[k][off] = e;
-  atomic_store_explicit(&ps->count, n + 1, memory_order_release);
+  e->next = NULL;
+  e->retired = 0;
+  e->id = ID_MAKE(slot, s->gen);
+  s->e = e;
+  s->next_free = 0;
+  ps->made++;
+  atomic_store_explicit(&ps->count, atomic_load(&ps->count) + 1,
+                        memory_order_relaxed);
+  store_reap(ps);
   uv_mutex_unlock(&ps->mu);
-  *id = (uint32_t)n;
+  *id = e->id;
   return 0;
 fail:
   uv_mutex_unlock(&ps->mu);
   free(e);
   return OP_ENOMEM;
+}
+
+/* The VM that stored id no longer needs it: it is freed after STORE_GRACE
+** more insertions, so that tasks already encoded with it can still be
+** decoded meanwhile. Thread: any. */
+static void store_retire(op_protostore *ps, uint64_t id) {
+  sslot *s;
+  sentry *e;
+
+  uv_mutex_lock(&ps->mu);
+  if (ID_SLOT(id) < ps->nslots && (s = store_slot(ps, ID_SLOT(id))) != NULL &&
+      (e = s->e) != NULL && e->id == id && e->retired == 0) {
+    e->retired = ps->made + 1; /* never 0 */
+    if (ps->ret_tail != NULL)
+      ps->ret_tail->next = e;
+    else
+      ps->ret_head = e;
+    ps->ret_tail = e;
+  }
+  uv_mutex_unlock(&ps->mu);
 }
 
 /* ---- per-VM state ---- */
@@ -466,7 +590,9 @@ typedef struct ecache {
 #define KEY_MAX 64 /* longest upvalue encoding an instance is kept for */
 
 typedef struct fcache {
-  int ref; /* registry ref of the factory; 0: not loaded */
+  uint64_t id;   /* the store id it was loaded for */
+  uint32_t used; /* x->fclock at its last use */
+  int ref;       /* registry ref of the factory; 0: not loaded */
   int nup;
   int reuse;          /* the function never assigns an upvalue: see DESIGN */
   int inst;           /* registry ref of the last instance made, or 0 */
@@ -492,8 +618,11 @@ struct op_xfer {
   unsigned checks;          /* loaded_changed calls, to space out checks */
   const void *globals;      /* L's global table (anchored in names) */
   pmap seen;                /* the current encode's objects and upvalue cells */
-  fcache *fc;               /* store id -> factory */
+  fcache *fc;               /* store slot -> factory */
   size_t nfc;
+  size_t nfactories; /* fc entries loaded */
+  uint32_t fclock;   /* factory uses, for eviction */
+  uint32_t pclock;   /* prototype encodes, for eviction */
   tmpl *tmpl[256];
   op_buf dump; /* scratch for lua_dump */
 
@@ -606,7 +735,7 @@ static int add_name(op_xfer *x, lua_State *L, int nt, int ni, int vi) {
   lua_pushvalue(L, ni);
   lua_rawset(L, nt);
   if ((s = pmap_add(m, p)) == NULL)
-    luaL_error(L, "out of memory");
+    luaL_error(L, "not enough memory");
   s->aux = (uintptr_t)lua_tolstring(L, ni, &len); /* anchored by names */
   s->val = (uint32_t)len;
   return 1;
@@ -1170,7 +1299,7 @@ static int too_deep(enc *e) {
 }
 
 static int nomem(enc *e) {
-  setmsg(e->err, e->errlen, "cannot copy: out of memory");
+  setmsg(e->err, e->errlen, "not enough memory");
   return OP_ENOMEM;
 }
 
@@ -1482,7 +1611,7 @@ static int dump_fn(op_xfer *x, lua_State *L, int idx) {
 }
 
 /* Store x->dump as a new prototype with nup upvalues. */
-static int store_dump(op_xfer *x, int nup, uint32_t *id) {
+static int store_dump(op_xfer *x, int nup, uint64_t *id) {
   sentry *se = malloc(sizeof *se + x->dump.len);
 
   if (se == NULL)
@@ -1506,11 +1635,94 @@ static int anchor_fn(lua_State *L) {
   return 0;
 }
 
+/* The Proto pointers at arg 1 (a pkeys) leave the anchors table. Called
+** through protect().  [-0, +0, -] */
+typedef struct pkeys {
+  const void **p;
+  size_t n;
+} pkeys;
+
+static int unanchor_fn(lua_State *L) {
+  pkeys *k = lua_touserdata(L, 1);
+  size_t i;
+
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &anchors_key);
+  for (i = 0; i < k->n; i++) {
+    lua_pushnil(L);
+    lua_rawsetp(L, -2, k->p[i]);
+  }
+  return 0;
+}
+
+static int cmp_u32(const void *a, const void *b) {
+  uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* More than PROTO_CAP prototypes stored from this VM: forget the quarter
+** encoded least recently. Their anchors go, so a Proto may be collected
+** and its address reused; by then it is in no cache keyed by it (protos,
+** the encode cache), and its store entry is retired (see the DESIGN
+** block). On out of memory nothing changes.  [-0, +0, -] */
+static void evict_protos(op_xfer *x, lua_State *L) {
+  pmap *m = &x->protos, keep;
+  uint32_t *age = NULL, cut, i;
+  pkeys gone;
+  pslot *s, *ns;
+  size_t n = 0;
+  ecache *c;
+
+  gone.n = 0;
+  gone.p = malloc(m->count * sizeof *gone.p);
+  pmap_init(&keep);
+  if (gone.p == NULL || (age = malloc(m->count * sizeof *age)) == NULL)
+    goto done;
+  for (i = 0; i <= m->mask; i++)
+    if (m->slot[i].gen == m->gen)
+      age[n++] = x->pclock - m->slot[i].extra;
+  if (n < 4)
+    goto done;
+  qsort(age, n, sizeof *age, cmp_u32);
+  cut = age[n - n / 4]; /* the oldest quarter is at or above it */
+  for (i = 0; i <= m->mask; i++) {
+    s = &m->slot[i];
+    if (s->gen != m->gen)
+      continue;
+    if (x->pclock - s->extra >= cut) {
+      gone.p[gone.n++] = s->key;
+    } else {
+      if ((ns = pmap_add(&keep, s->key)) == NULL)
+        goto done;
+      ns->aux = s->aux;
+      ns->val = s->val;
+      ns->extra = s->extra;
+    }
+  }
+  if (protect(L, unanchor_fn, &gone) != LUA_OK)
+    goto done;
+  for (i = 0; i <= m->mask; i++) {
+    s = &m->slot[i];
+    if (s->gen != m->gen || x->pclock - s->extra < cut)
+      continue;
+    store_retire(x->ps, ID_MAKE(s->val, s->aux));
+    c = &x->ec[(phash(s->key) >> 4) & (ECACHE_N - 1)]; /* ecache_slot */
+    if (c->proto == s->key)
+      c->proto = NULL;
+  }
+  pmap_free(m);
+  *m = keep;
+  pmap_init(&keep);
+done:
+  pmap_free(&keep);
+  free(gone.p);
+  free(age);
+}
+
 /* Fallback key: dump -> id through the dumps table. arg 1: {x, &id, nup}.
-** Lua-callable for protect(). Sets id to UINT32_MAX on out of memory. */
+** Lua-callable for protect(). Sets id to UINT64_MAX on out of memory. */
 typedef struct fbk {
   op_xfer *x;
-  uint32_t id;
+  uint64_t id;
   int nup;
 } fbk;
 
@@ -1518,7 +1730,7 @@ typedef struct fbk {
 static int fallback_fn(lua_State *L) {
   fbk *f = lua_touserdata(L, 1);
 
-  f->id = UINT32_MAX;
+  f->id = UINT64_MAX;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &dumps_key);
   if (!lua_istable(L, -1)) {
     lua_pop(L, 1);
@@ -1529,22 +1741,22 @@ static int fallback_fn(lua_State *L) {
   lua_pushlstring(L, f->x->dump.p, f->x->dump.len);
   lua_pushvalue(L, -1);
   if (lua_rawget(L, -3) == LUA_TNUMBER) {
-    f->id = (uint32_t)lua_tointeger(L, -1);
+    f->id = (uint64_t)lua_tointeger(L, -1);
     return 0;
   }
   lua_pop(L, 1);
   if (store_dump(f->x, f->nup, &f->id) != 0) {
-    f->id = UINT32_MAX;
+    f->id = UINT64_MAX;
     return 0;
   }
-  lua_pushinteger(L, f->id);
+  lua_pushinteger(L, (lua_Integer)f->id);
   lua_rawset(L, -3);
   return 0;
 }
 
 /* The store id and upvalue count of the Lua function at idx (pointer p),
 ** dumping and storing its prototype the first time.  [-0, +0, -] */
-static int proto_id(enc *e, int idx, const void *p, uint32_t *id, int *nup) {
+static int proto_id(enc *e, int idx, const void *p, uint64_t *id, int *nup) {
   op_xfer *x = e->x;
   lua_State *L = e->L;
   const pslot *cs;
@@ -1557,8 +1769,9 @@ static int proto_id(enc *e, int idx, const void *p, uint32_t *id, int *nup) {
   if (x->layout_ok) {
     proto = ((const lclosure_mirror *)p)->p;
     *nup = ((const lclosure_mirror *)p)->nupvalues;
-    if ((cs = pmap_find(&x->protos, proto)) != NULL) {
-      *id = cs->val;
+    if ((s = pmap_find(&x->protos, proto)) != NULL) {
+      *id = ID_MAKE(s->val, s->aux);
+      s->extra = ++x->pclock; /* for evict_protos */
       return 0;
     }
     /* anchor, store, then cache: a failure before the cache only costs
@@ -1570,10 +1783,17 @@ static int proto_id(enc *e, int idx, const void *p, uint32_t *id, int *nup) {
       lua_pop(L, 1);
       return nomem(e);
     }
-    if (dump_fn(x, L, idx) != 0 || store_dump(x, *nup, id) != 0 ||
-        (s = pmap_add(&x->protos, proto)) == NULL)
+    if (dump_fn(x, L, idx) != 0 || store_dump(x, *nup, id) != 0)
       return nomem(e);
-    s->val = *id;
+    if ((s = pmap_add(&x->protos, proto)) == NULL) {
+      store_retire(x->ps, *id);
+      return nomem(e);
+    }
+    s->val = (uint32_t)ID_SLOT(*id);
+    s->aux = ID_GEN(*id);
+    s->extra = ++x->pclock;
+    if (x->protos.count > PROTO_CAP)
+      evict_protos(x, L);
     return 0;
   }
 #endif
@@ -1588,7 +1808,7 @@ static int proto_id(enc *e, int idx, const void *p, uint32_t *id, int *nup) {
     return nomem(e);
   f.x = x;
   f.nup = *nup;
-  if (protect(L, fallback_fn, &f) != LUA_OK || f.id == UINT32_MAX)
+  if (protect(L, fallback_fn, &f) != LUA_OK || f.id == UINT64_MAX)
     return nomem(e);
   *id = f.id;
   return 0;
@@ -1602,7 +1822,7 @@ static int enc_lfunc(enc *e, int idx) {
   const pslot *cs, *os;
   pslot *s;
   size_t tagoff;
-  uint32_t id;
+  uint64_t id;
   int nup, i, rc, lazy;
   const void *uid;
   const char *name;
@@ -1618,7 +1838,7 @@ static int enc_lfunc(enc *e, int idx) {
     return OP_ENOMEM;
   if ((rc = proto_id(e, idx, p, &id, &nup)) != 0)
     return rc;
-  if (ROOM(e, 6) || (s = pmap_add(e->seen, p)) == NULL)
+  if (ROOM(e, 11) || (s = pmap_add(e->seen, p)) == NULL)
     return nomem(e);
   tagoff = e->b->len;
   s->val = e->seq++;
@@ -1711,7 +1931,7 @@ static int enc_cfunc(enc *e, int idx) {
   const pslot *cs;
   pslot *s;
   sentry *se;
-  uint32_t id;
+  uint64_t id;
   int rc;
 
   if ((rc = enc_named(e, lua_topointer(L, idx), 1)) != 0)
@@ -1724,7 +1944,7 @@ static int enc_cfunc(enc *e, int idx) {
   }
   fn = lua_tocfunction(L, idx);
   if ((cs = pmap_find(&e->x->cfuncs, (const void *)(uintptr_t)fn)) != NULL)
-    return put_tagv(e, T_CFUNC, cs->val);
+    return put_tagv(e, T_CFUNC, ID_MAKE(cs->val, cs->aux));
   if ((se = malloc(sizeof *se)) == NULL)
     return nomem(e);
   se->kind = S_CFUNC;
@@ -1733,8 +1953,10 @@ static int enc_cfunc(enc *e, int idx) {
   se->len = 0;
   if (store_add(e->x->ps, se, &id) != 0)
     return nomem(e);
-  if ((s = pmap_add(&e->x->cfuncs, (const void *)(uintptr_t)fn)) != NULL)
-    s->val = id; /* else: stored again next time; harmless */
+  if ((s = pmap_add(&e->x->cfuncs, (const void *)(uintptr_t)fn)) != NULL) {
+    s->val = (uint32_t)ID_SLOT(id); /* else: stored again next time */
+    s->aux = ID_GEN(id);
+  }
   return put_tagv(e, T_CFUNC, id);
 }
 
@@ -2179,7 +2401,7 @@ done:
   op__buf_free(&src);
   op__buf_free(&bin);
   if (rc == OP_ENOMEM && err != NULL && errlen > 0 && err[0] == 0)
-    setmsg(err, errlen, "cannot copy: out of memory");
+    setmsg(err, errlen, "not enough memory");
   return rc;
 }
 
@@ -2205,7 +2427,7 @@ static int corrupt(dec *d, const char *what) {
 }
 
 static int dnomem(dec *d) {
-  setmsg(d->err, d->errlen, "cannot decode: out of memory");
+  setmsg(d->err, d->errlen, "not enough memory");
   return OP_ENOMEM;
 }
 
@@ -2413,63 +2635,140 @@ bytes:
   return 1;
 }
 
-/* Load the factory for store entry id and cache it.  [-0, +0, m] */
+/* Forget the factory and instance cached in fc.  [-0, +0, -] */
+static void drop_factory(op_xfer *x, lua_State *L, fcache *fc) {
+  if (fc->ref > 0) {
+    luaL_unref(L, LUA_REGISTRYINDEX, fc->ref);
+    x->nfactories--;
+  }
+  if (fc->inst > 0)
+    luaL_unref(L, LUA_REGISTRYINDEX, fc->inst);
+  free(fc->key);
+  memset(fc, 0, sizeof *fc);
+}
+
+/* More than FACTORY_CAP factories loaded: drop the quarter used least
+** recently, except the one in slot keep. They are loaded again from the
+** store if their functions come back.  [-0, +0, -] */
+static void evict_factories(op_xfer *x, lua_State *L, size_t keep) {
+  uint32_t *age, cut;
+  size_t i, n = 0;
+
+  if ((age = malloc(x->nfactories * sizeof *age)) == NULL)
+    return; /* try again at the next load */
+  for (i = 0; i < x->nfc && n < x->nfactories; i++)
+    if (x->fc[i].ref > 0)
+      age[n++] = x->fclock - x->fc[i].used;
+  if (n < 4) {
+    free(age);
+    return;
+  }
+  qsort(age, n, sizeof *age, cmp_u32);
+  cut = age[n - n / 4]; /* the oldest quarter is at or above it */
+  free(age);
+  for (i = 0; i < x->nfc; i++)
+    if (x->fc[i].ref > 0 && i != keep && x->fclock - x->fc[i].used >= cut)
+      drop_factory(x, L, &x->fc[i]);
+}
+
+/* Build the factory chunk for store entry id into c, under the store
+** lock: the entry may be freed once it is released. 0, or an error code
+** with the message set. */
+static int factory_chunk(dec *d, uint64_t id, const tmpl *t, op_buf *c,
+                         int *sets) {
+  op_protostore *ps = d->x->ps;
+  const sentry *se;
+  const unsigned char *pb;
+  fninfo fi;
+  size_t pos, i, n;
+  int rc = 0;
+
+  uv_mutex_lock(&ps->mu);
+  se = store_get(ps, id);
+  if (se == NULL || se->kind != S_PROTO) {
+    rc = corrupt(d, "bad prototype id");
+    goto done;
+  }
+  n = se->nup;
+  pb = (const unsigned char *)se->bytes;
+  pos = HEADER_LEN + 1;
+  if (se->len <= pos || memcmp(pb, t->pre, HEADER_LEN) != 0 ||
+      pb[HEADER_LEN] != n ||
+      ck_function(pb, se->len, &pos, &fi, 0, d->x->setupval, sets) != 0 ||
+      pos != se->len || fi.nup != n) {
+    setmsg(d->err, d->errlen, "stored prototype %llu is bad",
+           (unsigned long long)id);
+    rc = OP_EINVAL;
+    goto done;
+  }
+  /* template head, P up to its upvalue descriptors, the rewritten
+  ** descriptors, the rest of P, template tail */
+  if (op__buf_reserve(c, t->pre_len + se->len + t->suf_len) != 0) {
+    rc = dnomem(d);
+    goto done;
+  }
+  op__buf_append(c, t->pre, t->pre_len);
+  op__buf_append(c, pb + HEADER_LEN + 1, fi.upv_off - (HEADER_LEN + 1));
+  for (i = 0; i < n; i++) {
+    c->p[c->len++] = (char)t->desc[2 * i];
+    c->p[c->len++] = (char)t->desc[2 * i + 1];
+    c->p[c->len++] = (char)pb[fi.upv_off + 3 * i + 2]; /* P's kind */
+  }
+  op__buf_append(c, pb + fi.upv_off + 3 * n, se->len - fi.upv_off - 3 * n);
+  op__buf_append(c, t->suf, t->suf_len);
+done:
+  uv_mutex_unlock(&ps->mu);
+  return rc;
+}
+
+/* Load the factory for store entry id and cache it in the slot's fcache.
+** [-0, +0, m] */
 static int load_factory(dec *d, uint64_t id) {
   op_xfer *x = d->x;
   lua_State *L = d->L;
-  const sentry *se = store_get(x->ps, id);
-  const unsigned char *pb;
+  op_protostore *ps = x->ps;
+  const sentry *se;
+  size_t slot = ID_SLOT(id), n;
   tmpl *t;
-  fninfo fi;
   op_buf c;
-  size_t pos, i, n;
-  fcache *nfc;
-  int rc, st, ref, sets = 0;
+  fcache *nfc, *fc;
+  int rc, st, ref, gone, sets = 0;
 
-  if (se == NULL || se->kind != S_PROTO)
+  uv_mutex_lock(&ps->mu);
+  se = store_get(ps, id);
+  n = se != NULL && se->kind == S_PROTO ? se->nup : 256;
+  gone = se == NULL && store_gone(ps, id);
+  uv_mutex_unlock(&ps->mu);
+  if (n == 256 && !gone)
     return corrupt(d, "bad prototype id");
-  n = se->nup;
+  if (gone) {
+    setmsg(d->err, d->errlen,
+           "function %llu is no longer in the prototype store "
+           "(more than %d other new functions were sent meanwhile)",
+           (unsigned long long)id, STORE_GRACE);
+    return OP_EINVAL;
+  }
   if ((t = x->tmpl[n]) == NULL &&
       (rc = build_tmpl(x, L, (int)n, &t, d->err, d->errlen)) != 0)
     return rc;
   if (x->setupval == 0)
     x->setupval = setupval_opcode(x, L);
-  pb = (const unsigned char *)se->bytes;
-  pos = HEADER_LEN + 1;
-  if (se->len <= pos || memcmp(pb, t->pre, HEADER_LEN) != 0 ||
-      pb[HEADER_LEN] != n ||
-      ck_function(pb, se->len, &pos, &fi, 0, x->setupval, &sets) != 0 ||
-      pos != se->len || fi.nup != n) {
-    setmsg(d->err, d->errlen, "cannot copy: stored prototype %llu is bad",
-           (unsigned long long)id);
-    return OP_EINVAL;
-  }
-  /* template head, P up to its upvalue descriptors, the rewritten
-  ** descriptors, the rest of P, template tail */
   op__buf_init(&c);
-  if (op__buf_reserve(&c, t->pre_len + se->len + t->suf_len) != 0)
-    return dnomem(d);
-  op__buf_append(&c, t->pre, t->pre_len);
-  op__buf_append(&c, pb + HEADER_LEN + 1, fi.upv_off - (HEADER_LEN + 1));
-  for (i = 0; i < n; i++) {
-    c.p[c.len++] = (char)t->desc[2 * i];
-    c.p[c.len++] = (char)t->desc[2 * i + 1];
-    c.p[c.len++] = (char)pb[fi.upv_off + 3 * i + 2]; /* P's kind */
+  if ((rc = factory_chunk(d, id, t, &c, &sets)) != 0) {
+    op__buf_free(&c);
+    return rc;
   }
-  op__buf_append(&c, pb + fi.upv_off + 3 * n, se->len - fi.upv_off - 3 * n);
-  op__buf_append(&c, t->suf, t->suf_len);
   st = luaL_loadbufferx(L, c.p, c.len, "=(offpath factory)", "b");
   op__buf_free(&c);
   if (st != LUA_OK) {
-    setmsg(d->err, d->errlen, "cannot copy: loading factory: %s",
-           lua_tostring(L, -1));
+    setmsg(d->err, d->errlen, "loading factory: %s", lua_tostring(L, -1));
     lua_pop(L, 1);
     return st == LUA_ERRMEM ? OP_ENOMEM : OP_EINVAL;
   }
   lua_call(L, 0, 1); /* the chunk returns the factory */
-  if (id >= x->nfc) {
+  if (slot >= x->nfc) {
     size_t cap = x->nfc ? x->nfc : 16;
-    while (cap <= id)
+    while (cap <= slot)
       cap *= 2;
     if ((nfc = realloc(x->fc, cap * sizeof *nfc)) == NULL) {
       lua_pop(L, 1);
@@ -2480,12 +2779,20 @@ static int load_factory(dec *d, uint64_t id) {
     x->nfc = cap;
   }
   ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  if (x->fc[id].ref > 0) /* loaded meanwhile by a nested decode */
+  fc = &x->fc[slot];
+  if (fc->ref > 0 && fc->id == id) { /* loaded meanwhile by a nested decode */
     luaL_unref(L, LUA_REGISTRYINDEX, ref);
-  else
-    x->fc[id].ref = ref;
-  x->fc[id].nup = (int)n;
-  x->fc[id].reuse = n == 0 || (x->setupval > 0 && !sets);
+  } else {
+    drop_factory(x, L, fc); /* the slot's previous function, if any */
+    fc->ref = ref;
+    fc->id = id;
+    x->nfactories++;
+  }
+  fc->nup = (int)n;
+  fc->reuse = n == 0 || (x->setupval > 0 && !sets);
+  fc->used = ++x->fclock;
+  if (x->nfactories > FACTORY_CAP)
+    evict_factories(x, L, slot);
   return 0;
 }
 
@@ -2500,6 +2807,7 @@ static int dec_func(dec *d, unsigned flags) {
   const unsigned char *key = NULL, *q;
   uint64_t id, s;
   uint32_t seq;
+  size_t slot;
   int nup, i, rc, fi, j;
   fcache *fc;
 
@@ -2507,18 +2815,20 @@ static int dec_func(dec *d, unsigned flags) {
     return rc;
   if (d->depth >= MAX_DEPTH)
     return corrupt(d, "nesting too deep");
-  if (id >= x->nfc || x->fc[id].ref <= 0) {
+  slot = ID_SLOT(id);
+  if (slot >= x->nfc || x->fc[slot].ref <= 0 || x->fc[slot].id != id) {
     if ((rc = load_factory(d, id)) != 0)
       return rc;
   }
-  nup = x->fc[id].nup;
+  fc = &x->fc[slot];
+  fc->used = ++x->fclock;
+  nup = fc->nup;
   if (!lua_checkstack(L, nup + 8))
     return dnomem(d);
   seq = d->seq++;
-  if (x->fc[id].reuse && !(flags & F_FIRST)) {
+  if (fc->reuse && !(flags & F_FIRST)) {
     /* Upvalues that are all plain values, encoded exactly as for the
     ** last instance: that instance is as good as a new one. */
-    fc = &x->fc[id];
     for (q = d->p, i = 0; i < nup && skip_plain(&q, d->end); i++)
       ;
     if (i == nup && (size_t)(q - d->p) <= KEY_MAX) {
@@ -2531,7 +2841,7 @@ static int dec_func(dec *d, unsigned flags) {
       key = d->p;
     }
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, x->fc[id].ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, fc->ref);
   d->depth++;
   if (!(flags & F_FIRST)) {
     for (i = 0; i < nup; i++) {
@@ -2539,7 +2849,9 @@ static int dec_func(dec *d, unsigned flags) {
         return rc;
     }
     lua_call(L, nup, 1);
-    fc = &x->fc[id]; /* a nested load_factory may have moved x->fc */
+    fc = &x->fc[slot]; /* a nested load_factory may have moved x->fc */
+    if (fc->id != id || fc->ref <= 0)
+      key = NULL; /* and evicted or replaced this one */
     if (key != NULL && fc->key == NULL)
       fc->key = malloc(KEY_MAX);
     if (key != NULL && fc->key != NULL) { /* the instance for next time */
@@ -2645,6 +2957,7 @@ static int dec_value(dec *d) {
   uint64_t v;
   double f;
   const sentry *se;
+  lua_CFunction fn;
   int rc;
 
   if (d->p >= d->end)
@@ -2699,10 +3012,13 @@ static int dec_value(dec *d) {
   case T_CFUNC:
     if ((rc = get_varint(d, &v)) != 0)
       return rc;
+    uv_mutex_lock(&d->x->ps->mu);
     se = store_get(d->x->ps, v);
-    if (se == NULL || se->kind != S_CFUNC)
+    fn = se != NULL && se->kind == S_CFUNC ? se->fn : NULL;
+    uv_mutex_unlock(&d->x->ps->mu);
+    if (fn == NULL)
       return corrupt(d, "bad C function id");
-    lua_pushcfunction(L, se->fn);
+    lua_pushcfunction(L, fn);
     return 0;
   case T_REF:
     if ((rc = get_varint(d, &v)) != 0)

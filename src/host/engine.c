@@ -482,11 +482,12 @@ int engine_call_lifecycle(host *h, const char *name, rec_kind kind) {
   return 1;
 }
 
-/* Cancel every suspended handler: each pending wait fails with
-** "cancelled: ..." and the operation behind it is aborted (owned tasks
-** cancelled, children killed). */
-void engine_cancel_all(host *h) {
-  op_runtime_cancel(h->rt);
+/* Cancel all work in flight: every task (launch, schedule, go, run) and
+** every pending wait, which fails with "cancelled: ..." while the
+** operation behind it is aborted (children killed, io stopped). Returns
+** how many were cancelled. */
+int engine_cancel_all(host *h) {
+  return op_runtime_cancel(h->rt);
 }
 
 void engine_on_error(op_runtime *rt, const char *msg, void *ud) {

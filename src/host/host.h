@@ -177,6 +177,7 @@ typedef struct outbuf {
 typedef struct pool_opt {
   char *name;
   int threads;
+  size_t mem; /* memory limit per worker VM, bytes; (size_t)-1: not given */
 } pool_opt;
 
 typedef struct host_opts {
@@ -319,7 +320,7 @@ int engine_dispatch(host *h, src *s, const char *line, size_t len);
 int engine_dispatch_entry(host *h, src *s, const char *data, size_t len,
                           rentry *e, char *err, size_t errlen);
 int engine_call_lifecycle(host *h, const char *name, rec_kind kind);
-void engine_cancel_all(host *h);
+int engine_cancel_all(host *h);
 void engine_latency_flush(host *h);
 int engine_output_open(host *h, char *err, size_t errlen);
 void engine_output_abandon(host *h);

@@ -57,7 +57,10 @@ static const char usage_text[] =
     "                        JSON decoded to a table\n"
     "  --output FILE         where engine:emit writes (default: stdout), or\n"
     "                        redis-stream://HOST:PORT/STREAM (XADD)\n"
-    "  --pool NAME=THREADS   size of a worker pool; repeat for more\n"
+    "  --pool NAME=THREADS[,mem=SIZE]\n"
+    "                        size of a worker pool, and the memory limit of\n"
+    "                        each of its VMs (64MB, 1GB; 0: none); repeat\n"
+    "                        for more pools\n"
     "  --compat trisul|momentum\n"
     "                        run a Trisul plugin or a Momentum policy script\n"
     "                        as written: the product's layer is loaded first\n"
@@ -142,6 +145,37 @@ static int parse_int(const char *s, long lo, long hi, int *out) {
   if (*s == '\0' || *end != '\0' || errno != 0 || v < lo || v > hi)
     return 0;
   *out = (int)v;
+  return 1;
+}
+
+/* "64MB", "512KB", "1G", "1048576" (bytes) -> *out. Returns 1, or 0 if s
+** is not such a size. */
+static int parse_size(const char *s, size_t *out) {
+  static const char units[] = "KMG";
+  const char *u;
+  unsigned shift = 0;
+  unsigned long long v;
+  char *end;
+
+  errno = 0;
+  if (*s < '0' || *s > '9')
+    return 0;
+  v = strtoull(s, &end, 10);
+  if (errno != 0)
+    return 0;
+  if (*end != '\0') {
+    if ((u = strchr(units, end[0] & ~0x20)) == NULL || end[0] == '\0')
+      return 0;
+    shift = 10 * (unsigned)(u - units + 1);
+    end++;
+    if ((*end & ~0x20) == 'B')
+      end++;
+    if (*end != '\0')
+      return 0;
+  }
+  if (v > (SIZE_MAX >> shift))
+    return 0;
+  *out = (size_t)v << shift;
   return 1;
 }
 
@@ -245,7 +279,24 @@ static int parse_args(host *h, int argc, char **argv) {
       if (o->npools >= OP_MAX_POOLS)
         return usage_error("too many --pool options");
       p = &o->pools[o->npools];
-      if (!parse_int(e + 1, 1, 1024, &p->threads))
+      const char *comma = strchr(e + 1, ',');
+      char num[16];
+      p->mem = (size_t)-1;
+      if (comma != NULL) {
+        size_t bytes;
+        if (strncmp(comma, ",mem=", 5) != 0 || !parse_size(comma + 5, &bytes) ||
+            (bytes != 0 && bytes < ((size_t)1 << 20)))
+          return usage_error("--pool %s: expected NAME=THREADS,mem=SIZE "
+                             "with a SIZE such as 64MB (at least 1MB, or "
+                             "0 for none)",
+                             val);
+        p->mem = bytes;
+      }
+      snprintf(
+          num, sizeof num, "%.*s",
+          (int)(comma != NULL ? comma - (e + 1) : (ptrdiff_t)strlen(e + 1)),
+          e + 1);
+      if (!parse_int(num, 1, 1024, &p->threads))
         return usage_error("--pool %s: THREADS must be 1..1024", val);
       p->name = strndup(val, (size_t)(e - val));
       if (p->name == NULL)
@@ -339,12 +390,16 @@ static void tick_cb(uv_timer_t *t) {
 
 static void grace_cb(uv_timer_t *t) {
   host *h = t->data;
+  unsigned handlers = h->inflight;
+  int n, first = !h->cancelled_all;
 
-  if (!h->cancelled_all && h->inflight > 0)
-    host_report(h, "grace period over: cancelling %u handlers in flight",
-                h->inflight);
   h->cancelled_all = 1;
-  engine_cancel_all(h);
+  n = engine_cancel_all(h);
+  if (first && (handlers > 0 || n > 0))
+    host_report(h,
+                "grace period over: cancelling %u handlers in flight "
+                "(%d tasks and waits)",
+                handlers, n);
   engine_output_abandon(h);
 }
 
@@ -462,10 +517,15 @@ static void on_signal(host *h, int signum, int n) {
   const char *name = sig_name(signum);
 
   if (n == 2) {
-    host_report(h, "%s again: cancelling %u handlers in flight", name,
-                h->inflight);
+    unsigned handlers = h->inflight;
+    int ntasks;
+
     h->cancelled_all = 1;
-    engine_cancel_all(h);
+    ntasks = engine_cancel_all(h);
+    host_report(h,
+                "%s again: cancelling %u handlers in flight (%d tasks and "
+                "waits)",
+                name, handlers, ntasks);
     uv_timer_start(&h->grace_timer, grace_cb, 250, 250);
     return;
   }
@@ -770,6 +830,10 @@ static int reapply_pools_p(lua_State *L) {
     lua_createtable(L, 0, 1);
     lua_pushinteger(L, h->o.pools[i].threads);
     lua_setfield(L, -2, "threads");
+    if (h->o.pools[i].mem != (size_t)-1) {
+      lua_pushinteger(L, (lua_Integer)h->o.pools[i].mem);
+      lua_setfield(L, -2, "memory_limit");
+    }
     lua_setfield(L, -2, h->o.pools[i].name);
   }
   lua_setfield(L, -2, "pools");
@@ -847,6 +911,16 @@ static void run_records(host *h) {
   }
 }
 
+/* Set the memory limit of the pool named name in cfg (a pool that
+** op_config_pool added or overrode). */
+static void set_pool_memory(op_config *cfg, const char *name, size_t bytes) {
+  int i;
+
+  for (i = 0; i < cfg->npools; i++)
+    if (strcmp(cfg->pools[i].name, name) == 0)
+      cfg->pools[i].memory_limit = bytes != 0 ? bytes : OP_MEMORY_UNLIMITED;
+}
+
 static int run(host *h) {
   op_config cfg;
   char err[512];
@@ -857,6 +931,8 @@ static int run(host *h) {
     rc = op_config_pool(&cfg, h->o.pools[i].name, h->o.pools[i].threads, 0);
     if (rc != 0)
       return usage_error("--pool %s: %s", h->o.pools[i].name, op_strerror(rc));
+    if (h->o.pools[i].mem != (size_t)-1)
+      set_pool_memory(&cfg, h->o.pools[i].name, h->o.pools[i].mem);
   }
   if (access(h->o.script, R_OK) != 0) {
     fprintf(stderr, "offpath: cannot open script %s: %s\n", h->o.script,

@@ -129,6 +129,8 @@ void stats_push_table(host *h, lua_State *L) {
     op_pool_stats *p = &st.pools[i];
     lua_createtable(L, 0, 12);
     set_int(L, "threads", (uint64_t)p->threads);
+    set_int(L, "running", (uint64_t)p->running);
+    set_int(L, "stuck", p->stuck);
     set_int(L, "submitted", p->submitted);
     set_int(L, "completed", p->completed);
     set_int(L, "failed", p->failed);
@@ -146,6 +148,7 @@ void stats_push_table(host *h, lua_State *L) {
 
   set_int(L, "errors", stats_errors(h));
   set_int(L, "timeouts", task_timeouts(&st));
+  set_int(L, "stuck", st.stuck);
   set_int(L, "handler_timeouts", h->timeouts);
   set_int(L, "drops", stats_drops(h));
   set_int(L, "alerts", h->alerts);

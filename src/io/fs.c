@@ -40,7 +40,12 @@
 #include "internal.h"
 
 #define COPY_CHUNK ((size_t)1 << 17) /* read/write fallback buffer */
-#define CFR_CHUNK  ((size_t)1 << 30) /* copy_file_range request */
+#define CFR_CHUNK                                                              \
+  ((size_t)1 << 24)                /* copy_file_range request: small
+                                       enough to look at the stop often */
+#define IO_CHUNK ((size_t)1 << 24) /* most one read or write asks for */
+/* readfile's default size limit (opts.max_size), like exec's max_output. */
+#define DEFAULT_MAX_SIZE ((size_t)64 << 20)
 
 typedef enum fs_kind { FS_READ = 0, FS_WRITE, FS_COPY, FS_CAT } fs_kind;
 
@@ -58,7 +63,9 @@ typedef enum fs_step {
   STEP_READ,
   STEP_WRITE,
   STEP_SAME,
-  STEP_NOMEM
+  STEP_NOMEM,
+  STEP_TOO_BIG, /* readfile: over max_size */
+  STEP_STOPPED  /* the stop was seen between two system calls */
 } fs_step;
 
 typedef enum fs_where {
@@ -91,6 +98,7 @@ struct fs_op {
   int data_ref;   /* writefile: registry anchor of the data */
   const char *data;
   size_t len;
+  size_t max_size; /* readfile: most bytes to read */
   const char *src; /* point into the same allocation */
   const char *dst;
   /* Results, written by the worker. */
@@ -149,16 +157,28 @@ static int open_retry(const char *path, int flags, mode_t mode) {
   return fd;
 }
 
-/* Write all of p[0..n) to fd. Returns 0 or -1 (errno set). */
-static int write_all(int fd, const char *p, size_t n) {
+/* Whether op was asked to stop (timeout, cancel, shutdown): every loop
+** below looks between two system calls, so an endless source (/dev/zero,
+** a pipe that never ends) stops within one call of the request. Returns
+** -1 with op failed, or 0. Thread: worker. */
+static int stopped(fs_op *op) {
+  if (atomic_load_explicit(&op->t.stop, memory_order_relaxed) == 0)
+    return 0;
+  return fail(op, STEP_STOPPED, ECANCELED);
+}
+
+/* Write all of p[0..n) to fd. Returns 0, or -1 (failed: op->step set). */
+static int write_all(fs_op *op, int fd, const char *p, size_t n) {
   ssize_t w;
 
   while (n > 0) {
-    w = write(fd, p, n > ((size_t)1 << 30) ? ((size_t)1 << 30) : n);
+    if (stopped(op))
+      return -1;
+    w = write(fd, p, n > IO_CHUNK ? IO_CHUNK : n);
     if (w < 0) {
       if (errno == EINTR)
         continue;
-      return -1;
+      return fail(op, STEP_WRITE, errno);
     }
     p += w;
     n -= (size_t)w;
@@ -176,18 +196,34 @@ static void do_read(fs_op *op) {
     fail(op, STEP_OPEN_SRC, errno);
     return;
   }
-  if (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size > 0 &&
-      op__buf_reserve(b, (size_t)sb.st_size + 1) != 0) {
-    fail(op, STEP_NOMEM, ENOMEM);
-    close(fd);
-    return;
+  if (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size > 0) {
+    if ((uint64_t)sb.st_size > op->max_size) {
+      fail(op, STEP_TOO_BIG, EFBIG);
+      close(fd);
+      return;
+    }
+    if (op__buf_reserve(b, (size_t)sb.st_size + 1) != 0) {
+      fail(op, STEP_NOMEM, ENOMEM);
+      close(fd);
+      return;
+    }
   }
   for (;;) {
+    size_t want;
+    if (stopped(op))
+      break;
     if (b->cap - b->len < 4096 && op__buf_reserve(b, 65536) != 0) {
       fail(op, STEP_NOMEM, ENOMEM);
       break;
     }
-    n = read(fd, b->p + b->len, b->cap - b->len);
+    /* One byte past the limit tells a file of exactly max_size bytes
+    ** from a longer one. */
+    want = b->cap - b->len;
+    if (want > IO_CHUNK)
+      want = IO_CHUNK;
+    if (b->len + want > op->max_size + 1)
+      want = op->max_size + 1 - b->len;
+    n = read(fd, b->p + b->len, want);
     if (n < 0) {
       if (errno == EINTR)
         continue;
@@ -197,6 +233,10 @@ static void do_read(fs_op *op) {
     if (n == 0)
       break;
     b->len += (size_t)n;
+    if (b->len > op->max_size) {
+      fail(op, STEP_TOO_BIG, EFBIG);
+      break;
+    }
   }
   op->nbytes = b->len;
   close(fd);
@@ -209,9 +249,7 @@ static void do_write(fs_op *op) {
     fail(op, STEP_OPEN_DST, errno);
     return;
   }
-  if (write_all(fd, op->data, op->len) != 0)
-    fail(op, STEP_WRITE, errno);
-  else
+  if (write_all(op, fd, op->data, op->len) == 0)
     op->nbytes = op->len;
   if (close(fd) != 0 && op->step == STEP_NONE)
     fail(op, STEP_WRITE, errno);
@@ -225,6 +263,10 @@ static int copy_rw(fs_op *op, int in, int out) {
   if (p == NULL)
     return fail(op, STEP_NOMEM, ENOMEM);
   for (;;) {
+    if (stopped(op)) {
+      free(p);
+      return -1;
+    }
     n = read(in, p, COPY_CHUNK);
     if (n < 0) {
       if (errno == EINTR)
@@ -234,9 +276,9 @@ static int copy_rw(fs_op *op, int in, int out) {
     }
     if (n == 0)
       break;
-    if (write_all(out, p, (size_t)n) != 0) {
+    if (write_all(op, out, p, (size_t)n) != 0) {
       free(p);
-      return fail(op, STEP_WRITE, errno);
+      return -1;
     }
     op->nbytes += (uint64_t)n;
   }
@@ -250,6 +292,8 @@ static int copy_fast(fs_op *op, int in, int out) {
   ssize_t n;
 
   for (;;) {
+    if (stopped(op))
+      return -1;
     n = copy_file_range(in, NULL, out, NULL, CFR_CHUNK, 0);
     if (n > 0) {
       op->nbytes += (uint64_t)n;
@@ -362,6 +406,14 @@ static const char *fs_message(fs_op *op, char *buf, size_t len) {
     break;
   case STEP_NOMEM:
     snprintf(buf, len, "%s: not enough memory for '%s'", call,
+             op->kind == FS_READ ? op->src : op->dst);
+    break;
+  case STEP_TOO_BIG:
+    snprintf(buf, len, "%s: '%s' is larger than %zu bytes (max_size)", call,
+             op->src, op->max_size);
+    break;
+  case STEP_STOPPED:
+    snprintf(buf, len, "cancelled: %s of '%s' stopped", call,
              op->kind == FS_READ ? op->src : op->dst);
     break;
   default:
@@ -545,14 +597,15 @@ static void discard(lua_State *L, void *p) {
 }
 
 /* The common body: kind, the paths (dst may be NULL), the data string at
-** index didx (0: none) and the options table at oidx ({timeout=, pool=}).
+** index didx (0: none) and the options table at oidx ({timeout=, pool=},
+** and max_size= for readfile).
 ** Suspends; returns what deliver() pushed.  [-0, +1, e] */
 static int fs_call(lua_State *L, fs_kind kind, int sidx, int didx_path,
                    int didx, int oidx) {
   op_runtime *rt = op__runtime(L);
   const char *src = NULL, *dst = NULL, *pname = "io";
   size_t slen = 0, dlen = 0;
-  double timeout = 0;
+  double timeout = 0, max_size = (double)DEFAULT_MAX_SIZE;
   op_pool *pool;
   op_guard *g;
   fs_op *op;
@@ -576,6 +629,8 @@ static int fs_call(lua_State *L, fs_kind kind, int sidx, int didx_path,
       pname = lua_tostring(L, -1);
     }
     lua_pop(L, 2);
+    if (kind == FS_READ)
+      max_size = op__opt_number(L, oidx, "max_size", max_size, "readfile");
   }
   if ((pool = op__pool_find(rt, pname)) == NULL)
     return luaL_error(L, "%s: no such pool '%s'", call_names[kind], pname);
@@ -597,6 +652,8 @@ static int fs_call(lua_State *L, fs_kind kind, int sidx, int didx_path,
   op->st = rt->io_fs;
   op->pool = pool;
   op->kind = (uint8_t)kind;
+  op->max_size =
+      max_size >= (double)(SIZE_MAX - 1) ? SIZE_MAX - 1 : (size_t)max_size;
   p = (char *)(op + 1);
   if (src != NULL)
     memcpy(p, src, slen + 1);

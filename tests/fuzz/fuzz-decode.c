@@ -2,14 +2,10 @@
 ** fuzz-decode.c - libFuzzer target: op__decode given arbitrary bytes must
 ** return values or an error, never crash, leak or unbalance the stack.
 **
-** Build and run from the repository root (not part of the CMake build):
-**   clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc -Iinclude \
-**     $(pkg-config --cflags lua5.4) tests/fuzz/fuzz-decode.c src/transfer.c \
-**     src/buf.c src/util.c $(pkg-config --libs lua5.4 libuv) -o fuzz-decode
-**   mkdir -p fuzz-corpus && OP_FUZZ_SEEDS=fuzz-corpus ./fuzz-decode -runs=0
-**   ./fuzz-decode -max_total_time=60 fuzz-corpus
-** With OP_FUZZ_SEEDS set, the encodings of the sample values below are
-** written there as seed inputs.
+** Built by cmake/fuzz.cmake: `make fuzz` runs it under libFuzzer; the
+** ctest fuzz/decode replays tests/fuzz/corpus/decode. With OP_FUZZ_SEEDS
+** set to a directory, the encodings of the sample values below are written
+** there as seed inputs (they name store ids, so they depend on the samples).
 */
 #include <stdio.h>
 #include <string.h>

@@ -4,16 +4,9 @@
 ** a plain reference split, and every line decoded from JSON to Lua and
 ** encoded back (src/host/json.c), which must reach a fixed point.
 **
-** Build and run from the source tree (60 s, with the sample records as
-** seeds):
-**
-**   clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE \
-**     -Iinclude -Isrc/host $(pkg-config --cflags lua5.4 jansson libuv) \
-**     tests/fuzz/fuzz-records.c src/host/lines.c src/host/json.c \
-**     $(pkg-config --libs lua5.4 jansson) -lm -o build/fuzz-records
-**   mkdir -p build/fuzz-corpus
-**   build/fuzz-records -max_total_time=60 -max_len=4096 build/fuzz-corpus \
-**     tests/fixtures/records
+** Built by cmake/fuzz.cmake: `make fuzz` runs it under libFuzzer; the
+** ctest fuzz/records replays tests/fuzz/corpus/records. The first two
+** bytes of an input choose the chunking and the line limit.
 */
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,7 +74,7 @@ static int trip_p(lua_State *LL) {
     return 0;
   }
   b = jbuf_new(LL);
-  json_encode(LL, -2, b, "fuzz");
+  json_encode(LL, -2, b, "fuzz", 0);
   t->out = malloc(b->len ? b->len : 1);
   CHECK(t->out != NULL);
   memcpy(t->out, b->p, b->len);

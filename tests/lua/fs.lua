@@ -170,7 +170,10 @@ T.test("a timeout leaves a blocked call to finish in the background",
     T.ok(e:find("^timeout after 0.1 s in offpath.readfile at .*fs.lua:%d+"),
       e)
     -- the worker is still in open(); give it a writer so it can finish
-    T.eq(offpath.exec("echo x > " .. fifo, { timeout = 5 }).code, 0)
+    -- (it then sees its stop and closes without reading: the writer may
+    -- get SIGPIPE)
+    local w = offpath.exec("echo x > " .. fifo, { timeout = 5 })
+    T.ok(w.code == 0 or w.code == 1 or w.signal == 13, w.code or w.signal)
     -- fsp has one thread: this runs after the abandoned read ended
     T.eq(offpath.readfile(tmp .. "/src", { pool = "fsp" }), "hello\n")
     local after = offpath.stats().pools.fsp

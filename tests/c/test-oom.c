@@ -1,0 +1,212 @@
+/*
+** test-oom.c - failure injection, as SQLite does it: the n-th Lua
+** allocation fails (op__alloc_fail, alloc.c), for every n until a run
+** completes without reaching it. Each run must end cleanly: the failure
+** surfaces as "not enough memory" (or the run succeeds when Lua's
+** emergency collection or an error handler absorbed it), nothing crashes
+** or leaks (LeakSanitizer), and every pool task ends exactly once.
+*/
+#include <string.h>
+
+#include "internal.h"
+#include "test.h"
+
+static char last_error[2048];
+static int nerrors;
+
+static void on_error(op_runtime *rt, const char *msg, void *ud) {
+  (void)rt;
+  (void)ud;
+  snprintf(last_error, sizeof last_error, "%s", msg);
+  nerrors++;
+}
+
+/* An error that an injected failure may cause: it says so in the one
+** wording, possibly inside a longer message (a task's error as seen by the
+** handler, a copy refusal). */
+static void check_oom_message(const char *msg) {
+  if (strstr(msg, "not enough memory") == NULL)
+    TEST_FAIL_("unexpected error under injected failures: %s", msg);
+}
+
+/* Every task the pools took ended once: nothing in flight, and the
+** submitted ones are counted in exactly one outcome. */
+static void check_tasks(op_runtime *rt) {
+  op_stats st;
+  int i;
+
+  ASSERT_OK(op_stats_get(rt, &st));
+  for (i = 0; i < st.npools; i++) {
+    op_pool_stats *p = &st.pools[i];
+    ASSERT_EQ(p->inflight, 0);
+    ASSERT_EQ(p->submitted,
+              p->completed + p->failed + p->timedout + p->cancelled);
+  }
+}
+
+/* Sweep n = 1, 2, ... over run(n) until a run no longer reaches the n-th
+** allocation (run returns whether it did). Returns how many runs it took. */
+static long sweep(const char *what, int (*run)(long n)) {
+  long n;
+
+  for (n = 1; run(n); n++)
+    ;
+  printf("%s: %ld allocations swept\n", what, n - 1);
+  return n;
+}
+
+/* ---- runtime start and free ---- */
+
+static int run_start(long n) {
+  op_runtime *rt = NULL;
+  op_config cfg;
+  int rc, reached;
+
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "io", 1, 0));
+  ASSERT_OK(op_config_pool(&cfg, "cpu", 1, 0));
+  op__alloc_fail(n, 2, 0);
+  rc = op_runtime_new(&cfg, &rt);
+  if (rc == 0) {
+    ASSERT_OK(op_runtime_free(rt));
+  } else {
+    ASSERT_EQ(rc, OP_ENOMEM);
+  }
+  reached = !op__alloc_pending();
+  op__alloc_fail(0, 0, 0);
+  return reached;
+}
+
+/* ---- copies both ways, tasks, go/all/wait/cancel, a timer ---- */
+
+static const char script[] =
+    "local offpath = require 'offpath'\n"
+    "offpath.configure { pools = { w = { threads = 1 } } }\n"
+    "local shared = { 1, 2 }\n"
+    "local value = { n = 1, f = 2.5, i = 1 << 40, s = 'str', b = true,\n"
+    "  long = string.rep('x', 100), a = shared, c = shared, nested = {\n"
+    "  deep = { 'x' } }, fmt = string.format, mt = setmetatable({}, {\n"
+    "  __index = shared }) }\n"
+    "value.self = value\n"
+    "local k = 3\n"
+    "local function add(x) return x + k end\n"
+    "function copies()\n"
+    "  local r = offpath.run('w', function(v, f)\n"
+    "    assert(v.self == v and v.a == v.c)\n"
+    "    return v, f(1), function() return v.n end, {1, 2, 3}\n"
+    "  end, value, add)\n"
+    "  assert(r.n == 1)\n"
+    "end\n"
+    "function tasks()\n"
+    "  local t1 = offpath.launch('w', function(x) return x * 2 end, 21)\n"
+    "  local t2 = offpath.launch('w', function() offpath.sleep(10) end)\n"
+    "  local g = offpath.go(function(a) offpath.sleep(0.001) return a end, 5)\n"
+    "  local r = { offpath.all({ t1, g }) }\n"
+    "  t2:cancel()\n"
+    "  pcall(t2.wait, t2)\n"
+    "  assert(g:wait() == 5)\n"
+    "  offpath.sleep(0.001)\n"
+    "  return r\n"
+    "end\n";
+
+static op_runtime *rt_tasks;
+
+static int run_handler(const char *handler, long n) {
+  int rc, reached;
+
+  op__alloc_fail(n, 2, 1);
+  nerrors = 0;
+  rc = op_call(rt_tasks, handler, 0);
+  if (rc == OP_ESCRIPT)
+    check_oom_message(op_errmsg(rt_tasks));
+  else
+    ASSERT_OK(rc);
+  rc = op_runtime_run(rt_tasks);
+  reached = !op__alloc_pending();
+  op__alloc_fail(0, 0, 0);
+  ASSERT(rc == 0 || rc == OP_ESCRIPT);
+  if (nerrors > 0)
+    check_oom_message(last_error);
+  check_tasks(rt_tasks);
+  return reached;
+}
+
+static int run_copies(long n) {
+  return run_handler("copies", n);
+}
+
+static int run_tasks(long n) {
+  return run_handler("tasks", n);
+}
+
+/* A worker VM that cannot be made: tasks fail with "not enough memory"
+** until the worker makes it for a later task. */
+static int run_worker_start(long n) {
+  op_runtime *rt;
+  op_config cfg;
+  int rc, reached;
+
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "io", 1, 0));
+  ASSERT_OK(op_config_pool(&cfg, "cpu", 1, 0));
+  ASSERT_OK(op_runtime_new(&cfg, &rt));
+  op_runtime_on_error(rt, on_error, NULL);
+  ASSERT_OK(op_load_string(rt,
+                           "local offpath = require 'offpath'\n"
+                           "function h()\n"
+                           "  for i = 1, 2 do\n"
+                           "    local ok, e = pcall(offpath.run, 'io',\n"
+                           "      function(x) return x + 1 end, i)\n"
+                           "    assert(ok and e == i + 1 or\n"
+                           "      e:find('not enough memory'), e)\n"
+                           "  end\n"
+                           "end\n"
+                           "function after()\n"
+                           "  assert(offpath.run('io', function() return 7 "
+                           "end) == 7)\n"
+                           "end\n",
+                           "=worker.lua"));
+  op__alloc_fail(n, 2, 1);
+  nerrors = 0;
+  rc = op_call(rt, "h", 0);
+  if (rc == 0)
+    rc = op_runtime_run(rt);
+  reached = !op__alloc_pending();
+  op__alloc_fail(0, 0, 0);
+  if (rc == 0 && (rc = op_call(rt, "after", 0)) == 0)
+    rc = op_runtime_run(rt); /* the worker serves again */
+  if (rc != 0)
+    TEST_FAIL_("worker start, n = %ld: %s", n, op_errmsg(rt));
+  if (nerrors > 0)
+    TEST_FAIL_("worker start, n = %ld: %s", n, last_error);
+  check_tasks(rt);
+  ASSERT_OK(op_runtime_free(rt));
+  return reached;
+}
+
+static void test_handlers(void) {
+  op_config cfg;
+
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "io", 1, 0));
+  ASSERT_OK(op_config_pool(&cfg, "cpu", 1, 0));
+  ASSERT_OK(op_runtime_new(&cfg, &rt_tasks));
+  op_runtime_on_error(rt_tasks, on_error, NULL);
+  ASSERT_OK(op_load_string(rt_tasks, script, "=oom.lua"));
+  ASSERT_OK(op_runtime_start(rt_tasks));
+  /* one clean run of each first: caches and the worker VM warm */
+  ASSERT_OK(op_call(rt_tasks, "copies", 0));
+  ASSERT_OK(op_call(rt_tasks, "tasks", 0));
+  ASSERT_OK(op_runtime_run(rt_tasks));
+  sweep("copies", run_copies);
+  sweep("tasks", run_tasks);
+  ASSERT_EQ(op_runtime_free(rt_tasks) & ~OP_ESCRIPT, 0);
+}
+
+int main(void) {
+  sweep("runtime start", run_start);
+  sweep("worker start", run_worker_start);
+  test_handlers();
+  printf("ok\n");
+  return 0;
+}

@@ -1,0 +1,170 @@
+/*
+** test-protostore.c - the prototype store stays bounded: functions made
+** per event with load() are evicted on both sides, a reused Proto address
+** never reaches a stale entry, and an encoding that outlives its entry
+** fails cleanly.
+*/
+#include "internal.h"
+#include "test.h"
+
+typedef struct pair {
+  op_protostore *ps;
+  lua_State *A, *B;
+  op_xfer *xa, *xb;
+} pair;
+
+static void setup(pair *p) {
+  p->ps = op__protostore_new();
+  ASSERT_NOT_NULL(p->ps);
+  p->A = luaL_newstate();
+  p->B = luaL_newstate();
+  luaL_openlibs(p->A);
+  luaL_openlibs(p->B);
+  p->xa = op__xfer_new(p->A, p->ps);
+  p->xb = op__xfer_new(p->B, p->ps);
+  ASSERT_NOT_NULL(p->xa);
+  ASSERT_NOT_NULL(p->xb);
+}
+
+static void teardown(pair *p) {
+  ASSERT_EQ(lua_gettop(p->A), 0);
+  ASSERT_EQ(lua_gettop(p->B), 0);
+  op__xfer_free(p->xa);
+  op__xfer_free(p->xb);
+  lua_close(p->A);
+  lua_close(p->B);
+  op__protostore_free(p->ps);
+}
+
+/* Encode, in A, a function made with load() that returns i (and, with
+** upvalue set, a fresh upvalue holding i too). */
+static void encode_new(pair *p, int i, int upvalue, op_buf *b) {
+  char src[160], err[256];
+
+  if (upvalue)
+    snprintf(src, sizeof src,
+             "local u = %d return function() return u + %d - u end", i, i);
+  else
+    snprintf(src, sizeof src, "return %d", i);
+  if (luaL_loadstring(p->A, src) != 0)
+    TEST_FAIL_("load: %s", lua_tostring(p->A, -1));
+  if (upvalue)
+    lua_call(p->A, 0, 1);
+  op__buf_init(b);
+  if (op__encode(p->xa, p->A, -1, 1, b, "argument", 1, err, sizeof err) != 0)
+    TEST_FAIL_("encode: %s", err);
+  lua_settop(p->A, 0);
+}
+
+/* Decode b in B, call the function and check that it returns i. */
+static void check_decode(pair *p, op_buf *b, int i) {
+  char err[256];
+
+  if (op__decode(p->xb, p->B, b->p, b->len, err, sizeof err) != 1)
+    TEST_FAIL_("decode of function %d: %s", i, err);
+  lua_call(p->B, 0, 1);
+  ASSERT_EQ(lua_tointeger(p->B, -1), i);
+  lua_settop(p->B, 0);
+  op__buf_free(b);
+}
+
+static size_t heap(lua_State *L) {
+  return (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
+}
+
+/* 40,000 distinct prototypes, one after another: the store, the anchors
+** in A and the factories in B stay bounded, and every call runs the
+** function that was sent (addresses of collected prototypes are reused
+** all the time: a stale cache entry would run another function). */
+static void test_bounded(void) {
+  pair p;
+  op_buf b;
+  size_t cap = OP_PROTO_CAP + OP_STORE_GRACE + 64, peak_a = 0, peak_b = 0;
+  int i;
+
+  setup(&p);
+  for (i = 0; i < 40000; i++) {
+    encode_new(&p, i, i & 1, &b);
+    check_decode(&p, &b, i);
+    ASSERT_LE(op__protostore_count(p.ps), cap);
+    if (i % 1000 == 999) {
+      lua_gc(p.A, LUA_GCCOLLECT, 0);
+      lua_gc(p.B, LUA_GCCOLLECT, 0);
+      if (heap(p.A) > peak_a)
+        peak_a = heap(p.A);
+      if (heap(p.B) > peak_b)
+        peak_b = heap(p.B);
+    }
+  }
+  /* About 1-2 KB per prototype kept; 40,000 kept would be 40-80 MB. */
+  ASSERT_LT(peak_a, (size_t)24 << 20);
+  ASSERT_LT(peak_b, (size_t)24 << 20);
+  printf("store %zu entries, heap A %zu KB, B %zu KB\n",
+         op__protostore_count(p.ps), peak_a >> 10, peak_b >> 10);
+  teardown(&p);
+}
+
+/* A function used all along stays cached while new ones come and go: it
+** is never re-stored. */
+static void test_hot_kept(void) {
+  pair p;
+  op_buf b;
+  char err[256];
+  int i;
+  size_t hot_len = 0;
+
+  setup(&p);
+  luaL_dostring(p.A, "function hot() return 7 end");
+  lua_settop(p.A, 0);
+  for (i = 0; i < 3 * (OP_PROTO_CAP + OP_STORE_GRACE); i++) {
+    if (i % 64 == 0) {
+      lua_getglobal(p.A, "hot");
+      op__buf_init(&b);
+      ASSERT_OK(
+          op__encode(p.xa, p.A, -1, 1, &b, "argument", 1, err, sizeof err));
+      lua_settop(p.A, 0);
+      if (hot_len == 0)
+        hot_len = b.len;
+      ASSERT_EQ(b.len, hot_len); /* the same small id every time */
+      check_decode(&p, &b, 7);
+    }
+    encode_new(&p, i, 0, &b);
+    check_decode(&p, &b, i);
+  }
+  teardown(&p);
+}
+
+/* An encoding kept while fewer than OP_STORE_GRACE new prototypes are
+** stored still decodes; one kept past that fails with a clear error. */
+static void test_grace(void) {
+  pair p;
+  op_buf kept, late, b;
+  char err[256];
+  int i;
+
+  setup(&p);
+  encode_new(&p, -1, 0, &kept);
+  encode_new(&p, -2, 0, &late);
+  for (i = 0; i < OP_PROTO_CAP + OP_STORE_GRACE / 2; i++) {
+    encode_new(&p, i, 0, &b);
+    op__buf_free(&b);
+  }
+  check_decode(&p, &kept, -1);
+  for (i = 0; i < OP_PROTO_CAP + 2 * OP_STORE_GRACE; i++) {
+    encode_new(&p, i, 0, &b);
+    op__buf_free(&b);
+  }
+  ASSERT_LT(op__decode(p.xb, p.B, late.p, late.len, err, sizeof err), 0);
+  ASSERT_STR_HAS(err, "is no longer in the prototype store");
+  ASSERT_EQ(lua_gettop(p.B), 0);
+  op__buf_free(&late);
+  teardown(&p);
+}
+
+int main(void) {
+  test_bounded();
+  test_hot_kept();
+  test_grace();
+  printf("ok\n");
+  return 0;
+}
