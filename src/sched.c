@@ -63,11 +63,21 @@ struct op_defer {
 static void co_resume(op_co *c, int nargs);
 static void idle_cb(uv_idle_t *idle);
 
+/* c's resume is deferred: keep the time its values took to build, not
+** the time it waits. */
+static void prep_settle(op_co *c) {
+  if (c->prep_t0 != 0) {
+    c->prep_ns += uv_hrtime() - c->prep_t0;
+    c->prep_t0 = 0;
+  }
+}
+
 /* Queue c to be resumed with nargs values by the co_resume() running now,
 ** once the resume in progress has returned. */
 static void run_push(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
 
+  prep_settle(c);
   c->ready_nargs = nargs;
   c->next = NULL;
   if (rt->run_tail != NULL)
@@ -81,6 +91,7 @@ static void run_push(op_co *c, int nargs) {
 static void ready_push(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
 
+  prep_settle(c);
   c->ready_nargs = nargs;
   c->next = NULL;
   if (rt->ready_tail != NULL)
@@ -596,11 +607,6 @@ static void co_run(op_co *c, int nargs) {
 static void co_resume(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
 
-  if ((rt->depth > 0 || rt->resuming) && c->prep_t0 != 0) {
-    /* Resumed later: keep the time its values took, not the wait. */
-    c->prep_ns += uv_hrtime() - c->prep_t0;
-    c->prep_t0 = 0;
-  }
   if (rt->depth > 0) {
     ready_push(c, nargs);
     return;
