@@ -1060,20 +1060,22 @@ static void go_end(op_co *c, int status, int nres) {
       lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
       task_end(lt, OP_TASK_DONE);
     } else if (lua_type(c->L, -1) == LUA_TSTRING) {
-      luaL_traceback(L, c->L, lua_tostring(c->L, -1), 0);
+      /* An error that already carries a traceback (raised again from a
+      ** wait) keeps the one of where it was first raised: appending one
+      ** per task would make a chain of failing waits quadratic. */
+      if (strstr(lua_tostring(c->L, -1), "\nstack traceback:") != NULL)
+        lua_xmove(c->L, L, 1);
+      else
+        luaL_traceback(L, c->L, lua_tostring(c->L, -1), 0);
       lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
       task_end(lt, OP_TASK_FAILED);
     } else {
-      /* An error value: kept as it is, its traceback beside it (after
-      ** the one of the task it came from, if it was raised again). */
-      if (op__error_traceback(c->L, -1)) {
-        lua_pushliteral(c->L, "\nraised again here:");
-        lua_concat(c->L, 2);
-        luaL_traceback(L, c->L, lua_tostring(c->L, -1), 0);
-        lua_pop(c->L, 1);
-      } else {
+      /* An error value: kept as it is, its traceback beside it (that of
+      ** where it was first raised, if it came from a task). */
+      if (op__error_traceback(c->L, -1))
+        lua_xmove(c->L, L, 1);
+      else
         luaL_traceback(L, c->L, NULL, 0);
-      }
       lt->tb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
       lua_xmove(c->L, L, 1);
       lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);

@@ -55,3 +55,27 @@ T.test("a chain of on_done callbacks and waiters", function()
   offpath.sleep(0)
   T.eq(got, N)
 end)
+
+T.test("a failure travels down a chain of 100,000 waits in linear time",
+  function()
+    for _, value in ipairs { "head failed", { code = 1 } } do
+      local N = 100000
+      local head = offpath.go(function()
+        offpath.sleep(0.01)
+        error(value)
+      end)
+      local prev = head
+      for _ = 1, N do
+        local p = prev
+        prev = offpath.go(function() return p:wait() end)
+      end
+      local ok, e = pcall(prev.wait, prev)
+      T.eq(ok, false)
+      -- the traceback is the one of where it was raised first, not one
+      -- more per task it went through
+      local tb = type(e) == "string" and e or offpath.traceback(e)
+      T.ok(#tb < 2000, "traceback of " .. #tb .. " bytes")
+      T.ok(tb:find("sched%-chain%.lua:%d+"), tb)
+      if type(e) == "table" then T.eq(e.code, 1) end
+    end
+  end)
