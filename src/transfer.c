@@ -3379,8 +3379,10 @@ void op__xfer_hint(lua_State *L, int idx, const char *hint) {
 ** appended, as op__traceback does; any other value is returned as it is,
 ** and its traceback is kept for op__encode_error.  [-1, +1, m] */
 int op__xfer_msgh(lua_State *L) {
-  if (lua_type(L, 1) == LUA_TSTRING)
-    return op__traceback(L);
+  if (lua_type(L, 1) == LUA_TSTRING) {
+    luaL_traceback(L, L, lua_tostring(L, 1), 1);
+    return 1;
+  }
   lua_settop(L, 1);
   luaL_traceback(L, L, NULL, 1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &errtb_key);
