@@ -6,7 +6,9 @@
 #   make test-tsan  ThreadSanitizer build, the pool and queue tests
 #   make fuzz       clang libFuzzer build, each target FUZZ_TIME seconds
 #   make bench      release build, benchmarks against peers -> docs/benchmarks.md
-#   make install    install library, header, offpath.pc and the command
+#   make install    install library, header, offpath.pc, the CMake package,
+#                   the command, its man page and completion, and the Lua
+#                   module under PREFIX (default /usr/local; DESTDIR works)
 #   make format     apply .clang-format to every C file
 #   make check      formatting and checksrc, as CI runs them
 
@@ -17,7 +19,7 @@ CMAKE_FLAGS ?=
 CTEST_FLAGS ?=
 C_FILES  = $(shell git ls-files '*.c' '*.h' 2>/dev/null || find src include tests bench examples -name '*.[ch]')
 
-.PHONY: all run test test-tsan fuzz bench install format check deps clean
+.PHONY: all run test test-tsan fuzz bench install format check deps clean man
 
 all: $(BUILD)/release/offpath
 
@@ -58,8 +60,10 @@ bench:
 	cmake --build $(BUILD)/release -j $(JOBS)
 	sh bench/run.sh $(BUILD)/release
 
+# --prefix: the build directory keeps the prefix it was configured with;
+# PREFIX given now must win.
 install: $(BUILD)/release/offpath
-	cmake --install $(BUILD)/release
+	cmake --install $(BUILD)/release --prefix "$(PREFIX)"
 
 format:
 	clang-format -i $(C_FILES)
@@ -72,3 +76,8 @@ clean:
 	rm -rf $(BUILD)
 
 FORCE:
+
+# The man page is generated from docs/offpath.1.scd and committed, so a
+# build needs no scdoc; tests/sh/man.sh checks that the two agree.
+man:
+	scdoc < docs/offpath.1.scd > docs/offpath.1

@@ -5,6 +5,8 @@
 # "tsan" puts a test in `make test-tsan`, a fixture name such as "redis"
 # makes ctest start that server first (tests/fixtures/<name>.sh).
 
+# ENVIRONMENT splits on ';': the sanitizer list goes with commas.
+string(REPLACE ";" "," _op_san_env "${OP_SANITIZE}")
 set(OP_TEST_ENV
     "ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_string_checks=1"
     "UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1"
@@ -12,6 +14,7 @@ set(OP_TEST_ENV
     "OFFPATH_SOURCE_DIR=${PROJECT_SOURCE_DIR}"
     "OFFPATH_BINARY_DIR=${PROJECT_BINARY_DIR}"
     "OFFPATH=$<TARGET_FILE:offpath>"
+    "OFFPATH_SANITIZE=${_op_san_env}"
     "OFFPATH_FIXTURES=${PROJECT_BINARY_DIR}/fixtures"
     "LUA_PATH=${PROJECT_SOURCE_DIR}/tests/lua/?.lua;${PROJECT_SOURCE_DIR}/lua/?.lua;;")
 

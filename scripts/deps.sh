@@ -7,10 +7,14 @@
 set -eu
 
 build="cmake make gcc pkg-config liblua5.4-dev lua5.4 libuv1-dev
-libcurl4-openssl-dev libpq-dev libhiredis-dev libsqlite3-dev libjansson-dev"
-# Sanitizer runtimes and the real servers the integration tests start.
+libcurl4-openssl-dev libpq-dev libhiredis-dev libsqlite3-dev libjansson-dev
+libmicrohttpd-dev"
+# Sanitizer runtimes, the real servers the integration tests start (python3
+# for the HTTP test server), curl
+# and promtool (prometheus) to scrape and check --metrics, and scdoc to
+# check that the man page is in sync with its source.
 test="$build clang libclang-rt-dev redis-server postgresql nginx-light
-ca-certificates procps python3"
+ca-certificates procps python3 curl prometheus scdoc"
 # Peers measured next to offpath.
 bench="$test lua-luv wrk postgresql-contrib"
 

@@ -40,6 +40,7 @@ void op__hist_add_n(op_hist *h, uint64_t ns, uint64_t n) {
   if (h->count == 0 || ns < h->min)
     h->min = ns;
   h->count += n;
+  h->sum += ns * n;
   if (ns > h->max)
     h->max = ns;
 }
@@ -67,4 +68,14 @@ double op__hist_quantile(const op_hist *h, double q) {
     }
   }
   return (double)h->max / 1e9;
+}
+
+uint64_t op__hist_count_le(const op_hist *h, uint64_t ns) {
+  unsigned b, n = sizeof h->bucket / sizeof h->bucket[0];
+  uint64_t c = 0;
+
+  /* The last bucket is open-ended: it counts only in +Inf. */
+  for (b = 0; b + 1 < n && bucket_low(b + 1) - 1 <= ns; b++)
+    c += h->bucket[b];
+  return c;
 }

@@ -15,6 +15,7 @@ typedef struct op_hist {
   uint64_t count;
   uint64_t min; /* exact; meaningful when count > 0 */
   uint64_t max; /* exact */
+  uint64_t sum; /* of all values, in ns */
   uint32_t bucket[64 * 8];
 } op_hist;
 
@@ -25,5 +26,8 @@ void op__hist_add_n(op_hist *h, uint64_t ns, uint64_t n);
 ** bucket holding it, moved into [min, max], so that a run whose values
 ** are all equal reports that value exactly. */
 double op__hist_quantile(const op_hist *h, double q);
+/* How many values lie at or below ns, counting only buckets that lie
+** wholly at or below it (cumulative buckets of a Prometheus histogram). */
+uint64_t op__hist_count_le(const op_hist *h, uint64_t ns);
 
 #endif

@@ -272,6 +272,8 @@ int op__pool_check_stuck(op_pool *p, uint64_t now, uint64_t grace);
 void op__watch_stuck(op_runtime *rt);
 const char *op__pool_name(op_pool *p);
 void op__pool_stats(op_pool *p, op_pool_stats *out);
+/* The pool's latency histogram, submit to completion (loop thread). */
+const op_hist *op__pool_hist(op_pool *p);
 /* Count an ended task in the pool's statistics (loop thread). */
 void op__pool_count_end(op_pool *p, op_task *t, op_task_state how);
 
@@ -745,7 +747,8 @@ struct op_runtime {
   op_task *free_ctasks; /* finished C tasks kept for reuse */
   int nfree_ctasks;
   int closing;
-  int loaded; /* a script's main chunk ran */
+  int loaded;   /* a script's main chunk ran */
+  int borrowed; /* L is the caller's (the Lua module): never closed here */
   /* The largest result decoded, op__max_result(); 0: the default. */
   size_t max_result;
 
@@ -785,6 +788,15 @@ static inline op_co *op__co(lua_State *L) {
 int op__pcall(lua_State *L, int nargs, int nres);
 /* Message handler: message plus traceback.  [-1, +1, m] */
 int op__traceback(lua_State *L);
+
+/* op_runtime_new on the caller's lua_State L (the main thread of a stock
+** Lua program, for the Lua module), or on a new one when L is NULL. A
+** borrowed L gets offpath's preloads and the scheduler's record of its
+** main thread, but not the offpath module (the caller opens it) and is
+** never closed by op_runtime_free.  [-0, +0, m] */
+int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out);
+/* Registry field of a runtime's main VM: the runtime (light userdata). */
+#define OP_RUNTIME_KEY "offpath.runtime"
 
 /* Start or continue the scheduler parts of rt (sched.c). */
 int op__sched_init(op_runtime *rt);

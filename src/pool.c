@@ -1553,6 +1553,10 @@ void op__pool_stats(op_pool *p, op_pool_stats *out) {
       out->memory += op__vm_used(&p->workers[i]->mem);
 }
 
+const op_hist *op__pool_hist(op_pool *p) {
+  return &p->hist;
+}
+
 /* Block sections need the worker's lock and condition (lua_worker.c). */
 void op__worker_block_sync(op_worker *w, int wait) {
   uv_mutex_lock(&w->block_mu);

@@ -207,10 +207,17 @@ static int new_state_p(lua_State *L) {
   return 0;
 }
 
-/* require "offpath" in the main VM, protected.  [-0, +0, m] */
+/* Name the runtime (argument 1) in the main VM's registry and require
+** "offpath" there (the Lua module's own state requires it itself), with
+** the guarded library functions; protected.  [-0, +0, m] */
 static int open_main_p(lua_State *L) {
+  op_runtime *rt = lua_touserdata(L, 1);
+
+  lua_pushlightuserdata(L, rt);
+  lua_setfield(L, LUA_REGISTRYINDEX, OP_RUNTIME_KEY);
   op__guard_exit(L);
-  luaL_requiref(L, "offpath", op__open_main, 1);
+  if (!rt->borrowed)
+    luaL_requiref(L, "offpath", op__open_main, 1);
   op__block_guard_hooks(L); /* before the names of library functions */
   return 0;
 }
@@ -753,6 +760,10 @@ static void std_fds_open(void) {
 }
 
 int op_runtime_new(const op_config *cfg, op_runtime **out) {
+  return op__runtime_new(cfg, NULL, out);
+}
+
+int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
   op_config defaults;
   op_runtime *rt;
   int i, rc;
@@ -820,15 +831,22 @@ int op_runtime_new(const op_config *cfg, op_runtime **out) {
   uv_unref((uv_handle_t *)&rt->spin_prepare);
 
   rt->protos = op__protostore_new();
-  rt->mem.limit = cfg->main_memory_limit != OP_MEMORY_UNLIMITED
-                      ? cfg->main_memory_limit
-                      : 0;
-  rt->L = op__new_state(rt, &rt->mem);
+  if (L != NULL) {
+    rt->L = L; /* borrowed: the caller made it and will close it */
+    rt->borrowed = 1;
+    op__preload_modules(L);
+  } else {
+    rt->mem.limit = cfg->main_memory_limit != OP_MEMORY_UNLIMITED
+                        ? cfg->main_memory_limit
+                        : 0;
+    rt->L = op__new_state(rt, &rt->mem);
+  }
   if (rt->protos == NULL || rt->L == NULL)
     goto nomem;
   op__sched_init(rt);
   lua_pushcfunction(rt->L, open_main_p);
-  if (lua_pcall(rt->L, 0, 0, 0) != LUA_OK)
+  lua_pushlightuserdata(rt->L, rt);
+  if (lua_pcall(rt->L, 1, 0, 0) != LUA_OK)
     goto nomem;
   rt->xfer = op__xfer_new(rt->L, rt->protos);
   if (rt->xfer == NULL)
@@ -902,7 +920,8 @@ int op_runtime_free(op_runtime *rt) {
       op__sched_close(rt);
     if (rt->xfer != NULL)
       op__xfer_free(rt->xfer);
-    lua_close(rt->L);
+    if (!rt->borrowed)
+      lua_close(rt->L);
     op__task_close(rt);
   }
   op__remnant_release(rem); /* NULL (no memory): the store is left */

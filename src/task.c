@@ -48,6 +48,7 @@ struct op_ltask {
   uint8_t has_uv;         /* the user value table (UV_TABLE) exists */
   uint8_t has_cb;         /* a first on_done callback is in UV_CB */
   uint8_t own;            /* private to offpath.run */
+  uint8_t finalized;      /* go: __gc ran before the coroutine ended */
   uint32_t remain;        /* its entry in rt->tasks + 1, or 0 */
   int anchor;             /* slot in the anchors (op_tasks), or LUA_NOREF */
   op_wait_id waiter;      /* the first waiter; more in the uservalue */
@@ -1081,6 +1082,13 @@ static void go_end(op_co *c, int status, int nres) {
       lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
       task_end(lt, OP_TASK_FAILED);
     }
+    if (lt->finalized && unobserved_failure(lt)) {
+      /* Its object was finalized while the coroutine ran (a Lua module
+      ** program ending): nobody can observe the failure any more. */
+      push_error_text(L, lt);
+      report_unobserved(rt, lt->call, lua_tostring(L, -1));
+      lua_pop(L, 1);
+    }
   }
   maybe_release(lt);
 }
@@ -1434,6 +1442,9 @@ static int task_gc(lua_State *L) {
   op_ltask *lt = check_task(L, 1);
 
   op_assert(!lt->in_pool);
+  /* Still running: the Lua state is closing under a runtime that has not
+  ** drained yet (the Lua module); go_end reports a failure then. */
+  lt->finalized = lt->co != NULL;
   if (unobserved_failure(lt)) {
     push_error_text(L, lt);
     report_unobserved(lt->rt, lt->call, lua_tostring(L, -1));

@@ -106,6 +106,7 @@ typedef struct src src;
 typedef struct rstream rstream; /* rstream.c */
 typedef struct rentry rentry;
 typedef struct rout rout;
+typedef struct metrics metrics;
 
 typedef enum src_kind {
   SRC_FILE = 0,   /* regular file or device: uv_fs_read in chunks */
@@ -191,10 +192,11 @@ typedef struct host_opts {
   int max_inflight;
   double grace; /* seconds */
   int stats;
-  int summary_json;   /* --json: the summary and --stats lines as JSON */
-  int quiet;          /* --quiet: no summary */
-  int fail_on_error;  /* --fail-on-error: exit 4 if errors were counted */
-  const char *compat; /* --compat NAME: offpath.NAME drives the script */
+  int summary_json;    /* --json: the summary and --stats lines as JSON */
+  int quiet;           /* --quiet: no summary */
+  int fail_on_error;   /* --fail-on-error: exit 4 if errors were counted */
+  const char *compat;  /* --compat NAME: offpath.NAME drives the script */
+  const char *metrics; /* --metrics HOST:PORT, or NULL */
 } host_opts;
 
 struct host {
@@ -279,6 +281,8 @@ struct host {
   int sigs_seen;         /* signals handled on the loop thread */
   int handles_open;
 
+  metrics *metrics; /* --metrics server, or NULL */
+
   /* --stats line */
   int stats_tty;
   int stats_line_open;
@@ -357,5 +361,12 @@ uint64_t stats_drops(host *h);
 /* The errors of the summary (failed records, ticks and lifecycle handlers,
 ** runtime errors, output errors). */
 uint64_t stats_errors(host *h);
+
+/* metrics.c */
+/* Serve the statistics on --metrics HOST:PORT (nothing without it).
+** Returns 0, or -1 with a message in err. */
+int metrics_start(host *h, char *err, size_t errlen);
+/* Stop serving; the state is freed by the loop's next turn. */
+void metrics_stop(host *h);
 
 #endif /* OFFPATH_HOST_H */

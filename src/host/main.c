@@ -76,6 +76,8 @@ static const char usage_text[] =
     "  --quiet, -q           no summary at exit\n"
     "  --fail-on-error       exit 4 if a record failed, a line was\n"
     "                        malformed or too long, or any error was counted\n"
+    "  --metrics HOST:PORT   serve Prometheus metrics on\n"
+    "                        http://HOST:PORT/metrics (port 0: any free one)\n"
     "\n"
     "exit status: 0 ok, 1 script error, 2 usage error, 3 an input or the\n"
     "output cannot be opened, 4 errors (with --fail-on-error), 141 the\n"
@@ -246,7 +248,8 @@ static int parse_args(host *h, int argc, char **argv) {
         strcmp(name, "--format") && strcmp(name, "--output") &&
         strcmp(name, "-o") && strcmp(name, "--pool") &&
         strcmp(name, "--tick") && strcmp(name, "--max-inflight") &&
-        strcmp(name, "--grace") && strcmp(name, "--compat"))
+        strcmp(name, "--grace") && strcmp(name, "--compat") &&
+        strcmp(name, "--metrics"))
       return usage_error("unknown option '%s'", arg);
     if (eq != NULL) {
       val = eq + 1;
@@ -315,6 +318,8 @@ static int parse_args(host *h, int argc, char **argv) {
                            "'%s'",
                            val);
       o->compat = val;
+    } else if (!strcmp(name, "--metrics")) {
+      o->metrics = val;
     } else if (!strcmp(name, "--grace")) {
       if (!parse_double(val, &o->grace) || o->grace < 0)
         return usage_error("--grace must be a number of seconds >= 0, not "
@@ -977,6 +982,13 @@ static int run(host *h) {
     }
   }
 
+  if (metrics_start(h, err, sizeof err) != 0) {
+    fprintf(stderr, "offpath: cannot serve metrics on %s: %s\n", h->o.metrics,
+            err);
+    input_close_all(h);
+    rc = EXIT_INPUT;
+    goto done;
+  }
   uv_timer_start(&h->second_timer, second_cb, 1000, 1000);
   if (engine_call_lifecycle(h, "on_start", REC_START) == 0)
     engine_started(h);
@@ -1006,6 +1018,7 @@ static int run(host *h) {
 
 done:
   close_handles(h);
+  metrics_stop(h);
   input_close_all(h);
   op_runtime_run(h->rt); /* close callbacks, last writes */
   engine_output_stop(h);
