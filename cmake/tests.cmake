@@ -87,6 +87,12 @@ function(op_add_lua_test area)
            WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
   op_test_labels(${src} labels)
   op_apply_labels(lua/${area} "${labels}")
+  # "TIMEOUT: seconds" near the top raises the limit of a long test.
+  file(STRINGS ${src} tmo LIMIT_COUNT 12 REGEX "TIMEOUT: *[0-9]+")
+  if(tmo)
+    string(REGEX REPLACE ".*TIMEOUT: *([0-9]+).*" "\\1" tmo "${tmo}")
+    set_tests_properties(lua/${area} PROPERTIES TIMEOUT ${tmo})
+  endif()
 endfunction()
 
 file(GLOB _c_tests CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/tests/c/test-*.c)

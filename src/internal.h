@@ -126,6 +126,21 @@ void op__xfer_free(op_xfer *x);
 int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
                const char *label, int first_no, char *err, size_t errlen);
 
+/* Give the C functions of the table at idx (or the C function at idx) a
+** hint that a refusal to copy them shows after the path ("engine methods
+** run on the main thread; ...").  [-0, +0, m] */
+void op__xfer_hint(lua_State *L, int idx, const char *hint);
+/* Message handler for a worker task's pcall: a string error gets the
+** traceback appended; another value stays itself, its traceback kept for
+** op__encode_error.  [-1, +1, m] */
+int op__xfer_msgh(lua_State *L);
+/* Append the error value on top of L (left there) to b, after a pcall
+** with op__xfer_msgh: a string as its bytes (*value = 0); another value
+** and its traceback encoded as two values (*value = 1), or, if it cannot
+** be copied, as text naming it and the reason (*value = 0). Returns 0 or
+** OP_ENOMEM.  [-0, +0, m] */
+int op__encode_error(op_xfer *x, lua_State *L, op_buf *b, int *value);
+
 /* Push the values encoded in p[0..len) on L. Returns how many, or a
 ** negative code with a message in err if the bytes are not a valid
 ** encoding (never trusted blindly).  [-0, +n, m] */
@@ -197,6 +212,8 @@ struct op_task {
   op_worker *worker; /* OP_TASK_BLOCK: the waiting worker; OP_TASK_LUA:
                         the worker running it (pool lock) */
   uint8_t watch;     /* has a deadline: run it under the stop hook */
+  uint8_t errval;    /* OP_ESCRIPT: buf holds the error value and its
+                        traceback, encoded, not a message */
 };
 
 void op__task_init(op_task *t, op_task_kind kind);
@@ -372,6 +389,19 @@ op_ltask *op__task_go(lua_State *L, int fnidx, int nargs);
 ** cancels it.  [-0, +n, e] */
 int op__task_await(lua_State *L, op_ltask *lt, double timeout, const char *call,
                    int own);
+/* offpath.all(t1, t2, ...) or offpath.all{t1, t2, ...}: suspends until
+** all end; returns a list of {true, results...} or {false, error[,
+** traceback]}. Raises where nothing may suspend.  [-n, +1, e] */
+int op__task_all(lua_State *L);
+/* If the error value at idx came from a task and has an identity (a
+** table, userdata, function), push the traceback recorded where it was
+** raised and return 1; else 0.  [-0, +(0|1), m] */
+int op__error_traceback(lua_State *L, int idx);
+/* The most bytes of an encoded task result the main VM decodes
+** (offpath.configure{max_result=}); a larger result fails the task. */
+#define OP_MAX_RESULT_DEFAULT ((size_t)16 << 20)
+#define op__max_result(rt)                                                     \
+  ((rt)->max_result != 0 ? (rt)->max_result : OP_MAX_RESULT_DEFAULT)
 /* Turn lt into a Trisul-style schedule: the values at the stack indices
 ** data, onresult, onerror (0: none) are kept and called on the loop thread
 ** when it ends.  [-0, +0, m] */
@@ -479,6 +509,12 @@ void op__wait_resume(op_runtime *rt, op_wait_id id, int nres);
 /* Resolve a wait with an error: the message is used as given (start it with
 ** a stable word: "timeout", "cancelled", "exec: ...").  */
 void op__wait_fail(op_runtime *rt, op_wait_id id, const char *msg);
+/* Resolve a wait with the error value the resolver pushed on the waiting
+** thread (any value: wait_k raises it as it is). */
+void op__wait_fail_value(op_runtime *rt, op_wait_id id);
+/* op__wait_yield with the continuation k and context ctx instead of the
+** usual one: k sees (true, values...) or (false, error) on top. */
+int op__wait_yieldk(lua_State *L, lua_KContext ctx, lua_KFunction k);
 
 /* Whether the calling code may suspend here.  [-0, +0, -] */
 int op__can_suspend(lua_State *L);
@@ -622,6 +658,12 @@ struct op_co {
   op_wait_id wait; /* the pending wait, or 0 */
   int ctx_ref;     /* offpath.context table, or LUA_NOREF */
   int ready_nargs; /* values to resume with, while on the ready list */
+
+  /* The task its pending wait is for (cycle checks), or NULL. */
+  op_ltask *awaiting;
+  /* Latency: when a resolver began building its values (0: none), and
+  ** the time they took if the resume was deferred (sched.c). */
+  uint64_t prep_t0, prep_ns;
   /* Called when the coroutine's function returns (status LUA_OK, results
   ** on L) or fails (error object on L). Owner: lua_main.c (go tasks). */
   void (*on_end)(op_co *c, int status, int nres);
@@ -658,6 +700,8 @@ struct op_runtime {
   op_co *free_cos; /* finished coroutines kept for reuse */
   int nfree_cos;
   op_co *ready_head, *ready_tail; /* resumes deferred to the next turn */
+  op_co *run_head, *run_tail;     /* resumes queued by the running co_resume */
+  int resuming;                   /* a co_resume is on the C stack */
   op_defer *defer_head, *defer_tail;
   uv_idle_t idle; /* runs deferred work without blocking */
   op_wait *waits; /* slot array */
@@ -705,6 +749,8 @@ struct op_runtime {
   int closing;
   int loaded;   /* a script's main chunk ran */
   int borrowed; /* L is the caller's (the Lua module): never closed here */
+  /* The largest result decoded, op__max_result(); 0: the default. */
+  size_t max_result;
 
   /* Statistics (loop thread). */
   uint64_t calls, call_errors;

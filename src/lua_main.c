@@ -1,6 +1,6 @@
 /*
 ** lua_main.c - the offpath module of the main VM: run, launch, schedule, go,
-** all, sleep, configure, stats, context, can_suspend, now.
+** all, sleep, configure, stats, context, can_suspend, now, traceback.
 ** Thread: loop.
 */
 #include <string.h>
@@ -280,7 +280,7 @@ static size_t memory_limit_arg(lua_State *L, int idx, const char *pool) {
 
 /* offpath.configure{pools={name={threads=, queue=, init=, memory_limit=}},
 ** shutdown="drain"|"cancel", block_budget=, block_policy="abort"|"continue",
-** stuck_grace=} */
+** stuck_grace=, max_result=} */
 static int offpath_configure(lua_State *L) {
   static const char *const shutdowns[] = { "drain", "cancel", NULL };
   static const char *const policies[] = { "abort", "continue", NULL };
@@ -332,6 +332,11 @@ static int offpath_configure(lua_State *L) {
     for (i = 0; i < rt->npools; i++)
       op__pool_set_spin(rt->pools[i], (unsigned)us);
   }
+  if (lua_getfield(L, 1, "max_result") != LUA_TNIL) {
+    lua_Integer max = luaL_checkinteger(L, -1);
+    luaL_argcheck(L, max > 0, 1, "max_result must be a positive byte count");
+    rt->max_result = (size_t)max;
+  }
   if (lua_getfield(L, 1, "block_budget") != LUA_TNIL)
     rt->cfg.block_budget = luaL_checknumber(L, -1);
   if (lua_getfield(L, 1, "block_policy") != LUA_TNIL)
@@ -372,22 +377,14 @@ static int offpath_index(lua_State *L) {
   return 0;
 }
 
-/* offpath.all(t1, t2, ...) or offpath.all{t1, t2, ...}: written in Lua,
-** since it only composes task:wait; pcall may yield in Lua 5.4. */
-static const char all_source[] =
-    "local pcall, select, type, pack = pcall, select, type, table.pack\n"
-    "return function(...)\n"
-    "  local ts = pack(...)\n"
-    "  if ts.n == 1 and type(ts[1]) == 'table' and getmetatable(ts[1]) == nil"
-    " then ts = ts[1]; ts.n = #ts end\n"
-    "  local out = {}\n"
-    "  for i = 1, ts.n do\n"
-    "    local t = ts[i]\n"
-    "    out[i] = pack(pcall(t.wait, t))\n"
-    "    out[i].n = nil\n"
-    "  end\n"
-    "  return out\n"
-    "end\n";
+/* offpath.traceback(err) -> the traceback recorded where the error value
+** err was raised in a task, or nil (string errors carry theirs). */
+static int offpath_traceback(lua_State *L) {
+  luaL_checkany(L, 1);
+  if (!op__error_traceback(L, 1))
+    lua_pushnil(L);
+  return 1;
+}
 
 int op__open_main(lua_State *L) {
   static const luaL_Reg funcs[] = { { "run", offpath_run },
@@ -400,14 +397,12 @@ int op__open_main(lua_State *L) {
                                     { "now", offpath_now },
                                     { "stats", offpath_stats },
                                     { "configure", offpath_configure },
+                                    { "all", op__task_all },
+                                    { "traceback", offpath_traceback },
                                     { NULL, NULL } };
 
   op__task_open(L);
   luaL_newlib(L, funcs);
-  if (luaL_loadbuffer(L, all_source, sizeof all_source - 1, "=offpath.all") ||
-      lua_pcall(L, 0, 1, 0))
-    return lua_error(L);
-  lua_setfield(L, -2, "all");
   lua_pushliteral(L, OP_VERSION_STRING);
   lua_setfield(L, -2, "version");
   op__open_io(L);

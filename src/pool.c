@@ -155,7 +155,8 @@ struct op_worker {
   ** the worker's own until it hands the task in (see "Stuck workers"). */
   op_buf in, out;
   int status;
-  int watch; /* the task has a deadline: it runs under the stop hook */
+  int errval; /* OP_ESCRIPT: out holds an encoded error value (op_task) */
+  int watch;  /* the task has a deadline: it runs under the stop hook */
   _Atomic(const char *) fn_src; /* the task function's chunk name */
   atomic_int fn_line;           /* and the line it is defined on */
   int fn_ref;                   /* registry slot of the last task function */
@@ -636,7 +637,7 @@ static void run_lua(op_worker *w, op_task *t) {
   size_t len;
   const char *msg;
   char lim[32], mbuf[128]; /* no Lua allocation here: unprotected */
-  int stop, st;
+  int stop, st, value = 0;
 
   w->current = t;
   atomic_signal_fence(memory_order_seq_cst);
@@ -645,7 +646,7 @@ static void run_lua(op_worker *w, op_task *t) {
     lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
   }
   lua_settop(L, 0);
-  lua_pushcfunction(L, op__traceback);
+  lua_pushcfunction(L, op__xfer_msgh);
   lua_pushcfunction(L, task_body);
   lua_pushlightuserdata(L, w);
   w->mem.hit = 0;
@@ -662,6 +663,7 @@ static void run_lua(op_worker *w, op_task *t) {
     lua_sethook(L, NULL, 0, 0);
   }
   stop = atomic_load(&w->stop);
+  w->errval = 0;
   if (lua_toboolean(L, -2)) {
     w->status = 0;
   } else if (stop != 0) {
@@ -669,19 +671,20 @@ static void run_lua(op_worker *w, op_task *t) {
     op__buf_free(&w->out);
   } else {
     w->status = OP_ESCRIPT;
-    msg = lua_tolstring(L, -1, &len);
-    if (msg == NULL)
-      msg = "(error object is not a string)", len = strlen(msg);
+    op__buf_free(&w->out);
     if ((st == LUA_ERRMEM || st == LUA_ERRERR) && w->mem.hit) {
       /* Refused by the limit where the hook could not raise (alloc.c):
       ** Lua's memory errors carry no position. */
+      msg = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len)
+                                           : "(error object is not a string)";
       snprintf(mbuf, sizeof mbuf, "memory limit of %s reached in task (%s)",
                op__fmt_size(w->mem.limit, lim, sizeof lim), msg);
-      msg = mbuf, len = strlen(mbuf);
-    }
-    op__buf_free(&w->out);
-    if (op__buf_append(&w->out, msg, len) != 0)
+      if (op__buf_append(&w->out, mbuf, strlen(mbuf)) != 0)
+        w->status = OP_ENOMEM;
+    } else if (op__encode_error(w->xfer, L, &w->out, &value) != 0) {
       w->status = OP_ENOMEM;
+    }
+    w->errval = value;
   }
   lua_settop(L, 0);
   if (w->mem.hit) {
@@ -713,6 +716,8 @@ static void buf_take(op_buf *dst, op_buf *src) {
 ** trip 3x slower. */
 static void hand_in_lua(op_worker *w, op_task *t) {
   t->status = w->status;
+  t->errval = (uint8_t)w->errval;
+  w->errval = 0;
   if (w->in.p != w->in.small && t->stale == NULL) {
     t->stale = w->in.p;
     op__buf_init(&w->in);

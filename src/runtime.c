@@ -1064,6 +1064,9 @@ int op_register_engine(op_runtime *rt, const luaL_Reg *fns, void *ud) {
   rt->engine_ud = ud;
   op_push_engine(rt);
   luaL_setfuncs(L, fns, 0);
+  op__xfer_hint(L, -1,
+                "engine methods run on the main thread; call them "
+                "in the handler or in on_done");
   lua_pop(L, 1);
   return 0;
 }

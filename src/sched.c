@@ -25,6 +25,14 @@
 ** does not resume at once: the coroutine goes on the ready list and runs on
 ** the next loop turn, so no C frame is re-entered under its caller.
 **
+** Resumes never nest. co_resume() called at the top (a completion, a
+** timer) resumes at once and then runs, in a loop, every coroutine woken
+** meanwhile (rt->run_head): a go task that ends tells its waiter, whose
+** end tells the next one, and so on; each is queued by the one before and
+** resumed from the loop, never from inside the previous resume, so a
+** chain of a million waiters needs no more C stack than one. The common
+** case, one waiter woken by a completion, is still resumed directly.
+**
 ** Coroutines that return normally are reused (their stack is empty again);
 ** ones that fail are dropped. A bare coroutine.yield() in a handler is a
 ** cooperative yield: the coroutine is resumed on the next loop turn.
@@ -55,10 +63,35 @@ struct op_defer {
 static void co_resume(op_co *c, int nargs);
 static void idle_cb(uv_idle_t *idle);
 
+/* c's resume is deferred: keep the time its values took to build, not
+** the time it waits. */
+static void prep_settle(op_co *c) {
+  if (c->prep_t0 != 0) {
+    c->prep_ns += uv_hrtime() - c->prep_t0;
+    c->prep_t0 = 0;
+  }
+}
+
+/* Queue c to be resumed with nargs values by the co_resume() running now,
+** once the resume in progress has returned. */
+static void run_push(op_co *c, int nargs) {
+  op_runtime *rt = c->rt;
+
+  prep_settle(c);
+  c->ready_nargs = nargs;
+  c->next = NULL;
+  if (rt->run_tail != NULL)
+    rt->run_tail->next = c;
+  else
+    rt->run_head = c;
+  rt->run_tail = c;
+}
+
 /* Queue c to be resumed with nargs values on the next loop turn. */
 static void ready_push(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
 
+  prep_settle(c);
   c->ready_nargs = nargs;
   c->next = NULL;
   if (rt->ready_tail != NULL)
@@ -160,6 +193,7 @@ static op_co *wait_take(op_runtime *rt, op_wait *w) {
   rt->pending_waits--;
   c->wait = 0;
   c->waiting = 0;
+  c->awaiting = NULL;
   return c;
 }
 
@@ -260,6 +294,7 @@ op_wait_id op__wait_new(lua_State *L, const char *call, double timeout,
   w->timer = NULL;
   rt->pending_waits++;
   c->wait = wait_id(rt, slot);
+  c->prep_t0 = 0;
   if (timeout > 0) {
     w->timer = op__timer_start(rt, (uint64_t)(timeout * 1000.0 + 0.5),
                                wait_timer_cb, c->wait, NULL);
@@ -292,16 +327,29 @@ static int wait_k(lua_State *L, int status, lua_KContext ctx) {
 }
 
 int op__wait_yield(lua_State *L) {
+  return op__wait_yieldk(L, (lua_KContext)lua_gettop(L), wait_k);
+}
+
+int op__wait_yieldk(lua_State *L, lua_KContext ctx, lua_KFunction k) {
   op_co *c = op__co(L);
 
   op_assert(c->wait != 0);
   c->waiting = 1;
-  return lua_yieldk(L, 0, (lua_KContext)lua_gettop(L), wait_k);
+  return lua_yieldk(L, 0, ctx, k);
 }
 
+/* The resolver is about to build the values to resume with on the thread:
+** that time counts in the resume's latency (co_run), since it runs on the
+** loop thread as much as the resume does (a result of two million rows
+** takes a second to build). */
 lua_State *op__wait_thread(op_runtime *rt, op_wait_id id) {
   op_wait *w = wait_get(rt, id);
-  return w != NULL ? w->co->L : NULL;
+
+  if (w == NULL)
+    return NULL;
+  if (w->co->prep_t0 == 0)
+    w->co->prep_t0 = uv_hrtime();
+  return w->co->L;
 }
 
 void op__wait_resume(op_runtime *rt, op_wait_id id, int nres) {
@@ -314,6 +362,18 @@ void op__wait_resume(op_runtime *rt, op_wait_id id, int nres) {
   lua_pushboolean(c->L, 1);
   lua_insert(c->L, -(nres + 1));
   co_resume(c, nres + 1);
+}
+
+void op__wait_fail_value(op_runtime *rt, op_wait_id id) {
+  op_wait *w = wait_get(rt, id);
+  op_co *c;
+
+  if (w == NULL)
+    return;
+  c = wait_take(rt, w);
+  lua_pushboolean(c->L, 0);
+  lua_insert(c->L, -2);
+  co_resume(c, 2);
 }
 
 void op__wait_fail(op_runtime *rt, op_wait_id id, const char *msg) {
@@ -461,33 +521,38 @@ static void push_co_error(op_co *c) {
   const char *msg = lua_tostring(c->L, -1);
 
   if (msg == NULL) {
-    if (luaL_callmeta(c->L, -1, "__tostring") &&
+    int err = lua_gettop(c->L);
+
+    if (luaL_callmeta(c->L, err, "__tostring") &&
         lua_type(c->L, -1) == LUA_TSTRING)
       msg = lua_tostring(c->L, -1);
     else
       msg = lua_pushfstring(c->L, "(error object is a %s value)",
-                            luaL_typename(c->L, -1));
+                            luaL_typename(c->L, err));
+    if (op__error_traceback(c->L, err)) {
+      /* It came from a task: where it was raised first. */
+      msg = lua_pushfstring(c->L, "%s\n%s\nraised again here:", msg,
+                            lua_tostring(c->L, -1));
+    }
   }
   luaL_traceback(L, c->L, msg, 0);
 }
 
-/* Resume c with the nargs values on its stack, and handle the outcome. */
-static void co_resume(op_co *c, int nargs) {
+/* Resume c with the nargs values on its stack once, and handle the
+** outcome. Called by co_resume() only. */
+static void co_run(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
   int status, nres = 0;
   uint64_t t0, saved_now;
   op_group *saved_grp;
 
-  if (rt->depth > 0) {
-    /* Lua is running on this thread: resume on the next turn instead. */
-    ready_push(c, nargs);
-    return;
-  }
   if (c->counted) {
     c->counted = 0;
     rt->suspended--;
   }
-  t0 = uv_hrtime();
+  /* From when the resolver began building the values, if it said so. */
+  t0 = c->prep_t0 != 0 ? c->prep_t0 : uv_hrtime();
+  c->prep_t0 = 0;
   saved_now = rt->batch_now;
   rt->batch_now = t0; /* submits made by this resume read it */
   saved_grp = rt->grp;
@@ -499,7 +564,8 @@ static void co_resume(op_co *c, int nargs) {
   rt->depth--;
   rt->grp = saved_grp;
   rt->batch_now = saved_now;
-  op__hist_add(&rt->call_hist, uv_hrtime() - t0);
+  op__hist_add(&rt->call_hist, uv_hrtime() - t0 + c->prep_ns);
+  c->prep_ns = 0;
 
   c->quiet = 0;
   if (status == LUA_YIELD) {
@@ -534,6 +600,33 @@ static void co_resume(op_co *c, int nargs) {
   co_release(c, 0);
 }
 
+/* Resume c with the nargs values on its stack. With Lua running on this
+** thread, on the next loop turn; inside another co_resume(), by that one
+** once its resume has returned; else now, followed by every coroutine
+** woken meanwhile (the trampoline: see the DESIGN block). */
+static void co_resume(op_co *c, int nargs) {
+  op_runtime *rt = c->rt;
+
+  if (rt->depth > 0) {
+    ready_push(c, nargs);
+    return;
+  }
+  if (rt->resuming) {
+    run_push(c, nargs);
+    return;
+  }
+  rt->resuming = 1;
+  co_run(c, nargs);
+  while ((c = rt->run_head) != NULL) {
+    rt->run_head = c->next;
+    if (rt->run_head == NULL)
+      rt->run_tail = NULL;
+    c->next = NULL;
+    co_run(c, c->ready_nargs);
+  }
+  rt->resuming = 0;
+}
+
 int op__co_start(op_co *c, lua_State *from, int nargs) {
   op_runtime *rt = c->rt;
   uint64_t errors = rt->call_errors;
@@ -547,9 +640,12 @@ int op__co_start(op_co *c, lua_State *from, int nargs) {
     ** the caller is not re-entered. */
     c->counted = 1;
     rt->suspended++;
+    c->quiet = 0;
     ready_push(c, nargs);
     return 0;
   }
+  if (rt->resuming)
+    c->quiet = 0; /* runs later: nobody is there to take the error */
   co_resume(c, nargs);
   return rt->call_errors != errors ? OP_ESCRIPT : 0;
 }

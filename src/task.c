@@ -59,6 +59,7 @@ struct op_ltask {
   op_co *co;         /* go: the running coroutine, NULL once ended */
   op_group *grp;     /* invocation group until it ends, or NULL */
   int res_ref;       /* go: results table or error value, LUA_NOREF */
+  int tb_ref;        /* go: traceback of an error that is not a string */
   op_ltask *bl_next; /* backlog link */
 };
 
@@ -206,6 +207,8 @@ static int sentinel_gc(lua_State *L) {
   return 0;
 }
 
+static void push_error_text(lua_State *L, op_ltask *lt);
+
 /* Whether lt failed and nobody has waited for it or listened to it. */
 static int unobserved_failure(const op_ltask *lt) {
   return lt->state == OP_TASK_FAILED && !lt->observed && !lt->sched;
@@ -227,10 +230,15 @@ static void remain_add(lua_State *L, op_ltask *lt) {
   uint32_t i;
 
   if (unobserved_failure(lt)) {
-    if ((msg = malloc(out->len + 1)) == NULL)
+    size_t len;
+    const char *text;
+
+    push_error_text(L, lt);
+    text = lua_tolstring(L, -1, &len);
+    if ((msg = malloc(len + 1)) == NULL)
       OP_PANIC("out of memory for a task failure");
-    memcpy(msg, out->p, out->len);
-    msg[out->len] = 0;
+    memcpy(msg, text, len + 1);
+    lua_pop(L, 1);
   }
   if (heap == NULL && msg == NULL)
     return;
@@ -324,15 +332,24 @@ static void push_uv(lua_State *L, int idx, op_ltask *lt) {
 
 static const char task_magic = 'M';
 
-/* The task at idx, or raise. A full userdata of our size whose magic field
+/* The task at idx, or NULL. A full userdata of our size whose magic field
 ** holds the address of a static of this file is ours: cheaper than
 ** comparing metatables on every method call, and no other code can forge
 ** that address by accident. */
-static op_ltask *check_task(lua_State *L, int idx) {
+static op_ltask *to_task(lua_State *L, int idx) {
   op_ltask *lt = lua_touserdata(L, idx);
 
   if (lt == NULL || lua_type(L, idx) != LUA_TUSERDATA ||
       lua_rawlen(L, idx) != sizeof *lt || lt->magic != &task_magic)
+    return NULL;
+  return lt;
+}
+
+/* The task at idx, or raise. */
+static op_ltask *check_task(lua_State *L, int idx) {
+  op_ltask *lt = to_task(L, idx);
+
+  if (lt == NULL)
     luaL_typeerror(L, idx, TASK_MT);
   return lt;
 }
@@ -406,6 +423,15 @@ static int push_results(lua_State *L, op_ltask *lt) {
   int n, i;
 
   if (lt->kind == OP_LT_POOL) {
+    if (lt->t.buf.len > op__max_result(lt->rt)) {
+      lua_pushfstring(L,
+                      "cannot copy result: %I bytes encoded, more than "
+                      "max_result (%I); return less, or raise it with "
+                      "offpath.configure{max_result=}",
+                      (lua_Integer)lt->t.buf.len,
+                      (lua_Integer)op__max_result(lt->rt));
+      return -1;
+    }
     n = op__decode(lt->rt->xfer, L, lt->t.buf.p, lt->t.buf.len, err,
                    sizeof err);
     if (n < 0) {
@@ -425,15 +451,40 @@ static int push_results(lua_State *L, op_ltask *lt) {
   return n;
 }
 
-/* Push the error message of a task that ended otherwise.  [-0, +1, m] */
-static void push_error(lua_State *L, op_ltask *lt) {
+/* Weak-keyed table: error value -> the traceback of the task that raised
+** it, for offpath.traceback(err). */
+static const char tracebacks_key = 'B';
+
+/* Push the error of a task that ended otherwise and, beside it, the
+** traceback of an error value that is not a string (nil for a string
+** error, which carries its traceback, and for a timeout or a cancel).
+** [-0, +2, m] */
+static void push_failure(lua_State *L, op_ltask *lt) {
+  char err[256];
+  int n;
+
   switch (lt->state) {
   case OP_TASK_FAILED:
-    if (lt->kind == OP_LT_POOL)
-      lua_pushlstring(L, lt->t.buf.p, lt->t.buf.len);
-    else
+    if (lt->kind != OP_LT_POOL) {
       lua_rawgeti(L, LUA_REGISTRYINDEX, lt->res_ref);
-    break;
+      lua_rawgeti(L, LUA_REGISTRYINDEX, lt->tb_ref);
+      return;
+    }
+    if (!lt->t.errval) {
+      lua_pushlstring(L, lt->t.buf.p, lt->t.buf.len);
+      lua_pushnil(L);
+      return;
+    }
+    n = op__decode(lt->rt->xfer, L, lt->t.buf.p, lt->t.buf.len, err,
+                   sizeof err);
+    if (n == 2)
+      return;
+    if (n >= 0)
+      lua_pop(L, n);
+    lua_pushfstring(L, "cannot copy the error of %s: %s", lt->call,
+                    n >= 0 ? "bad encoding" : err);
+    lua_pushnil(L);
+    return;
   case OP_TASK_TIMEOUT:
     lua_pushfstring(L, "timeout after %f s in %s", lt->timeout, lt->call);
     break;
@@ -441,6 +492,75 @@ static void push_error(lua_State *L, op_ltask *lt) {
     lua_pushfstring(L, "cancelled: %s", lt->call);
     break;
   }
+  lua_pushnil(L);
+}
+
+/* Push the error of a failed task as text, for a report: a string error
+** as it is; another value described, as lua.c does, with its traceback.
+** [-0, +1, m] */
+static void push_error_text(lua_State *L, op_ltask *lt) {
+  int err;
+
+  push_failure(L, lt);
+  err = lua_absindex(L, -2);
+  if (lua_type(L, err) == LUA_TSTRING) {
+    lua_pop(L, 1);
+    return;
+  }
+  if (lua_type(L, err) == LUA_TNUMBER)
+    lua_pushstring(L, lua_tostring(L, err));
+  else if (!luaL_callmeta(L, err, "__tostring") ||
+           lua_type(L, -1) != LUA_TSTRING)
+    lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, err));
+  if (lua_type(L, err + 1) == LUA_TSTRING) {
+    lua_pushliteral(L, "\n");
+    lua_pushvalue(L, err + 1);
+    lua_concat(L, 3);
+  }
+  lua_replace(L, err);
+  lua_settop(L, err);
+}
+
+/* Remember the traceback tb (at -1) of the error value at -2, if that
+** value has an identity offpath.traceback can find it by.  [-0, +0, m] */
+static void note_traceback(lua_State *L) {
+  switch (lua_type(L, -2)) {
+  case LUA_TTABLE:
+  case LUA_TUSERDATA:
+  case LUA_TFUNCTION:
+  case LUA_TTHREAD:
+    if (lua_type(L, -1) != LUA_TSTRING)
+      return;
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &tracebacks_key);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    break;
+  default:
+    break;
+  }
+}
+
+int op__error_traceback(lua_State *L, int idx) {
+  int t = lua_type(L, idx);
+
+  if (t != LUA_TTABLE && t != LUA_TUSERDATA && t != LUA_TFUNCTION &&
+      t != LUA_TTHREAD)
+    return 0;
+  idx = lua_absindex(L, idx);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &tracebacks_key);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_pushvalue(L, idx);
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (lua_type(L, -1) == LUA_TSTRING)
+    return 1;
+  lua_pop(L, 1);
+  return 0;
 }
 
 /* ---- the end of a task ---- */
@@ -463,15 +583,22 @@ static void tell_waiter(op_ltask *lt, op_wait_id w) {
     if (n >= 0) {
       op__wait_resume(rt, w, n);
     } else {
+      char where[256];
+
       lua_xmove(co, L, 1);
+      lua_pushfstring(L, "%s (%s at %s)", lua_tostring(L, -1), lt->call,
+                      op__where(co, where, sizeof where));
       op__wait_fail(rt, w, lua_tostring(L, -1));
-      lua_pop(L, 1);
+      lua_pop(L, 2);
     }
     return;
   case OP_TASK_FAILED:
-    push_error(L, lt);
-    op__wait_fail(rt, w, luaL_tolstring(L, -1, NULL));
-    lua_pop(L, 2);
+    /* The error value itself, any value; its traceback beside it. */
+    push_failure(L, lt);
+    note_traceback(L);
+    lua_pop(L, 1);
+    lua_xmove(L, co, 1);
+    op__wait_fail_value(rt, w);
     return;
   case OP_TASK_TIMEOUT:
     snprintf(msg, sizeof msg, "timeout after %g s", lt->timeout);
@@ -483,8 +610,9 @@ static void tell_waiter(op_ltask *lt, op_wait_id w) {
   }
 }
 
-/* Push (ok, results...) or (false, message) on L for a callback.
-** Returns the count.  [-0, +n, m] */
+/* Push (true, results...), or (false, error) and, for an error value
+** that is not a string, its traceback, on L for a callback. Returns the
+** count.  [-0, +n, m] */
 static int push_outcome(lua_State *L, op_ltask *lt) {
   int n;
 
@@ -494,12 +622,18 @@ static int push_outcome(lua_State *L, op_ltask *lt) {
     if (n >= 0)
       return n + 1;
     lua_remove(L, -2);
+    lua_pushnil(L);
   } else {
-    push_error(L, lt);
+    push_failure(L, lt);
+    note_traceback(L);
   }
   lua_pushboolean(L, 0);
-  lua_insert(L, -2);
-  return 2;
+  lua_insert(L, -3);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return 2;
+  }
+  return 3;
 }
 
 /* Run the Trisul callbacks of a schedule: onresult(engine, data, result)
@@ -508,12 +642,13 @@ static int push_outcome(lua_State *L, op_ltask *lt) {
 static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
   op_runtime *rt = lt->rt;
   int ok = lt->state == OP_TASK_DONE, top = lua_gettop(L), n;
+  uint64_t t0 = uv_hrtime();
 
   lua_getiuservalue(L, obj, ok ? UV_CB : UV_ONERROR);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
     if (!ok) {
-      push_error(L, lt);
+      push_error_text(L, lt);
       lua_pushfstring(L, "offpath.schedule: %s", lua_tostring(L, -1));
       op__report_error(rt, lua_tostring(L, -1));
       op__group_fail(rt->grp, lua_tostring(L, -1));
@@ -535,14 +670,19 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
     lua_settop(L, top + 3 + 1); /* onresult(engine, data, first result) */
     (void)n;
   } else {
-    push_error(L, lt);
+    push_failure(L, lt); /* onerror(engine, data, err, traceback) */
+    note_traceback(L);
   }
-  if (op__pcall(L, 3, 0) != LUA_OK) {
+  rt->depth++; /* Lua runs: wake-ups it causes wait for the next turn */
+  if (op__pcall(L, ok ? 3 : 4, 0) != LUA_OK) {
     rt->call_errors++;
     op__report_error(rt, lua_tostring(L, -1));
     op__group_fail(rt->grp, lua_tostring(L, -1));
   }
+  rt->depth--;
   lua_settop(L, top);
+  /* Decoding and the callback ran on the loop thread like a resume. */
+  op__hist_add(&rt->call_hist, uv_hrtime() - t0);
 }
 
 /* End lt in state (once): stop its deadline, count it, tell its waiters,
@@ -597,6 +737,7 @@ static void notify(op_ltask *lt) {
   if (lt->has_cb) {
     c = op__co_acquire(rt);
     lua_getiuservalue(L, obj, UV_CB);
+    c->prep_t0 = uv_hrtime(); /* decoding counts in its latency */
     op__co_start(c, L, push_outcome(L, lt));
   }
   if (uv != 0 && lua_getfield(L, uv, "cbs") == LUA_TTABLE) {
@@ -604,6 +745,7 @@ static void notify(op_ltask *lt) {
     for (i = 1; i <= n; i++) {
       c = op__co_acquire(rt);
       lua_rawgeti(L, -1, i);
+      c->prep_t0 = uv_hrtime();
       op__co_start(c, L, push_outcome(L, lt));
     }
   }
@@ -634,7 +776,7 @@ static void task_notify(op_ltask *lt) {
   lt->grp = NULL;
   if ((lt->state == OP_TASK_FAILED || lt->state == OP_TASK_TIMEOUT) &&
       !lt->observed && !lt->sched) {
-    push_error(rt->L, lt);
+    push_error_text(rt->L, lt);
     op__group_fail(g, lua_tostring(rt->L, -1));
     lua_pop(rt->L, 1);
   }
@@ -784,6 +926,7 @@ static op_ltask *new_task(lua_State *L, int kind, const char *call, int own,
   lt->kind = (uint8_t)kind;
   lt->anchor = slot;
   lt->res_ref = LUA_NOREF;
+  lt->tb_ref = LUA_NOREF;
   lt->call = call;
   lt->own = (uint8_t)own;
   return lt;
@@ -917,16 +1060,34 @@ static void go_end(op_co *c, int status, int nres) {
       lua_setfield(L, -2, "n");
       lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
       task_end(lt, OP_TASK_DONE);
-    } else {
-      const char *msg = lua_tostring(c->L, -1);
-      if (msg == NULL)
-        msg = lua_pushfstring(c->L, "(error object is a %s value)",
-                              luaL_typename(c->L, -1));
-      luaL_traceback(L, c->L, msg, 0);
-      if (lt->finalized && !lt->observed)
-        report_unobserved(rt, lt->call, lua_tostring(L, -1));
+    } else if (lua_type(c->L, -1) == LUA_TSTRING) {
+      /* An error that already carries a traceback (raised again from a
+      ** wait) keeps the one of where it was first raised: appending one
+      ** per task would make a chain of failing waits quadratic. */
+      if (strstr(lua_tostring(c->L, -1), "\nstack traceback:") != NULL)
+        lua_xmove(c->L, L, 1);
+      else
+        luaL_traceback(L, c->L, lua_tostring(c->L, -1), 0);
       lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
       task_end(lt, OP_TASK_FAILED);
+    } else {
+      /* An error value: kept as it is, its traceback beside it (that of
+      ** where it was first raised, if it came from a task). */
+      if (op__error_traceback(c->L, -1))
+        lua_xmove(c->L, L, 1);
+      else
+        luaL_traceback(L, c->L, NULL, 0);
+      lt->tb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+      lua_xmove(c->L, L, 1);
+      lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+      task_end(lt, OP_TASK_FAILED);
+    }
+    if (lt->finalized && unobserved_failure(lt)) {
+      /* Its object was finalized while the coroutine ran (a Lua module
+      ** program ending): nobody can observe the failure any more. */
+      push_error_text(L, lt);
+      report_unobserved(rt, lt->call, lua_tostring(L, -1));
+      lua_pop(L, 1);
     }
   }
   maybe_release(lt);
@@ -980,9 +1141,62 @@ static void wait_abort(void *what, int code) {
     task_stop(what, code);
 }
 
+/* How many go tasks a wait follows to find a cycle (a waits on b, b on
+** c, c on a): enough for mistakes, and cheap for long chains. */
+#define CYCLE_HOPS 16
+
+/* Raise if the coroutine L, about to wait on lt, would wait on itself:
+** lt is its own go task, or a go task waiting (through at most
+** CYCLE_HOPS - 1 others) on it. Such a wait could never end.
+** [-0, +0, v] */
+static void check_cycle(lua_State *L, op_ltask *lt) {
+  op_co *me = op__co(L), *c;
+  int hops;
+
+  for (hops = 0; hops < CYCLE_HOPS; hops++) {
+    if (lt->kind != OP_LT_GO || (c = lt->co) == NULL)
+      return;
+    if (c == me) {
+      if (hops == 0)
+        luaL_error(L, "deadlock: a task cannot wait on itself");
+      luaL_error(L,
+                 "deadlock: a task cannot wait on itself (through %d "
+                 "other task%s waiting in turn)",
+                 hops, hops == 1 ? "" : "s");
+    }
+    if (c->wait == 0 || c->awaiting == NULL)
+      return;
+    lt = c->awaiting;
+  }
+}
+
+/* Make L a waiter of the task lt, which has not ended.  [-0, +0, e] */
+static void await_register(lua_State *L, op_ltask *lt, double timeout,
+                           const char *call, int own) {
+  op_wait_id w;
+
+  check_cycle(L, lt);
+  w = op__wait_new(L, call, timeout, own ? own_abort : wait_abort, lt);
+  op__co(L)->awaiting = lt;
+  if (lt->waiter == 0) {
+    lt->waiter = w;
+    return;
+  }
+  push_task(L, lt);
+  push_uv(L, -1, lt);
+  if (lua_getfield(L, -1, "waits") != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "waits");
+  }
+  lua_pushinteger(L, (lua_Integer)w);
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  lua_pop(L, 3);
+}
+
 int op__task_await(lua_State *L, op_ltask *lt, double timeout, const char *call,
                    int own) {
-  op_wait_id w;
   int n;
 
   remain_observed(L, lt);
@@ -991,28 +1205,106 @@ int op__task_await(lua_State *L, op_ltask *lt, double timeout, const char *call,
       n = push_results(L, lt);
       if (n >= 0)
         return n;
+      luaL_where(L, 1);
+      lua_insert(L, -2);
+      lua_concat(L, 2);
     } else {
-      push_error(L, lt);
+      push_failure(L, lt);
+      note_traceback(L);
+      lua_pop(L, 1);
     }
     return lua_error(L);
   }
-  w = op__wait_new(L, call, timeout, own ? own_abort : wait_abort, lt);
-  if (lt->waiter == 0) {
-    lt->waiter = w;
-  } else {
-    push_task(L, lt);
-    push_uv(L, -1, lt);
-    if (lua_getfield(L, -1, "waits") != LUA_TTABLE) {
-      lua_pop(L, 1);
-      lua_newtable(L);
-      lua_pushvalue(L, -1);
-      lua_setfield(L, -3, "waits");
-    }
-    lua_pushinteger(L, (lua_Integer)w);
-    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-    lua_pop(L, 3);
-  }
+  await_register(L, lt, timeout, call, own);
   return op__wait_yield(L);
+}
+
+/* ---- offpath.all ---- */
+
+/* Pop the n values on top of L into a new list, pushed.  [-n, +1, m] */
+static void pack_top(lua_State *L, int n) {
+  int j;
+
+  lua_createtable(L, n, 0);
+  lua_insert(L, -(n + 1));
+  for (j = n; j >= 1; j--)
+    lua_rawseti(L, -(j + 1), j);
+}
+
+/* The body of offpath.all, and its continuation. Stack: 1 the tasks (a
+** list of ours), 2 the outcomes; ctx: the task to wait for next. After a
+** wait, its outcome is above: (true, results...) or (false, error).
+** [-0, +1, e] */
+static int all_k(lua_State *L, int status, lua_KContext ctx) {
+  int i = (int)ctx, n = (int)lua_rawlen(L, 1), k;
+  op_ltask *lt;
+
+  if (status == LUA_YIELD) {
+    lua_rawgeti(L, 1, i);
+    lt = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (lt->state < OP_TASK_DONE) {
+      /* This wait ended, not the task: the caller was cancelled. */
+      lua_settop(L, 4);
+      return lua_error(L);
+    }
+    k = lua_gettop(L) - 2;
+    if (lt->state == OP_TASK_FAILED && lua_type(L, 4) != LUA_TSTRING) {
+      push_failure(L, lt); /* the traceback beside the error value */
+      lua_remove(L, -2);
+      k++;
+    }
+    pack_top(L, k);
+    lua_rawseti(L, 2, i++);
+  }
+  for (; i <= n; i++) {
+    lua_rawgeti(L, 1, i);
+    lt = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    remain_observed(L, lt);
+    if (lt->state >= OP_TASK_DONE) {
+      pack_top(L, push_outcome(L, lt));
+      lua_rawseti(L, 2, i);
+      continue;
+    }
+    await_register(L, lt, 0, "offpath.all", 0);
+    return op__wait_yieldk(L, (lua_KContext)i, all_k);
+  }
+  lua_settop(L, 2);
+  return 1;
+}
+
+int op__task_all(lua_State *L) {
+  int n, i, list = lua_gettop(L) == 1 && lua_type(L, 1) == LUA_TTABLE,
+            pending = 0;
+  op_ltask *lt;
+
+  n = list ? (int)lua_rawlen(L, 1) : lua_gettop(L);
+  luaL_checkstack(L, 4, "too many tasks");
+  lua_createtable(L, n, 0);
+  for (i = 1; i <= n; i++) {
+    if (list)
+      lua_rawgeti(L, 1, i);
+    else
+      lua_pushvalue(L, i);
+    if ((lt = to_task(L, -1)) == NULL) {
+      if (!list)
+        return luaL_typeerror(L, i, TASK_MT);
+      return luaL_argerror(L, 1,
+                           lua_pushfstring(L,
+                                           "offpath.task expected at index "
+                                           "%d, got %s",
+                                           i, luaL_typename(L, -1)));
+    }
+    pending |= lt->state < OP_TASK_DONE;
+    lua_rawseti(L, -2, i);
+  }
+  if (pending)
+    op__check_suspend(L, "offpath.all");
+  lua_replace(L, 1);
+  lua_settop(L, 1);
+  lua_createtable(L, n, 0);
+  return all_k(L, LUA_OK, 1);
 }
 
 void op__task_set_schedule(lua_State *L, op_ltask *lt, int data, int onresult,
@@ -1058,6 +1350,7 @@ static int task_on_done(lua_State *L) {
   if (lt->state >= OP_TASK_DONE) {
     c = op__co_acquire(lt->rt);
     lua_pushvalue(L, 2);
+    c->prep_t0 = uv_hrtime(); /* decoding counts in its latency */
     n = push_outcome(L, lt);
     op__co_start(c, L, n);
     lua_settop(L, 1);
@@ -1153,13 +1446,15 @@ static int task_gc(lua_State *L) {
   ** drained yet (the Lua module); go_end reports a failure then. */
   lt->finalized = lt->co != NULL;
   if (unobserved_failure(lt)) {
-    push_error(L, lt);
+    push_error_text(L, lt);
     report_unobserved(lt->rt, lt->call, lua_tostring(L, -1));
     lua_pop(L, 1);
   }
   if (lt->res_ref != LUA_NOREF)
     luaL_unref(L, LUA_REGISTRYINDEX, lt->res_ref);
-  lt->res_ref = LUA_NOREF;
+  if (lt->tb_ref != LUA_NOREF)
+    luaL_unref(L, LUA_REGISTRYINDEX, lt->tb_ref);
+  lt->res_ref = lt->tb_ref = LUA_NOREF;
   op__task_release(&lt->t);
   return 0;
 }
@@ -1195,6 +1490,12 @@ void op__task_open(lua_State *L) {
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, -2);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &remains_key);
+  lua_newtable(L); /* error value -> traceback, weak keys */
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &tracebacks_key);
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, sentinel_gc);
   lua_setfield(L, -2, "__gc");

@@ -147,7 +147,6 @@
 **   store      runtime-wide; entries live until retired and reaped (above).
 **   protos     per VM, C map Proto* -> id; anchors keep the Proto alive
 **              until evict_protos.
-**   cfuncs     per VM, C map function pointer -> id.
 **   named      per VM, C map object -> its name (pointer into the Lua
 **              string held by the names table).
 **   seen       per VM, C map object/upvalue cell -> seq, for one encode;
@@ -606,7 +605,6 @@ struct op_xfer {
   int layout_ok; /* lclosure_mirror matches this Lua */
   int busy;      /* an encode is running (re-entry from a finalizer) */
   pmap protos;   /* Proto* -> store id */
-  pmap cfuncs;   /* lua_CFunction -> store id */
   pmap named;    /* object -> name (aux: bytes, val: length) */
   pmap named_lf; /* the same for Lua closures (usually empty) */
   int fast_uv;   /* upval_mirror matches: read upvalues from the cells */
@@ -642,6 +640,8 @@ static char dumps_key;   /* fallback: dump string -> id */
 static char loaded_key;  /* package.loaded, as hooked */
 static char hook_key;    /* its metatable (anchors the epoch) */
 static char ecache_key;  /* the encode cache's string upvalues */
+static char hints_key;   /* C function -> why it stays in its VM */
+static char errtb_key;   /* traceback of the error being handled */
 
 #if LUA_VERSION_NUM == 504
 /* What lua_topointer returns for a Lua closure in Lua 5.4 (lobject.h). */
@@ -1073,7 +1073,6 @@ op_xfer *op__xfer_new(lua_State *L, op_protostore *ps) {
   x->L = L;
   x->ps = ps;
   pmap_init(&x->protos);
-  pmap_init(&x->cfuncs);
   pmap_init(&x->named);
   pmap_init(&x->named_lf);
   pmap_init(&x->seen);
@@ -1132,7 +1131,6 @@ void op__xfer_free(op_xfer *x) {
   }
   free(x->fc);
   pmap_free(&x->protos);
-  pmap_free(&x->cfuncs);
   pmap_free(&x->named);
   pmap_free(&x->named_lf);
   pmap_free(&x->seen);
@@ -1283,6 +1281,18 @@ static int refuse(enc *e, const char *what) {
     setmsg(e->err, e->errlen, "cannot copy %s (%s)", what, p);
   else
     setmsg(e->err, e->errlen, "cannot copy %s", what);
+  return OP_ECOPY;
+}
+
+/* Fail with "cannot copy <what> (<path>): <hint>".  [-0, +0, -] */
+static int refuse_hint(enc *e, const char *what, const char *hint) {
+  char p[512];
+
+  path_text(e, e->npath, p, sizeof p);
+  if (p[0])
+    setmsg(e->err, e->errlen, "cannot copy %s (%s): %s", what, p, hint);
+  else
+    setmsg(e->err, e->errlen, "cannot copy %s: %s", what, hint);
   return OP_ECOPY;
 }
 
@@ -1923,41 +1933,31 @@ static int enc_lfunc(enc *e, int idx) {
   return 0;
 }
 
-/* Encode the C function at idx: its name, or its store id if it has no
-** upvalues.  [-0, +0, -] */
+/* Encode the C function at idx: by name only. A C function reached any
+** other way is refused: its pointer means nothing to the other VM's state
+** (an engine method would run against the worker's lua_State), so it
+** never crosses by address. The refusal says why, with the hint given to
+** op__xfer_hint for it if any.  [-0, +0, -] */
 static int enc_cfunc(enc *e, int idx) {
   lua_State *L = e->L;
-  lua_CFunction fn;
-  const pslot *cs;
-  pslot *s;
-  sentry *se;
-  uint64_t id;
+  const char *hint = NULL;
   int rc;
 
   if ((rc = enc_named(e, lua_topointer(L, idx), 1)) != 0)
     return rc < 0 ? rc : 0;
-  if (NEED(e, 2))
-    return OP_ENOMEM;
-  if (lua_getupvalue(L, idx, 1) != NULL) {
+  if (lua_checkstack(L, 2)) {
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hints_key) == LUA_TTABLE) {
+      lua_pushvalue(L, idx);
+      if (lua_rawget(L, -2) == LUA_TSTRING)
+        hint = lua_tostring(L, -1); /* anchored by the hints table */
+      lua_pop(L, 1);
+    }
     lua_pop(L, 1);
-    return refuse(e, "C function with upvalues");
   }
-  fn = lua_tocfunction(L, idx);
-  if ((cs = pmap_find(&e->x->cfuncs, (const void *)(uintptr_t)fn)) != NULL)
-    return put_tagv(e, T_CFUNC, ID_MAKE(cs->val, cs->aux));
-  if ((se = malloc(sizeof *se)) == NULL)
-    return nomem(e);
-  se->kind = S_CFUNC;
-  se->nup = 0;
-  se->fn = fn;
-  se->len = 0;
-  if (store_add(e->x->ps, se, &id) != 0)
-    return nomem(e);
-  if ((s = pmap_add(&e->x->cfuncs, (const void *)(uintptr_t)fn)) != NULL) {
-    s->val = (uint32_t)ID_SLOT(id); /* else: stored again next time */
-    s->aux = ID_GEN(id);
-  }
-  return put_tagv(e, T_CFUNC, id);
+  if (hint == NULL)
+    hint = "only library and module functions cross, by name; "
+           "call it on this side, or require its module in the worker";
+  return refuse_hint(e, "C function", hint);
 }
 
 /* Encode the value at idx (an absolute index).  [-0, +0, -] */
@@ -3339,4 +3339,134 @@ void op__xfer_paths_in(op_xfer *x, lua_State *L) {
 int op__encoded_by_name(const char *p, size_t len) {
   return len >= 2 && (p[0] == T_HDR || p[0] == T_HDR_REFS) &&
          (unsigned char)p[1] == T_NAMED;
+}
+
+/* ---- hints and errors that cross ---- */
+
+/* Give the C functions in the table at idx (and the function itself, if
+** idx holds one) the hint a refusal to copy them shows.  [-0, +0, m] */
+void op__xfer_hint(lua_State *L, int idx, const char *hint) {
+  idx = lua_absindex(L, idx);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hints_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 1); /* weak keys: a hint keeps nothing alive */
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &hints_key);
+  }
+  if (lua_iscfunction(L, idx)) {
+    lua_pushvalue(L, idx);
+    lua_pushstring(L, hint);
+    lua_rawset(L, -3);
+  } else if (lua_istable(L, idx)) {
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      if (lua_iscfunction(L, -1)) {
+        lua_pushstring(L, hint);
+        lua_rawset(L, -4); /* hints[fn] = hint: leaves the key */
+      } else {
+        lua_pop(L, 1);
+      }
+    }
+  }
+  lua_pop(L, 1);
+}
+
+/* Message handler of worker tasks: a string error gets the traceback
+** appended, as op__traceback does; any other value is returned as it is,
+** and its traceback is kept for op__encode_error.  [-1, +1, m] */
+int op__xfer_msgh(lua_State *L) {
+  if (lua_type(L, 1) == LUA_TSTRING) {
+    luaL_traceback(L, L, lua_tostring(L, 1), 1);
+    return 1;
+  }
+  lua_settop(L, 1);
+  luaL_traceback(L, L, NULL, 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &errtb_key);
+  return 1;
+}
+
+/* Describe the error value at idx as text, as lua.c does: a string or
+** number as it is, else its __tostring, else its type.  [-0, +1, m] */
+static void push_error_text(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+    lua_pushvalue(L, idx);
+    lua_tostring(L, -1);
+  } else if (!luaL_callmeta(L, idx, "__tostring") ||
+             lua_type(L, -1) != LUA_TSTRING) {
+    lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
+  }
+}
+
+/* The protected part of op__encode_error (ud: its arguments). */
+typedef struct errenc {
+  op_xfer *x;
+  op_buf *b;
+  int value, rc;
+} errenc;
+
+static int encode_error_body(lua_State *L) {
+  errenc *a = lua_touserdata(L, 1);
+  char err[256];
+  int top = 2; /* the error value */
+
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &errtb_key);
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &errtb_key);
+  if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    lua_pushliteral(L, "stack traceback:\n\t[?]");
+  }
+  lua_pushvalue(L, top);
+  lua_insert(L, -2); /* the value, then its traceback */
+  if (op__encode(a->x, L, lua_gettop(L) - 1, 2, a->b, "error", 0, err,
+                 sizeof err) == 0) {
+    a->value = 1;
+    return 0;
+  }
+  /* The value cannot cross: send its description and the reason. */
+  push_error_text(L, top);
+  lua_pushfstring(L, " (%s)\n", err);
+  lua_pushvalue(L, 4); /* the traceback */
+  lua_concat(L, 3);
+  if (op__buf_append(a->b, lua_tostring(L, -1), lua_rawlen(L, -1)) != 0)
+    a->rc = OP_ENOMEM;
+  return 0;
+}
+
+int op__encode_error(op_xfer *x, lua_State *L, op_buf *b, int *value) {
+  errenc a;
+  size_t len0 = b->len;
+  const char *s;
+  int top = lua_gettop(L);
+
+  *value = 0;
+  if (lua_type(L, top) == LUA_TSTRING) {
+    size_t len;
+    s = lua_tolstring(L, top, &len);
+    return op__buf_append(b, s, len) != 0 ? OP_ENOMEM : 0;
+  }
+  /* Protected: the worker's VM may be out of memory (or at its limit). */
+  a.x = x;
+  a.b = b;
+  a.value = 0;
+  a.rc = 0;
+  if (!lua_checkstack(L, 3))
+    return OP_ENOMEM;
+  lua_pushcfunction(L, encode_error_body);
+  lua_pushlightuserdata(L, &a);
+  lua_pushvalue(L, top);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    b->len = len0;
+    s = "(error object is not a string; out of memory copying it)";
+    a.rc = op__buf_append(b, s, strlen(s)) != 0 ? OP_ENOMEM : 0;
+    a.value = 0;
+  }
+  lua_settop(L, top);
+  *value = a.value;
+  return a.rc;
 }

@@ -597,18 +597,41 @@ static void test_missing_name(void) {
   teardown(&p);
 }
 
-/* A C function without upvalues crosses as the same pointer. */
+/* A C function crosses only by name: its pointer would run against the
+** other VM's state. One reached any other way is refused with its path
+** and a hint, the one given to op__xfer_hint if any (engine methods). */
 static void test_cfunction(void) {
   pair p;
 
   setup(&p);
   lua_pushcfunction(p.A, cf_add);
   lua_setglobal(p.A, "cadd"); /* after op__xfer_new: not a library name */
-  roundtrip(&p, "local add = cadd return function(a) return add(a, 1) end",
-            "local f = ... assert(f(41) == 42)");
-  roundtrip(&p, "return cadd",
-            "local f = ... assert(debug.getinfo(f, 'S').what == 'C') "
-            "assert(f(1, 2) == 3)");
+  refused(&p, "local add = cadd return function(a) return add(a, 1) end",
+          "function", 0,
+          "cannot copy C function (upvalue 'add' of function): only "
+          "library and module functions cross, by name; call it on this "
+          "side, or require its module in the worker");
+  refused(&p, "return cadd", "argument", 1,
+          "cannot copy C function (argument 1): only library and module "
+          "functions cross, by name; call it on this side, or require its "
+          "module in the worker");
+  /* the engine's methods: a table of C functions given a hint */
+  dostr(p.A, "engine = { count = cadd }");
+  lua_getglobal(p.A, "engine");
+  op__xfer_hint(p.A, -1, "engine methods run on the main thread");
+  lua_pop(p.A, 1);
+  refused(&p,
+          "local engine = engine "
+          "return function() return engine:count('x') end",
+          "function", 0,
+          "cannot copy C function (upvalue 'engine' of function field "
+          "'count'): engine methods run on the main thread");
+  refused(&p, "local count = engine.count return 1, count", "argument", 1,
+          "cannot copy C function (argument 2): engine methods run on the "
+          "main thread");
+  /* named C functions still cross, to the destination's own copy */
+  roundtrip(&p, "local f = string.format return function() return f end",
+            "local f = ... assert(f() == string.format)");
   teardown(&p);
 }
 
@@ -641,7 +664,10 @@ static void test_refusals(void) {
   refused(&p,
           "local f = coroutine.wrap(print) "
           "return function() return f end",
-          NULL, 0, "cannot copy C function with upvalues (upvalue 'f')");
+          NULL, 0,
+          "cannot copy C function (upvalue 'f'): only library and module "
+          "functions cross, by name; call it on this side, or require its "
+          "module in the worker");
   refused(&p, "return { a = { 1, 2, newud() } }", "argument", 1,
           "cannot copy userdata (argument 1 field 'a' field 3)");
   refused(&p, "return { [newud()] = 1 }", "argument", 1,
