@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Thin wrapper over CMake. Every target installs missing Debian packages
 # first (scripts/deps.sh), so a fresh machine needs nothing else.
 #

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** bench.h - what the benchmark programs share: the clock and option
 ** parsing. A program defines BENCH_NAME (its name, for messages) before

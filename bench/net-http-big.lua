@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- net-http-big.lua - offpath's side of bench/net-http-big.sh: downloads
 -- URL (SIZE bytes) once to OUTPUT with `output`, and once through
 -- `on_data`, and prints for each the rate and the peak resident memory of

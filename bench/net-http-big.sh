@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # net-http-big.sh - a download of SIZE bytes (default 1 GiB) from a local
 # nginx with offpath.http, to a file (`output`) and through `on_data`: the
 # rate and the peak resident memory, which stays that of an idle engine

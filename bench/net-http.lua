@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- net-http.lua - offpath's side of bench/net-http.sh: CONC coroutines each
 -- doing GET URL in a loop for DURATION seconds on offpath.http (one libcurl
 -- multi handle, kept-alive connections). Prints one line, with the CPU

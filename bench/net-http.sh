@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # net-http.sh - HTTP requests per second against a local nginx at CONC
 # concurrent requests: offpath.http (bench/net-http.lua) versus a plain C
 # client on libcurl's multi-socket interface and libuv (bench/peer-curluv.c,

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- net-pg.lua - offpath's side of bench/net-pg.sh: CONC coroutines, each
 -- running pgbench's select-only query in a loop for DURATION seconds, on
 -- one offpath.pg pool of CONC connections. MODE=simple puts the key in the

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # net-pg.sh - PostgreSQL simple queries per second at CONC concurrent
 # queries: offpath.pg (bench/net-pg.lua: CONC coroutines on a pool of CONC
 # connections, one loop thread) versus pgbench -S (the built-in select-only

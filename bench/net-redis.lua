@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- net-redis.lua - offpath's side of bench/net-redis.sh: CONC coroutines
 -- each doing GET on one key in a loop for DURATION seconds, all on one
 -- offpath.redis client (its shared connection pipelines them). Prints:

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # net-redis.sh - Redis commands per second at CONC concurrent commands:
 # offpath.redis (bench/net-redis.lua: CONC coroutines on one client, whose
 # shared connection pipelines their commands) versus redis-benchmark doing

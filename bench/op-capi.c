@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** op-capi.c - offpath's C API round trip: x + 1 through op_submit on a pool
 ** of N workers, pipelined (up to 1024 in flight), one at a time, or one

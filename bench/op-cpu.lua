@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- op-cpu.lua - the speed of Lua code inside a worker VM against the same
 -- code in a plain lua5.4: a loop summing i % 7, 3e7 times. Run as
 --   offpath run bench/op-cpu.lua --input /dev/null   (OP_DEADLINE=1: with

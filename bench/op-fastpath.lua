@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- op-fastpath.lua - the fast path under slow work: a stream of records where
 -- every OP_SLOW_EVERY-th one (10 % by default) needs OP_SLOW_MS (10) ms of
 -- blocking work, done inline on the main thread or through offpath.run.

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- op-memory.lua - memory: resident bytes per idle worker VM, and per task in
 -- flight (queued behind a busy worker).
 -- Thread: the main VM; the pools' worker VMs.

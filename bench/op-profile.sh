@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # op-profile.sh - instructions per task of offpath's hot paths, with
 # callgrind: the same benchmark at two sizes, and the difference per task of
 # every function's cost, so start-up and shut-down cancel out.

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- op-protos.lua - memory with functions made per event: OP_PROTOS distinct
 -- prototypes (a filter compiled with load() from each record) sent to a
 -- pool one after another. The prototype store and the factory caches are

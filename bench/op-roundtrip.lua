@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- op-roundtrip.lua - offpath's Lua API round trip: x + 1 in a worker VM,
 -- pipelined (up to 1024 tasks in flight) or one at a time.
 -- Thread: the main VM (on_start is a handler coroutine and may suspend); the

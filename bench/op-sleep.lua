@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- op-sleep.lua - scale of suspension: N handlers suspended in offpath.sleep
 -- at once, all due at the same moment; peak RSS and the time to wake them.
 -- Thread: the main VM only (no pool is used).

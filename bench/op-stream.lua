@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- op-stream.lua - stream throughput: records from the host's input through a
 -- trivial on_event, the same function as bench/peer-lines.lua calls in a
 -- plain lua5.4 loop over io.lines.

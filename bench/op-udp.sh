@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # op-udp.sh - the fast path under slow work, over UDP: bench/op-udpsend
 # sends COUNT records at RATE a second to the host's udp:// input, whose
 # script (bench/op-fastpath.lua) does 10 % of them slowly, inline or through

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** op-udpsend.c - a UDP sender at a fixed rate, for the fast-path benchmark
 ** over UDP (bench/op-udp.sh): COUNT datagrams to 127.0.0.1:PORT, RATE a

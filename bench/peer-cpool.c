@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** peer-cpool.c - the plain C pool that offpath is measured against.
 ** Thread: main() submits and drains on the main thread; worker_main() on

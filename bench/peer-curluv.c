@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** peer-curluv.c - the fair limit for offpath.http: a plain C client on
 ** libcurl's multi-socket interface driven by libuv, curl's documented

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- peer-lines.lua - the stream-throughput peer: a plain lua5.4 loop over
 -- io.lines calling a trivial on_event per record, on one thread.
 --

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- peer-luv.lua - the luv peer: x + 1 through uv.new_work / uv.queue_work.
 -- Thread: the script runs on the loop thread; the work function runs in
 -- luv's per-thread Lua states on libuv's threadpool.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** peer-uvwork.c - the libuv uv_queue_work peer: x + 1 on libuv's threadpool.
 ** Thread: everything here runs on the loop thread except work_cb(), which

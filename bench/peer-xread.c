@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** peer-xread.c - the plain consumer-group reader offpath's redis-stream://
 ** input is measured against: hiredis' blocking API, XREADGROUP of up to

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # run.sh - run the benchmark suite (bench/suite.txt) in interleaved rounds
 # and write medians, spreads and ratios into docs/benchmarks.md, between the
 # markers <!-- bench:begin --> and <!-- bench:end -->; text around them stays.

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # scale-rstream.sh - offpath instances sharing one Redis stream through a
 # consumer group (--input redis-stream://). Starts redis-server itself
 # (tests/fixtures/redis.sh) on a free port and prints one line:

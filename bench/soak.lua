@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- soak.lua - a long run with failures mixed in: OP_SOAK_TASKS tasks (default
 -- 10,000,000), most of them small, with random errors, timeouts, cancels,
 -- large values (1 MB each way), tasks that grow a table until their pool's

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Writes OUT: a C file holding every lua/offpath/*.lua under SRC as bytes,
 # so the modules ship inside liboffpath (see op__preload_modules).
 file(GLOB mods ${SRC}/offpath/*.lua)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Fuzz targets: every tests/fuzz/fuzz-<name>.c defines LLVMFuzzerTestOneInput.
 #
 # With OP_FUZZ=ON (clang only) each becomes a libFuzzer executable,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Install rules (included by the top CMakeLists.txt).
 #
 # Everything is installed relative to the prefix given at install time:

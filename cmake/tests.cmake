@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Test registration. Every tests/c/test-<area>.c is one executable and one
 # ctest entry named c/<area>; every tests/lua/<area>.lua (names starting with
 # an underscore are helpers) is run by the offpath host as lua/<area>.

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- hello.lua: the smallest script for the offpath command. Each record is
 -- counted and answered: a line with a greeting, a JSON record (--format
 -- json) with a table, which engine:emit writes back as JSON.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** offpath.h - the public C API of liboffpath.
 ** Keeps blocking work off the fast path of Lua-scripted engines: named

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # deps.sh - install the Debian packages offpath needs to build, test and
 # benchmark, if any are missing. Idempotent: when everything is present it
 # only runs one dpkg-query and exits.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** alloc.c - the allocator of the Lua VMs offpath makes: byte accounting,
 ** the per-VM memory limit, and the failure injection the tests use.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** buf.c - growable byte buffers with inline storage for small payloads.
 ** Thread: any; a buffer belongs to one thread at a time.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** group.c - invocation groups: a handler call made with op_call_track()
 ** and everything it started, counted until the last of them ends.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** hist.h - log-linear latency histograms, in nanoseconds: exact below
 ** 8 ns, then 8 sub-buckets per octave, so every value is reported within

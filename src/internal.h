@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** internal.h - declarations shared between liboffpath's source files.
 ** Nothing here is public. Functions named op__* are built with hidden

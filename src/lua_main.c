@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** lua_main.c - the offpath module of the main VM: run, launch, schedule, go,
 ** all, sleep, configure, stats, context, can_suspend, now, traceback.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** lua_module.c - offpath.so, the Lua module: require "offpath" from a stock
 ** lua5.4 program runs a runtime on the program's own lua_State, adds

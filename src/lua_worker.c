@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** lua_worker.c - the offpath module inside worker VMs (block, cancelled,
 ** worker, sleep, now, can_suspend), and the loop-thread half of block

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** pool.c - named worker pools: threads, bounded queues, worker lua_States.
 ** Thread: op__pool_* on the loop thread; worker_main() on pool threads.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** runtime.c - configuration, lifecycle, loop integration, the completion
 ** queue, scripts and handler calls.

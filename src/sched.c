@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** sched.c - main-thread coroutines and the waits they suspend on.
 ** Thread: loop, always.

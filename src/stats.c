@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** stats.c - the statistics the runtime reports (histograms: hist.c).
 ** Thread: loop.

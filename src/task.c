@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** task.c - the offpath.task objects of the main VM: pool tasks and go tasks,
 ** their completion, deadlines, cancellation, waiters and callbacks.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** transfer.c - copying Lua values between VMs: the wire encoding, the
 ** runtime-wide prototype store, and each VM's name maps and caches.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** util.c - error codes, version, panics: small things every file uses.
 ** Thread: any.

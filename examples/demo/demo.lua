@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- demo.lua - one event handler, two ways of doing its slow part.
 --
 -- Every event counts traffic per user. One event in ten is a "lookup" that

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # run.sh - the offpath demo (`make run`): the same stream of 2000 events
 # through the same handler, once with its 10 ms blocking lookup inline on
 # the main thread and once offloaded to a worker pool, and the main

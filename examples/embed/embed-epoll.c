@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** embed-epoll.c - embedding offpath in a host with its own epoll loop.
 ** Thread: main (the host's loop thread), except the pool threads offpath

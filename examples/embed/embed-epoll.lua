@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- embed-epoll.lua - the handler that examples/embed/embed-epoll.c calls per
 -- line received on its TCP port. Commands:
 --   sum N        the sum 1..N, computed on a "cpu" pool thread

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** embed-uv.c - embedding offpath in a host that runs its own libuv loop.
 ** Thread: main (the host's loop thread), except the pool threads offpath

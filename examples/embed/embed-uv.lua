@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- embed-uv.lua - the handler that examples/embed/embed-uv.c calls per event.
 -- The host calls on_event(engine, n) in a coroutine; the sum below runs on a
 -- "cpu" pool thread while the host's loop goes on, and the handler resumes

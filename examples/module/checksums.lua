@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- checksums.lua: offpath from a plain Lua 5.4 program, without the offpath
 -- command. Build, then run it with the module on the C path:
 --

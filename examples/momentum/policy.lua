@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- policy.lua - a Momentum-style policy script run by the offpath host: a
 -- blocking lookup moved off the scheduler thread with msys.runInPool, a
 -- per-thread cache in _OSTLS, session state in _TLS, a fire-and-forget

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- validate.lua - a Momentum policy scriptlet as Momentum users write it:
 -- a module of validation callbacks given to msys.registerModule, with the
 -- msys.runInPool examples of its page, run as it is by the offpath host.

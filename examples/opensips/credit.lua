@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- credit.lua - the OpenSIPS prepaid credit check, on the offpath host.
 --
 --   OFFPATH_PG='host=127.0.0.1 port=5432 dbname=billing user=opensips' \

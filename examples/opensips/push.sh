@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # push.sh USER TOKEN MESSAGE - the push-notification sender credit.lua
 # launches. A stand-in for the real one (which would post MESSAGE to a push
 # gateway for the device TOKEN): it appends "USER TOKEN MESSAGE" to the

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- blpop-wait.lua - wait with BLPOP until an expected value arrives on a
 -- list, while the other commands keep flowing.
 --

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- cache-first.lua - answer from a cache without suspending; go
 -- asynchronous only on a miss, and cache what comes back with an expiry.
 --

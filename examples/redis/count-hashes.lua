@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- count-hashes.lua - the "count hashes in batches" function of Redis'
 -- "Sync & Async" page, ported line for line: the keyspace lives on the
 -- main thread (which plays the Redis server's role), the function runs in

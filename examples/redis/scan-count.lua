@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- scan-count.lua - count the Redis hashes whose `name` field matches a
 -- pattern, walking the keyspace with SCAN in batches, each batch atomic,
 -- while the main thread keeps serving events: the "count hashes in

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- copy-file.lua - Trisul's "copy a file without blocking the fast path"
 -- (T.async:copy), run by the offpath host.
 --

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- sha1sum.lua - Trisul's T.async:schedule example, as its page prints it:
 -- the SHA-1 of an extracted file is computed in onexecute (on the plugin's
 -- async worker, with io.popen) and printed in onresult (back on the fast

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- offpath/momentum.lua - the Momentum (msys) threadpool interface on top
 -- of offpath: msys.runInPool, msys.threadpool.stat/count/find, msys.sleep,
 -- msys.registerModule, the msys.core constants (ECTP_COMPLETE_CALLBACK,

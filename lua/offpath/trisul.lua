@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- offpath/trisul.lua - the Trisul script interface on top of offpath:
 -- a global T with T.async (schedule, copy, cat, rm, copybuffer,
 -- pending_items), run by the script's own pool, sized by

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** engine.c - the engine object handed to handlers (count, gauge, alert,
 ** emit, stats), the trampoline that runs every handler call and accounts

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** host.h - private declarations of the offpath command: the host state,
 ** input sources, the line splitter, record decoding and statistics.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** input.c - the host's input sources: stdin, files and FIFOs, tcp://
 ** listeners with many clients, udp:// sockets; line splitting, handing

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** json.c - records as JSON: one line of text to a Lua value (decoded by
 ** jansson), and a Lua value to compact JSON text for engine:emit and the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** lines.c - the line splitter: bytes in at the end, lines out at the front,
 ** with a bound on line length. Pure C (no libuv, no Lua), fuzzed by

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** main.c - the offpath command: options, the runtime's set-up, the
 ** lifecycle (on_start, inputs, on_tick, signals and the grace period,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** metrics.c - --metrics HOST:PORT: the host's statistics in the Prometheus
 ** text exposition format, served over HTTP by libmicrohttpd.

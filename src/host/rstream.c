@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** rstream.c - Redis Streams for the offpath command: the redis-stream://
 ** input, a consumer of a consumer group, and the redis-stream:// output

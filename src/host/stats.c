@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** stats.c - the host's statistics: the summary as a Lua table
 ** (engine:stats(), --json), the text summary at exit and the --stats line

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** exec.c - offpath.exec: child processes on the libuv loop, no thread.
 ** Thread: loop, always.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** fs.c - offpath.copy, offpath.cat, offpath.readfile, offpath.writefile:
 ** whole-file operations run as C tasks on a pool (default "io"), since

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** http.c - offpath.http: non-blocking HTTP(S) on libcurl's multi-socket
 ** interface, driven by the runtime's libuv loop. Thread: loop.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** io.c - the list of built-in I/O modules: each io/ file adds its functions
 ** to the main-thread offpath table, and closes what it keeps open at

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** pg.c - offpath.pg: non-blocking PostgreSQL on libpq's asynchronous API,
 ** with a pool of connections per database object.

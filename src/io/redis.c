@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** redis.c - offpath.redis: non-blocking Redis on hiredis' async API and its
 ** libuv adapter. Thread: loop.

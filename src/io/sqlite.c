@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** sqlite.c - offpath.sqlite: SQLite databases used from a pool (io by
 ** default), with one connection per worker thread and database.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** hang.h - helpers for tests of connects that never complete: a loopback
 ** listener whose accept queue is full (backlog 0, never accepts, filled by

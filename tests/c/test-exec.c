@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-exec.c - offpath.exec at runtime shutdown: a child still running
 ** when the runtime is freed is killed at once (no grace period wait) and

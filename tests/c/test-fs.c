@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-fs.c - the file calls at runtime shutdown with OP_SHUTDOWN_CANCEL: a
 ** readfile still queued behind a busy worker never runs, and its waiter is

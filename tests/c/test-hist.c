@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-hist.c - latency histograms (hist.c): quantiles stay inside the
 ** exact minimum and maximum, and are within the documented precision.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-http-hang.c - offpath.http against a connect that never completes
 ** (tests/c/hang.h): the request's timeout fires, curl's own connect

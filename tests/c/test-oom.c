@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-oom.c - failure injection, as SQLite does it: the n-th Lua
 ** allocation fails (op__alloc_fail, alloc.c), for every n until a run

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-pg-hang.c - offpath.pg.connect against a server that never answers:
 ** a listening socket nobody accepts on. The connect must end with a

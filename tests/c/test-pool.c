@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-pool.c - pools through the C API: C tasks, completion exactly once,
 ** full queues, shutdown draining or cancelling, poll-loop integration,

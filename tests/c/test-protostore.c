@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-protostore.c - the prototype store stays bounded: functions made
 ** per event with load() are evicted on both sides, a reused Proto address

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-redis-hang.c - offpath.redis against a connect that never
 ** completes (tests/c/hang.h): connect's timeout, a call's timeout on a

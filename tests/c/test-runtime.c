@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-runtime.c - the runtime through the C API: loading scripts, calling
 ** handlers, errors with file and line, engine functions, shutdown of

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-stdfds.c - op_runtime_new in a process started with its standard
 ** descriptors closed: they are opened on /dev/null first, so that none of

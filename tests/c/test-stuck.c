@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-stuck.c - a worker whose task never reaches the stop hook (a
 ** finalizer that loops for a while: Lua runs finalizers with hooks off)

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-track.c - op_call_track: the callback runs once, after the handler
 ** and everything it started (go coroutines, launched and scheduled tasks,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test-transfer.c - encoding Lua values in one VM and decoding them in
 ** another (transfer.c), with no runtime: two lua_States, one store.

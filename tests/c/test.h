@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** test.h - assertions for the C unit tests. Never compiled out; a failure
 ** prints file, line, both expressions and both values, then aborts.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** consumer.c - a program that uses liboffpath the way an engine does, built
 ** by tests/sh/install.sh against an installed prefix (CMake package,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** fuzz-decode.c - libFuzzer target: op__decode given arbitrary bytes must
 ** return values or an error, never crash, leak or unbalance the stack.

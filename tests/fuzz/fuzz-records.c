@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** fuzz-records.c - libFuzzer target for the host's record path: the line
 ** splitter (src/host/lines.c) fed in arbitrary chunks and checked against

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
 ** replay.c - runs a fuzz target's LLVMFuzzerTestOneInput over the files
 ** given (or the files in the directories given), once each, in name order,

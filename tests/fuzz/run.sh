@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # run.sh BUILD_DIR [SECONDS] - run every libFuzzer target built in BUILD_DIR
 # (cmake -DOP_FUZZ=ON, see cmake/fuzz.cmake) for SECONDS each (default 30),
 # starting from its seed corpus tests/fuzz/corpus/<name>. New inputs go to

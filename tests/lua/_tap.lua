@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- _tap.lua - a small test helper for Lua tests run by the offpath host.
 --
 --   local T = require "_tap"

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- block.lua - offpath.block: sections run atomically on the main thread
 -- from workers; results, errors, values that cannot cross, the budget and
 -- its policies, and the upvalues a section assigns, copied back.

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- core.lua - run/launch/schedule/go, waits, errors, timeouts, cancellation.
 -- LABELS: core
 local T = require "_tap"

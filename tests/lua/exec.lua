@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- exec.lua - offpath.exec: both command forms, stdin, env, cwd, exit codes
 -- and signals, large outputs, timeouts that kill (no zombie), cancel.
 -- LABELS: io exec

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- fs-stop.lua - file operations stop when their wait ends (timeout,
 -- cancel): an endless source does not keep its worker reading until
 -- memory runs out; readfile has a size limit (max_size).

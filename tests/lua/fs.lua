@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- fs.lua - offpath.readfile, writefile, copy and cat: results, errors that
 -- name the path and the reason, large files, timeouts, a full queue.
 -- LABELS: io fs tsan

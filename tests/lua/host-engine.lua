@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- host-engine.lua - the engine object of the offpath host: count, gauge,
 -- alert, emit (and its refusals), stats; the offpath global.
 -- LABELS: host

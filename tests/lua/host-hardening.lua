@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- host-hardening.lua - what a hostile script tries on the host side: the
 -- budget of a block section against debug.sethook, method errors named
 -- however the method was called, the statistics' exact latency bounds

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- host-objects.lua - host objects never reach a worker: the engine's
 -- methods (C functions of the host) and userdata are refused at submit
 -- time, on the main thread, with their path and a hint, however they are

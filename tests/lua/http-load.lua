@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- http-load.lua - offpath.http against a small, misbehaving server
 -- (tests/fixtures/httpd.py: listen backlog 8, HTTP/1.0 and 1.1, chunked,
 -- redirects, resets mid-response, a port that never accepts): bursts of

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- http.lua - offpath.http against a real nginx (tests/fixtures/nginx.sh):
 -- methods, headers, bodies, statuses, every error kind, timeouts, size
 -- limits, redirects, HTTPS, concurrency and connection reuse.

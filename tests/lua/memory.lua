@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- memory.lua - memory limits of worker VMs, and heaps collected when idle.
 -- LABELS: memory
 local T = require "_tap"

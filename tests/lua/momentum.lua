@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- momentum.lua - the Momentum interface: msys.runInPool in its four forms
 -- (the page's examples as printed), msys in the pool closures, stable pool
 -- ids, refusals at the caller's line, _TLS and _OSTLS,

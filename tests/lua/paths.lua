@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- paths.lua - workers require with the main VM's package.path and
 -- package.cpath as they are when the task is submitted, and a module a
 -- worker cannot find is reported once ("cannot copy: no value named ...").

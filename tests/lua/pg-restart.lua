@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- pg-restart.lua - an offpath.pg pool across a restart of its server:
 -- queries in flight fail once with a clear error, queries while the server
 -- is down fail fast with the backoff said, and once it is back the same db

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- pg.lua - offpath.pg against a real PostgreSQL server: connect, typed
 -- results, parameters, errors with SQLSTATE, timeouts that cancel on the
 -- server, the connection pool.

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- redis-restart.lua - an offpath.redis client across a restart of its
 -- server: calls in flight fail once with a clear error, calls while the
 -- server is down fail fast with the backoff said, and once it is back the

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- redis.lua - offpath.redis against a real redis-server
 -- (tests/fixtures/redis.sh): reply types, errors, pipelining, blocking
 -- commands on their own connection, timeouts that never misdeliver,

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- sched-chain.lua - resumes never nest: a chain of a million go tasks,
 -- each waiting on the one before (the usual way to keep output in input
 -- order), and go + all nested 50,000 deep, all woken when the head ends.

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- sched-errors.lua - errors of waits and tasks: error values that are not
 -- strings cross as themselves with the traceback beside them; offpath.all
 -- raises where nothing may suspend and names a bad argument; a task that

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- sqlite.lua - offpath.sqlite: statements on the io pool, parameters, typed
 -- rows, errors, concurrent writers, in-memory databases, timeouts.
 -- LABELS: sqlite tsan

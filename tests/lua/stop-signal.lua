@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- stop-signal.lua - a cancel of a task with no deadline reaches loops in
 -- coroutines too: the stop signal hooks every coroutine being resumed.
 -- (Not under ThreadSanitizer, which delivers signals only at the calls it

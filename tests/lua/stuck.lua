@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- stuck.lua - stops that worker code cannot escape, and workers that never
 -- stop: declared stuck after the grace time, reported, counted and
 -- replaced by a fresh thread with a fresh VM, so the pool keeps its size.

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- suspend.lua - offpath.context, offpath.can_suspend, the errors from each
 -- place where suspending is not allowed, and offpath.sleep (100,000
 -- coroutines sleeping at once).

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- trisul.lua - the Trisul interface: T.async schedule, copy, cat, rm,
 -- copybuffer, pending_items, the pool sized by request_async_workers (or
 -- by an explicit configuration), and Trisul's engine methods.

@@ -1,3 +1,4 @@
+-- SPDX-License-Identifier: MIT
 -- worker.lua - the worker side: offpath.worker(), offpath.cancelled(),
 -- _OSTLS per worker thread, pool init scripts, offpath.configure from the
 -- main chunk.

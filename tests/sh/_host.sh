@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # _host.sh - helpers for the host-*.sh tests (sourced, not a test itself).
 # The tests need bash for /dev/tcp and /dev/udp; each starts with
 #   [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"

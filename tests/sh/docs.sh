@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # docs.sh - the docs match the code: the README's tour runs as written
 # (its scripts are saved under the names they give, its shell commands run
 # from a copy of the tree's layout, its other Lua and C compile); docs/api.md

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # example-embed.sh - the C embedding examples (examples/embed/), built by
 # examples/CMakeLists.txt, run against their scripts: a libuv host and an
 # epoll host serving its own TCP port.

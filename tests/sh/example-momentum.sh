@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # example-momentum.sh - the Momentum examples run by the offpath host:
 # policy.lua (msys.runInPool in its suspending, fire-and-forget and
 # scheduler-completion forms, _TLS and _OSTLS) and validate.lua (a module

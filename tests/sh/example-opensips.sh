@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # example-opensips.sh - the OpenSIPS credit check (examples/opensips/)
 # run by the offpath host against the test server (tests/fixtures/
 # postgres.sh): decisions from the credit table, push notifications

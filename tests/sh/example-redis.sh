@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # example-redis.sh - the Redis examples (examples/redis/) run by the
 # offpath host against the test server (tests/fixtures/redis.sh): counting
 # hashes with SCAN in atomic batches while events are served, the same

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # example-trisul.sh - the Trisul examples (examples/trisul/) run by the
 # offpath host: T.async:copy of each input path, and the SHA-1 of each file
 # computed in onexecute with io.popen and printed in onresult, the plugin

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-backpressure.sh - --max-inflight: a slow handler never has more
 # than N suspended at once (and reaches N); files and TCP are
 # flow-controlled: the host reads only a little ahead of its handlers, and

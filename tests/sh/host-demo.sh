@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # host-demo.sh - the `make run` demo runs on its built-in data and prints
 # both columns: every event processed both ways, and the inline lookup
 # holding the main thread for milliseconds.

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-dispatch.sh - how records reach on_event: the handler is a global
 # found in _G, or through _G's metatable (an __index that raises fails
 # the record, counted, and the host goes on); record latency: once records

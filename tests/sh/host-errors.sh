@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-errors.sh - a handler error on one record does not stop the others
 # (raised at once, after suspending, in a worker, as a non-string value);
 # each is reported once with its input line and a traceback. Also on_tick:

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-exit.sh - exit codes and messages of the offpath command: usage
 # errors (2), missing or broken scripts (1), inputs and outputs that cannot
 # be opened (3), --help and --version (0).

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-hardening.sh - the host against hostile starts, scripts and
 # readers: closed standard descriptors, a main thread frozen where no hook
 # reaches (a signal still ends it, naming where it was), output nobody

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-inputs.sh - records from stdin (a pipe, a file), files, a FIFO and
 # several inputs at once; line splitting (CRLF, blank lines, a last line
 # without a newline, lines too long); the engine methods in the summary.

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-json.sh - --format json: each line decoded to a Lua value (objects
 # and arrays to tables, integers stay integers, null left out), encoded
 # back by engine:emit; malformed lines counted and reported with their line

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-memory.sh - --pool NAME=THREADS,mem=SIZE sets the memory limit of the
 # pool's worker VMs (and wins over offpath.configure); a task past it fails
 # with the limit and its line while the records go on; bad sizes are usage

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # host-metrics.sh - --metrics HOST:PORT serves the Prometheus text format:
 # promtool accepts it, the counters match the records and tasks, the
 # histograms are cumulative and end at their count, the script's own

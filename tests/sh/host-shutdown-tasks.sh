@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-shutdown-tasks.sh - the cancel of a shutdown reaches all work in
 # flight, not only suspended handlers: launched and scheduled tasks that
 # loop for ever, go tasks, io operations on an endless file. The second

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-signals.sh - SIGTERM/SIGINT: reading stops, handlers in flight get
 # the grace period, then are cancelled (also inside a worker task, and
 # when a handler catches the first cancel); a second signal cancels at

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-stats.sh - statistics: --stats prints a line every second (plain
 # lines when stderr is not a terminal), the text summary at exit, --json
 # as one line of JSON on stderr (stdout keeps only emitted records),

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-tcp.sh - a tcp:// input with several clients at once: the host takes
 # lines from all connections together (rounds that only complete if it
 # does), keeps each connection's order, joins lines split across writes,

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-thread-limit.sh - a pool thread that cannot start (here a real
 # RLIMIT_NPROC: the host runs as a user of its own with `ulimit -u 4`, so
 # the main thread, the host's watchdog and two workers fit) does not end the host: the pool

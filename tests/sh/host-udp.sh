@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # host-udp.sh - a udp:// input: datagrams holding one or more lines, and
 # kernel drops while the host is blocked (a slow handler with
 # --max-inflight 1), with every datagram accounted for: handled, skipped at

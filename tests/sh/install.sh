@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # install.sh - installing and linking like any C library: `make install
 # PREFIX=` installs under PREFIX even though the build directory was
 # configured for another prefix; offpath.pc names the prefix installed to;

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # lua-module.sh - require "offpath" from a stock lua5.4: the example of
 # examples/module runs (pools, go, run, sleep, exec, http.get, loop), the
 # main chunk cannot suspend, offpath.loop refuses to nest or to run in a

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # man.sh - the man page and the bash completion: docs/offpath.1 is what
 # scdoc makes of docs/offpath.1.scd, it renders, and it names every option
 # of `offpath --help`, as the completion offers them; the completion

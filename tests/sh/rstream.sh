@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT
 # rstream.sh - redis-stream:// inputs and outputs against a real
 # redis-server of its own (tests/fixtures/redis.sh): three instances share
 # one stream of 20,000 entries through a consumer group, handlers suspend
