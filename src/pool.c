@@ -1224,7 +1224,7 @@ int op__pool_submit(op_pool *p, op_task *t) {
   op_runtime *rt = p->rt;
   op_worker *wake;
   uint32_t n;
-  int rc, hold;
+  int rc, hold, deep;
 
   if (p->stopping)
     return OP_ESHUTDOWN;
@@ -1240,9 +1240,11 @@ int op__pool_submit(op_pool *p, op_task *t) {
   t->next = NULL;
   t->t_submit = op__now(rt);
   hold = rt->hold_submits;
-  if (!hold && t->kind == OP_TASK_LUA &&
-      atomic_load_explicit(&p->queued, memory_order_relaxed) >= HOLD_DEPTH) {
-    /* Workers have plenty queued: this one can wait for the batch. */
+  deep = t->kind == OP_TASK_LUA &&
+         atomic_load_explicit(&p->queued, memory_order_relaxed) >= HOLD_DEPTH;
+  if (!hold && (deep || p->npend > 0)) {
+    /* Workers have plenty queued, or tasks submitted before this one are
+    ** still held: it waits for the batch, behind them (FIFO). */
     hold = rt->held = 1;
   }
   if (hold) {

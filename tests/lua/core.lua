@@ -389,3 +389,29 @@ T.test("tasks held behind a deep queue: order, cancel, status, wait", function()
   T.eq(last, 999) -- 999 ran: every task but the cancelled one
   T.err("^cancelled", ts[999].wait, ts[999])
 end)
+
+T.test("a task submitted after held ones queues behind them", function()
+  -- 64 tasks fill the queue past the hold depth and 10 more are held;
+  -- the handler then computes (no yield, no flush) while the worker
+  -- drains the queue. The next submit finds a short queue and must still
+  -- go behind the 10 held tasks.
+  local ts = { offpath.launch("deep", function()
+    local t = os.clock()
+    while os.clock() - t < 0.05 do end
+    _G.order = 0
+    return 0
+  end) }
+  for i = 2, 75 do
+    ts[i] = offpath.launch("deep", function()
+      _G.order = _G.order + 1
+      return _G.order
+    end)
+  end
+  local t = os.clock()
+  while os.clock() - t < 0.3 do end -- the worker empties the queue
+  ts[76] = offpath.launch("deep", function()
+    _G.order = _G.order + 1
+    return _G.order
+  end)
+  for i = 1, 76 do T.eq(ts[i]:wait(), i - 1, "FIFO order of task " .. i) end
+end)
