@@ -73,33 +73,29 @@ static void prep_settle(op_co *c) {
   }
 }
 
-/* Queue c to be resumed with nargs values by the co_resume() running now,
-** once the resume in progress has returned. */
-static void run_push(op_co *c, int nargs) {
-  op_runtime *rt = c->rt;
-
+/* Append c, to be resumed with nargs values, to the list head..tail. */
+static void co_append(op_co **head, op_co **tail, op_co *c, int nargs) {
   prep_settle(c);
   c->ready_nargs = nargs;
   c->next = NULL;
-  if (rt->run_tail != NULL)
-    rt->run_tail->next = c;
+  if (*tail != NULL)
+    (*tail)->next = c;
   else
-    rt->run_head = c;
-  rt->run_tail = c;
+    *head = c;
+  *tail = c;
+}
+
+/* Queue c to be resumed with nargs values by the co_resume() running now,
+** once the resume in progress has returned. */
+static void run_push(op_co *c, int nargs) {
+  co_append(&c->rt->run_head, &c->rt->run_tail, c, nargs);
 }
 
 /* Queue c to be resumed with nargs values on the next loop turn. */
 static void ready_push(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
 
-  prep_settle(c);
-  c->ready_nargs = nargs;
-  c->next = NULL;
-  if (rt->ready_tail != NULL)
-    rt->ready_tail->next = c;
-  else
-    rt->ready_head = c;
-  rt->ready_tail = c;
+  co_append(&rt->ready_head, &rt->ready_tail, c, nargs);
   if (!uv_is_active((uv_handle_t *)&rt->idle))
     uv_idle_start(&rt->idle, idle_cb);
 }
