@@ -323,7 +323,8 @@ end
 -- T.async:schedule{data=, onexecute=, onresult=[, onerror=, timeout=]}
 -- onexecute(data) runs in a worker; onresult(engine, data, result) runs on
 -- the main thread if onexecute returned a value (Trisul calls it only
--- then). onerror(engine, data, err) is an addition: without it a failure
+-- then). onerror(engine, data, err, traceback) is an addition (the
+-- traceback of an error value that is not a string): without it a failure
 -- is reported through the runtime's error reporting.
 function Async.schedule(...)
   local a, block = split(nil, ...)
@@ -354,10 +355,12 @@ function Async.schedule(...)
         return onresult(M.engine, data, result)
       end
     end,
-    onerror = function(_, data, err)
+    onerror = function(_, data, err, tb)
       a.pending = a.pending - 1
-      if onerror ~= nil then return onerror(M.engine, data, err) end
-      error("T.async:schedule: " .. tostring(err), 0)
+      if onerror ~= nil then return onerror(M.engine, data, err, tb) end
+      -- An error value's traceback comes beside it (a string has its own).
+      error("T.async:schedule: " .. tostring(err) ..
+        (type(err) ~= "string" and tb ~= nil and "\n" .. tb or ""), 0)
     end,
   })
   if not ok then error(refusal(task, onexecute), 2) end

@@ -116,6 +116,22 @@ tap.test("schedule: a failure goes to onerror, else it is reported",
   tap.eq(T.async:pending_items(), 0, "failures end the pending item")
 end)
 
+tap.test("schedule: an error value reaches onerror with its traceback",
+  function()
+  local got
+  local t = T.async:schedule {
+    data = "req",
+    onexecute = function() error({ code = 5 }) end,
+    onerror = tap.expect(function(engine, req, err, tb)
+      got = { err = err, tb = tb }
+    end, 1),
+  }
+  pcall(t.wait, t)
+  tap.eq(type(got.err), "table"); tap.eq(got.err.code, 5)
+  tap.ok(type(got.tb) == "string" and got.tb:find("stack traceback"),
+    tostring(got.tb))
+end)
+
 tap.test("schedule: bad blocks are refused at once", function()
   local n = T.async:pending_items()
   tap.err("expected a table", T.async.schedule, T.async, "x")
