@@ -637,9 +637,21 @@ static int push_outcome(lua_State *L, op_ltask *lt) {
   return 3;
 }
 
+/* A schedule failed with the text msg and has no onerror: report it and
+** count it.  [-0, +0, m] */
+static void schedule_unhandled(op_runtime *rt, lua_State *L, const char *msg) {
+  lua_pushfstring(L, "offpath.schedule: %s", msg);
+  op__report_error(rt, lua_tostring(L, -1));
+  op__group_fail(rt->grp, lua_tostring(L, -1));
+  rt->call_errors++;
+  lua_pop(L, 1);
+}
+
 /* Run the Trisul callbacks of a schedule: onresult(engine, data, result)
-** or onerror(engine, data, err), on the main thread where nothing may
-** suspend. obj is the task object's index. */
+** or onerror(engine, data, err, traceback), on the main thread where
+** nothing may suspend. A result that cannot be copied into the main VM
+** (max_result, a value it cannot hold) goes to onerror as the failure it
+** is. obj is the task object's index. */
 static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
   op_runtime *rt = lt->rt;
   int ok = lt->state == OP_TASK_DONE, top = lua_gettop(L), n;
@@ -650,10 +662,7 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
     lua_pop(L, 1);
     if (!ok) {
       push_error_text(L, lt);
-      lua_pushfstring(L, "offpath.schedule: %s", lua_tostring(L, -1));
-      op__report_error(rt, lua_tostring(L, -1));
-      op__group_fail(rt->grp, lua_tostring(L, -1));
-      rt->call_errors++;
+      schedule_unhandled(rt, L, lua_tostring(L, -1));
     }
     lua_settop(L, top);
     return;
@@ -663,13 +672,21 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
   if (ok) {
     n = push_results(L, lt);
     if (n < 0) {
-      n = 1;
-    } else if (n == 0) {
+      /* onerror(engine, data, why, nil) in onresult's place, if any. */
+      ok = 0;
+      if (lua_getiuservalue(L, obj, UV_ONERROR) == LUA_TNIL) {
+        schedule_unhandled(rt, L, lua_tostring(L, -2));
+        lua_settop(L, top);
+        op__hist_add(&rt->call_hist, uv_hrtime() - t0);
+        return;
+      }
+      lua_replace(L, top + 1);
       lua_pushnil(L);
-      n = 1;
+    } else {
+      if (n == 0)
+        lua_pushnil(L);
+      lua_settop(L, top + 3 + 1); /* onresult(engine, data, first result) */
     }
-    lua_settop(L, top + 3 + 1); /* onresult(engine, data, first result) */
-    (void)n;
   } else {
     push_failure(L, lt); /* onerror(engine, data, err, traceback) */
     note_traceback(L);

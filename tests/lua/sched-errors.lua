@@ -159,6 +159,23 @@ T.test("a result over max_result fails its task, not the host", function()
     { max_result = 0 })
 end)
 
+T.test("a schedule whose result cannot be copied goes to onerror", function()
+  offpath.configure { max_result = 1000 }
+  local got
+  local t = offpath.schedule {
+    pool = "io", data = "d",
+    onexecute = function() return ("x"):rep(2000) end,
+    onresult = T.expect(nil, 0),
+    onerror = T.expect(function(_, data, err, tb)
+      got = { data = data, err = err, tb = tb }
+    end, 1),
+  }
+  pcall(t.wait, t)
+  offpath.configure { max_result = 16 * 1024 * 1024 }
+  T.eq(got.data, "d")
+  T.ok(got.err:find("^cannot copy result: %d+ bytes encoded"), got.err)
+end)
+
 T.test("decoding a large result counts in the main thread latency", function()
   local function make(n)
     local t = {}
