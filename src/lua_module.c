@@ -120,8 +120,11 @@ int luaopen_offpath(lua_State *L) {
   lua_pushvalue(L, -1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &lmod_key);
 
-  if ((rc = op__runtime_new(NULL, L, &rt)) != 0)
+  if ((rc = op__runtime_new(NULL, L, &rt)) != 0) {
+    lua_pushnil(L); /* not loaded: a later require tries again */
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &lmod_key);
     return luaL_error(L, "cannot load offpath: %s", op_strerror(rc));
+  }
   m->rt = rt;
   rt->depth = 1; /* the main chunk is running */
 

@@ -133,8 +133,13 @@ static int wk_worker(lua_State *L) {
 static int wk_sleep(lua_State *L) {
   op_worker *w = check_worker(L);
   double s = luaL_checknumber(L, 1);
-  uint64_t end = uv_hrtime() + (uint64_t)(s * 1e9), now;
+  uint64_t end, now;
   struct timespec ts;
+
+  luaL_argcheck(L, s >= 0, 1, "seconds must not be negative"); /* NaN too */
+  if (s > 1e9)
+    s = 1e9; /* about 31 years: keeps the nanoseconds in range */
+  end = uv_hrtime() + (uint64_t)(s * 1e9);
 
   while ((now = uv_hrtime()) < end) {
     if (op__worker_stopping(w))
@@ -193,11 +198,13 @@ static int main_exit(lua_State *L) {
 }
 
 void op__guard_exit(lua_State *L) {
-  lua_getglobal(L, "os");
-  lua_getfield(L, -1, "exit");
-  lua_pushcclosure(L, main_exit, 1);
-  lua_setfield(L, -2, "exit");
-  lua_pop(L, 1);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, LUA_OSLIBNAME) == LUA_TTABLE) {
+    lua_getfield(L, -1, "exit");
+    lua_pushcclosure(L, main_exit, 1);
+    lua_setfield(L, -2, "exit");
+  }
+  lua_pop(L, 2); /* no os library (a sandbox): nothing to guard */
 }
 
 /* The block section running on this loop thread: its deadline, whether

@@ -921,8 +921,13 @@ int op_runtime_free(op_runtime *rt) {
       op__sched_close(rt);
     if (rt->xfer != NULL)
       op__xfer_free(rt->xfer);
-    if (!rt->borrowed)
+    if (!rt->borrowed) {
       lua_close(rt->L);
+    } else {
+      /* The caller's state no longer names a runtime. */
+      lua_pushnil(rt->L);
+      lua_setfield(rt->L, LUA_REGISTRYINDEX, OP_RUNTIME_KEY);
+    }
     op__task_close(rt);
   }
   op__remnant_release(rem); /* NULL (no memory): the store is left */

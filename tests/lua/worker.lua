@@ -152,6 +152,14 @@ T.test("offpath.cancelled() and a stop that reaches every coroutine",
     T.eq(offpath.stats().stuck, stuck, "a worker was declared stuck")
   end)
 
+T.test("the worker-side sleep refuses a negative time", function()
+  T.err("seconds must not be negative", offpath.run, "one",
+    function() offpath.sleep(-1) end)
+  T.err("seconds must not be negative", offpath.run, "one",
+    function() offpath.sleep(0 / 0) end)
+  T.eq(offpath.run("one", function() offpath.sleep(0); return 1 end), 1)
+end)
+
 T.test("the worker-side sleep is stopped by a cancel", function()
   local t0 = offpath.now()
   T.err("^timeout", offpath.run, { pool = "one", timeout = 0.05 },

@@ -33,6 +33,17 @@ check "example: http.get" contains "$T/ex.out" "GET $NGINX_URL/: 200, 6 bytes"
 check "example: the loop ran everything" contains "$T/ex.out" "report: done"
 check "example: nothing else" [ "$(wc -l < "$T/ex.out")" -eq 6 ]
 
+# ---- a sandbox without the os library ----
+lua_run noos '
+os = nil
+package.loaded.os = nil
+local offpath = require "offpath"
+offpath.go(function() print("sum", offpath.run("cpu", function(a, b) return a + b end, 2, 3)) end)
+offpath.loop()
+print("end")'
+check "no os library: the module loads and runs" contains "$T/noos.out" "sum	5"
+check "no os library: to the end" contains "$T/noos.out" "end"
+
 # ---- the module's rules ----
 lua_run rules '
 local offpath = require "offpath"
