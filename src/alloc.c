@@ -74,21 +74,33 @@ static int injected(const op_vmem *m) {
 /* A request of grow bytes more would pass the limit: refuse it (0) or
 ** grant it past the limit and arm the hook (1). See the DESIGN block. */
 static int over_limit(op_vmem *m, size_t used, size_t grow) {
-  size_t cap;
+  size_t cap = m->limit > SIZE_MAX / 2 ? SIZE_MAX : m->limit + m->limit / 4;
 
+  if (m->over) {
+    /* Armed already: the hook raises at the next instruction. Until then
+    ** the slack serves, with no emergency collection per request. */
+    if (used + grow <= cap)
+      return 1;
+    m->hit = 1;
+    return 0;
+  }
   if (m->hook == NULL || !m->refused || m->L == NULL) {
     m->refused = 1; /* Lua collects and asks again */
     m->hit = 1;
     return 0;
   }
   m->refused = 0;
-  cap = m->limit > SIZE_MAX / 2 ? SIZE_MAX : m->limit + m->limit / 4;
   if (used + grow > cap) {
     m->hit = 1;
     return 0;
   }
   m->over = 1;
-  lua_sethook(m->L, m->hook, LUA_MASKCOUNT, 1); /* async-signal safe */
+  /* A hook belongs to one thread: arm the coroutine running too (m->arm,
+  ** pool.c). lua_sethook is async-signal safe, so safe here as well. */
+  if (m->arm != NULL)
+    m->arm(m);
+  else
+    lua_sethook(m->L, m->hook, LUA_MASKCOUNT, 1);
   return 1;
 }
 

@@ -71,10 +71,13 @@ typedef struct op_vmem {
   size_t limit;       /* 0: none */
   size_t rest;        /* bytes held at rest (after set-up), for pool.c */
   lua_Hook hook;      /* armed past the limit, or NULL: a hard limit */
-  lua_State *L;       /* the VM */
-  uint8_t refused;    /* the last growing request was refused */
-  uint8_t over;       /* granted past the limit: the hook must raise */
-  uint8_t hit;        /* a request was refused for the limit */
+  /* Arms hook on every thread of the VM that may be running, or NULL for
+  ** L alone. */
+  void (*arm)(struct op_vmem *m);
+  lua_State *L;    /* the VM */
+  uint8_t refused; /* the last growing request was refused */
+  uint8_t over;    /* granted past the limit: the hook must raise */
+  uint8_t hit;     /* a request was refused for the limit */
 } op_vmem;
 
 /* Make a VM (luaL_newstate) that allocates through m, with m->limit and

@@ -294,6 +294,38 @@ op_backlog *op__pool_backlog(op_pool *p) {
 
 static void stop_hook(lua_State *L, lua_Debug *ar);
 
+/* alloc.c granted a request past the limit: arm the hook, which raises
+** at the next instruction, on the VM's thread and on every coroutine being
+** resumed (a hook belongs to one thread; the innermost one runs now).
+** Thread: worker. */
+static void mem_arm(op_vmem *m) {
+  op_worker *w = (op_worker *)(void *)((char *)m - offsetof(op_worker, mem));
+  int i, n = w->ncos;
+
+  lua_sethook(m->L, stop_hook, LUA_MASKCOUNT, 1);
+  for (i = 0; i < n; i++)
+    lua_sethook(w->cos[i], stop_hook, LUA_MASKCOUNT, 1);
+}
+
+/* Put the hooks mem_arm set back as they were: none, or the stop hook
+** every HOOK_COUNT instructions (stop_hook goes back to every instruction
+** if a stop is due). Thread: worker. */
+static void mem_disarm(op_worker *w, lua_State *L) {
+  int i, n = w->ncos;
+
+  if (!w->hooked) {
+    lua_sethook(L, NULL, 0, 0);
+    lua_sethook(w->L, NULL, 0, 0);
+    for (i = 0; i < n; i++)
+      lua_sethook(w->cos[i], NULL, 0, 0);
+  } else {
+    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+    lua_sethook(w->L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+    for (i = 0; i < n; i++)
+      lua_sethook(w->cos[i], stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  }
+}
+
 /* The heap went past the limit and alloc.c armed the hook: put the hook
 ** back as it was, collect, and raise if a task runs and the heap is still
 ** past the limit.  [-0, +0, e] */
@@ -302,10 +334,7 @@ static void mem_over(op_worker *w, lua_State *L) {
   lua_Debug ar;
 
   w->mem.over = 0;
-  if (!w->hooked)
-    lua_sethook(L, NULL, 0, 0);
-  else /* stop_hook goes back to every instruction if a stop is due */
-    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  mem_disarm(w, L);
   if (w->current == NULL)
     return;
   lua_gc(L, LUA_GCCOLLECT, 0);
@@ -367,6 +396,8 @@ static int co_enter(op_worker *w, lua_State *co) {
     lua_sethook(co, stop_hook, LUA_MASKCOUNT, 1);
   } else if (w->hooked && lua_gethook(co) != stop_hook) {
     lua_sethook(co, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  } else if (!w->hooked && !w->mem.over && lua_gethook(co) == stop_hook) {
+    lua_sethook(co, NULL, 0, 0); /* left from an earlier task (_OSTLS) */
   }
   return 1;
 }
@@ -485,6 +516,7 @@ static int worker_open(op_worker *w) {
 
   w->mem.limit = p->mem_limit;
   w->mem.hook = stop_hook;
+  w->mem.arm = mem_arm;
   L = op__new_state(p->rt, &w->mem);
   if (L != NULL) {
     *(op_worker **)lua_getextraspace(L) = w;
@@ -658,7 +690,8 @@ static void run_lua(op_worker *w, op_task *t) {
   w->current = NULL;
   atomic_signal_fence(memory_order_seq_cst);
   w->ncos = 0;
-  if (w->hooked || w->mem.over) {
+  if (w->hooked || w->mem.over || lua_gethook(L) != NULL) {
+    /* Also a hook a coroutine's memory check left on the VM's thread. */
     w->hooked = 0;
     w->mem.over = 0;
     lua_sethook(L, NULL, 0, 0);

@@ -24,6 +24,24 @@ T.test("a task past its pool's limit fails with the limit and the line", functio
   T.ok(e:find("memory.lua:%d+"), e)
 end)
 
+T.test("a coroutine past the limit fails with the limit and the line",
+  function()
+  -- The memory check is a hook, and a hook belongs to one thread: it must
+  -- reach the coroutine that grows the heap, and the task must go on
+  -- normally afterwards.
+  local ok, e = offpath.run("capped", function()
+    local co = coroutine.wrap(grow)
+    return pcall(co)
+  end)
+  T.eq(ok, false)
+  T.ok(tostring(e):find("^.-memory limit of 16 MB reached in task at " ..
+    ".-memory.lua:%d+"), e)
+  T.eq(offpath.run("capped", function()
+    debug.sethook() -- no stop hook left behind: this is allowed
+    return "alive"
+  end), "alive")
+end)
+
 T.test("the VM is collected and serves the next task", function()
   local used = offpath.run("capped", function()
     return collectgarbage("count")
