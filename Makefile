@@ -70,6 +70,7 @@ format:
 	clang-format -i $(C_FILES)
 
 check:
+	@sh scripts/deps.sh check
 	clang-format --dry-run --Werror $(C_FILES)
 	sh scripts/checksrc $(C_FILES)
 

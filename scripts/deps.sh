@@ -4,7 +4,7 @@
 # benchmark, if any are missing. Idempotent: when everything is present it
 # only runs one dpkg-query and exits.
 #
-# usage: scripts/deps.sh [build|test|bench]   (default: test)
+# usage: scripts/deps.sh [build|test|bench|check]   (default: test)
 set -eu
 
 build="cmake make gcc pkg-config liblua5.4-dev lua5.4 libuv1-dev
@@ -18,12 +18,16 @@ test="$build clang libclang-rt-dev redis-server postgresql nginx-light
 ca-certificates procps python3 curl prometheus scdoc"
 # Peers measured next to offpath.
 bench="$test lua-luv wrk postgresql-contrib"
+# The formatter and source checks of `make check` (the file list comes
+# from git).
+check="clang-format git"
 
 case "${1:-test}" in
 build) want=$build ;;
 test) want=$test ;;
 bench) want=$bench ;;
-*) echo "usage: $0 [build|test|bench]" >&2; exit 2 ;;
+check) want=$check ;;
+*) echo "usage: $0 [build|test|bench|check]" >&2; exit 2 ;;
 esac
 
 missing=""
