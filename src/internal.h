@@ -550,6 +550,11 @@ op_runtime *op__runtime(lua_State *L);
 ** ready (loop thread). */
 void op__defer(op_runtime *rt, void (*fn)(op_runtime *, void *), void *arg);
 
+/* Open /dev/null on each closed standard descriptor (0, 1, 2), in order
+** (runtime.c; the host calls it first thing too). Thread: any, before
+** other threads open descriptors. */
+void op__std_fds_open(void);
+
 /* ---- invocation groups (group.c) ---- */
 
 /* Count a new member of g (a coroutine or task started by code of g).

@@ -751,7 +751,7 @@ static void handle_close_cb(uv_handle_t *h) {
 ** can take the number and be read or written as stdin or stdout (libuv
 ** asserts on a loop descriptor <= 2). open() takes the lowest free number,
 ** so they are opened in order. */
-static void std_fds_open(void) {
+void op__std_fds_open(void) {
   int fd;
 
   for (fd = 0; fd <= 2; fd++)
@@ -770,7 +770,7 @@ int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
   int i, rc;
 
   *out = NULL;
-  std_fds_open();
+  op__std_fds_open();
   if (cfg == NULL) {
     op_config_init(&defaults);
     cfg = &defaults;

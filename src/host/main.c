@@ -31,6 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "internal.h"
 #include "host.h"
 
 enum {
@@ -1036,24 +1037,13 @@ done:
   return rc;
 }
 
-/* Closed 0, 1 or 2 (a supervisor's 0<&- or 1>&-) are opened on /dev/null
-** first thing: otherwise the next descriptor opened (the script, libuv's
-** loop) takes the number, and records are read from it or output written
-** to it. */
-static void std_fds_open(void) {
-  int fd;
-
-  for (fd = 0; fd <= 2; fd++)
-    if (fcntl(fd, F_GETFD) == -1 && errno == EBADF)
-      if (open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY) == -1)
-        break;
-}
-
 int main(int argc, char **argv) {
   static host h;
   int rc;
 
-  std_fds_open();
+  /* Closed 0, 1 or 2 (a supervisor's 0<&- or 1>&-) first thing: else the
+  ** script or the loop takes the number and records are read from it. */
+  op__std_fds_open();
   h.stdin_flags = -1;
   h.out_fd = -1;
   h.out_poll_fd = -1;
