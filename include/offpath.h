@@ -298,7 +298,7 @@ typedef struct op_pool_stats {
   int queue_cap;
   uint64_t submitted, completed, failed, timedout, cancelled;
   uint64_t stuck;        /* workers given up as stuck (and replaced) */
-  uint32_t queued;       /* waiting in the queue now */
+  uint32_t queued;       /* waiting in the queue now (parked too) */
   uint32_t inflight;     /* submitted and not yet ended */
   uint32_t queue_hwm;    /* most ever waiting in the queue */
   double p50, p99, max;  /* seconds from submit to completion seen */

@@ -82,28 +82,14 @@ void op_track_release(op_runtime *rt, op_track *t, const char *err) {
   op__group_leave(rt, t, err);
 }
 
-int op_call_track(op_runtime *rt, int nargs, op_track_cb cb, void *ud) {
-  op_group *g = malloc(sizeof *g), *saved = rt->grp;
-  op_co *c;
-  int rc;
+op_group *op__group_new(op_track_cb cb, void *ud) {
+  op_group *g = malloc(sizeof *g);
 
-  if (g == NULL) {
-    lua_pop(rt->L, nargs + 1);
-    op__set_errmsg(rt, "not enough memory");
-    return OP_ENOMEM;
-  }
-  g->n = 1; /* held until the handler has started: see below */
+  if (g == NULL)
+    return NULL;
+  g->n = 1; /* held by its maker until the handler has started */
   g->cb = cb;
   g->ud = ud;
   g->err = NULL;
-  rt->calls++;
-  c = op__co_acquire(rt);
-  c->quiet = rt->depth == 0;
-  rt->grp = g;
-  rc = op__co_start(c, rt->L, nargs); /* the coroutine joins g */
-  rt->grp = saved;
-  /* A handler that ended at once may have emptied the group but for our
-  ** hold; let go now. */
-  op__group_leave(rt, g, NULL);
-  return rc;
+  return g;
 }

@@ -190,7 +190,11 @@ struct op_task {
   op_task *prev; /* link in a pool queue (removal on cancel) */
   op_pool *pool;
   uint8_t kind;    /* op_task_kind */
-  uint8_t queued;  /* in the pool queue now (pool lock) */
+  uint8_t queued;  /* in the pool queue, held or parked now (pool lock) */
+  uint8_t holds;   /* its completion runs no Lua (a C task's callback):
+                      what it submits is held for the batch (pool.c) */
+  uint8_t counted; /* its end is counted in the pool's statistics */
+  uint8_t failed;  /* set by the work: the operation failed (statistics) */
   uint8_t ended;   /* waiters told (loop thread) */
   uint8_t state;   /* op_task_state, as the loop thread sees it */
   atomic_int stop; /* 0, or OP_ECANCELED / OP_ETIMEDOUT requested */
@@ -207,9 +211,12 @@ struct op_task {
   /* Called once on the loop thread when the worker is finished with the
   ** task (or it was taken off the queue). Owns the task from then on.
   ** settle, if set, runs first for every task of a drained batch, then
-  ** complete for each (see done_cb in runtime.c). */
+  ** complete for each (drain_done in loop.c). */
   void (*settle)(op_task *t);
   void (*complete)(op_task *t);
+  /* Called when a task that was parked (its pool's queue was full) is
+  ** queued, or NULL. */
+  void (*on_queued)(op_task *t);
   uint8_t notify;    /* settle left work for complete */
   void *owner;       /* the completer's context */
   uint64_t t_submit; /* uv_hrtime() */
@@ -220,8 +227,9 @@ struct op_task {
                         traceback, encoded, not a message */
 };
 
+/* Set up / release a task (pool.c): release frees its buffers, not t. */
 void op__task_init(op_task *t, op_task_kind kind);
-void op__task_release(op_task *t); /* frees the buffers, not the task */
+void op__task_release(op_task *t);
 
 /* ---- pools (pool.c) ---- */
 
@@ -230,9 +238,13 @@ op_pool *op__pool_find(op_runtime *rt, const char *name);
 int op__pool_add(op_runtime *rt, const op_pool_config *pc, op_pool **out);
 /* Resize a pool that has not started. OP_ESTARTED otherwise. */
 int op__pool_configure(op_pool *p, int threads, int queue, const char *init);
-/* Queue t. Returns 0, OP_EAGAIN (full) or OP_ESHUTDOWN; on error the task
-** is untouched and complete() is never called. */
-int op__pool_submit(op_pool *p, op_task *t);
+/* Queue t. Returns 0 when queued. When the queue is full: with park 0,
+** OP_EAGAIN; with park 1, 1: t is parked behind the tasks parked before it
+** and queued as room comes (t->on_queued is called then); it counts as
+** queued and in flight meanwhile, and op__pool_stop_task takes it off.
+** Returns OP_ESHUTDOWN or OP_ENOTHREAD otherwise; on error the task is
+** untouched and complete() is never called. */
+int op__pool_submit(op_pool *p, op_task *t, int park);
 /* Set the memory limit of p's worker VMs (bytes, 0: none) before p
 ** starts. 0, OP_EINVAL (below OP_MEMORY_LIMIT_MIN) or OP_ESTARTED. */
 int op__pool_set_memory_limit(op_pool *p, size_t bytes);
@@ -241,7 +253,8 @@ int op__pool_set_memory_limit(op_pool *p, size_t bytes);
 void op__pool_set_spin(op_pool *p, unsigned us);
 /* Start p's threads now if they have not started. 0 or OP_ENOMEM. */
 int op__pool_start(op_pool *p);
-/* Whether t is waiting in p's queue (not yet taken by a worker). */
+/* Whether t is waiting in p's queue, held or parked (not yet taken by a
+** worker). */
 int op__pool_is_queued(op_pool *p, op_task *t);
 /* Whether p's queue is full now. */
 int op__pool_full(op_pool *p);
@@ -271,15 +284,13 @@ const char *op__pool_error(op_pool *p, int rc);
 ** callback). Returns how many stopped tasks still run within their grace.
 ** Thread: loop. */
 int op__pool_check_stuck(op_pool *p, uint64_t now, uint64_t grace);
-/* Make sure the stuck watch runs while stopped tasks still run (runtime.c).
+/* Make sure the stuck watch runs while stopped tasks still run.
 ** Thread: loop. */
 void op__watch_stuck(op_runtime *rt);
 const char *op__pool_name(op_pool *p);
 void op__pool_stats(op_pool *p, op_pool_stats *out);
 /* The pool's latency histogram, submit to completion (loop thread). */
 const op_hist *op__pool_hist(op_pool *p);
-/* Count an ended task in the pool's statistics (loop thread). */
-void op__pool_count_end(op_pool *p, op_task *t, op_task_state how);
 
 /* Queue the tasks op__pool_submit held (rt->hold_submits) and wake the
 ** workers they need. Thread: loop. */
@@ -288,8 +299,16 @@ void op__pool_flush(op_pool *p);
 void op__pool_take_done(op_pool *p, op_task **head, op_task **tail);
 /* The runtime a pool belongs to. */
 op_runtime *op__pool_rt(op_pool *p);
-/* The worker gave t back (drain, before t->complete). */
-void op__pool_returned(op_pool *p, op_task *t);
+/* t came back (drain, before t->settle and t->complete): out of the
+** books of its pool, its end counted unless it was counted when it was
+** asked to stop. Nothing for a task of no pool (a block section). */
+void op__pool_returned(op_task *t);
+/* Queue the tasks held so far (completions of C tasks, deep queues) and
+** stop holding. */
+void op__pool_release(op_runtime *rt);
+/* The end of a drained batch: op__pool_release, then queue the parked
+** tasks that now fit. */
+void op__pool_batch_end(op_runtime *rt);
 
 /* The worker running on this thread, or NULL on other threads. */
 op_worker *op__worker_self(void);
@@ -314,8 +333,6 @@ void op__worker_block_sync(op_worker *w, int wait);
 /* Make os.exit of the main VM L refuse inside block sections.
 ** [-0, +0, m] */
 void op__guard_exit(lua_State *L);
-/* Run a block section a worker asked for (drain). Thread: loop. */
-void op__block_run(op_runtime *rt, op_task *t);
 /* Replace debug.sethook in the main VM with a guard that refuses inside
 ** block sections, whose budget is a hook.  [-0, +0, m] */
 void op__block_guard_hooks(lua_State *L);
@@ -324,7 +341,7 @@ void op__block_guard_hooks(lua_State *L);
 ** Thread: worker.  [-n, +r, e] */
 int op__worker_block(lua_State *L);
 
-/* ---- the loop thread's completion queue (runtime.c) ---- */
+/* ---- waking the loop thread (wake.c) and its completions (loop.c) ---- */
 
 /* Hand a finished task to the loop thread. Thread: any. */
 void op__complete(op_runtime *rt, op_task *t);
@@ -338,6 +355,20 @@ int op__raise_done(op_runtime *rt);
 void op__wake_loop(op_runtime *rt);
 /* Reference the completion handle while pool tasks are in flight. */
 void op__update_ref(op_runtime *rt);
+/* Open / close the wake-up descriptor (rt->wake_fd): 0 or a negative errno.
+** Consume the wake-ups sent so far (op__wake_clear). */
+int op__wake_open(op_runtime *rt);
+void op__wake_close(op_runtime *rt);
+void op__wake_clear(op_runtime *rt);
+/* The one swap of a list of finished tasks: take head..tail (guarded by mu,
+** *any set while it is not empty) whole, appending it to *to_head..*to_tail.
+** Thread: loop. */
+void op__tasks_take(uv_mutex_t *mu, op_task **head, op_task **tail,
+                    atomic_int *any, op_task **to_head, op_task **to_tail);
+/* The wake-up descriptor's poll callback and the loop's prepare callback
+** (loop.c), set up by op_runtime_new. */
+void op__loop_wake_cb(uv_poll_t *poll, int status, int events);
+void op__loop_idle_cb(uv_prepare_t *prep);
 /* offpath's own Lua modules, built in (generated lua_modules.c). */
 typedef struct op_lua_module {
   const char *name;      /* "offpath.trisul" */
@@ -348,7 +379,7 @@ typedef struct op_lua_module {
 extern const op_lua_module op__lua_modules[];
 
 /* Put offpath's own Lua modules (lua/offpath/NAME.lua, built in) in
-** package.preload of L.  [-0, +0, m] */
+** package.preload of L (vm.c).  [-0, +0, m] */
 void op__preload_modules(lua_State *L);
 
 /* ---- main-thread task objects (task.c) ---- */
@@ -375,12 +406,12 @@ typedef enum op_ltask_use {
 op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
                        double timeout, const char *call, op_ltask_use use);
 /* Queue lt on its pool. Returns 0 when queued; when the queue is full,
-** OP_EAGAIN if may_wait is 0 (nothing changed), else 1: the task waits in
-** the pool's backlog and is queued as soon as there is room (call
+** OP_EAGAIN if may_wait is 0 (nothing changed), else 1: the task is
+** parked in the pool and is queued as soon as there is room (call
 ** op__task_await_queued to suspend until then). Raises "shutdown" when the
 ** runtime is closing.  [-0, +0, e] */
 int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait);
-/* Suspend until a backlogged lt is queued (launch/schedule backpressure).
+/* Suspend until a parked lt is queued (launch/schedule backpressure).
 ** Returns like a wait: the continuation k gets the usual (ok, ...)
 ** values; op__wait_yield semantics.  [-0, +0, e] */
 int op__task_await_queued(lua_State *L, op_ltask *lt);
@@ -397,10 +428,6 @@ int op__task_await(lua_State *L, op_ltask *lt, double timeout, const char *call,
 ** all end; returns a list of {true, results...} or {false, error[,
 ** traceback]}. Raises where nothing may suspend.  [-n, +1, e] */
 int op__task_all(lua_State *L);
-/* If the error value at idx came from a task and has an identity (a
-** table, userdata, function), push the traceback recorded where it was
-** raised and return 1; else 0.  [-0, +(0|1), m] */
-int op__error_traceback(lua_State *L, int idx);
 /* The most bytes of an encoded task result the main VM decodes
 ** (offpath.configure{max_result=}); a larger result fails the task. */
 #define OP_MAX_RESULT_DEFAULT ((size_t)16 << 20)
@@ -411,14 +438,6 @@ int op__error_traceback(lua_State *L, int idx);
 ** when it ends.  [-0, +0, m] */
 void op__task_set_schedule(lua_State *L, op_ltask *lt, int data, int onresult,
                            int onerror);
-/* Queue backlogged tasks of p while it has room. Thread: loop. */
-void op__task_flush_backlog(op_pool *p);
-/* The pool's backlog: tasks waiting for room, FIFO. */
-typedef struct op_backlog {
-  op_ltask *head, *tail;
-  uint32_t n;
-} op_backlog;
-op_backlog *op__pool_backlog(op_pool *p);
 /* Register the offpath.task metatable.  [-0, +0, m] */
 void op__task_open(lua_State *L);
 /* Cancel every task that has not ended (go, launch, run, schedule), as
@@ -428,7 +447,13 @@ int op__task_cancel_all(op_runtime *rt);
 ** report unobserved failures, free result buffers. */
 void op__task_close(op_runtime *rt);
 
-/* ---- spinning before sleeping (pool.c, runtime.c) ---- */
+/* ---- spinning before sleeping (wake.c) ---- */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define OP_CPU_RELAX() __builtin_ia32_pause()
+#else
+#define OP_CPU_RELAX() ((void)0)
+#endif
 
 /* Spin until *flag is non-zero, *until changes (until may be NULL) or us
 ** microseconds pass. Returns whether the flag was seen. Thread: any. */
@@ -537,14 +562,10 @@ op_co *op__co_acquire(op_runtime *rt);
 ** set, else the error was counted). Thread: loop. */
 int op__co_start(op_co *c, lua_State *from, int nargs);
 
-/* Report an error that has nowhere else to go (error callback, counters). */
-void op__report_error(op_runtime *rt, const char *msg);
-
-/* Set the runtime's error message (op_errmsg). */
-void op__set_errmsg(op_runtime *rt, const char *fmt, ...);
-
-/* The runtime of a main-VM state (or its coroutines). */
+/* The runtime of a main-VM state (or its coroutines) (vm.c). */
 op_runtime *op__runtime(lua_State *L);
+/* Push the engine object of rt, made on first use (vm.c).  [-0, +1, m] */
+void op__push_engine(op_runtime *rt);
 
 /* Run fn(rt, arg) on the next loop turn, after the coroutines already
 ** ready (loop thread). */
@@ -557,6 +578,10 @@ void op__std_fds_open(void);
 
 /* ---- invocation groups (group.c) ---- */
 
+/* Make a group whose last member's end calls cb(rt, err, ud); its maker
+** holds it as a member until it lets go (op__group_leave). NULL on out
+** of memory. */
+op_group *op__group_new(op_track_cb cb, void *ud);
 /* Count a new member of g (a coroutine or task started by code of g).
 ** NULL: none. */
 void op__group_join(op_group *g);
@@ -572,8 +597,8 @@ void op__group_leave(op_runtime *rt, op_group *g, const char *err);
 int op__open_main(lua_State *L);
 /* lua_worker.c: open the worker-side module. Thread: worker. */
 int op__open_worker(lua_State *L);
-/* Set up a fresh VM: libraries, package.path. Used for the main VM and
-** every worker VM. */
+/* Set up a fresh VM: libraries, package.path (vm.c). Used for the main VM
+** and every worker VM. */
 lua_State *op__new_state(op_runtime *rt, op_vmem *mem);
 
 /* Add the io/ modules' functions to the offpath table on top of L (main
@@ -582,21 +607,24 @@ lua_State *op__new_state(op_runtime *rt, op_vmem *mem);
 void op__open_io(lua_State *L);
 /* Register the metatable mt of an io module's objects (metamethods meta,
 ** methods as __index), then add funcs as offpath.<field> to the module
-** table on top of L (io/io.c).  [-0, +0, m] */
+** table on top of L (io/common.c).  [-0, +0, m] */
 void op__io_register(lua_State *L, const char *mt, const luaL_Reg *meta,
                      const luaL_Reg *methods, const char *field,
                      const luaL_Reg *funcs);
 /* The SQL argument at idx of db:query/db:exec: a string, or a table
 ** {sql or [1], timeout=} whose timeout overrides *timeout; the string
-** replaces the table at idx (io/io.c).  [-0, +0, e] */
+** replaces the table at idx (io/common.c).  [-0, +0, e] */
 const char *op__sql_arg(lua_State *L, int idx, double *timeout, size_t *len);
-/* A number option >= 0 of the options table at idx, or dflt (io/io.c).
+/* A number option >= 0 of the options table at idx, or dflt (io/common.c).
 ** [-0, +0, e] */
 double op__opt_number(lua_State *L, int idx, const char *key, double dflt,
                       const char *call);
 
-/* Called from op_runtime_free before the loop is drained, so io modules
-** can close idle connections and handles. */
+/* Register fn to run at runtime shutdown (once, however often it is
+** registered), after every wait has ended: an io module closes what it
+** keeps open there and frees its state (io/common.c). */
+void op__io_at_shutdown(op_runtime *rt, void (*fn)(op_runtime *rt));
+/* Run the hooks registered, in order (op_runtime_free). */
 void op__io_shutdown(op_runtime *rt);
 
 /* ---- io/exec.c and io/fs.c: offpath.exec and the file calls ---- */
@@ -605,13 +633,8 @@ void op__io_shutdown(op_runtime *rt);
 ** of L.  [-0, +0, e] */
 void op__open_io_exec(lua_State *L);
 void op__open_io_fs(lua_State *L);
-/* At runtime shutdown (every wait already ended): kill children still
-** running, run the loop until their handles are closed, free the module
-** state. */
-void op__io_exec_shutdown(op_runtime *rt);
-void op__io_fs_shutdown(op_runtime *rt);
 
-/* A set-up guard (fs.c): a small userdata whose __gc calls discard(L, p)
+/* A set-up guard (io/common.c): a small userdata whose __gc calls discard(L, p)
 ** unless p was cleared, so a malloc'ed operation that is being set up in a
 ** Lua call is not leaked when something raises before the operation is
 ** handed to the loop. Set p after the allocation, clear it once the wait
@@ -628,13 +651,8 @@ op_guard *op__guard_new(lua_State *L, void (*discard)(lua_State *, void *));
 ** of L.  [-0, +0, m] */
 void op__open_io_http(lua_State *L);
 void op__open_io_redis(lua_State *L);
-/* At runtime shutdown (every wait already ended): close connections and
-** their handles (freed by the loop's next turn) and free the module state
-** (rt->io_http / rt->io_redis). */
-void op__io_http_shutdown(op_runtime *rt);
 /* Push the table of offpath.stats().http.  [-0, +1, m] */
 void op__io_http_stats(lua_State *L, op_runtime *rt);
-void op__io_redis_shutdown(op_runtime *rt);
 
 /* ---- io/pg.c and io/sqlite.c: offpath.pg and offpath.sqlite ---- */
 
@@ -642,11 +660,6 @@ void op__io_redis_shutdown(op_runtime *rt);
 ** of L.  [-0, +0, m] */
 void op__open_io_pg(lua_State *L);
 void op__open_io_sqlite(lua_State *L);
-/* At runtime shutdown (every wait already ended): close the connections,
-** run the loop until their handles are closed, free the module state
-** (rt->io_pg / rt->io_sqlite). */
-void op__io_pg_shutdown(op_runtime *rt);
-void op__io_sqlite_shutdown(op_runtime *rt);
 
 /* ---- the runtime (runtime.c) ---- */
 
@@ -695,13 +708,14 @@ struct op_runtime {
   op_pool *pools[OP_MAX_POOLS];
   int npools;
   op_protostore *protos;
-  op_xfer *xfer; /* the main VM's transfer state */
+  op_xfer *xfer;             /* the main VM's transfer state */
+  lua_CFunction open_worker; /* op__open_worker: a worker VM's module */
   uv_thread_t loop_thread;
 
   /* Completion queue: workers push, the loop thread swaps it out whole. */
   uv_mutex_t done_mu;
   op_task *done_head, *done_tail;
-  uv_poll_t wake_poll; /* polls wake_fd[0] (runtime.c) */
+  uv_poll_t wake_poll; /* polls wake_fd[0] (loop.c) */
   int wake_fd[2];      /* read and write ends; one eventfd on Linux */
 
   /* Scheduler (sched.c). */
@@ -726,16 +740,18 @@ struct op_runtime {
   uint64_t inflight;   /* pool tasks submitted and not completed */
   int hold_submits;    /* op__pool_submit holds tasks until op__pool_flush */
   int held;            /* it held Lua tasks for a deep queue (pool.c) */
+  unsigned hold_n;     /* C completions while holding (pool.c) */
+  uint64_t hold_since; /* when holding began (pool.c) */
   uint64_t nsubmits;   /* tasks submitted (loop thread) */
   uint64_t yield_mark; /* nsubmits at the last yield */
   int woke_worker;     /* a submit woke a sleeping worker */
   /* Shared with the workers, on cache lines of their own: a worker
   ** spinning on loop_sleeps must not pull the lines the loop thread
   ** writes per task (the counters above). Waking the loop thread
-  ** (runtime.c): a producer raises done_flag and sends the wake-up only if
+  ** (wake.c): a producer raises done_flag and sends the wake-up only if
   ** need_wake was set (and clears it), so the loop thread gets no wake-up
   ** while it is draining or spinning. Hints for waiting without a wake-up
-  ** (runtime.c idle_cb, pool.c): loop_cpu, worker_cpu, loop_sleeps. */
+  ** (loop.c, pool.c): loop_cpu, worker_cpu, loop_sleeps. */
   char pad_shared_[64];
   atomic_int done_flag;
   atomic_int need_wake;
@@ -778,7 +794,11 @@ struct op_runtime {
   int uv_handles; /* open uv handles of the runtime itself */
 
   /* io modules: each owns its pointer (src/io/). */
-  void *io_http, *io_redis, *io_pg, *io_sqlite, *io_exec, *io_fs;
+  void *io_http, *io_redis, *io_pg, *io_exec;
+  /* What they close at shutdown (io/common.c). */
+#define OP_IO_HOOKS 8
+  void (*io_hooks[OP_IO_HOOKS])(op_runtime *rt);
+  int nio_hooks;
 };
 
 /* Now, in ns: one clock read serves a whole drained batch. */
@@ -791,12 +811,33 @@ static inline op_co *op__co(lua_State *L) {
   return *(op_co **)lua_getextraspace(L);
 }
 
+/* ---- errors and protected calls (error.c) ---- */
+
 /* Run Lua function on top of L (below nargs arguments) in protected mode
 ** with a traceback handler. Returns the lua_pcall status; on error the
 ** message (with traceback) is on top.  [-(nargs+1), +(nres|1), -] */
 int op__pcall(lua_State *L, int nargs, int nres);
 /* Message handler: message plus traceback.  [-1, +1, m] */
 int op__traceback(lua_State *L);
+/* Report an error that has nowhere else to go (error callback, counters). */
+void op__report_error(op_runtime *rt, const char *msg);
+/* Set the runtime's error message (op_errmsg). */
+void op__set_errmsg(op_runtime *rt, const char *fmt, ...);
+/* Current position of a suspended or running coroutine, "file:line", in
+** buf (or "?" if unknown). */
+const char *op__where(lua_State *co, char *buf, size_t len);
+/* Make the registry's table of error values and their tracebacks (main
+** VM).  [-0, +0, m] */
+void op__tracebacks_open(lua_State *L);
+/* Remember the traceback tb (at -1) of the error value at -2, if that
+** value has an identity offpath.traceback can find it by.  [-0, +0, m] */
+void op__note_traceback(lua_State *L);
+/* If the error value at idx came from a task and has an identity (a
+** table, userdata, function), push the traceback recorded where it was
+** raised and return 1; else 0.  [-0, +(0|1), m] */
+int op__error_traceback(lua_State *L, int idx);
+
+/* ---- the runtime (runtime.c) ---- */
 
 /* op_runtime_new on the caller's lua_State L (the main thread of a stock
 ** Lua program, for the Lua module), or on a new one when L is NULL. A
@@ -814,10 +855,6 @@ void op__sched_close(op_runtime *rt);
 void op__sched_cancel_all(op_runtime *rt);
 /* Resolve a wait as cancelled (task cancel): abort runs with code. */
 void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg, int code);
-/* Current position of a suspended or running coroutine, "file:line", in
-** buf (or "?" if unknown). */
-const char *op__where(lua_State *co, char *buf, size_t len);
-
 /* Count of handlers in flight for backpressure, see op_runtime_suspended. */
 
 /* ---- debugging ---- */

@@ -371,7 +371,7 @@ static int offpath_index(lua_State *L) {
   }
   if (k != NULL && strcmp(k, "engine") == 0) {
     op_runtime *rt = op__runtime(L);
-    op_push_engine(rt);
+    op__push_engine(rt);
     lua_xmove(rt->L, L, 1);
     return 1;
   }

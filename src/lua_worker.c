@@ -2,7 +2,7 @@
 /*
 ** lua_worker.c - the offpath module inside worker VMs (block, cancelled,
 ** worker, sleep, now, can_suspend), and the loop-thread half of block
-** sections. Thread: worker, except op__block_run() (loop).
+** sections. Thread: worker, except block_run() (loop).
 **
 ** A block section: the worker encodes fn and its arguments into its own
 ** block task, hands it to the loop thread through the completion queue and
@@ -61,6 +61,13 @@ static void set_upvalues(lua_State *L, int first, int last) {
   }
 }
 
+static void block_run(op_runtime *rt, op_task *t);
+
+/* The completion of a block task: the loop thread runs the section. */
+static void block_complete(op_task *t) {
+  block_run(t->arg, t);
+}
+
 /* offpath.block(fn, ...) -> results of fn run on the main thread */
 static int wk_block(lua_State *L) {
   op_worker *w = check_worker(L);
@@ -88,6 +95,8 @@ static int wk_block(lua_State *L) {
                          "stuck");
   }
   t->status = 0;
+  t->complete = block_complete;
+  t->arg = op__pool_rt(p);
   op__complete(op__pool_rt(p), t);
   op__worker_block_sync(w, 1);
   op__worker_block_leave(w);
@@ -348,7 +357,7 @@ static int block_body(lua_State *L) {
 /* Run the section on the main VM's own thread: nothing else runs on the
 ** loop thread meanwhile (atomic), it is no handler coroutine so it cannot
 ** suspend, and it allocates no coroutine per section. */
-void op__block_run(op_runtime *rt, op_task *t) {
+static void block_run(op_runtime *rt, op_task *t) {
   lua_State *L = rt->L;
   int top = lua_gettop(L);
   const char *msg;

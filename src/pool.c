@@ -12,7 +12,7 @@
 ** critical section, so a busy pool costs one lock per task on the
 ** worker's side. The worker that makes the finished list non-empty raises
 ** the runtime's done_flag and wakes the loop thread only if it may be
-** asleep (op__raise_done, runtime.c); the loop thread swaps the lists of
+** asleep (op__raise_done, wake.c); the loop thread swaps the lists of
 ** every pool out whole (op__pool_take_done). p->queued is written under
 ** the lock and read by the loop thread without it: workers only lower it,
 ** so the loop thread's view is never too low.
@@ -24,7 +24,7 @@
 ** submits wakes each sleeper once.
 **
 ** Held submits. While the loop thread runs the done callbacks of C tasks
-** (rt->hold_submits, runtime.c drain_done), op__pool_submit puts tasks on
+** (rt->hold_submits, set by the C task's completion), op__pool_submit puts tasks on
 ** a pending list of the loop thread's own; op__pool_flush queues them and
 ** wakes the sleepers they need under one lock when the batch ends (and
 ** now and then during a long one). A batch then costs one lock instead of
@@ -39,7 +39,7 @@
 ** pool lock per submit fights them for it (with 1024 tasks in flight a
 ** fifth of its time went to the lock). They are queued HOLD_MAX at a
 ** time, at the end of a completion batch, and before the loop thread
-** polls (op__flush_held, runtime.c); a coroutine that launches and then
+** polls (op__pool_release, loop.c); a coroutine that launches and then
 ** computes for long without yielding delays only what it launched beyond
 ** HOLD_DEPTH queued tasks.
 **
@@ -68,7 +68,7 @@
 ** way: see "Stuck workers".
 **
 ** Stuck workers. A Lua task that was asked to stop and still runs
-** rt->stuck_grace seconds later (w->stop_at, the stuck watch in runtime.c)
+** rt->stuck_grace seconds later (w->stop_at, the stuck watch below)
 ** is given up: abandon() hands the task back to the loop thread as
 ** stopped, through p's done list, detaches the thread and starts a fresh
 ** one with a fresh VM in its slot. The old thread becomes a *ghost*. So
@@ -220,7 +220,8 @@ struct op_pool {
   op_task *pend_head, *pend_tail; /* submitted during a drain (flush) */
   uint32_t npend;
   uint32_t hwm;
-  op_backlog backlog;
+  op_task *park_head, *park_tail; /* parked: waiting for room, FIFO */
+  uint32_t nparked;
   uint64_t submitted, completed, failed, timedout, cancelled, stuck;
   uint32_t inflight;
   op_hist hist;
@@ -235,6 +236,7 @@ struct op_pool {
 /* Values of op_task.queued. */
 #define IN_QUEUE   1 /* in p->head..tail */
 #define IN_PENDING 2 /* in p->pend_head..pend_tail, not yet flushed */
+#define IN_PARKED  3 /* in p->park_head..park_tail: the queue was full */
 
 /* Take t out of the doubly linked list head..tail. */
 static void list_unlink(op_task **head, op_task **tail, op_task *t) {
@@ -248,6 +250,17 @@ static void list_unlink(op_task **head, op_task **tail, op_task *t) {
     *tail = t->prev;
 }
 
+/* Append t to the doubly linked list head..tail. */
+static void list_append(op_task **head, op_task **tail, op_task *t) {
+  t->next = NULL;
+  t->prev = *tail;
+  if (*tail != NULL)
+    (*tail)->next = t;
+  else
+    *head = t;
+  *tail = t;
+}
+
 /* Set p->avail to v (p->mu held), writing only a change. */
 static void set_avail(op_pool *p, int v) {
   if (atomic_load_explicit(&p->avail, memory_order_relaxed) != v)
@@ -255,6 +268,8 @@ static void set_avail(op_pool *p, int v) {
 }
 
 static _Thread_local op_worker *self;
+
+static void count_stop(op_pool *p, op_task *t, int code);
 
 /* A looker is back: claims beyond the lookers left lapse (the queue is
 ** looked at now). Thread: worker, under p->mu. */
@@ -284,10 +299,6 @@ op_runtime *op__pool_rt(op_pool *p) {
 
 const char *op__pool_name(op_pool *p) {
   return p->name;
-}
-
-op_backlog *op__pool_backlog(op_pool *p) {
-  return &p->backlog;
 }
 
 /* ---- worker VMs ---- */
@@ -495,7 +506,7 @@ static void replace(lua_State *L, const char *lib, const char *name,
 static int worker_open_p(lua_State *L) {
   op_worker *w = lua_touserdata(L, 1);
 
-  luaL_requiref(L, "offpath", op__open_worker, 1);
+  luaL_requiref(L, "offpath", w->pool->rt->open_worker, 1);
   lua_newtable(L);
   lua_setglobal(L, "_OSTLS");
   lua_pushboolean(L, 0);
@@ -946,25 +957,23 @@ static void worker_main(void *arg) {
 ** from *head to *tail.
 ** Thread: loop. */
 void op__pool_take_done(op_pool *p, op_task **head, op_task **tail) {
-  op_task *h, *t;
+  op__tasks_take(&p->mu, &p->done_head, &p->done_tail, &p->has_done, head,
+                 tail);
+}
 
-  /* Seen clear after the caller cleared rt->done_flag: a task handed in
-  ** later raises done_flag again (worker_main), so it is not lost. */
-  if (!atomic_load(&p->has_done))
-    return;
-  uv_mutex_lock(&p->mu);
-  h = p->done_head;
-  t = p->done_tail;
-  p->done_head = p->done_tail = NULL;
-  atomic_store_explicit(&p->has_done, 0, memory_order_relaxed);
-  uv_mutex_unlock(&p->mu);
-  if (h == NULL)
-    return;
-  if (*tail != NULL)
-    (*tail)->next = h;
-  else
-    *head = h;
-  *tail = t;
+/* ---- tasks ---- */
+
+void op__task_init(op_task *t, op_task_kind kind) {
+  memset(t, 0, sizeof *t);
+  t->kind = (uint8_t)kind;
+  atomic_init(&t->stop, 0);
+  op__buf_init(&t->buf);
+}
+
+void op__task_release(op_task *t) {
+  op__buf_free(&t->buf);
+  free(t->stale);
+  t->stale = NULL;
 }
 
 /* ---- pools ---- */
@@ -1253,25 +1262,26 @@ void op__pool_flush(op_pool *p) {
   }
 }
 
-int op__pool_submit(op_pool *p, op_task *t) {
+/* Count t in the books of p and of the runtime: in flight until it comes
+** back (op__pool_returned). */
+static void book(op_pool *p) {
+  op_runtime *rt = p->rt;
+
+  p->inflight++;
+  if (rt->inflight++ == 0)
+    op__update_ref(rt);
+}
+
+/* Queue t, which fits: now, or held for the batch (see the DESIGN
+** block). */
+static void enqueue(op_pool *p, op_task *t) {
   op_runtime *rt = p->rt;
   op_worker *wake;
-  uint32_t n;
-  int rc, hold, deep;
+  uint32_t n = nqueued(p);
+  int hold, deep;
 
-  if (p->stopping)
-    return OP_ESHUTDOWN;
-  /* A pool with no thread tries again: the limit may have gone. */
-  if ((!p->started || p->running == 0) && (rc = start(p)) != 0)
-    return rc;
-  n = nqueued(p);
-  if (n >= (uint32_t)p->cap)
-    return OP_EAGAIN;
   if (n >= p->hwm)
     p->hwm = n + 1;
-  t->pool = p;
-  t->next = NULL;
-  t->t_submit = op__now(rt);
   hold = rt->hold_submits;
   deep = t->kind == OP_TASK_LUA &&
          atomic_load_explicit(&p->queued, memory_order_relaxed) >= HOLD_DEPTH;
@@ -1284,23 +1294,13 @@ int op__pool_submit(op_pool *p, op_task *t) {
     /* Queued with the rest of the batch (op__pool_flush): one lock for the
     ** batch, and no worker woken now preempts the loop thread in the
     ** middle of it (see the DESIGN block). */
-    t->prev = p->pend_tail;
-    if (p->pend_tail != NULL)
-      p->pend_tail->next = t;
-    else
-      p->pend_head = t;
-    p->pend_tail = t;
+    list_append(&p->pend_head, &p->pend_tail, t);
     t->queued = IN_PENDING;
     if (++p->npend >= HOLD_MAX && !rt->hold_submits)
       op__pool_flush(p);
   } else {
     uv_mutex_lock(&p->mu);
-    t->prev = p->tail;
-    if (p->tail != NULL)
-      p->tail->next = t;
-    else
-      p->head = t;
-    p->tail = t;
+    list_append(&p->head, &p->tail, t);
     t->queued = IN_QUEUE;
     queued_add(p, 1);
     set_avail(p, 1);
@@ -1314,18 +1314,59 @@ int op__pool_submit(op_pool *p, op_task *t) {
   }
   rt->nsubmits++;
   p->submitted++;
-  p->inflight++;
-  if (rt->inflight++ == 0)
-    op__update_ref(rt);
-  return 0;
+}
+
+int op__pool_submit(op_pool *p, op_task *t, int park) {
+  int rc;
+
+  if (p->stopping)
+    return OP_ESHUTDOWN;
+  /* A pool with no thread tries again: the limit may have gone. */
+  if ((!p->started || p->running == 0) && (rc = start(p)) != 0)
+    return rc;
+  t->pool = p;
+  t->t_submit = op__now(p->rt);
+  if (nqueued(p) < (uint32_t)p->cap && (!park || p->park_head == NULL)) {
+    enqueue(p, t);
+    book(p);
+    return 0;
+  }
+  if (!park)
+    return OP_EAGAIN;
+  /* Parked behind the others, queued as room comes (flush_parked). */
+  list_append(&p->park_head, &p->park_tail, t);
+  t->queued = IN_PARKED;
+  p->nparked++;
+  book(p);
+  return 1;
+}
+
+/* Queue the parked tasks of p while its queue has room, telling each
+** kind (t->on_queued). Thread: loop. */
+static void flush_parked(op_pool *p) {
+  op_task *t;
+
+  while ((t = p->park_head) != NULL && nqueued(p) < (uint32_t)p->cap &&
+         !p->stopping && p->running > 0) {
+    list_unlink(&p->park_head, &p->park_tail, t);
+    p->nparked--;
+    enqueue(p, t);
+    if (t->on_queued != NULL)
+      t->on_queued(t);
+  }
 }
 
 void op__pool_stop_task(op_pool *p, op_task *t, int code) {
   int taken = 0;
   op_worker *runner = NULL;
 
+  count_stop(p, t, code);
   uv_mutex_lock(&p->mu);
-  if (t->queued == IN_PENDING) {
+  if (t->queued == IN_PARKED) {
+    list_unlink(&p->park_head, &p->park_tail, t);
+    p->nparked--;
+    taken = 1;
+  } else if (t->queued == IN_PENDING) {
     list_unlink(&p->pend_head, &p->pend_tail, t);
     p->npend--;
     taken = 1;
@@ -1359,6 +1400,35 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
 }
 
 /* ---- stuck workers ---- */
+
+/* The stuck watch: give up the workers whose stopped task still runs
+** after the grace time (op__pool_check_stuck), and stop when no stopped
+** task runs any more. Unreferenced: it never keeps the loop alive by
+** itself, and a loop waiting on the stopped task runs it. */
+static void stuck_cb(uv_timer_t *timer) {
+  op_runtime *rt = timer->data;
+  uint64_t now = uv_hrtime(), grace = (uint64_t)(rt->stuck_grace * 1e9);
+  int i, waiting = 0;
+
+  for (i = 0; i < rt->npools; i++)
+    waiting += op__pool_check_stuck(rt->pools[i], now, grace);
+  if (waiting == 0)
+    uv_timer_stop(timer);
+}
+
+void op__watch_stuck(op_runtime *rt) {
+  uint64_t ms;
+
+  if (uv_is_active((uv_handle_t *)&rt->stuck_timer))
+    return;
+  /* Looks four times per grace time: a stuck worker is given up within
+  ** 1.25 grace times of its stop. */
+  ms = (uint64_t)(rt->stuck_grace * 250.0);
+  if (ms < 10)
+    ms = 10;
+  uv_timer_start(&rt->stuck_timer, stuck_cb, ms, ms);
+}
+
 
 /* Give up the worker in slot i, whose task has not stopped within the
 ** grace time (p->mu held): end its task for the loop thread as the
@@ -1457,14 +1527,20 @@ void op__pool_cancel_queued(op_pool *p) {
   op_task *t, *list;
 
   uv_mutex_lock(&p->mu);
+  /* The queue, then the held tasks, then the parked ones: one list. */
+  if (p->pend_head != NULL) {
+    p->pend_tail->next = p->park_head;
+    p->park_head = p->pend_head;
+  }
   list = p->head;
   if (list != NULL)
-    p->tail->next = p->pend_head;
+    p->tail->next = p->park_head;
   else
-    list = p->pend_head;
+    list = p->park_head;
   p->head = p->tail = NULL;
   p->pend_head = p->pend_tail = NULL;
-  p->npend = 0;
+  p->park_head = p->park_tail = NULL;
+  p->npend = p->nparked = 0;
   atomic_store_explicit(&p->queued, 0, memory_order_relaxed);
   for (t = list; t != NULL; t = t->next) {
     t->queued = 0;
@@ -1533,7 +1609,8 @@ void op__pool_free(op_pool *p, op_remnant *r) {
 
 /* ---- statistics ---- */
 
-void op__pool_count_end(op_pool *p, op_task *t, op_task_state how) {
+/* Count an ended task in p's statistics. */
+static void count_end(op_pool *p, op_task *t, op_task_state how) {
   switch (how) {
   case OP_TASK_DONE:
     p->completed++;
@@ -1551,10 +1628,41 @@ void op__pool_count_end(op_pool *p, op_task *t, op_task_state how) {
   op__hist_add(&p->hist, op__now(p->rt) - t->t_submit);
 }
 
-/* The worker gave t back (drain, before t->complete). */
-void op__pool_returned(op_pool *p, op_task *t) {
-  (void)t;
+/* A task asked to stop has ended for the books (once), whenever its
+** worker hands it back. */
+static void count_stop(op_pool *p, op_task *t, int code) {
+  if (t->counted)
+    return;
+  t->counted = 1;
+  count_end(p, t, code == OP_ETIMEDOUT ? OP_TASK_TIMEOUT : OP_TASK_CANCELLED);
+}
+
+void op__pool_returned(op_task *t) {
+  op_pool *p = t->pool;
+  op_task_state how;
+
+  if (p == NULL)
+    return; /* not a pool's: a block section */
   p->inflight--;
+  p->rt->inflight--;
+  if (!t->counted) {
+    switch (t->status) {
+    case 0:
+      how = t->failed ? OP_TASK_FAILED : OP_TASK_DONE;
+      break;
+    case OP_ECANCELED:
+      how = OP_TASK_CANCELLED;
+      break;
+    case OP_ETIMEDOUT:
+      how = OP_TASK_TIMEOUT;
+      break;
+    default:
+      how = OP_TASK_FAILED;
+      break;
+    }
+    count_end(p, t, how);
+  }
+  t->counted = t->failed = 0; /* for a task made again from this one */
 }
 
 void op__pool_set_spin(op_pool *p, unsigned us) {
@@ -1577,9 +1685,9 @@ void op__pool_stats(op_pool *p, op_pool_stats *out) {
   out->failed = p->failed;
   out->timedout = p->timedout;
   out->cancelled = p->cancelled;
-  out->queued = nqueued(p) + p->backlog.n;
+  out->queued = nqueued(p) + p->nparked;
   out->queue_hwm = p->hwm;
-  out->inflight = p->inflight + p->backlog.n;
+  out->inflight = p->inflight;
   out->p50 = op__hist_quantile(&p->hist, 0.50);
   out->p99 = op__hist_quantile(&p->hist, 0.99);
   out->max = (double)p->hist.max / 1e9;
@@ -1630,4 +1738,109 @@ int op__worker_stopping(op_worker *w) {
 
 const char *op__worker_pool_name(op_worker *w) {
   return w->pool->name;
+}
+
+/* ---- C tasks ---- */
+
+/* Longest a C completion batch holds the tasks its callbacks submit. */
+#define HOLD_NS 100000
+
+typedef struct ctask {
+  op_task t;
+  op_done_fn done;
+  op_runtime *rt;
+} ctask;
+
+#define MAX_FREE_CTASKS 1024
+
+/* A C task's completion runs no Lua (t->holds): the tasks its callback
+** submits are held for the batch, and queued together when it ends
+** (op__pool_batch_end), or now and then during a long one. */
+static void ctask_complete(op_task *t) {
+  ctask *c = (ctask *)t;
+  op_runtime *rt = c->rt;
+  op_done_fn done = c->done;
+  void *arg = t->arg;
+  int status = t->status;
+
+  if (!rt->hold_submits) {
+    rt->hold_submits = 1;
+    rt->hold_since = uv_hrtime();
+  } else if ((++rt->hold_n & 15) == 0 &&
+             uv_hrtime() - rt->hold_since > HOLD_NS) {
+    op__pool_release(rt); /* a long batch queues what it held so far */
+    rt->hold_submits = 1;
+    rt->hold_since = uv_hrtime();
+  }
+  /* Keep it for the next op_submit: no malloc per C task. */
+  if (rt->nfree_ctasks < MAX_FREE_CTASKS) {
+    t->next = rt->free_ctasks;
+    rt->free_ctasks = t;
+    rt->nfree_ctasks++;
+  } else {
+    free(c);
+  }
+  done(arg, status);
+}
+
+int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
+              op_done_fn done, void *arg) {
+  op_pool *p;
+  ctask *c;
+  int rc;
+
+  if (work == NULL || done == NULL || pool == NULL)
+    return OP_EINVAL;
+  if (rt->closing)
+    return OP_ESHUTDOWN;
+  if ((p = op__pool_find(rt, pool)) == NULL)
+    return OP_ENOPOOL;
+  if (rt->free_ctasks != NULL) {
+    /* A recycled task is as ctask_complete left it: only the stop flag
+    ** may need clearing (a task cancelled at shutdown). */
+    c = (ctask *)rt->free_ctasks;
+    rt->free_ctasks = c->t.next;
+    rt->nfree_ctasks--;
+    atomic_store_explicit(&c->t.stop, 0, memory_order_relaxed);
+  } else if ((c = malloc(sizeof *c)) != NULL) {
+    op__task_init(&c->t, OP_TASK_C);
+    c->rt = rt;
+    c->t.complete = ctask_complete;
+    c->t.holds = 1;
+  } else {
+    return OP_ENOMEM;
+  }
+  c->t.work = work;
+  c->t.arg = arg;
+  c->done = done;
+  rc = op__pool_submit(p, &c->t, 0);
+  if (rc != 0) {
+    c->t.next = rt->free_ctasks;
+    rt->free_ctasks = &c->t;
+    rt->nfree_ctasks++;
+    return rc;
+  }
+  return 0;
+}
+
+/* ---- the end of a batch ---- */
+
+void op__pool_release(op_runtime *rt) {
+  int i;
+
+  if (!rt->hold_submits && !rt->held)
+    return;
+  rt->hold_submits = rt->held = 0;
+  rt->hold_n = 0;
+  for (i = 0; i < rt->npools; i++)
+    op__pool_flush(rt->pools[i]);
+}
+
+void op__pool_batch_end(op_runtime *rt) {
+  int i;
+
+  op__pool_release(rt);
+  for (i = 0; i < rt->npools; i++)
+    if (rt->pools[i]->park_head != NULL)
+      flush_parked(rt->pools[i]);
 }

@@ -196,22 +196,6 @@ static op_co *wait_take(op_runtime *rt, op_wait *w) {
 
 /* ---- where a coroutine is ---- */
 
-const char *op__where(lua_State *co, char *buf, size_t len) {
-  lua_Debug ar;
-  int level;
-
-  for (level = 0; level < 8; level++) {
-    if (!lua_getstack(co, level, &ar))
-      break;
-    if (lua_getinfo(co, "Sl", &ar) && ar.currentline > 0) {
-      snprintf(buf, len, "%s:%d", ar.short_src, ar.currentline);
-      return buf;
-    }
-  }
-  snprintf(buf, len, "?");
-  return buf;
-}
-
 /* ---- waits ---- */
 
 int op__can_suspend(lua_State *L) {

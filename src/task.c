@@ -7,7 +7,7 @@
 ** DESIGN
 **
 ** A task is a full userdata (op_ltask) whose first member is the op_task a
-** pool works on. While the pool, the backlog or a coroutine may still touch
+** pool works on. While the pool or a coroutine may still touch
 ** it, it is anchored (lt->anchor, a slot of the anchor table); it is
 ** released in maybe_release() once nothing does and it has ended.
 **
@@ -15,8 +15,8 @@
 **    |                  |                                  |
 **    |  queue full      | stop: taken off the queue,       | task_complete()
 **    v                  |   completed as cancelled/timeout | (drain)
-**   backlog --room-->   |                                  v
-**   (in_backlog)        +-----------------------------> ended: DONE, FAILED,
+**   parked in the pool  |                                  v
+**   (in_pool) --room--> +-----------------------------> ended: DONE, FAILED,
 **                                                       CANCELLED, TIMEOUT
 **
 ** "Ended" is decided once, on the loop thread, by task_end(): from the
@@ -30,7 +30,8 @@
 **  - Every waiter is a wait id: waiters that went away (timeout, cancel)
 **    are skipped because their ids no longer resolve.
 **  - on_done callbacks and schedule callbacks run exactly once, at the end.
-**  - pool counters count each task once, at the end (op__pool_count_end).
+**  - the pool counts each task once, when it is stopped or comes back
+**    (pool.c).
 */
 #include <string.h>
 
@@ -42,8 +43,8 @@ struct op_ltask {
   op_runtime *rt;
   uint8_t kind;           /* op_ltask_kind */
   uint8_t state;          /* op_task_state */
-  uint8_t in_pool;        /* the pool owns t until task_complete() */
-  uint8_t in_backlog;     /* waiting for room in the pool queue */
+  uint8_t in_pool;        /* the pool owns t (queued, parked or running)
+                             until task_settle_cb() */
   uint8_t sched;          /* schedule: data/onresult/onerror in the uservalue */
   uint8_t observed;       /* a waiter or callback was attached */
   uint8_t has_uv;         /* the user value table (UV_TABLE) exists */
@@ -56,12 +57,12 @@ struct op_ltask {
   op_wait_id submit_wait; /* launch suspended on a full queue */
   uv_timer_t *timer;      /* deadline, or NULL */
   double timeout;
-  const char *call;  /* "offpath.run", ... for messages */
-  op_co *co;         /* go: the running coroutine, NULL once ended */
-  op_group *grp;     /* invocation group until it ends, or NULL */
-  int res_ref;       /* go: results table or error value, LUA_NOREF */
-  int tb_ref;        /* go: traceback of an error that is not a string */
-  op_ltask *bl_next; /* backlog link */
+  const char *call;    /* "offpath.run", ... for messages */
+  op_co *co;           /* go: the running coroutine, NULL once ended */
+  op_group *grp;       /* invocation group until it ends, or NULL */
+  int res_ref;         /* go: results table or error value, LUA_NOREF */
+  int tb_ref;          /* go: traceback of an error that is not a string */
+  op_ltask *idle_next; /* link in rt->tasks->idle_run */
 };
 
 /* The user values of a task object. The table holds what is rare: more
@@ -121,7 +122,7 @@ struct op_tasks {
   uint32_t nslots, slot_cap, free_slot;
   /* Ended offpath.run tasks kept for the next ones, still anchored: no
   ** script ever sees them, so they can be used again. */
-  op_ltask *idle_run; /* linked through bl_next */
+  op_ltask *idle_run; /* linked through idle_next */
   int nidle_run;
 };
 
@@ -394,12 +395,12 @@ static void maybe_release(op_ltask *lt) {
   op_tasks *ts;
   lua_State *L;
 
-  if (lt->state < OP_TASK_DONE || lt->in_pool || lt->in_backlog ||
-      lt->co != NULL || lt->anchor == LUA_NOREF)
+  if (lt->state < OP_TASK_DONE || lt->in_pool || lt->co != NULL ||
+      lt->anchor == LUA_NOREF)
     return;
   ts = lt->rt->tasks;
   if (lt->own && ts->nidle_run < IDLE_RUN_MAX) {
-    lt->bl_next = ts->idle_run; /* stays anchored: see new_task */
+    lt->idle_next = ts->idle_run; /* stays anchored: see new_task */
     ts->idle_run = lt;
     ts->nidle_run++;
     return;
@@ -451,10 +452,6 @@ static int push_results(lua_State *L, op_ltask *lt) {
   lua_remove(L, -(n + 1));
   return n;
 }
-
-/* Weak-keyed table: error value -> the traceback of the task that raised
-** it, for offpath.traceback(err). */
-static const char tracebacks_key = 'B';
 
 /* Push the error of a task that ended otherwise and, beside it, the
 ** traceback of an error value that is not a string (nil for a string
@@ -522,48 +519,6 @@ static void push_error_text(lua_State *L, op_ltask *lt) {
   lua_settop(L, err);
 }
 
-/* Remember the traceback tb (at -1) of the error value at -2, if that
-** value has an identity offpath.traceback can find it by.  [-0, +0, m] */
-static void note_traceback(lua_State *L) {
-  switch (lua_type(L, -2)) {
-  case LUA_TTABLE:
-  case LUA_TUSERDATA:
-  case LUA_TFUNCTION:
-  case LUA_TTHREAD:
-    if (lua_type(L, -1) != LUA_TSTRING)
-      return;
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &tracebacks_key);
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_rawset(L, -3);
-    lua_pop(L, 1);
-    break;
-  default:
-    break;
-  }
-}
-
-int op__error_traceback(lua_State *L, int idx) {
-  int t = lua_type(L, idx);
-
-  if (t != LUA_TTABLE && t != LUA_TUSERDATA && t != LUA_TFUNCTION &&
-      t != LUA_TTHREAD)
-    return 0;
-  idx = lua_absindex(L, idx);
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &tracebacks_key);
-  if (!lua_istable(L, -1)) {
-    lua_pop(L, 1);
-    return 0;
-  }
-  lua_pushvalue(L, idx);
-  lua_rawget(L, -2);
-  lua_remove(L, -2);
-  if (lua_type(L, -1) == LUA_TSTRING)
-    return 1;
-  lua_pop(L, 1);
-  return 0;
-}
-
 /* ---- the end of a task ---- */
 
 /* Tell the waiter with id w how lt ended. Messages are built on the main
@@ -596,7 +551,7 @@ static void tell_waiter(op_ltask *lt, op_wait_id w) {
   case OP_TASK_FAILED:
     /* The error value itself, any value; its traceback beside it. */
     push_failure(L, lt);
-    note_traceback(L);
+    op__note_traceback(L);
     lua_pop(L, 1);
     lua_xmove(L, co, 1);
     op__wait_fail_value(rt, w);
@@ -626,7 +581,7 @@ static int push_outcome(lua_State *L, op_ltask *lt) {
     lua_pushnil(L);
   } else {
     push_failure(L, lt);
-    note_traceback(L);
+    op__note_traceback(L);
   }
   lua_pushboolean(L, 0);
   lua_insert(L, -3);
@@ -667,7 +622,7 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
     lua_settop(L, top);
     return;
   }
-  op_push_engine(rt);
+  op__push_engine(rt);
   lua_getiuservalue(L, obj, UV_DATA);
   if (ok) {
     n = push_results(L, lt);
@@ -689,7 +644,7 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
     }
   } else {
     push_failure(L, lt); /* onerror(engine, data, err, traceback) */
-    note_traceback(L);
+    op__note_traceback(L);
   }
   rt->depth++; /* Lua runs: wake-ups it causes wait for the next turn */
   if (op__pcall(L, ok ? 3 : 4, 0) != LUA_OK) {
@@ -716,8 +671,6 @@ static int task_settle(op_ltask *lt, int state) {
     uv_close((uv_handle_t *)lt->timer, timer_close_cb);
     lt->timer = NULL;
   }
-  if (lt->kind == OP_LT_POOL)
-    op__pool_count_end(lt->t.pool, &lt->t, (op_task_state)state);
   return 1;
 }
 
@@ -814,36 +767,17 @@ static void task_end(op_ltask *lt, int state) {
 
 /* Stop lt early with code (OP_ECANCELED or OP_ETIMEDOUT). */
 static void task_stop(op_ltask *lt, int code) {
-  op_backlog *bl;
-  op_ltask **pp;
   op_wait_id w;
 
   if (lt->state >= OP_TASK_DONE)
     return;
   task_end(lt, code == OP_ETIMEDOUT ? OP_TASK_TIMEOUT : OP_TASK_CANCELLED);
   if (lt->kind == OP_LT_POOL) {
-    if (lt->in_pool) {
+    if (lt->in_pool) /* queued, parked or running: the pool counts it */
       op__pool_stop_task(lt->t.pool, &lt->t, code);
-    } else if (lt->in_backlog) {
-      bl = op__pool_backlog(lt->t.pool);
-      for (pp = &bl->head; *pp != NULL; pp = &(*pp)->bl_next) {
-        if (*pp == lt) {
-          *pp = lt->bl_next;
-          if (bl->tail == lt) {
-            op_ltask *q;
-            bl->tail = NULL;
-            for (q = bl->head; q != NULL; q = q->bl_next)
-              bl->tail = q;
-          }
-          bl->n--;
-          break;
-        }
-      }
-      lt->in_backlog = 0;
-      if ((w = lt->submit_wait) != 0) {
-        lt->submit_wait = 0;
-        op__wait_cancel(lt->rt, w, "cancelled", code);
-      }
+    if ((w = lt->submit_wait) != 0) {
+      lt->submit_wait = 0;
+      op__wait_cancel(lt->rt, w, "cancelled", code);
     }
   } else if (lt->co != NULL && lt->co->wait != 0) {
     op__wait_cancel(lt->rt, lt->co->wait,
@@ -916,6 +850,21 @@ static void task_complete(op_task *t) {
   maybe_release(lt);
 }
 
+/* A parked task was queued: resume the launch that waits for it. */
+static void task_queued(op_task *t) {
+  op_ltask *lt = (op_ltask *)t;
+  lua_State *co;
+  op_wait_id w;
+
+  if ((w = lt->submit_wait) != 0) {
+    lt->submit_wait = 0;
+    if ((co = op__wait_thread(lt->rt, w)) != NULL) {
+      push_task(co, lt);
+      op__wait_resume(lt->rt, w, 1);
+    }
+  }
+}
+
 /* ---- making and queueing tasks ---- */
 
 static op_ltask *new_task(lua_State *L, int kind, const char *call, int own,
@@ -927,7 +876,7 @@ static op_ltask *new_task(lua_State *L, int kind, const char *call, int own,
 
   if (own && ts != NULL && ts->idle_run != NULL) {
     lt = ts->idle_run;
-    ts->idle_run = lt->bl_next;
+    ts->idle_run = lt->idle_next;
     ts->nidle_run--;
     slot = lt->anchor;
     push_task(L, lt);
@@ -967,6 +916,7 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
   lt->t.watch = timeout > 0;
   lt->t.settle = task_settle_cb;
   lt->t.complete = task_complete;
+  lt->t.on_queued = task_queued;
   lt->t.owner = lt;
   lt->timeout = timeout;
   rc = op__encode(rt->xfer, L, fnidx, 1, &lt->t.buf, "function", 0, err,
@@ -986,76 +936,36 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
 
 int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait) {
   op_pool *p = lt->t.pool;
-  op_backlog *bl = op__pool_backlog(p);
   int rc;
 
-  rc = bl->head == NULL ? op__pool_submit(p, &lt->t) : OP_EAGAIN;
+  rc = op__pool_submit(p, &lt->t, may_wait);
   if (rc == OP_ESHUTDOWN) {
     op__buf_free(&lt->t.buf);
     luaL_error(L, "shutdown: %s refused, the runtime is shutting down",
                lt->call);
   }
-  if (rc != 0 && rc != OP_EAGAIN) { /* the pool has no thread at all */
+  if (rc < 0 && rc != OP_EAGAIN) { /* the pool has no thread at all */
     op__buf_free(&lt->t.buf);
     luaL_error(L, "cannot start a thread for pool '%s': %s (%s)",
                op__pool_name(p), op__pool_error(p, rc), lt->call);
   }
   anchor(L, lt, -1);
-  if (rc == 0 || may_wait) {
-    lt->grp = lt->rt->grp; /* it ends in task_notify */
-    op__group_join(lt->grp);
-  }
-  if (rc == 0) {
-    lt->in_pool = 1;
-    start_deadline(lt);
-    return 0;
-  }
-  if (!may_wait) {
+  if (rc == OP_EAGAIN) {
     op__buf_free(&lt->t.buf);
     lt->state = OP_TASK_CANCELLED; /* never queued: nothing to count */
     maybe_release(lt);
     return OP_EAGAIN;
   }
-  lt->in_backlog = 1;
-  lt->bl_next = NULL;
-  if (bl->tail != NULL)
-    bl->tail->bl_next = lt;
-  else
-    bl->head = lt;
-  bl->tail = lt;
-  bl->n++;
+  lt->grp = lt->rt->grp; /* it ends in task_notify */
+  op__group_join(lt->grp);
+  lt->in_pool = 1;
   start_deadline(lt);
-  return 1;
+  return rc; /* 0: queued; 1: parked until there is room */
 }
 
 int op__task_await_queued(lua_State *L, op_ltask *lt) {
   lt->submit_wait = op__wait_new(L, lt->call, 0, NULL, NULL);
   return op__wait_yield(L);
-}
-
-void op__task_flush_backlog(op_pool *p) {
-  op_backlog *bl = op__pool_backlog(p);
-  op_ltask *lt;
-  lua_State *co;
-  op_wait_id w;
-
-  while ((lt = bl->head) != NULL && !op__pool_full(p)) {
-    if (op__pool_submit(p, &lt->t) != 0)
-      break;
-    bl->head = lt->bl_next;
-    if (bl->head == NULL)
-      bl->tail = NULL;
-    bl->n--;
-    lt->in_backlog = 0;
-    lt->in_pool = 1;
-    if ((w = lt->submit_wait) != 0) {
-      lt->submit_wait = 0;
-      if ((co = op__wait_thread(lt->rt, w)) != NULL) {
-        push_task(co, lt);
-        op__wait_resume(lt->rt, w, 1);
-      }
-    }
-  }
 }
 
 /* ---- go tasks ---- */
@@ -1228,7 +1138,7 @@ int op__task_await(lua_State *L, op_ltask *lt, double timeout, const char *call,
       lua_concat(L, 2);
     } else {
       push_failure(L, lt);
-      note_traceback(L);
+      op__note_traceback(L);
       lua_pop(L, 1);
     }
     return lua_error(L);
@@ -1508,12 +1418,7 @@ void op__task_open(lua_State *L) {
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, -2);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &remains_key);
-  lua_newtable(L); /* error value -> traceback, weak keys */
-  lua_createtable(L, 0, 1);
-  lua_pushliteral(L, "k");
-  lua_setfield(L, -2, "__mode");
-  lua_setmetatable(L, -2);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &tracebacks_key);
+  op__tracebacks_open(L); /* error value -> traceback, weak keys */
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, sentinel_gc);
   lua_setfield(L, -2, "__gc");

@@ -40,7 +40,7 @@
 ** anchor in exec_free(). Signalling the whole process group stops a shell
 ** and every program it started, which would otherwise keep the pipes open.
 **
-** exec_free() runs before the main VM is closed: op__io_exec_shutdown()
+** exec_free() runs before the main VM is closed: exec_shutdown()
 ** kills what is left and runs the loop until every op is freed.
 */
 #include <errno.h>
@@ -752,8 +752,14 @@ static int offpath_exec(lua_State *L) {
 
 /* ---- module ---- */
 
+/* At runtime shutdown (every wait already ended). */
+static void exec_shutdown(op_runtime *rt);
+
 void op__open_io_exec(lua_State *L) {
   op_runtime *rt = op__runtime(L);
+
+  /* First: whatever fails after this, the hook frees what was made. */
+  op__io_at_shutdown(rt, exec_shutdown);
 
   if (rt->io_exec == NULL) {
     rt->io_exec = calloc(1, sizeof(exec_state));
@@ -769,7 +775,7 @@ static void chld_close_cb(uv_handle_t *h) {
   st->chld_closed = 1;
 }
 
-void op__io_exec_shutdown(op_runtime *rt) {
+static void exec_shutdown(op_runtime *rt) {
   exec_state *st = rt->io_exec;
   exec_op *op;
 

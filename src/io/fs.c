@@ -2,8 +2,7 @@
 /*
 ** fs.c - offpath.copy, offpath.cat, offpath.readfile, offpath.writefile:
 ** whole-file operations run as C tasks on a pool (default "io"), since
-** Linux has no non-blocking file I/O without threads. Also the set-up
-** guard the io modules share (op__guard_new).
+** Linux has no non-blocking file I/O without threads.
 ** Thread: loop, except fs_work() (a pool thread).
 **
 ** DESIGN
@@ -12,15 +11,15 @@
 ** member), the paths, and the result. Its life:
 **
 **   call --> wait made --> submitted (pool queue) --> work() on a worker
-**               |               ^                        --> fs_complete()
-**               | queue full    | retried on every          on the loop:
-**               v               | completion and on a       result or error
-**            PENDING (st list) -+ 1 ms timer                to the waiter,
+**                               ^                        --> fs_complete()
+**               queue full:     | queued as room            on the loop:
+**               parked by the --+ comes (pool.c)            result or error
+**               pool                                        to the waiter,
 **                                                           then freed
-** Abort (timeout, cancel, shutdown) clears op->id first, then: a PENDING
-** op is unlinked and freed; a queued one is taken off the queue by
-** op__pool_stop_task() and comes back through fs_complete() with its
-** status set; a running one cannot be interrupted (plain system calls):
+** Abort (timeout, cancel, shutdown) clears op->id first, then: a queued
+** or parked op is taken off by op__pool_stop_task() and comes back
+** through fs_complete() with its status set; a running one cannot be
+** interrupted (plain system calls):
 ** it finishes in the background and fs_complete() drops its result. So
 ** fs_complete() runs exactly once for every submitted op and is the only
 ** place that frees it. A queued op can also come back never run without an
@@ -30,7 +29,7 @@
 ** The worker touches only the op: paths and the data to write are owned by
 ** it (the data string is anchored in the registry until the op is freed,
 ** on the loop thread, before the main VM is closed: shutdown drains the
-** pools before op__io_fs_shutdown()).
+** pools first).
 */
 #include <errno.h>
 #include <fcntl.h>
@@ -71,25 +70,14 @@ typedef enum fs_step {
 
 typedef enum fs_where {
   FS_NEW = 0,   /* being set up */
-  FS_PENDING,   /* waiting for room in the pool queue */
-  FS_SUBMITTED, /* the pool has it; fs_complete() will run */
+  FS_SUBMITTED, /* the pool has it (queued, parked or running);
+                   fs_complete() will run */
   FS_FAILING    /* could not be queued; a deferred call fails it */
 } fs_where;
 
-typedef struct fs_op fs_op;
-
-typedef struct fs_state {
-  fs_op *pend_head, *pend_tail; /* FS_PENDING ops, FIFO */
-  uv_timer_t retry;             /* retries the pending ops */
-  int retry_inited;
-  int closed; /* the retry timer's close callback ran */
-} fs_state;
-
-struct fs_op {
-  op_task t;    /* first: the pool's view */
-  fs_op *pnext; /* pending list */
+typedef struct fs_op {
+  op_task t; /* first: the pool's view */
   op_runtime *rt;
-  fs_state *st;
   op_pool *pool;
   op_wait_id id;  /* the waiting coroutine, 0 once resolved */
   uint8_t kind;   /* fs_kind */
@@ -107,39 +95,7 @@ struct fs_op {
   uint64_t nbytes;
   int err;      /* errno of the failed step */
   uint8_t step; /* fs_step */
-};
-
-/* ---- the set-up guard ---- */
-
-static const char guard_mt_key = 'G';
-
-static int guard_gc(lua_State *L) {
-  op_guard *g = lua_touserdata(L, 1);
-
-  if (g->p != NULL) {
-    void *p = g->p;
-    g->p = NULL;
-    g->discard(L, p);
-  }
-  return 0;
-}
-
-op_guard *op__guard_new(lua_State *L, void (*discard)(lua_State *, void *)) {
-  op_guard *g = lua_newuserdatauv(L, sizeof *g, 0);
-
-  g->p = NULL;
-  g->discard = discard;
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &guard_mt_key) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    lua_createtable(L, 0, 1);
-    lua_pushcfunction(L, guard_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &guard_mt_key);
-  }
-  lua_setmetatable(L, -2);
-  return g;
-}
+} fs_op;
 
 /* ---- the work, on a pool thread ---- */
 
@@ -374,6 +330,7 @@ static void fs_work(void *arg) {
     do_copy(op, 1);
     break;
   }
+  op->t.failed = op->step != STEP_NONE;
 }
 
 /* ---- results, on the loop thread ---- */
@@ -454,25 +411,12 @@ static void deliver(fs_op *op) {
   op__wait_resume(op->rt, id, 1);
 }
 
-static void flush_pending(fs_state *st);
-
 /* The pool hands the task back (drain): exactly once per submitted op. */
 static void fs_complete(op_task *t) {
   fs_op *op = (fs_op *)t;
-  fs_state *st = op->st;
-  op_task_state how;
 
-  if (op->abort_code == OP_ETIMEDOUT || t->status == OP_ETIMEDOUT)
-    how = OP_TASK_TIMEOUT;
-  else if (op->abort_code != 0 || t->status != 0)
-    how = OP_TASK_CANCELLED;
-  else
-    how = op->step != STEP_NONE ? OP_TASK_FAILED : OP_TASK_DONE;
-  op__pool_count_end(t->pool, t, how);
   deliver(op);
   fs_free(op);
-  if (st->pend_head != NULL)
-    flush_pending(st);
 }
 
 /* Fail an op that could not be queued, on the turn after its call. */
@@ -493,78 +437,17 @@ static void queue_failed(op_runtime *rt, void *arg) {
 
 /* ---- queueing ---- */
 
-static void retry_cb(uv_timer_t *timer) {
-  flush_pending(timer->data);
-}
-
-static void pend_push(fs_state *st, fs_op *op, uv_loop_t *loop) {
-  op->where = FS_PENDING;
-  op->pnext = NULL;
-  if (st->pend_tail != NULL)
-    st->pend_tail->pnext = op;
-  else
-    st->pend_head = op;
-  st->pend_tail = op;
-  if (!st->retry_inited) {
-    uv_timer_init(loop, &st->retry);
-    st->retry.data = st;
-    st->retry_inited = 1;
-  }
-  if (!uv_is_active((uv_handle_t *)&st->retry))
-    uv_timer_start(&st->retry, retry_cb, 1, 1);
-}
-
-static void pend_remove(fs_state *st, fs_op *op) {
-  fs_op **pp, *prev = NULL;
-
-  for (pp = &st->pend_head; *pp != NULL; prev = *pp, pp = &(*pp)->pnext) {
-    if (*pp == op) {
-      *pp = op->pnext;
-      if (st->pend_tail == op)
-        st->pend_tail = prev;
-      break;
-    }
-  }
-  if (st->pend_head == NULL && st->retry_inited)
-    uv_timer_stop(&st->retry);
-}
-
-/* Hand op to its pool, or park it while the queue is full. */
+/* Hand op to its pool, which parks it while the queue is full. */
 static void submit(fs_op *op) {
-  int rc = op__pool_submit(op->pool, &op->t);
+  int rc = op__pool_submit(op->pool, &op->t, 1);
 
-  if (rc == 0) {
+  if (rc >= 0) {
     op->where = FS_SUBMITTED;
-  } else if (rc == OP_EAGAIN) {
-    pend_push(op->st, op, op->rt->loop);
   } else {
     op->where = FS_FAILING;
     op->queue_err = rc;
     op__defer(op->rt, queue_failed, op);
   }
-}
-
-static void flush_pending(fs_state *st) {
-  fs_op *op;
-  int rc;
-
-  while ((op = st->pend_head) != NULL) {
-    rc = op__pool_submit(op->pool, &op->t);
-    if (rc == OP_EAGAIN)
-      return;
-    st->pend_head = op->pnext;
-    if (st->pend_head == NULL)
-      st->pend_tail = NULL;
-    if (rc == 0) {
-      op->where = FS_SUBMITTED;
-    } else {
-      op->where = FS_FAILING;
-      op->queue_err = rc;
-      op__defer(op->rt, queue_failed, op);
-    }
-  }
-  if (st->retry_inited)
-    uv_timer_stop(&st->retry);
 }
 
 /* The wait ended early (timeout, task cancelled, shutdown). */
@@ -574,12 +457,9 @@ static void fs_abort(void *what, int code) {
   op->id = 0;
   op->abort_code = code;
   switch (op->where) {
-  case FS_PENDING:
-    pend_remove(op->st, op);
-    fs_free(op);
-    break;
   case FS_SUBMITTED:
-    /* Queued: taken off and completed; running: runs to its end. */
+    /* Queued or parked: taken off and completed; running: runs to its
+    ** end. */
     op__pool_stop_task(op->pool, &op->t, code);
     break;
   default:
@@ -650,7 +530,6 @@ static int fs_call(lua_State *L, fs_kind kind, int sidx, int didx_path,
   op->t.owner = op;
   op__buf_init(&op->buf);
   op->rt = rt;
-  op->st = rt->io_fs;
   op->pool = pool;
   op->kind = (uint8_t)kind;
   op->max_size =
@@ -702,34 +581,5 @@ void op__open_io_fs(lua_State *L) {
                                     { "copy", offpath_copy },
                                     { "cat", offpath_cat },
                                     { NULL, NULL } };
-  op_runtime *rt = op__runtime(L);
-
-  if (rt->io_fs == NULL) {
-    rt->io_fs = calloc(1, sizeof(fs_state));
-    if (rt->io_fs == NULL)
-      luaL_error(L, "not enough memory");
-  }
   luaL_setfuncs(L, funcs, 0);
-}
-
-static void retry_close_cb(uv_handle_t *h) {
-  fs_state *st = h->data;
-  st->closed = 1;
-}
-
-void op__io_fs_shutdown(op_runtime *rt) {
-  fs_state *st = rt->io_fs;
-
-  if (st == NULL)
-    return;
-  /* Every wait has ended: pending ops were freed by their abort, and the
-  ** pools were drained, so no op is left. */
-  op_assert(st->pend_head == NULL);
-  if (st->retry_inited) {
-    uv_close((uv_handle_t *)&st->retry, retry_close_cb);
-    while (!st->closed)
-      uv_run(rt->loop, UV_RUN_NOWAIT);
-  }
-  free(st);
-  rt->io_fs = NULL;
 }

@@ -864,7 +864,7 @@ static http_mod *get_mod(lua_State *L, op_runtime *rt) {
   return m;
 }
 
-void op__io_http_shutdown(op_runtime *rt) {
+static void http_shutdown(op_runtime *rt) {
   http_mod *m = rt->io_http;
   hsock *s;
   CURLMcode mc;
@@ -1359,6 +1359,9 @@ void op__open_io_http(lua_State *L) {
                                     { "post", http_post },
                                     { "put", http_put },
                                     { NULL, NULL } };
+
+  /* First: whatever fails after this, the hook frees what was made. */
+  op__io_at_shutdown(op__runtime(L), http_shutdown);
 
   luaL_newlib(L, funcs);
   lua_setfield(L, -2, "http");

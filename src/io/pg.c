@@ -1920,6 +1920,9 @@ static int db_tostring(lua_State *L) {
 
 /* ---- opening and shutdown ---- */
 
+/* At runtime shutdown (every wait already ended). */
+static void pg_shutdown(op_runtime *rt);
+
 void op__open_io_pg(lua_State *L) {
   static const luaL_Reg methods[] = { { "query", db_query },
                                       { "close", db_close_l },
@@ -1931,10 +1934,13 @@ void op__open_io_pg(lua_State *L) {
                                    { NULL, NULL } };
   static const luaL_Reg funcs[] = { { "connect", pg_connect }, { NULL, NULL } };
 
+  /* First: whatever fails after this, the hook frees what was made. */
+  op__io_at_shutdown(op__runtime(L), pg_shutdown);
+
   op__io_register(L, DB_MT, meta, methods, "pg", funcs);
 }
 
-void op__io_pg_shutdown(op_runtime *rt) {
+static void pg_shutdown(op_runtime *rt) {
   pg_mod *mod = rt->io_pg;
   pg_db *db, *next;
   pg_conn *c, *cn;

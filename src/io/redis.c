@@ -906,7 +906,7 @@ static rmod *get_mod(lua_State *L, op_runtime *rt) {
   return m;
 }
 
-void op__io_redis_shutdown(op_runtime *rt) {
+static void redis_shutdown(op_runtime *rt) {
   rmod *m = rt->io_redis;
 
   if (m == NULL)
@@ -1315,6 +1315,9 @@ void op__open_io_redis(lua_State *L) {
                                    { NULL, NULL } };
   static const luaL_Reg funcs[] = { { "connect", redis_connect },
                                     { NULL, NULL } };
+
+  /* First: whatever fails after this, the hook frees what was made. */
+  op__io_at_shutdown(op__runtime(L), redis_shutdown);
 
   op__io_register(L, REDIS_MT, meta, methods, "redis", funcs);
 }

@@ -20,14 +20,14 @@
 ** the pool runs, like fs.c's operations:
 **
 **   call --> wait made --> submitted (pool queue) --> sq_work() on a worker
-**               |               ^                      --> sq_complete()
-**               | queue full    | retried on every        on the loop:
-**               v               | completion and on a     rows or error to
-**            PENDING -----------+ 1 ms timer              the waiter, freed
+**                               ^                      --> sq_complete()
+**               queue full:     | queued as room          on the loop:
+**               parked by the --+ comes (pool.c)          rows or error to
+**               pool                                      the waiter, freed
 **
-** Abort (timeout, cancel, shutdown) clears job->id, then: a PENDING job is
-** unlinked and freed; a queued one is taken off the queue by
-** op__pool_stop_task() and comes back through sq_complete(); a running one
+** Abort (timeout, cancel, shutdown) clears job->id, then: a queued or
+** parked job is taken off by op__pool_stop_task() and comes back through
+** sq_complete(); a running one
 ** sees t->stop in SQLite's progress and busy handlers and stops with
 ** SQLITE_INTERRUPT. sq_complete() runs exactly once for every submitted
 ** job and is the only place that frees it.
@@ -79,21 +79,13 @@ typedef struct sq_val {
   } u;
 } sq_val;
 
-enum { SQ_NEW, SQ_PENDING, SQ_SUBMITTED, SQ_FAILING };
+enum { SQ_NEW, SQ_SUBMITTED, SQ_FAILING };
 
 typedef struct sq_job sq_job;
 
-typedef struct sq_state {
-  sq_job *pend_head, *pend_tail; /* SQ_PENDING jobs, FIFO */
-  uv_timer_t retry;
-  int retry_open; /* retry is initialised and not closed */
-} sq_state;
-
 struct sq_job {
-  op_task t;     /* first: the pool's view */
-  sq_job *pnext; /* pending list */
+  op_task t; /* first: the pool's view */
   op_runtime *rt;
-  sq_state *st;
   sq_db *db; /* holds a reference */
   op_pool *pool;
   op_wait_id id; /* 0 once the wait is gone */
@@ -420,8 +412,7 @@ static void run_sql(sq_job *j, sqlite3 *conn) {
 }
 
 /* The C task. Thread: worker. */
-static void sq_work(void *arg) {
-  sq_job *j = arg;
+static void sq_run(sq_job *j) {
   sq_db *db = j->db;
   sq_conn tmp, *c;
   char *err = NULL;
@@ -456,6 +447,14 @@ static void sq_work(void *arg) {
   c->job = NULL;
   if (db->memory)
     uv_mutex_unlock(&db->mu);
+}
+
+/* Run the job (Thread: worker). */
+static void sq_work(void *arg) {
+  sq_job *j = arg;
+
+  sq_run(j);
+  j->t.failed = j->errmsg != NULL;
 }
 
 /* ---- results on the loop thread ---- */
@@ -515,27 +514,16 @@ static void job_free(sq_job *j) {
   free(j);
 }
 
-static void flush_pending(sq_state *st);
-
 /* The pool hands the job back: exactly once per submitted job. */
 static void sq_complete(op_task *t) {
   sq_job *j = (sq_job *)t;
   op_runtime *rt = j->rt;
-  sq_state *st = j->st;
   op_wait_id id = j->id;
   lua_State *co = id != 0 ? op__wait_thread(rt, id) : NULL;
   lua_State *L = rt->L;
-  op_task_state how;
   char where[256], *msg = NULL;
   int nres = -1, top, status = t->status;
 
-  if (j->abort_code == OP_ETIMEDOUT || t->status == OP_ETIMEDOUT)
-    how = OP_TASK_TIMEOUT;
-  else if (j->abort_code != 0 || t->status != 0)
-    how = OP_TASK_CANCELLED;
-  else
-    how = j->errmsg != NULL ? OP_TASK_FAILED : OP_TASK_DONE;
-  op__pool_count_end(t->pool, t, how);
   j->id = 0;
   if (co != NULL) {
     if (t->status != 0) {
@@ -559,8 +547,6 @@ static void sq_complete(op_task *t) {
     }
   }
   job_free(j);
-  if (st->pend_head != NULL)
-    flush_pending(st);
   if (co == NULL)
     return;
   if (nres >= 0)
@@ -589,88 +575,32 @@ static void queue_failed(op_runtime *rt, void *arg) {
     op__wait_fail(rt, id, msg);
 }
 
-static void retry_cb(uv_timer_t *timer) {
-  flush_pending(timer->data);
-}
-
 static void submit_failed(sq_job *j, int rc) {
   j->where = SQ_FAILING;
   j->queue_err = rc;
   op__defer(j->rt, queue_failed, j);
 }
 
-static void flush_pending(sq_state *st) {
-  sq_job *j;
-  int rc;
-
-  while ((j = st->pend_head) != NULL) {
-    rc = op__pool_submit(j->pool, &j->t);
-    if (rc == OP_EAGAIN)
-      return;
-    st->pend_head = j->pnext;
-    if (st->pend_head == NULL)
-      st->pend_tail = NULL;
-    j->pnext = NULL;
-    if (rc == 0)
-      j->where = SQ_SUBMITTED;
-    else
-      submit_failed(j, rc);
-  }
-  if (st->retry_open)
-    uv_timer_stop(&st->retry);
-}
-
+/* Hand j to its pool, which parks it while the queue is full. */
 static void submit(sq_job *j) {
-  sq_state *st = j->st;
-  int rc = op__pool_submit(j->pool, &j->t);
+  int rc = op__pool_submit(j->pool, &j->t, 1);
 
-  if (rc == 0) {
+  if (rc >= 0)
     j->where = SQ_SUBMITTED;
-    return;
-  }
-  if (rc != OP_EAGAIN) {
-    submit_failed(j, rc);
-    return;
-  }
-  j->where = SQ_PENDING;
-  j->pnext = NULL;
-  if (st->pend_tail != NULL)
-    st->pend_tail->pnext = j;
   else
-    st->pend_head = j;
-  st->pend_tail = j;
-  if (!st->retry_open) {
-    uv_timer_init(j->rt->loop, &st->retry);
-    st->retry.data = st;
-    st->retry_open = 1;
-  }
-  if (!uv_is_active((uv_handle_t *)&st->retry))
-    uv_timer_start(&st->retry, retry_cb, 1, 1);
+    submit_failed(j, rc);
 }
 
 /* The wait ended early (timeout, task cancelled, shutdown). */
 static void sq_abort(void *what, int code) {
   sq_job *j = what;
-  sq_state *st = j->st;
-  sq_job **pp;
 
   j->id = 0;
   j->abort_code = code;
   switch (j->where) {
-  case SQ_PENDING:
-    for (pp = &st->pend_head; *pp != NULL; pp = &(*pp)->pnext) {
-      if (*pp == j) {
-        *pp = j->pnext;
-        break;
-      }
-    }
-    st->pend_tail = NULL;
-    for (pp = &st->pend_head; *pp != NULL; pp = &(*pp)->pnext)
-      st->pend_tail = *pp;
-    job_free(j);
-    break;
   case SQ_SUBMITTED:
-    /* Queued: taken off and completed; running: interrupted. */
+    /* Queued or parked: taken off and completed; running:
+    ** interrupted. */
     op__pool_stop_task(j->pool, &j->t, code);
     break;
   default:
@@ -742,12 +672,6 @@ static sq_box *check_box(lua_State *L) {
   return box;
 }
 
-static sq_state *get_state(op_runtime *rt) {
-  if (rt->io_sqlite == NULL)
-    rt->io_sqlite = calloc(1, sizeof(sq_state));
-  return rt->io_sqlite;
-}
-
 static void discard(lua_State *L, void *p) {
   (void)L;
   job_free(p);
@@ -762,7 +686,6 @@ static int db_exec(lua_State *L) {
   int nparams = lua_gettop(L) - 2, i;
   const char *sql, *s;
   size_t sqllen, total = 0, n;
-  sq_state *st;
   op_guard *g;
   sq_job *j;
   char *p;
@@ -787,8 +710,6 @@ static int db_exec(lua_State *L) {
     }
   }
   op__check_suspend(L, "db:exec");
-  if ((st = get_state(rt)) == NULL)
-    return luaL_error(L, "not enough memory");
   g = op__guard_new(L, discard);
   j = calloc(1,
              sizeof *j + (size_t)nparams * sizeof(sq_val) + sqllen + 1 + total);
@@ -802,7 +723,6 @@ static int db_exec(lua_State *L) {
   op__buf_init(&j->names);
   op__buf_init(&j->strs);
   j->rt = rt;
-  j->st = st;
   j->db = box->db;
   atomic_fetch_add(&j->db->refs, 1);
   j->pool = box->pool;
@@ -890,25 +810,4 @@ void op__open_io_sqlite(lua_State *L) {
   static const luaL_Reg funcs[] = { { "open", sqlite_open }, { NULL, NULL } };
 
   op__io_register(L, DB_MT, meta, methods, "sqlite", funcs);
-}
-
-static void retry_close_cb(uv_handle_t *h) {
-  sq_state *st = h->data;
-  st->retry_open = 0;
-}
-
-void op__io_sqlite_shutdown(op_runtime *rt) {
-  sq_state *st = rt->io_sqlite;
-
-  if (st == NULL)
-    return;
-  /* Every wait has ended, so no job is pending any more. */
-  op_assert(st->pend_head == NULL);
-  if (st->retry_open) {
-    uv_close((uv_handle_t *)&st->retry, retry_close_cb);
-    while (st->retry_open)
-      uv_run(rt->loop, UV_RUN_ONCE);
-  }
-  rt->io_sqlite = NULL;
-  free(st);
 }

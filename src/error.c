@@ -1,0 +1,193 @@
+/* SPDX-License-Identifier: MIT */
+/*
+** error.c - errors: codes and their names, the runtime's error message and
+** callback, panics, protected calls with a traceback, and where Lua code
+** stands. The ground floor: it calls no other file of offpath.
+** Thread: any, except the runtime's message and callback (loop).
+*/
+#include <stdarg.h>
+#include <string.h>
+
+#include "internal.h"
+
+const char *op_version(void) {
+  return OP_VERSION_STRING;
+}
+
+const char *op_strerror(int err) {
+  switch (err) {
+#define OP_STRERROR_CASE(name, value, text)                                    \
+  case OP_##name:                                                              \
+    return text;
+    OP_ERRNO_MAP(OP_STRERROR_CASE)
+#undef OP_STRERROR_CASE
+  case 0:
+    return "success";
+  default:
+    return err < 0 && err > -4096 ? uv_strerror(err) : "unknown error";
+  }
+}
+
+const char *op_err_name(int err) {
+  switch (err) {
+#define OP_ERRNAME_CASE(name, value, text)                                     \
+  case OP_##name:                                                              \
+    return #name;
+    OP_ERRNO_MAP(OP_ERRNAME_CASE)
+#undef OP_ERRNAME_CASE
+  case 0:
+    return "OK";
+  default:
+    return err < 0 && err > -4096 ? uv_err_name(err) : "UNKNOWN";
+  }
+}
+
+void op__panic(const char *file, int line, const char *msg) {
+  fprintf(stderr, "offpath: %s:%d: %s\n", file, line, msg);
+  fflush(stderr);
+  abort();
+}
+
+/* ---- the runtime's error message ---- */
+
+void op__set_errmsg(op_runtime *rt, const char *fmt, ...) {
+  va_list ap;
+  int n;
+  char *p;
+
+  va_start(ap, fmt);
+  n = vsnprintf(NULL, 0, fmt, ap);
+  va_end(ap);
+  if (n < 0 || (p = malloc((size_t)n + 1)) == NULL)
+    return;
+  va_start(ap, fmt);
+  vsnprintf(p, (size_t)n + 1, fmt, ap);
+  va_end(ap);
+  free(rt->errmsg);
+  rt->errmsg = p;
+}
+
+const char *op_errmsg(op_runtime *rt) {
+  return rt->errmsg != NULL ? rt->errmsg : "";
+}
+
+void op__report_error(op_runtime *rt, const char *msg) {
+  if (msg == NULL)
+    msg = "(no message)";
+  op__set_errmsg(rt, "%s", msg);
+  if (rt->on_error != NULL)
+    rt->on_error(rt, msg, rt->on_error_ud);
+  else
+    fprintf(stderr, "offpath: %s\n", msg);
+}
+
+void op_runtime_on_error(op_runtime *rt, op_error_cb cb, void *ud) {
+  rt->on_error = cb;
+  rt->on_error_ud = ud;
+}
+
+/* ---- protected calls ---- */
+
+int op__traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+
+  if (msg == NULL) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+      return 1;
+    msg =
+        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  }
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+int op__pcall(lua_State *L, int nargs, int nres) {
+  int base = lua_gettop(L) - nargs, status;
+
+  lua_pushcfunction(L, op__traceback);
+  lua_insert(L, base);
+  status = lua_pcall(L, nargs, nres, base);
+  lua_remove(L, base);
+  return status;
+}
+
+#ifdef OP_DEBUG
+void op__assert_loop_thread(op_runtime *rt) {
+  uv_thread_t me = uv_thread_self();
+  if (!uv_thread_equal(&me, &rt->loop_thread))
+    OP_PANIC("called off the loop thread");
+}
+#endif
+
+/* ---- where an error comes from ---- */
+
+const char *op__where(lua_State *co, char *buf, size_t len) {
+  lua_Debug ar;
+  int level;
+
+  for (level = 0; level < 8; level++) {
+    if (!lua_getstack(co, level, &ar))
+      break;
+    if (lua_getinfo(co, "Sl", &ar) && ar.currentline > 0) {
+      snprintf(buf, len, "%s:%d", ar.short_src, ar.currentline);
+      return buf;
+    }
+  }
+  snprintf(buf, len, "?");
+  return buf;
+}
+
+/* Weak-keyed table in the registry: error value -> the traceback of the
+** task that raised it, for offpath.traceback(err). */
+static const char tracebacks_key = 'B';
+
+void op__tracebacks_open(lua_State *L) {
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &tracebacks_key);
+}
+
+/* Remember the traceback tb (at -1) of the error value at -2, if that
+** value has an identity offpath.traceback can find it by.  [-0, +0, m] */
+void op__note_traceback(lua_State *L) {
+  switch (lua_type(L, -2)) {
+  case LUA_TTABLE:
+  case LUA_TUSERDATA:
+  case LUA_TFUNCTION:
+  case LUA_TTHREAD:
+    if (lua_type(L, -1) != LUA_TSTRING)
+      return;
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &tracebacks_key);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    break;
+  default:
+    break;
+  }
+}
+
+int op__error_traceback(lua_State *L, int idx) {
+  int t = lua_type(L, idx);
+
+  if (t != LUA_TTABLE && t != LUA_TUSERDATA && t != LUA_TFUNCTION &&
+      t != LUA_TTHREAD)
+    return 0;
+  idx = lua_absindex(L, idx);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &tracebacks_key);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_pushvalue(L, idx);
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (lua_type(L, -1) == LUA_TSTRING)
+    return 1;
+  lua_pop(L, 1);
+  return 0;
+}
