@@ -222,6 +222,53 @@ T.test("a full queue parks calls until there is room; cancel", function()
   T.eq(after.inflight, 0)
 end)
 
+T.test("file, SQLite and Lua work parked on one full queue count alike",
+  function()
+  local fifo = tmp .. "/fifo3"
+  T.eq(offpath.exec({ "mkfifo", fifo }).code, 0)
+  local db = offpath.sqlite.open(tmp .. "/parked.db", { pool = "tiny" })
+  local before = offpath.stats().pools.tiny
+  local blocker = offpath.go(function()
+    return offpath.readfile(fifo, { pool = "tiny" })
+  end)
+  offpath.sleep(0.05)
+  local queued = offpath.go(function()
+    return offpath.readfile(tmp .. "/many-2", { pool = "tiny" })
+  end)
+  offpath.sleep(0.05) -- in the queue: the next three are parked
+  local file = offpath.go(function()
+    return offpath.readfile(tmp .. "/many-1", { pool = "tiny" })
+  end)
+  local sql = offpath.go(function()
+    return db:exec("SELECT 7 AS x")[1].x
+  end)
+  local lua = offpath.go(function()
+    return offpath.launch("tiny", function() return "lua" end):wait()
+  end)
+  local doomed = offpath.go(function()
+    return db:exec("SELECT 8 AS x")
+  end)
+  offpath.sleep(0.05)
+  local mid = offpath.stats().pools.tiny
+  T.eq(mid.queued, 5) -- one queued, four parked: a file, two SQL, a Lua
+  T.eq(mid.inflight - before.inflight, 6)
+  T.eq(doomed:cancel(), true)
+  T.err("^cancelled", doomed.wait, doomed)
+  T.eq(offpath.stats().pools.tiny.queued, 4)
+  T.eq(offpath.exec("echo unblock > " .. fifo, { timeout = 5 }).code, 0)
+  T.eq(blocker:wait(), "unblock\n")
+  T.eq(queued:wait(), "2")
+  T.eq(file:wait(), "1")
+  T.eq(sql:wait(), 7)
+  T.eq(lua:wait(), "lua")
+  db:close()
+  local after = offpath.stats().pools.tiny
+  T.eq(after.cancelled - before.cancelled, 1)
+  T.eq(after.completed - before.completed, 5)
+  T.eq(after.queued, 0)
+  T.eq(after.inflight, 0)
+end)
+
 T.test("bad arguments", function()
   T.err("bad argument #1 to 'offpath.readfile' %(string expected, got no "
     .. "value%)", offpath.readfile)
