@@ -539,7 +539,7 @@ static void push_co_error(op_co *c) {
 ** outcome. Called by co_resume() only. */
 static void co_run(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
-  int status, nres = 0;
+  int status, nres = 0, quiet = c->quiet;
   uint64_t t0, saved_now;
   op_group *saved_grp;
 
@@ -588,7 +588,7 @@ static void co_run(op_co *c, int nargs) {
     push_co_error(c);
     op__group_fail(c->grp, lua_tostring(rt->L, -1));
     rt->call_errors++;
-    if (c->quiet) /* op_call returns the error: only record it */
+    if (quiet) /* op_call returns the error: only record it */
       op__set_errmsg(rt, "%s", lua_tostring(rt->L, -1));
     else
       op__report_error(rt, lua_tostring(rt->L, -1));
