@@ -74,11 +74,13 @@ void op__group_leave(op_runtime *rt, op_group *g, const char *err) {
 }
 
 op_track *op_track_hold(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   op__group_join(rt->grp);
   return rt->grp;
 }
 
 void op_track_release(op_runtime *rt, op_track *t, const char *err) {
+  op__assert_loop_thread(rt);
   op__group_leave(rt, t, err);
 }
 
@@ -87,6 +89,7 @@ int op_call_track(op_runtime *rt, int nargs, op_track_cb cb, void *ud) {
   op_co *c;
   int rc;
 
+  op__assert_loop_thread(rt);
   if (g == NULL) {
     lua_pop(rt->L, nargs + 1);
     op__set_errmsg(rt, "not enough memory");

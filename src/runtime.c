@@ -112,6 +112,7 @@ void op__set_errmsg(op_runtime *rt, const char *fmt, ...) {
 }
 
 const char *op_errmsg(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   return rt->errmsg != NULL ? rt->errmsg : "";
 }
 
@@ -126,38 +127,71 @@ void op__report_error(op_runtime *rt, const char *msg) {
 }
 
 void op_runtime_on_error(op_runtime *rt, op_error_cb cb, void *ud) {
+  op__assert_loop_thread(rt);
   rt->on_error = cb;
   rt->on_error_ud = ud;
 }
 
+const char *op__error_object(lua_State *L, int idx, char *buf, size_t len) {
+  snprintf(buf, len, "(error object is a %s value)", luaL_typename(L, idx));
+  return buf;
+}
+
+const char *op__error_text(lua_State *L, int idx) {
+  char buf[64];
+
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+    lua_pushvalue(L, idx);
+    return lua_tostring(L, -1);
+  }
+  if (luaL_callmeta(L, idx, "__tostring")) {
+    if (lua_type(L, -1) == LUA_TSTRING)
+      return lua_tostring(L, -1);
+    lua_pop(L, 1);
+  }
+  return lua_pushstring(L, op__error_object(L, idx, buf, sizeof buf));
+}
+
 int op__traceback(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
+  char buf[64];
 
   if (msg == NULL) {
     if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
       return 1;
-    msg =
-        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    msg = op__error_object(L, 1, buf, sizeof buf);
   }
   luaL_traceback(L, L, msg, 1);
   return 1;
 }
 
-int op__pcall(lua_State *L, int nargs, int nres) {
-  int base = lua_gettop(L) - nargs, status;
+int op__pcall(lua_State *L, int nargs, int nres, lua_CFunction msgh) {
+  int base = 0, status;
 
-  lua_pushcfunction(L, op__traceback);
-  lua_insert(L, base);
+  if (msgh != NULL) {
+    base = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, msgh);
+    lua_insert(L, base);
+  }
   status = lua_pcall(L, nargs, nres, base);
-  lua_remove(L, base);
+  if (msgh != NULL)
+    lua_remove(L, base);
   return status;
 }
 
 #ifdef OP_DEBUG
-void op__assert_loop_thread(op_runtime *rt) {
+void op__check_loop_thread(op_runtime *rt, const char *fn) {
   uv_thread_t me = uv_thread_self();
-  if (!uv_thread_equal(&me, &rt->loop_thread))
-    OP_PANIC("called off the loop thread");
+  char msg[128];
+
+  if (!uv_thread_equal(&me, &rt->loop_thread)) {
+    snprintf(msg, sizeof msg,
+             "%s called off the loop thread (the thread that made the "
+             "runtime)",
+             fn);
+    OP_PANIC(msg);
+  }
 }
 #endif
 
@@ -231,7 +265,7 @@ lua_State *op__new_state(op_runtime *rt, op_vmem *mem) {
     return NULL;
   lua_pushcfunction(L, new_state_p);
   lua_pushlightuserdata(L, rt);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+  if (op__pcall(L, 1, 0, NULL) != LUA_OK) {
     lua_close(L);
     return NULL;
   }
@@ -691,6 +725,7 @@ int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
   ctask *c;
   int rc;
 
+  op__assert_loop_thread(rt);
   if (work == NULL || done == NULL || pool == NULL)
     return OP_EINVAL;
   if (rt->closing)
@@ -847,7 +882,7 @@ int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
   op__sched_init(rt);
   lua_pushcfunction(rt->L, open_main_p);
   lua_pushlightuserdata(rt->L, rt);
-  if (lua_pcall(rt->L, 1, 0, 0) != LUA_OK)
+  if (op__pcall(rt->L, 1, 0, NULL) != LUA_OK)
     goto nomem;
   rt->xfer = op__xfer_new(rt->L, rt->protos);
   if (rt->xfer == NULL)
@@ -889,6 +924,7 @@ int op_runtime_free(op_runtime *rt) {
 
   if (rt == NULL)
     return 0;
+  op__assert_loop_thread(rt);
   errors = rt->call_errors;
   rt->closing = 1;
   if (rt->L != NULL && rt->root.rt == rt) {
@@ -953,6 +989,7 @@ int op_runtime_free(op_runtime *rt) {
 }
 
 lua_State *op_runtime_lua(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   return rt->L;
 }
 
@@ -967,6 +1004,7 @@ int op_runtime_fd(op_runtime *rt) {
 }
 
 int op_runtime_poll(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   /* The host waits on its own descriptors too: no spinning or yielding
   ** inside a call that must not block (idle_cb). */
   rt->in_poll = 1;
@@ -980,22 +1018,26 @@ int op_runtime_poll(op_runtime *rt) {
 int op_runtime_run(op_runtime *rt) {
   uint64_t errors = rt->call_errors;
 
+  op__assert_loop_thread(rt);
   uv_run(rt->loop, UV_RUN_DEFAULT);
   return rt->call_errors != errors ? OP_ESCRIPT : 0;
 }
 
 int op_runtime_busy(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   return rt->inflight > 0 || rt->live_cos > 0 || rt->pending_waits > 0 ||
          rt->ready_head != NULL || rt->defer_head != NULL;
 }
 
 int op_runtime_suspended(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   return rt->suspended;
 }
 
 int op_runtime_cancel(op_runtime *rt) {
   int n = (int)rt->pending_waits;
 
+  op__assert_loop_thread(rt);
   /* Tasks first, whether or not anyone waits on them (launch, schedule,
   ** go): then the waits left (sleeps, io operations, handlers). */
   n += op__task_cancel_all(rt);
@@ -1010,7 +1052,7 @@ static int run_chunk(op_runtime *rt, int status) {
 
   if (status == LUA_OK) {
     rt->depth++;
-    status = op__pcall(L, 0, 0);
+    status = op__pcall(L, 0, 0, op__traceback);
     rt->depth--;
   }
   if (status != LUA_OK) {
@@ -1025,6 +1067,7 @@ static int run_chunk(op_runtime *rt, int status) {
 int op_runtime_start(op_runtime *rt) {
   int i, rc, first = 0;
 
+  op__assert_loop_thread(rt);
   /* Every pool, even after one failed: each goes on with the threads it
   ** could start. */
   for (i = 0; i < rt->npools; i++)
@@ -1034,16 +1077,19 @@ int op_runtime_start(op_runtime *rt) {
 }
 
 int op_load_script(op_runtime *rt, const char *path) {
+  op__assert_loop_thread(rt);
   return run_chunk(rt, luaL_loadfile(rt->L, path));
 }
 
 int op_load_string(op_runtime *rt, const char *chunk, const char *name) {
+  op__assert_loop_thread(rt);
   return run_chunk(rt, luaL_loadbuffer(rt->L, chunk, strlen(chunk), name));
 }
 
 int op_call_value(op_runtime *rt, int nargs) {
   op_co *c;
 
+  op__assert_loop_thread(rt);
   rt->calls++;
   c = op__co_acquire(rt);
   c->quiet = rt->depth == 0;
@@ -1053,6 +1099,7 @@ int op_call_value(op_runtime *rt, int nargs) {
 int op_call(op_runtime *rt, const char *handler, int nargs) {
   lua_State *L = rt->L;
 
+  op__assert_loop_thread(rt);
   if (lua_getglobal(L, handler) != LUA_TFUNCTION) {
     lua_pop(L, nargs + 1);
     op__set_errmsg(rt, "no handler '%s'", handler);
@@ -1067,6 +1114,7 @@ int op_call(op_runtime *rt, const char *handler, int nargs) {
 int op_register_engine(op_runtime *rt, const luaL_Reg *fns, void *ud) {
   lua_State *L = rt->L;
 
+  op__assert_loop_thread(rt);
   rt->engine_ud = ud;
   op_push_engine(rt);
   luaL_setfuncs(L, fns, 0);
@@ -1080,6 +1128,7 @@ int op_register_engine(op_runtime *rt, const luaL_Reg *fns, void *ud) {
 void op_push_engine(op_runtime *rt) {
   lua_State *L = rt->L;
 
+  op__assert_loop_thread(rt);
   if (rt->engine_ref == LUA_NOREF) {
     lua_newtable(L);
     lua_pushvalue(L, -1);
