@@ -323,6 +323,10 @@ typedef struct op_stats {
 
 /* Fill *out with the runtime's statistics. Returns 0. */
 OP_EXTERN int op_stats_get(op_runtime *rt, op_stats *out);
+/* The same call under the name the type bears: `op_stats st;` declares,
+** `op_stats(rt, &st)` fills (a function-like macro expands only before a
+** parenthesis, so the two never meet). */
+#define op_stats(rt, out) op_stats_get((rt), (out))
 
 #ifdef __cplusplus
 }

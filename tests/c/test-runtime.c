@@ -195,6 +195,10 @@ static void test_stats(void) {
   ASSERT_GE(st.pools[1].queue_hwm, 1);
   ASSERT(st.pools[1].p50 > 0 && st.pools[1].p99 >= st.pools[1].p50);
   ASSERT_EQ(st.calls, 1);
+  /* the spelling that shares the type's name fills the same */
+  memset(&st, 0, sizeof st);
+  ASSERT_OK(op_stats(rt, &st));
+  ASSERT_EQ(st.pools[1].completed, 50);
   ASSERT_OK(op_runtime_free(rt));
 }
 
