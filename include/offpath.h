@@ -166,12 +166,14 @@ OP_EXTERN const char *op_errmsg(op_runtime *rt);
 
 /* ---- loop integration ---- */
 
-/* The libuv loop the runtime runs on, for hosts that use libuv. */
+/* The libuv loop the runtime runs on, for hosts that use libuv. Thread:
+** any. */
 OP_EXTERN struct uv_loop_s *op_runtime_uv_loop(op_runtime *rt);
 
 /* For hosts with their own poll/epoll loop: a file descriptor that becomes
 ** readable when the runtime has work. Watch it for reading, and call
-** op_runtime_poll() when it is readable or when the timeout passes. */
+** op_runtime_poll() when it is readable or when the timeout passes.
+** Thread: any. */
 OP_EXTERN int op_runtime_fd(op_runtime *rt);
 
 /* Run whatever is ready without blocking. Returns the milliseconds until the
@@ -319,8 +321,11 @@ typedef struct op_stats {
   uint64_t protos; /* entries in the prototype store (functions sent) */
 } op_stats;
 
-/* Fill *out. Returns 0. */
+/* Fill *out with the runtime's statistics. Returns 0. */
 OP_EXTERN int op_stats_get(op_runtime *rt, op_stats *out);
+/* The same call under the name the type bears: `op_stats st;` declares,
+** `op_stats(rt, &st)` fills (a function-like macro expands only before a
+** parenthesis, so the two never meet). */
 #define op_stats(rt, out) op_stats_get((rt), (out))
 
 #ifdef __cplusplus

@@ -53,16 +53,3 @@ int op__buf_append(op_buf *b, const void *p, size_t n) {
   b->len += n;
   return 0;
 }
-
-void op__buf_move(op_buf *dst, op_buf *src) {
-  op__buf_free(dst);
-  if (src->p == src->small) {
-    memcpy(dst->small, src->small, src->len);
-    dst->len = src->len;
-  } else {
-    dst->p = src->p;
-    dst->len = src->len;
-    dst->cap = src->cap;
-  }
-  op__buf_init(src);
-}

@@ -68,6 +68,7 @@ void op__set_errmsg(op_runtime *rt, const char *fmt, ...) {
 }
 
 const char *op_errmsg(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   return rt->errmsg != NULL ? rt->errmsg : "";
 }
 
@@ -82,40 +83,73 @@ void op__report_error(op_runtime *rt, const char *msg) {
 }
 
 void op_runtime_on_error(op_runtime *rt, op_error_cb cb, void *ud) {
+  op__assert_loop_thread(rt);
   rt->on_error = cb;
   rt->on_error_ud = ud;
 }
 
 /* ---- protected calls ---- */
 
+const char *op__error_object(lua_State *L, int idx, char *buf, size_t len) {
+  snprintf(buf, len, "(error object is a %s value)", luaL_typename(L, idx));
+  return buf;
+}
+
+const char *op__error_text(lua_State *L, int idx) {
+  char buf[64];
+
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+    lua_pushvalue(L, idx);
+    return lua_tostring(L, -1);
+  }
+  if (luaL_callmeta(L, idx, "__tostring")) {
+    if (lua_type(L, -1) == LUA_TSTRING)
+      return lua_tostring(L, -1);
+    lua_pop(L, 1);
+  }
+  return lua_pushstring(L, op__error_object(L, idx, buf, sizeof buf));
+}
+
 int op__traceback(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
+  char buf[64];
 
   if (msg == NULL) {
     if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
       return 1;
-    msg =
-        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    msg = op__error_object(L, 1, buf, sizeof buf);
   }
   luaL_traceback(L, L, msg, 1);
   return 1;
 }
 
-int op__pcall(lua_State *L, int nargs, int nres) {
-  int base = lua_gettop(L) - nargs, status;
+int op__pcall(lua_State *L, int nargs, int nres, lua_CFunction msgh) {
+  int base = 0, status;
 
-  lua_pushcfunction(L, op__traceback);
-  lua_insert(L, base);
+  if (msgh != NULL) {
+    base = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, msgh);
+    lua_insert(L, base);
+  }
   status = lua_pcall(L, nargs, nres, base);
-  lua_remove(L, base);
+  if (msgh != NULL)
+    lua_remove(L, base);
   return status;
 }
 
 #ifdef OP_DEBUG
-void op__assert_loop_thread(op_runtime *rt) {
+void op__check_loop_thread(op_runtime *rt, const char *fn) {
   uv_thread_t me = uv_thread_self();
-  if (!uv_thread_equal(&me, &rt->loop_thread))
-    OP_PANIC("called off the loop thread");
+  char msg[128];
+
+  if (!uv_thread_equal(&me, &rt->loop_thread)) {
+    snprintf(msg, sizeof msg,
+             "%s called off the loop thread (the thread that made the "
+             "runtime)",
+             fn);
+    OP_PANIC(msg);
+  }
 }
 #endif
 

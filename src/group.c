@@ -74,11 +74,13 @@ void op__group_leave(op_runtime *rt, op_group *g, const char *err) {
 }
 
 op_track *op_track_hold(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   op__group_join(rt->grp);
   return rt->grp;
 }
 
 void op_track_release(op_runtime *rt, op_track *t, const char *err) {
+  op__assert_loop_thread(rt);
   op__group_leave(rt, t, err);
 }
 

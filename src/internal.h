@@ -23,11 +23,9 @@
 #ifdef OP_DEBUG
 #define op_assert(c)                                                           \
   ((c) ? (void)0 : op__panic(__FILE__, __LINE__, "assertion failed: " #c))
-#define ALWAYS(c) ((c) ? 1 : (op__panic(__FILE__, __LINE__, #c), 0))
-#define NEVER(c)  ((c) ? (op__panic(__FILE__, __LINE__, #c), 1) : 0)
+#define NEVER(c) ((c) ? (op__panic(__FILE__, __LINE__, #c), 1) : 0)
 #else
 #define op_assert(c) ((void)0)
-#define ALWAYS(c)    (c)
 #define NEVER(c)     (c)
 #endif
 
@@ -59,8 +57,6 @@ void op__buf_init(op_buf *b);
 void op__buf_free(op_buf *b);                 /* back to empty, inline */
 int op__buf_reserve(op_buf *b, size_t extra); /* 0 or OP_ENOMEM */
 int op__buf_append(op_buf *b, const void *p, size_t n);
-/* Move src's contents into dst (dst freed first); src becomes empty. */
-void op__buf_move(op_buf *dst, op_buf *src);
 
 /* ---- Lua VM memory (alloc.c) ---- */
 
@@ -166,9 +162,9 @@ int op__encoded_by_name(const char *p, size_t len);
 
 /*
 ** A unit of work for a pool. Lua tasks carry an encoded function and its
-** arguments (`in`) and get encoded results or an error message back
-** (`out`); C tasks carry a work function. The DESIGN block in task.c has
-** the state machine.
+** arguments in `buf` and get encoded results or an error back in the same
+** buffer; C tasks carry a work function. The DESIGN block in task.c has
+** the state machine of the task objects built on it.
 */
 typedef enum op_task_state {
   OP_TASK_QUEUED = 0,
@@ -195,11 +191,9 @@ struct op_task {
                       what it submits is held for the batch (pool.c) */
   uint8_t counted; /* its end is counted in the pool's statistics */
   uint8_t failed;  /* set by the work: the operation failed (statistics) */
-  uint8_t ended;   /* waiters told (loop thread) */
-  uint8_t state;   /* op_task_state, as the loop thread sees it */
   atomic_int stop; /* 0, or OP_ECANCELED / OP_ETIMEDOUT requested */
   int status;      /* worker's outcome: 0, OP_ESCRIPT, OP_ECANCELED,
-                             OP_ETIMEDOUT, OP_ECOPY */
+                      OP_ETIMEDOUT, OP_ENOMEM (no room for the outcome) */
   op_work_fn work; /* OP_TASK_C */
   void *arg;
   /* OP_TASK_LUA: the encoded function and arguments, then, once the
@@ -218,7 +212,6 @@ struct op_task {
   ** queued, or NULL. */
   void (*on_queued)(op_task *t);
   uint8_t notify;    /* settle left work for complete */
-  void *owner;       /* the completer's context */
   uint64_t t_submit; /* uv_hrtime() */
   op_worker *worker; /* OP_TASK_BLOCK: the waiting worker; OP_TASK_LUA:
                         the worker running it (pool lock) */
@@ -312,7 +305,6 @@ void op__pool_batch_end(op_runtime *rt);
 
 /* The worker running on this thread, or NULL on other threads. */
 op_worker *op__worker_self(void);
-lua_State *op__worker_lua(op_worker *w);
 int op__worker_id(op_worker *w);
 op_pool *op__worker_pool(op_worker *w);
 op_xfer *op__worker_xfer(op_worker *w);
@@ -336,10 +328,6 @@ void op__guard_exit(lua_State *L);
 /* Replace debug.sethook in the main VM with a guard that refuses inside
 ** block sections, whose budget is a hook.  [-0, +0, m] */
 void op__block_guard_hooks(lua_State *L);
-/* Run a block section on the loop thread from a worker: encodes fn and
-** args from the worker's stack, waits, pushes the results or raises.
-** Thread: worker.  [-n, +r, e] */
-int op__worker_block(lua_State *L);
 
 /* ---- waking the loop thread (wake.c) and its completions (loop.c) ---- */
 
@@ -489,8 +477,8 @@ void op__spin_result(op_spin *s, int hit);
 */
 typedef uint64_t op_wait_id;
 
-/* A timer that knows its runtime and the wait it serves; the host may own
-** loop->data, so callbacks never look there. Freed in its close callback
+/* A timer that knows its runtime and the wait it serves (0: none) or its
+** owner's data; the host may own loop->data, so callbacks never look there. Freed in its close callback
 ** (op__timer_close). */
 typedef struct op_timer {
   uv_timer_t h;
@@ -687,7 +675,7 @@ struct op_co {
   ** the time they took if the resume was deferred (sched.c). */
   uint64_t prep_t0, prep_ns;
   /* Called when the coroutine's function returns (status LUA_OK, results
-  ** on L) or fails (error object on L). Owner: lua_main.c (go tasks). */
+  ** on L) or fails (error object on L). Set by task.c (go tasks). */
   void (*on_end)(op_co *c, int status, int nres);
   void *data;
   op_group *grp; /* invocation group (op_call_track), or NULL */
@@ -813,12 +801,24 @@ static inline op_co *op__co(lua_State *L) {
 
 /* ---- errors and protected calls (error.c) ---- */
 
-/* Run Lua function on top of L (below nargs arguments) in protected mode
-** with a traceback handler. Returns the lua_pcall status; on error the
-** message (with traceback) is on top.  [-(nargs+1), +(nres|1), -] */
-int op__pcall(lua_State *L, int nargs, int nres);
+/* The one door from C into Lua: call the function below the nargs
+** arguments on top of L in protected mode, with msgh as the message
+** handler (op__traceback for code whose error is reported, op__xfer_msgh
+** for a worker task, NULL for none: set-up code whose only error is
+** memory, and calls that re-raise the error as it is). Returns the
+** lua_pcall status; on error the error value, as msgh made it, is on top.
+** [-(nargs+1), +(nres|1), -] */
+int op__pcall(lua_State *L, int nargs, int nres, lua_CFunction msgh);
 /* Message handler: message plus traceback.  [-1, +1, m] */
 int op__traceback(lua_State *L);
+/* The one description of an error value that is no string, "(error
+** object is a <type> value)", written in buf. Allocates nothing, so it
+** serves where Lua must not run.  [-0, +0, -] */
+const char *op__error_object(lua_State *L, int idx, char *buf, size_t len);
+/* Push the error value at idx as text, as lua.c does: a string or number
+** as it is, else what its __tostring returns, else op__error_object's
+** description. Returns the pushed string.  [-0, +1, e] */
+const char *op__error_text(lua_State *L, int idx);
 /* Report an error that has nowhere else to go (error callback, counters). */
 void op__report_error(op_runtime *rt, const char *msg);
 /* Set the runtime's error message (op_errmsg). */
@@ -855,12 +855,15 @@ void op__sched_close(op_runtime *rt);
 void op__sched_cancel_all(op_runtime *rt);
 /* Resolve a wait as cancelled (task cancel): abort runs with code. */
 void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg, int code);
-/* Count of handlers in flight for backpressure, see op_runtime_suspended. */
 
 /* ---- debugging ---- */
 
+/* In debug builds, panic unless the caller runs on rt's loop thread (the
+** thread that made it). At the op_* entry points that are not documented
+** for any thread. */
 #ifdef OP_DEBUG
-void op__assert_loop_thread(op_runtime *rt);
+void op__check_loop_thread(op_runtime *rt, const char *fn);
+#define op__assert_loop_thread(rt) op__check_loop_thread((rt), __func__)
 #else
 #define op__assert_loop_thread(rt) ((void)0)
 #endif

@@ -320,7 +320,6 @@ static int block_body(lua_State *L) {
   int n, base, rc, nup, i, by_name;
 
   lua_settop(L, 0);
-  lua_pushcfunction(L, op__traceback); /* 1 */
   /* A function that crossed by name is this VM's own (a module's): what
   ** it assigns is this VM's state, not the caller's. */
   by_name = op__encoded_by_name(t->buf.p, t->buf.len);
@@ -328,18 +327,19 @@ static int block_body(lua_State *L) {
   if (n < 1)
     return luaL_error(L, "%s (into the main VM)", err);
   op__buf_free(&t->buf); /* decoded: the results go in its place */
-  /* [tb, fn, args] -> [tb, fn, snapshot of its upvalues, fn, args] */
-  lua_pushvalue(L, 2);
+  /* [fn, args] -> [fn, snapshot of its upvalues, fn, args] */
+  lua_pushvalue(L, 1);
   lua_getinfo(L, ">u", &ar);
   nup = by_name ? 0 : ar.nups;
   luaL_checkstack(L, nup + LUA_MINSTACK, "too many upvalues");
   for (i = 1; i <= nup; i++)
-    lua_getupvalue(L, 2, i);
-  lua_rotate(L, 2, nup);
-  lua_pushvalue(L, 2 + nup);
-  lua_rotate(L, 2, 1);
-  base = 2 + nup;
-  if (lua_pcall(L, n - 1, LUA_MULTRET, 1) != LUA_OK)
+    lua_getupvalue(L, 1, i);
+  lua_rotate(L, 1, nup);
+  lua_pushvalue(L, 1 + nup);
+  lua_rotate(L, 1, 1);
+  base = 1 + nup;
+  /* The section's own error gets its traceback, then crosses as text. */
+  if (op__pcall(L, n - 1, LUA_MULTRET, op__traceback) != LUA_OK)
     return lua_error(L);
   lua_pushinteger(L, lua_gettop(L) - base);
   rc = op__encode(rt->xfer, L, -1, 1, &t->buf, "result count", 0, err,
@@ -350,7 +350,7 @@ static int block_body(lua_State *L) {
                     "result", 1, err, sizeof err);
   if (rc != 0)
     return luaL_error(L, "%s (block section results)", err);
-  send_upvalues(L, rt, t, 2, 3, nup);
+  send_upvalues(L, rt, t, 1, 2, nup);
   return 0;
 }
 
@@ -361,6 +361,7 @@ static void block_run(op_runtime *rt, op_task *t) {
   lua_State *L = rt->L;
   int top = lua_gettop(L);
   const char *msg;
+  char obuf[64];
   size_t len;
 
   block_deadline = uv_hrtime() + (uint64_t)(rt->cfg.block_budget * 1e9);
@@ -370,10 +371,11 @@ static void block_run(op_runtime *rt, op_task *t) {
   lua_pushcfunction(L, block_body);
   lua_pushlightuserdata(L, t);
   rt->depth++;
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-    msg = lua_tolstring(L, -1, &len);
-    if (msg == NULL)
-      msg = "(error object is not a string)", len = strlen(msg);
+  if (op__pcall(L, 1, 0, NULL) != LUA_OK) {
+    if (lua_type(L, -1) == LUA_TSTRING)
+      msg = lua_tolstring(L, -1, &len);
+    else
+      msg = op__error_object(L, -1, obuf, sizeof obuf), len = strlen(msg);
     op__buf_free(&t->buf);
     if (op__buf_append(&t->buf, msg, len) != 0)
       op__buf_append(&t->buf, "not enough memory", 17);

@@ -289,10 +289,6 @@ op_worker *op__worker_self(void) {
   return self;
 }
 
-lua_State *op__worker_lua(op_worker *w) {
-  return w->L;
-}
-
 op_runtime *op__pool_rt(op_pool *p) {
   return p->rt;
 }
@@ -434,7 +430,7 @@ static int co_call(lua_State *L, lua_State *co) {
   pushed = co_enter(w, co);
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_insert(L, 1);
-  status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+  status = op__pcall(L, lua_gettop(L) - 1, LUA_MULTRET, NULL);
   co_leave(w, pushed);
   if (status != LUA_OK)
     return lua_error(L);
@@ -533,7 +529,7 @@ static int worker_open(op_worker *w) {
     *(op_worker **)lua_getextraspace(L) = w;
     lua_pushcfunction(L, worker_open_p);
     lua_pushlightuserdata(L, w);
-    if (lua_pcall(L, 1, 0, 0) != LUA_OK ||
+    if (op__pcall(L, 1, 0, NULL) != LUA_OK ||
         (w->xfer = op__xfer_new(L, p->rt->protos)) == NULL) {
       lua_close(L);
       L = NULL;
@@ -550,7 +546,8 @@ static int worker_open(op_worker *w) {
   w->L = L;
   op__xfer_paths_in(w->xfer, L); /* the init script sees them too */
   if (p->init != NULL) {
-    if (luaL_loadfile(L, p->init) != LUA_OK || op__pcall(L, 0, 0) != LUA_OK) {
+    if (luaL_loadfile(L, p->init) != LUA_OK ||
+        op__pcall(L, 0, 0, op__traceback) != LUA_OK) {
       fprintf(stderr, "offpath: pool '%s' worker %d: init script: %s\n",
               p->name, w->id, lua_tostring(L, -1));
       lua_pop(L, 1);
@@ -680,7 +677,7 @@ static void run_lua(op_worker *w, op_task *t) {
   lua_State *L = w->L;
   size_t len;
   const char *msg;
-  char lim[32], mbuf[128]; /* no Lua allocation here: unprotected */
+  char lim[32], mbuf[128], obuf[64]; /* no Lua allocation: unprotected */
   int stop, st, value = 0;
 
   w->current = t;
@@ -690,11 +687,10 @@ static void run_lua(op_worker *w, op_task *t) {
     lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
   }
   lua_settop(L, 0);
-  lua_pushcfunction(L, op__xfer_msgh);
   lua_pushcfunction(L, task_body);
   lua_pushlightuserdata(L, w);
   w->mem.hit = 0;
-  if ((st = lua_pcall(L, 1, 2, 1)) != LUA_OK) {
+  if ((st = op__pcall(L, 1, 2, op__xfer_msgh)) != LUA_OK) {
     lua_pushboolean(L, 0);
     lua_insert(L, -2);
   }
@@ -720,8 +716,9 @@ static void run_lua(op_worker *w, op_task *t) {
     if ((st == LUA_ERRMEM || st == LUA_ERRERR) && w->mem.hit) {
       /* Refused by the limit where the hook could not raise (alloc.c):
       ** Lua's memory errors carry no position. */
-      msg = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len)
-                                           : "(error object is not a string)";
+      msg = lua_type(L, -1) == LUA_TSTRING
+                ? lua_tolstring(L, -1, &len)
+                : op__error_object(L, -1, obuf, sizeof obuf);
       snprintf(mbuf, sizeof mbuf, "memory limit of %s reached in task (%s)",
                op__fmt_size(w->mem.limit, lim, sizeof lim), msg);
       if (op__buf_append(&w->out, mbuf, strlen(mbuf)) != 0)
@@ -740,7 +737,7 @@ static void run_lua(op_worker *w, op_task *t) {
 }
 
 /* Move src's contents into the empty buffer dst; src becomes empty
-** (op__buf_move, without its calls: twice per task). */
+** (twice per task: no calls). */
 static void buf_take(op_buf *dst, op_buf *src) {
   dst->len = src->len;
   if (src->p == src->small) {
@@ -1789,6 +1786,7 @@ int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
   ctask *c;
   int rc;
 
+  op__assert_loop_thread(rt);
   if (work == NULL || done == NULL || pool == NULL)
     return OP_EINVAL;
   if (rt->closing)

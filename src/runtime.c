@@ -185,7 +185,7 @@ int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
   op__sched_init(rt);
   lua_pushcfunction(rt->L, open_main_p);
   lua_pushlightuserdata(rt->L, rt);
-  if (lua_pcall(rt->L, 1, 0, 0) != LUA_OK)
+  if (op__pcall(rt->L, 1, 0, NULL) != LUA_OK)
     goto nomem;
   rt->xfer = op__xfer_new(rt->L, rt->protos);
   if (rt->xfer == NULL)
@@ -219,6 +219,7 @@ int op_runtime_free(op_runtime *rt) {
 
   if (rt == NULL)
     return 0;
+  op__assert_loop_thread(rt);
   errors = rt->call_errors;
   rt->closing = 1;
   if (rt->L != NULL && rt->root.rt == rt) {
@@ -283,6 +284,7 @@ int op_runtime_free(op_runtime *rt) {
 }
 
 lua_State *op_runtime_lua(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   return rt->L;
 }
 
@@ -297,6 +299,7 @@ int op_runtime_fd(op_runtime *rt) {
 }
 
 int op_runtime_poll(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   /* The host waits on its own descriptors too: no spinning or yielding
   ** inside a call that must not block (idle_cb). */
   rt->in_poll = 1;
@@ -310,22 +313,26 @@ int op_runtime_poll(op_runtime *rt) {
 int op_runtime_run(op_runtime *rt) {
   uint64_t errors = rt->call_errors;
 
+  op__assert_loop_thread(rt);
   uv_run(rt->loop, UV_RUN_DEFAULT);
   return rt->call_errors != errors ? OP_ESCRIPT : 0;
 }
 
 int op_runtime_busy(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   return rt->inflight > 0 || rt->live_cos > 0 || rt->pending_waits > 0 ||
          rt->ready_head != NULL || rt->defer_head != NULL;
 }
 
 int op_runtime_suspended(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   return rt->suspended;
 }
 
 int op_runtime_cancel(op_runtime *rt) {
   int n = (int)rt->pending_waits;
 
+  op__assert_loop_thread(rt);
   /* Tasks first, whether or not anyone waits on them (launch, schedule,
   ** go): then the waits left (sleeps, io operations, handlers). */
   n += op__task_cancel_all(rt);
@@ -340,7 +347,7 @@ static int run_chunk(op_runtime *rt, int status) {
 
   if (status == LUA_OK) {
     rt->depth++;
-    status = op__pcall(L, 0, 0);
+    status = op__pcall(L, 0, 0, op__traceback);
     rt->depth--;
   }
   if (status != LUA_OK) {
@@ -355,6 +362,7 @@ static int run_chunk(op_runtime *rt, int status) {
 int op_runtime_start(op_runtime *rt) {
   int i, rc, first = 0;
 
+  op__assert_loop_thread(rt);
   /* Every pool, even after one failed: each goes on with the threads it
   ** could start. */
   for (i = 0; i < rt->npools; i++)
@@ -364,16 +372,19 @@ int op_runtime_start(op_runtime *rt) {
 }
 
 int op_load_script(op_runtime *rt, const char *path) {
+  op__assert_loop_thread(rt);
   return run_chunk(rt, luaL_loadfile(rt->L, path));
 }
 
 int op_load_string(op_runtime *rt, const char *chunk, const char *name) {
+  op__assert_loop_thread(rt);
   return run_chunk(rt, luaL_loadbuffer(rt->L, chunk, strlen(chunk), name));
 }
 
 int op_call_value(op_runtime *rt, int nargs) {
   op_co *c;
 
+  op__assert_loop_thread(rt);
   rt->calls++;
   c = op__co_acquire(rt);
   c->quiet = rt->depth == 0;
@@ -383,6 +394,7 @@ int op_call_value(op_runtime *rt, int nargs) {
 int op_call(op_runtime *rt, const char *handler, int nargs) {
   lua_State *L = rt->L;
 
+  op__assert_loop_thread(rt);
   if (lua_getglobal(L, handler) != LUA_TFUNCTION) {
     lua_pop(L, nargs + 1);
     op__set_errmsg(rt, "no handler '%s'", handler);
@@ -397,6 +409,7 @@ int op_call_track(op_runtime *rt, int nargs, op_track_cb cb, void *ud) {
   op_co *c;
   int rc;
 
+  op__assert_loop_thread(rt);
   if (g == NULL) {
     lua_pop(rt->L, nargs + 1);
     op__set_errmsg(rt, "not enough memory");
@@ -419,6 +432,7 @@ int op_call_track(op_runtime *rt, int nargs, op_track_cb cb, void *ud) {
 int op_register_engine(op_runtime *rt, const luaL_Reg *fns, void *ud) {
   lua_State *L = rt->L;
 
+  op__assert_loop_thread(rt);
   rt->engine_ud = ud;
   op__push_engine(rt);
   luaL_setfuncs(L, fns, 0);
@@ -430,6 +444,7 @@ int op_register_engine(op_runtime *rt, const luaL_Reg *fns, void *ud) {
 }
 
 void op_push_engine(op_runtime *rt) {
+  op__assert_loop_thread(rt);
   op__push_engine(rt);
 }
 

@@ -229,27 +229,32 @@ void op__check_suspend(lua_State *L, const char *call) {
              call);
 }
 
+/* Resolve w with the error text, then abort the operation behind it with
+** code (OP_ETIMEDOUT, OP_ECANCELED): a deadline and a cancel end a wait
+** the same way. */
+static void wait_abort(op_runtime *rt, op_wait *w, const char *text, int code) {
+  op_abort_fn abort = w->abort;
+  void *what = w->what;
+  op_co *c = wait_take(rt, w);
+
+  lua_pushboolean(c->L, 0);
+  lua_pushstring(c->L, text);
+  if (abort != NULL)
+    abort(what, code);
+  co_resume(c, 2);
+}
+
 static void wait_timer_cb(uv_timer_t *timer) {
   op_timer *t = (op_timer *)timer;
   op_runtime *rt = t->rt;
   op_wait *w = wait_get(rt, t->id);
-  op_abort_fn abort;
-  void *what;
   char where[256], msg[512];
-  op_co *c;
 
   if (w == NULL)
     return;
-  abort = w->abort;
-  what = w->what;
   snprintf(msg, sizeof msg, "timeout after %g s in %s at %s", w->timeout,
            w->call, op__where(w->co->L, where, sizeof where));
-  c = wait_take(rt, w);
-  lua_pushboolean(c->L, 0);
-  lua_pushstring(c->L, msg);
-  if (abort != NULL)
-    abort(what, OP_ETIMEDOUT);
-  co_resume(c, 2);
+  wait_abort(rt, w, msg, OP_ETIMEDOUT);
 }
 
 op_wait_id op__wait_new(lua_State *L, const char *call, double timeout,
@@ -371,23 +376,13 @@ void op__wait_fail(op_runtime *rt, op_wait_id id, const char *msg) {
 
 void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg, int code) {
   op_wait *w = wait_get(rt, id);
-  op_abort_fn abort;
-  void *what;
   char where[256], text[512];
-  op_co *c;
 
   if (w == NULL)
     return;
-  abort = w->abort;
-  what = w->what;
   snprintf(text, sizeof text, "%s (%s at %s)", msg, w->call,
            op__where(w->co->L, where, sizeof where));
-  c = wait_take(rt, w);
-  lua_pushboolean(c->L, 0);
-  lua_pushstring(c->L, text);
-  if (abort != NULL)
-    abort(what, code);
-  co_resume(c, 2);
+  wait_abort(rt, w, text, code);
 }
 
 void op__sched_cancel_all(op_runtime *rt) {
@@ -504,12 +499,7 @@ static void push_co_error(op_co *c) {
   if (msg == NULL) {
     int err = lua_gettop(c->L);
 
-    if (luaL_callmeta(c->L, err, "__tostring") &&
-        lua_type(c->L, -1) == LUA_TSTRING)
-      msg = lua_tostring(c->L, -1);
-    else
-      msg = lua_pushfstring(c->L, "(error object is a %s value)",
-                            luaL_typename(c->L, err));
+    msg = op__error_text(c->L, err);
     if (op__error_traceback(c->L, err)) {
       /* It came from a task: where it was raised first. */
       msg = lua_pushfstring(c->L, "%s\n%s\nraised again here:", msg,
@@ -523,7 +513,7 @@ static void push_co_error(op_co *c) {
 ** outcome. Called by co_resume() only. */
 static void co_run(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
-  int status, nres = 0;
+  int status, nres = 0, quiet = c->quiet;
   uint64_t t0, saved_now;
   op_group *saved_grp;
 
@@ -572,7 +562,7 @@ static void co_run(op_co *c, int nargs) {
     push_co_error(c);
     op__group_fail(c->grp, lua_tostring(rt->L, -1));
     rt->call_errors++;
-    if (c->quiet) /* op_call returns the error: only record it */
+    if (quiet) /* op_call returns the error: only record it */
       op__set_errmsg(rt, "%s", lua_tostring(rt->L, -1));
     else
       op__report_error(rt, lua_tostring(rt->L, -1));

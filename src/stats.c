@@ -10,6 +10,7 @@
 int op_stats_get(op_runtime *rt, op_stats *out) {
   int i;
 
+  op__assert_loop_thread(rt);
   memset(out, 0, sizeof *out);
   out->npools = rt->npools;
   for (i = 0; i < rt->npools; i++) {

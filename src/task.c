@@ -55,7 +55,7 @@ struct op_ltask {
   int anchor;             /* slot in the anchors (op_tasks), or LUA_NOREF */
   op_wait_id waiter;      /* the first waiter; more in the uservalue */
   op_wait_id submit_wait; /* launch suspended on a full queue */
-  uv_timer_t *timer;      /* deadline, or NULL */
+  op_timer *timer;        /* deadline, or NULL */
   double timeout;
   const char *call;    /* "offpath.run", ... for messages */
   op_co *co;           /* go: the running coroutine, NULL once ended */
@@ -386,10 +386,6 @@ static void anchor(lua_State *L, op_ltask *lt, int idx) {
   lt->anchor = (int)slot;
 }
 
-static void timer_close_cb(uv_handle_t *h) {
-  free(h);
-}
-
 /* Release the anchor once nothing can touch the task any more. */
 static void maybe_release(op_ltask *lt) {
   op_tasks *ts;
@@ -505,11 +501,7 @@ static void push_error_text(lua_State *L, op_ltask *lt) {
     lua_pop(L, 1);
     return;
   }
-  if (lua_type(L, err) == LUA_TNUMBER)
-    lua_pushstring(L, lua_tostring(L, err));
-  else if (!luaL_callmeta(L, err, "__tostring") ||
-           lua_type(L, -1) != LUA_TSTRING)
-    lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, err));
+  op__error_text(L, err);
   if (lua_type(L, err + 1) == LUA_TSTRING) {
     lua_pushliteral(L, "\n");
     lua_pushvalue(L, err + 1);
@@ -647,7 +639,7 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
     op__note_traceback(L);
   }
   rt->depth++; /* Lua runs: wake-ups it causes wait for the next turn */
-  if (op__pcall(L, ok ? 3 : 4, 0) != LUA_OK) {
+  if (op__pcall(L, ok ? 3 : 4, 0, op__traceback) != LUA_OK) {
     rt->call_errors++;
     op__report_error(rt, lua_tostring(L, -1));
     op__group_fail(rt->grp, lua_tostring(L, -1));
@@ -667,8 +659,7 @@ static int task_settle(op_ltask *lt, int state) {
     return 0;
   lt->state = (uint8_t)state;
   if (lt->timer != NULL) {
-    uv_timer_stop(lt->timer);
-    uv_close((uv_handle_t *)lt->timer, timer_close_cb);
+    op__timer_close(lt->timer);
     lt->timer = NULL;
   }
   return 1;
@@ -787,20 +778,16 @@ static void task_stop(op_ltask *lt, int code) {
 }
 
 static void deadline_cb(uv_timer_t *timer) {
-  task_stop(timer->data, OP_ETIMEDOUT);
+  task_stop(((op_timer *)timer)->data, OP_ETIMEDOUT);
 }
 
 static void start_deadline(op_ltask *lt) {
   if (lt->timeout <= 0)
     return;
-  lt->timer = malloc(sizeof *lt->timer);
+  lt->timer = op__timer_start(lt->rt, (uint64_t)(lt->timeout * 1000.0 + 0.5),
+                              deadline_cb, 0, lt);
   if (lt->timer == NULL)
     OP_PANIC("out of memory for a task deadline");
-  uv_timer_init(lt->rt->loop, lt->timer);
-  lt->timer->data = lt;
-  uv_update_time(lt->rt->loop); /* never early: see op__timer_start */
-  uv_timer_start(lt->timer, deadline_cb, (uint64_t)(lt->timeout * 1000.0 + 0.5),
-                 0);
 }
 
 /* The pool hands a task back. The drain calls settle for a whole batch
@@ -917,7 +904,6 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
   lt->t.settle = task_settle_cb;
   lt->t.complete = task_complete;
   lt->t.on_queued = task_queued;
-  lt->t.owner = lt;
   lt->timeout = timeout;
   rc = op__encode(rt->xfer, L, fnidx, 1, &lt->t.buf, "function", 0, err,
                   sizeof err);

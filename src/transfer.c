@@ -3390,19 +3390,6 @@ int op__xfer_msgh(lua_State *L) {
   return 1;
 }
 
-/* Describe the error value at idx as text, as lua.c does: a string or
-** number as it is, else its __tostring, else its type.  [-0, +1, m] */
-static void push_error_text(lua_State *L, int idx) {
-  idx = lua_absindex(L, idx);
-  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
-    lua_pushvalue(L, idx);
-    lua_tostring(L, -1);
-  } else if (!luaL_callmeta(L, idx, "__tostring") ||
-             lua_type(L, -1) != LUA_TSTRING) {
-    lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
-  }
-}
-
 /* The protected part of op__encode_error (ud: its arguments). */
 typedef struct errenc {
   op_xfer *x;
@@ -3430,7 +3417,7 @@ static int encode_error_body(lua_State *L) {
     return 0;
   }
   /* The value cannot cross: send its description and the reason. */
-  push_error_text(L, top);
+  op__error_text(L, top);
   lua_pushfstring(L, " (%s)\n", err);
   lua_pushvalue(L, 4); /* the traceback */
   lua_concat(L, 3);
@@ -3442,7 +3429,9 @@ static int encode_error_body(lua_State *L) {
 int op__encode_error(op_xfer *x, lua_State *L, op_buf *b, int *value) {
   errenc a;
   size_t len0 = b->len;
+  static const char oom[] = " (out of memory copying it)";
   const char *s;
+  char obuf[64];
   int top = lua_gettop(L);
 
   *value = 0;
@@ -3463,8 +3452,11 @@ int op__encode_error(op_xfer *x, lua_State *L, op_buf *b, int *value) {
   lua_pushvalue(L, top);
   if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
     b->len = len0;
-    s = "(error object is not a string; out of memory copying it)";
-    a.rc = op__buf_append(b, s, strlen(s)) != 0 ? OP_ENOMEM : 0;
+    s = op__error_object(L, top, obuf, sizeof obuf);
+    a.rc = op__buf_append(b, s, strlen(s)) != 0 ||
+                   op__buf_append(b, oom, sizeof oom - 1) != 0
+               ? OP_ENOMEM
+               : 0;
     a.value = 0;
   }
   lua_settop(L, top);

@@ -61,7 +61,7 @@ lua_State *op__new_state(op_runtime *rt, op_vmem *mem) {
     return NULL;
   lua_pushcfunction(L, new_state_p);
   lua_pushlightuserdata(L, rt);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+  if (op__pcall(L, 1, 0, NULL) != LUA_OK) {
     lua_close(L);
     return NULL;
   }

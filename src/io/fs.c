@@ -527,7 +527,6 @@ static int fs_call(lua_State *L, fs_kind kind, int sidx, int didx_path,
   op->t.work = fs_work;
   op->t.arg = op;
   op->t.complete = fs_complete;
-  op->t.owner = op;
   op__buf_init(&op->buf);
   op->rt = rt;
   op->pool = pool;

@@ -502,11 +502,15 @@ static int feed_one(hreq *r) {
   lua_pushlstring(L, r->body.p, r->body.len);
   r->body.len = 0; /* keep the buffer for the next chunk */
   r->in_lua = 1;
-  st = op__pcall(L, 1, 0);
+  st = op__pcall(L, 1, 0, op__traceback);
   r->in_lua = 0;
   if (st != LUA_OK && !r->dead) {
     const char *e = lua_tostring(L, -1);
-    r->lua_err = strdup(e != NULL ? e : "(error object is not a string)");
+    char obuf[64];
+
+    if (e == NULL) /* op__traceback makes strings: only defensive */
+      e = op__error_object(L, -1, obuf, sizeof obuf);
+    r->lua_err = strdup(e);
     if (r->lua_err == NULL)
       r->nomem = 1;
   }
@@ -528,6 +532,35 @@ static int feed_one(hreq *r) {
   return 0;
 }
 
+/* Protected: push the response table of the request (light userdata 1).
+** [-1, +1, m] */
+static int push_response_p(lua_State *L) {
+  hreq *r = lua_touserdata(L, 1);
+  long status = 0;
+  char *eff = NULL;
+
+  curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+  curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &eff);
+  lua_createtable(L, 0, 6);
+  lua_pushinteger(L, (lua_Integer)status);
+  lua_setfield(L, -2, "status");
+  push_headers(L, r);
+  lua_setfield(L, -2, "headers");
+  lua_pushlstring(L, r->body.p, r->body.len);
+  lua_setfield(L, -2, "body");
+  if (r->out_path != NULL) {
+    lua_pushstring(L, r->out_path);
+    lua_setfield(L, -2, "output");
+    lua_pushinteger(L, (lua_Integer)r->out_len);
+    lua_setfield(L, -2, "size");
+  }
+  if (eff != NULL) {
+    lua_pushstring(L, eff);
+    lua_setfield(L, -2, "url");
+  }
+  return 1;
+}
+
 /* Whether r's (last) connection was made. */
 static int connected(hreq *r) {
   curl_off_t t = 0;
@@ -544,8 +577,8 @@ static void finish(hreq *r, CURLcode rc) {
   op_wait_id id;
   lua_State *co;
   char msg[CURL_ERROR_SIZE + 1024];
-  long status = 0, oserr = 0, nconn = 0, ver = 0;
-  char *eff = NULL;
+  long oserr = 0, nconn = 0, ver = 0;
+  int top;
 
   m->completed++;
   if (curl_easy_getinfo(r->easy, CURLINFO_NUM_CONNECTS, &nconn) == CURLE_OK &&
@@ -610,25 +643,21 @@ static void finish(hreq *r, CURLcode rc) {
     op__wait_fail(rt, id, msg);
     return;
   }
-  curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
-  curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &eff);
-  lua_createtable(co, 0, 6);
-  lua_pushinteger(co, (lua_Integer)status);
-  lua_setfield(co, -2, "status");
-  push_headers(co, r);
-  lua_setfield(co, -2, "headers");
-  lua_pushlstring(co, r->body.p, r->body.len);
-  lua_setfield(co, -2, "body");
-  if (r->out_path != NULL) {
-    lua_pushstring(co, r->out_path);
-    lua_setfield(co, -2, "output");
-    lua_pushinteger(co, (lua_Integer)r->out_len);
-    lua_setfield(co, -2, "size");
+  /* Built on the main thread in protected mode: a memory error must not
+  ** unwind curl's frames. */
+  top = lua_gettop(rt->L);
+  lua_pushcfunction(rt->L, push_response_p);
+  lua_pushlightuserdata(rt->L, r);
+  if (op__pcall(rt->L, 1, 1, NULL) != LUA_OK) {
+    lua_settop(rt->L, top);
+    snprintf(msg, sizeof msg, "http: out of memory for the response (%s %s)",
+             r->method, r->url);
+    m->failed++;
+    req_free(r);
+    op__wait_fail(rt, id, msg);
+    return;
   }
-  if (eff != NULL) {
-    lua_pushstring(co, eff);
-    lua_setfield(co, -2, "url");
-  }
+  lua_xmove(rt->L, co, 1);
   req_free(r);
   op__wait_resume(rt, id, 1);
 }

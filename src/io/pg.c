@@ -488,7 +488,7 @@ static void push_value(lua_State *L, const PGresult *res, int row, int col,
   lua_pushlstring(L, v, len);
 }
 
-/* lua_pcall'd: push the rows of the PGresult (light userdata 1) and the
+/* Protected: push the rows of the PGresult (light userdata 1) and the
 ** count: affected rows for commands that have one, else the row count.
 ** [-0, +2, m] */
 static int push_result(lua_State *L) {
@@ -559,7 +559,7 @@ static void deliver(pg_req *r) {
   top = lua_gettop(L);
   lua_pushcfunction(L, push_result);
   lua_pushlightuserdata(L, r->res);
-  if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
+  if (op__pcall(L, 1, 2, NULL) != LUA_OK) {
     lua_settop(L, top);
     req_free(r);
     op__wait_fail(rt, id, "pg: not enough memory for the result");

@@ -609,6 +609,16 @@ static int push_reply(lua_State *co, const redisReply *r, int depth, int top) {
   return 0;
 }
 
+/* Protected: push the reply (light userdata 1) as one Lua value.
+** [-1, +1, e] */
+static int push_reply_p(lua_State *L) {
+  const redisReply *r = lua_touserdata(L, 1);
+
+  if (push_reply(L, r, 0, 1) != 0)
+    return luaL_error(L, "redis: reply nested too deeply");
+  return 1;
+}
+
 /* hiredis' reply callback, run exactly once per command: with its reply,
 ** or NULL when the connection goes away. Frees the call, then resumes the
 ** waiting coroutine (Lua runs here, inside hiredis' IN_CALLBACK). */
@@ -618,7 +628,7 @@ static void reply_cb(redisAsyncContext *ac, void *reply, void *privdata) {
   rconn *conn = c->conn;
   op_runtime *rt = c->rt;
   op_wait_id id = c->id;
-  int kind = c->kind, ud_ref = c->ud_ref;
+  int kind = c->kind, ud_ref = c->ud_ref, top, st;
   lua_State *co;
   const char *msg = NULL;
   char buf[512];
@@ -679,10 +689,21 @@ static void reply_cb(redisAsyncContext *ac, void *reply, void *privdata) {
     op__wait_fail(rt, id, msg);
     return;
   }
-  if (push_reply(co, r, 0, 1) != 0) {
-    op__wait_fail(rt, id, "redis: reply nested too deeply");
+  /* Built on the main thread in protected mode, as pg and sqlite build
+  ** their rows: a memory error must not unwind hiredis' frames. */
+  top = lua_gettop(rt->L);
+  lua_pushcfunction(rt->L, push_reply_p);
+  lua_pushlightuserdata(rt->L, r);
+  st = op__pcall(rt->L, 1, 1, NULL);
+  if (st != LUA_OK || !lua_checkstack(co, 2)) {
+    snprintf(buf, sizeof buf, "%s",
+             st == LUA_ERRRUN ? lua_tostring(rt->L, -1)
+                              : "redis: not enough memory for the reply");
+    lua_settop(rt->L, top);
+    op__wait_fail(rt, id, buf);
     return;
   }
+  lua_xmove(rt->L, co, 1);
   op__wait_resume(rt, id, 1);
 }
 

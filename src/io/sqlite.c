@@ -459,7 +459,7 @@ static void sq_work(void *arg) {
 
 /* ---- results on the loop thread ---- */
 
-/* lua_pcall'd: push rows, count and last rowid of the job (light userdata
+/* Protected: push rows, count and last rowid of the job (light userdata
 ** 1).  [-0, +3, m] */
 static int push_result(lua_State *L) {
   sq_job *j = lua_touserdata(L, 1);
@@ -538,7 +538,7 @@ static void sq_complete(op_task *t) {
       top = lua_gettop(L);
       lua_pushcfunction(L, push_result);
       lua_pushlightuserdata(L, j);
-      if (lua_pcall(L, 1, 3, 0) == LUA_OK) {
+      if (op__pcall(L, 1, 3, NULL) == LUA_OK) {
         lua_xmove(L, co, 3);
         nres = 3;
       } else {
@@ -719,7 +719,6 @@ static int db_exec(lua_State *L) {
   j->t.work = sq_work;
   j->t.arg = j;
   j->t.complete = sq_complete;
-  j->t.owner = j;
   op__buf_init(&j->names);
   op__buf_init(&j->strs);
   j->rt = rt;

@@ -53,7 +53,7 @@ int main(void) {
     op_runtime_poll(rt);
     usleep(1000);
   }
-  ASSERT_OK(op_stats(rt, &st));
+  ASSERT_OK(op_stats_get(rt, &st));
   for (i = 0; i < st.npools; i++)
     if (strcmp(st.pools[i].name, "one") == 0)
       break;

@@ -4,7 +4,10 @@
 ** handlers, errors with file and line, engine functions, shutdown of
 ** suspended handlers, statistics.
 */
+#include <signal.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "offpath.h"
@@ -92,17 +95,27 @@ static void test_handlers(void) {
   ASSERT_EQ(op_call(rt, "missing", 1), OP_ENOHANDLER);
   ASSERT_EQ(lua_gettop(L), 0);
 
+  /* An error op_call returns is reported once: by the return and
+  ** op_errmsg, not also through the error callback. */
   op_push_engine(rt);
   ASSERT_EQ(op_call(rt, "bad", 1), OP_ESCRIPT);
   ASSERT_STR_HAS(op_errmsg(rt), "handlers.lua:8: bad handler");
-  ASSERT_EQ(errors_seen, 1);
+  ASSERT_STR_HAS(op_errmsg(rt), "stack traceback");
+  ASSERT_EQ(errors_seen, 0);
+  op_push_engine(rt);
+  lua_pushcfunction(L, lua_error);
+  lua_insert(L, -2);
+  ASSERT_EQ(op_call_value(rt, 1), OP_ESCRIPT);
+  ASSERT_STR_HAS(op_errmsg(rt), "(error object is a table value)");
+  ASSERT_EQ(errors_seen, 0);
 
+  /* One that fails after a suspension has only the callback. */
   op_push_engine(rt);
   ASSERT_OK(op_call(rt, "late", 1));
   ASSERT_EQ(op_runtime_run(rt), OP_ESCRIPT);
   ASSERT_STR_HAS(last_error, "handlers.lua:11: late failure");
   ASSERT_STR_HAS(last_error, "stack traceback");
-  ASSERT_EQ(errors_seen, 2);
+  ASSERT_EQ(errors_seen, 1);
   ASSERT_EQ(lua_gettop(L), 0);
   ASSERT_OK(op_runtime_free(rt));
 }
@@ -182,6 +195,10 @@ static void test_stats(void) {
   ASSERT_GE(st.pools[1].queue_hwm, 1);
   ASSERT(st.pools[1].p50 > 0 && st.pools[1].p99 >= st.pools[1].p50);
   ASSERT_EQ(st.calls, 1);
+  /* the spelling that shares the type's name fills the same */
+  memset(&st, 0, sizeof st);
+  ASSERT_OK(op_stats(rt, &st));
+  ASSERT_EQ(st.pools[1].completed, 50);
   ASSERT_OK(op_runtime_free(rt));
 }
 
@@ -241,6 +258,57 @@ static void test_stop_running(int stop_signal) {
   ASSERT_OK(op_runtime_free(rt));
 }
 
+/* Debug builds check the thread of the op_* calls: one made off the loop
+** thread (here op_runtime_busy from another thread) aborts, naming the
+** call. The calls documented for any thread do not. */
+static void busy_off_loop(void *arg) {
+  op_runtime_busy(arg);
+}
+
+static lua_State *main_L;
+
+static void running_off_loop(void *arg) {
+  op_runtime *rt = arg;
+
+  if (op_runtime_running(rt) != main_L || op_runtime_fd(rt) < 0 ||
+      op_runtime_uv_loop(rt) == NULL)
+    abort();
+}
+
+static void test_off_loop_thread(void) {
+#ifdef OP_DEBUG
+  op_runtime *rt = make();
+  uv_thread_t th;
+  char out[512];
+  int fds[2], status;
+  ssize_t n;
+  pid_t pid;
+
+  main_L = op_runtime_lua(rt);
+  ASSERT_OK(uv_thread_create(&th, running_off_loop, rt));
+  ASSERT_OK(uv_thread_join(&th));
+  ASSERT_OK(pipe(fds));
+  fflush(NULL);
+  pid = fork();
+  ASSERT(pid >= 0);
+  if (pid == 0) {
+    dup2(fds[1], 2);
+    if (uv_thread_create(&th, busy_off_loop, rt) == 0)
+      uv_thread_join(&th);
+    _exit(0);
+  }
+  close(fds[1]);
+  n = read(fds[0], out, sizeof out - 1);
+  out[n > 0 ? n : 0] = '\0';
+  close(fds[0]);
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT);
+  ASSERT_STR_HAS(out, "op_runtime_busy called off the loop thread");
+  ASSERT_EQ(op_runtime_busy(rt), 0); /* the loop thread itself may */
+  ASSERT_OK(op_runtime_free(rt));
+#endif
+}
+
 int main(void) {
   test_load_errors();
   test_handlers();
@@ -249,6 +317,7 @@ int main(void) {
   test_host_loop();
   test_stop_running(0);
   test_stop_running(-1);
+  test_off_loop_thread();
   printf("test-runtime: ok\n");
   return 0;
 }

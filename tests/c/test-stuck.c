@@ -78,7 +78,7 @@ static void test_stuck(int after_free) {
   lua_getglobal(L, "FIRST");
   ASSERT_STR_HAS(lua_tostring(L, -1), "cancelled");
   lua_pop(L, 1);
-  op_stats(rt, &st);
+  op_stats_get(rt, &st);
   ASSERT_EQ(st.stuck, 1);
   ASSERT_EQ(st.pools[2].stuck, 1);
   ASSERT_EQ(st.pools[2].running, 1);
