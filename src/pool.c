@@ -1314,27 +1314,28 @@ static void enqueue(op_pool *p, op_task *t) {
 }
 
 int op__pool_submit(op_pool *p, op_task *t, int park) {
-  int rc;
+  int rc, wait;
 
   if (p->stopping)
     return OP_ESHUTDOWN;
   /* A pool with no thread tries again: the limit may have gone. */
   if ((!p->started || p->running == 0) && (rc = start(p)) != 0)
     return rc;
+  /* Full, or tasks parked before this one wait for room: FIFO. */
+  wait = nqueued(p) >= (uint32_t)p->cap || (park && p->park_head != NULL);
+  if (wait && !park)
+    return OP_EAGAIN;
   t->pool = p;
   t->t_submit = op__now(p->rt);
-  if (nqueued(p) < (uint32_t)p->cap && (!park || p->park_head == NULL)) {
+  book(p);
+  if (!wait) {
     enqueue(p, t);
-    book(p);
     return 0;
   }
-  if (!park)
-    return OP_EAGAIN;
-  /* Parked behind the others, queued as room comes (flush_parked). */
+  /* Parked, queued as room comes (flush_parked). */
   list_append(&p->park_head, &p->park_tail, t);
   t->queued = IN_PARKED;
   p->nparked++;
-  book(p);
   return 1;
 }
 
