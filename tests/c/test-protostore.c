@@ -135,6 +135,41 @@ static void test_hot_kept(void) {
   teardown(&p);
 }
 
+/* A function sent alone, again and again, is encoded from the encode
+** cache, which does not count as a use of its prototype: once enough new
+** prototypes come (here inside tables, which the cache does not keep) it
+** is evicted like the others, and the cache must forget it, or it would
+** keep sending an id the store has freed. */
+static void test_cached_evicted(void) {
+  pair p;
+  op_buf b;
+  char err[256], src[64];
+  int i;
+
+  setup(&p);
+  luaL_dostring(p.A, "function hot() return 7 end");
+  lua_settop(p.A, 0);
+  for (i = 0; i < 2 * (OP_PROTO_CAP + OP_STORE_GRACE); i++) {
+    if (i % 64 == 0) {
+      lua_getglobal(p.A, "hot");
+      op__buf_init(&b);
+      ASSERT_OK(
+          op__encode(p.xa, p.A, -1, 1, &b, "argument", 1, err, sizeof err));
+      lua_settop(p.A, 0);
+      check_decode(&p, &b, 7);
+    }
+    snprintf(src, sizeof src, "return { function() return %d end }", i);
+    ASSERT_OK(luaL_dostring(p.A, src));
+    op__buf_init(&b);
+    ASSERT_OK(op__encode(p.xa, p.A, -1, 1, &b, "argument", 1, err, sizeof err));
+    lua_settop(p.A, 0);
+    ASSERT_EQ(op__decode(p.xb, p.B, b.p, b.len, err, sizeof err), 1);
+    lua_settop(p.B, 0);
+    op__buf_free(&b);
+  }
+  teardown(&p);
+}
+
 /* An encoding kept while fewer than OP_STORE_GRACE new prototypes are
 ** stored still decodes; one kept past that fails with a clear error. */
 static void test_grace(void) {
@@ -165,6 +200,7 @@ static void test_grace(void) {
 int main(void) {
   test_bounded();
   test_hot_kept();
+  test_cached_evicted();
   test_grace();
   printf("ok\n");
   return 0;
