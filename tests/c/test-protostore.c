@@ -73,6 +73,22 @@ static size_t heap(lua_State *L) {
   return (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
 }
 
+/* Encode the global function hot of A alone, check that B runs it (it
+** returns 7), and return the length of the encoding. */
+static size_t send_hot(pair *p) {
+  op_buf b;
+  char err[256];
+  size_t len;
+
+  lua_getglobal(p->A, "hot");
+  op__buf_init(&b);
+  ASSERT_OK(op__encode(p->xa, p->A, -1, 1, &b, "argument", 1, err, sizeof err));
+  lua_settop(p->A, 0);
+  len = b.len;
+  check_decode(p, &b, 7);
+  return len;
+}
+
 /* 40,000 distinct prototypes, one after another: the store, the anchors
 ** in A and the factories in B stay bounded, and every call runs the
 ** function that was sent (addresses of collected prototypes are reused
@@ -110,24 +126,18 @@ static void test_bounded(void) {
 static void test_hot_kept(void) {
   pair p;
   op_buf b;
-  char err[256];
   int i;
-  size_t hot_len = 0;
+  size_t hot_len = 0, len;
 
   setup(&p);
   luaL_dostring(p.A, "function hot() return 7 end");
   lua_settop(p.A, 0);
   for (i = 0; i < 3 * (OP_PROTO_CAP + OP_STORE_GRACE); i++) {
     if (i % 64 == 0) {
-      lua_getglobal(p.A, "hot");
-      op__buf_init(&b);
-      ASSERT_OK(
-          op__encode(p.xa, p.A, -1, 1, &b, "argument", 1, err, sizeof err));
-      lua_settop(p.A, 0);
+      len = send_hot(&p);
       if (hot_len == 0)
-        hot_len = b.len;
-      ASSERT_EQ(b.len, hot_len); /* the same small id every time */
-      check_decode(&p, &b, 7);
+        hot_len = len;
+      ASSERT_EQ(len, hot_len); /* the same small id every time */
     }
     encode_new(&p, i, 0, &b);
     check_decode(&p, &b, i);
@@ -150,14 +160,8 @@ static void test_cached_evicted(void) {
   luaL_dostring(p.A, "function hot() return 7 end");
   lua_settop(p.A, 0);
   for (i = 0; i < 2 * (OP_PROTO_CAP + OP_STORE_GRACE); i++) {
-    if (i % 64 == 0) {
-      lua_getglobal(p.A, "hot");
-      op__buf_init(&b);
-      ASSERT_OK(
-          op__encode(p.xa, p.A, -1, 1, &b, "argument", 1, err, sizeof err));
-      lua_settop(p.A, 0);
-      check_decode(&p, &b, 7);
-    }
+    if (i % 64 == 0)
+      send_hot(&p);
     snprintf(src, sizeof src, "return { function() return %d end }", i);
     ASSERT_OK(luaL_dostring(p.A, src));
     op__buf_init(&b);
