@@ -1,8 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
-** lua54.c - what offpath knows of Lua 5.4's private layout: closures and
-** upvalue cells read without the Lua API (checked per VM), and binary
-** chunks walked, spliced into factories, and searched for an opcode.
+** lua54.c - what offpath reads of Lua 5.4's private layout: closures and
+** upvalue cells (checked per VM), binary chunks, factory templates.
 ** Thread: the thread owning the VM at hand; op__tmpl_splice: any.
 */
 

@@ -1,9 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
-** protostore.c - the runtime-wide store the VMs share: function
-** prototypes by id (bounded, with generations), and the search paths the
-** main VM publishes; and each VM's side of it: the ids of the prototypes
-** it encodes, the factories it loads to make fresh closures of them.
+** protostore.c - the prototype store the VMs share (ids, bounds, grace),
+** each VM's side of it (prototype ids, factories), and the search paths.
 ** Thread: the store: any (under its mutex); an op_vmstore: its VM's.
 */
 

@@ -1,8 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
-** transfer.c - copying Lua values between VMs: the wire encoding, each
-** VM's names of library values, refusals that name the path, and errors
-** that cross. Functions travel as prototype ids (protostore.c).
+** transfer.c - copying Lua values between VMs: the wire encoding, names of
+** library values, refusals that name the path, errors that cross.
 ** Thread: op__encode/op__decode on the thread owning that VM.
 */
 
