@@ -91,13 +91,13 @@ int op__parse_size(const char *s, size_t *out);
 /* n bytes as "64 MB" (exact units only) in buf; returns buf. */
 const char *op__fmt_size(size_t n, char *buf, size_t len);
 
-/* ---- copying Lua values between VMs (transfer.c) ---- */
+/* ---- copying Lua values between VMs (transfer.c, protostore.c) ---- */
 
 /* The runtime-wide store of function prototypes: id -> dumped bytecode.
 ** Safe to use from any thread. Bounded: each VM keeps at most OP_PROTO_CAP
 ** of the prototypes it encodes stored (and anchored) and OP_FACTORY_CAP
 ** factories loaded, least recently used out first; an entry given up
-** stays decodable for OP_STORE_GRACE more insertions (transfer.c). */
+** stays decodable for OP_STORE_GRACE more insertions (protostore.c). */
 #define OP_PROTO_CAP   4096
 #define OP_FACTORY_CAP 4096
 #define OP_STORE_GRACE 8192
