@@ -1192,8 +1192,10 @@ static int http_start(lua_State *L) {
   SETOPT(CURLOPT_FOLLOWLOCATION, o.follow ? 1L : 0L);
   SETOPT(CURLOPT_MAXREDIRS, (long)o.max_redirects);
   SETOPT(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)o.max_size);
-  if (o.timeout > 0)
-    SETOPT(CURLOPT_TIMEOUT_MS, (long)(o.timeout * 1000.0 + 0.5));
+  /* The request's timeout is the wait's alone (op__wait_new below): it
+  ** removes the transfer and says "timeout after N s" whatever the
+  ** transfer was doing; a CURLOPT_TIMEOUT_MS of the same length raced it
+  ** and, winning on a busy loop, said it in curl's words instead. */
   if (o.connect_timeout > 0)
     SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long)(o.connect_timeout * 1000.0 + 0.5));
   if (o.output != NULL || o.on_data != 0)
