@@ -100,7 +100,13 @@ check "blpop-wait: stops at the expected value" contains "$T/blpop1.out" 'got "d
 check "blpop-wait: every value pushed" contains "$T/blpop1.out" "pushed 4 values"
 check "blpop-wait: the rest stays queued" [ "$(cli LRANGE "$P:q1" 0 -1)" = "after" ]
 # Another client pushes, later: BLPOP waits (with empty rounds) meanwhile.
-( sleep 1.5; cli RPUSH "$P:q2" x y done > /dev/null ) &
+# The producer first sees the waiter blocked in BLPOP (however long the
+# host takes to start), then lets more than one 1 s round pass.
+( i=0
+  while ! cli CLIENT LIST | grep -q 'cmd=blpop' && [ $i -lt 300 ]; do
+    sleep 0.1; i=$((i + 1))
+  done
+  sleep 1.5; cli RPUSH "$P:q2" x y done > /dev/null ) &
 PIDS="$PIDS $!"
 QUEUE="$P:q2" "$OFFPATH" run "$EX/blpop-wait.lua" --input /dev/null \
   > "$T/blpop2.out" 2> "$T/blpop2.err"
