@@ -20,13 +20,28 @@ typedef struct job {
   atomic_int *gate; /* if set, work spins until it is non-zero */
 } job;
 
+/* Gated jobs that a worker has begun (the tests wait for it). */
+static atomic_int gated_started;
+
 static void work_add(void *arg) {
   job *j = arg;
 
-  if (j->gate != NULL)
+  if (j->gate != NULL) {
+    atomic_fetch_add(&gated_started, 1);
     while (atomic_load(j->gate) == 0)
       usleep(100);
+  }
   j->out = j->in + 1;
+}
+
+/* Wait until a worker has begun a gated job (a loaded machine may take
+** its time to start the thread). */
+static void wait_gated_started(void) {
+  int i;
+
+  for (i = 0; i < 100000 && atomic_load(&gated_started) == 0; i++)
+    usleep(100);
+  ASSERT(atomic_load(&gated_started) > 0);
 }
 
 static int done_total;
@@ -86,8 +101,9 @@ static void test_full(void) {
   done_total = 0;
   for (i = 0; i < 4; i++)
     jobs[i] = (job){ .in = i, .gate = &gate };
+  atomic_store(&gated_started, 0);
   ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[0]));
-  usleep(20000); /* the worker takes job 0 and waits at the gate */
+  wait_gated_started(); /* the worker took job 0, waits at the gate */
   ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[1]));
   ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[2]));
   ASSERT_EQ(op_submit(rt, "p", work_add, done_count, &jobs[3]), OP_EAGAIN);
@@ -136,11 +152,12 @@ static void test_shutdown_cancel(void) {
 
   done_total = 0;
   atomic_store(&release_gate, 0);
+  atomic_store(&gated_started, 0);
   for (i = 0; i < 10; i++) {
     jobs[i] = (job){ .in = i, .gate = &release_gate };
     ASSERT_OK(op_submit(rt, "p", work_add, done_count, &jobs[i]));
   }
-  usleep(20000); /* job 0 is running */
+  wait_gated_started(); /* job 0 is running */
   ASSERT_OK(uv_thread_create(&opener, open_gate, NULL));
   ASSERT_OK(op_runtime_free(rt));
   uv_thread_join(&opener);
