@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
 ** engine.c - the engine object handed to handlers (count, gauge, alert,
-** emit, stats), the trampoline that runs every handler call and accounts
-** for how it ended, and the non-blocking output writer.
+** emit; stats.c adds stats), the trampoline that runs every handler call
+** and accounts for how it ended, and the non-blocking output writer.
 ** Thread: loop.
 **
 ** DESIGN
@@ -181,7 +181,7 @@ static void handler_end(host *h, uint32_t slot, int ok, const char *msg) {
       rstream_handler_failed(r->entry, msg);
     input_src_unref(r->s);
     if (!sync) /* else the pump that dispatched it goes on */
-      input_kick(h);
+      host_pump_soon(h);
     break;
   case REC_START:
     if (ok) {
@@ -340,11 +340,11 @@ void engine_started(host *h) {
                   h->o.script);
     }
   }
-  input_kick(h);
+  host_pump_soon(h);
 }
 
 /* Dispatch a record: a line, or a stream entry e whose table is on top of
-** L (then tracked). Returns 1, 0 if not a record (blank or malformed,
+** L (then tracked). Returns 1, 0 if not a record (blank, or malformed:
 ** err set), -1 on out of memory. */
 static int dispatch(host *h, src *s, const char *line, size_t len, rentry *e,
                     char *err, size_t errlen) {
@@ -408,7 +408,8 @@ static int dispatch(host *h, src *s, const char *line, size_t len, rentry *e,
   return 1;
 }
 
-int engine_dispatch(host *h, src *s, const char *line, size_t len) {
+/* h->deliver */
+static int deliver(host *h, src *s, const char *line, size_t len) {
   char err[256];
   int rc = dispatch(h, s, line, len, NULL, err, sizeof err);
 
@@ -418,8 +419,9 @@ int engine_dispatch(host *h, src *s, const char *line, size_t len) {
   return rc > 0;
 }
 
-int engine_dispatch_entry(host *h, src *s, const char *data, size_t len,
-                          rentry *e, char *err, size_t errlen) {
+/* h->deliver_entry */
+static int deliver_entry(host *h, src *s, const char *data, size_t len,
+                         rentry *e, char *err, size_t errlen) {
   int rc = dispatch(h, s, data, len, e, err, errlen);
 
   if (rc == 0) {
@@ -515,7 +517,7 @@ void engine_on_error(op_runtime *rt, const char *msg, void *ud) {
 **         uv_fs_write at a time on libuv's threads.
 **
 ** A reader that went away (EPIPE, ECONNRESET) ends the run as a filter
-** would: host_stop(), exit status 141. Any other write error discards
+** would: host_stop_soon(), exit status 141. Any other write error discards
 ** further output. Bytes emitted and never written are counted as
 ** abandoned.
 */
@@ -549,7 +551,7 @@ static void out_fail(host *h, int err) {
     host_report(h, "output: write failed: %s; further output is discarded",
                 uv_strerror(err));
   }
-  input_kick(h);
+  host_pump_soon(h);
 }
 
 static void out_cb(uv_fs_t *req) {
@@ -570,7 +572,7 @@ static void out_cb(uv_fs_t *req) {
   }
   h->out_writing.len = h->out_writing.off = 0;
   out_start(h);
-  input_kick(h);
+  host_pump_soon(h);
 }
 
 /* Make what is pending the buffer being written, if that one is done.
@@ -626,7 +628,7 @@ static void out_write_poll(host *h) {
     h->out_polling = 0;
   }
   if (drained)
-    input_kick(h);
+    host_pump_soon(h);
 }
 
 static void out_poll_cb(uv_poll_t *p, int status, int events) {
@@ -781,7 +783,7 @@ void engine_output_abandon(host *h) {
               "output: nobody reads it: %llu bytes abandoned, and all "
               "further output",
               (unsigned long long)(h->out_abandoned - before));
-  input_kick(h);
+  host_pump_soon(h);
 }
 
 /* Close the output's poll handle: once before the loop's last run. */
@@ -957,20 +959,12 @@ static int engine_emit(lua_State *L) {
   return 0;
 }
 
-/* engine:stats() -> the summary table (see docs/cli.md) */
-static int engine_stats(lua_State *L) {
-  host *h = op_engine_ud(L);
-
-  stats_push_table(h, L);
-  return 1;
-}
-
 int engine_setup(host *h) {
-  static const luaL_Reg methods[] = {
-    { "count", engine_count }, { "gauge", engine_gauge },
-    { "alert", engine_alert }, { "emit", engine_emit },
-    { "stats", engine_stats }, { NULL, NULL }
-  };
+  static const luaL_Reg methods[] = { { "count", engine_count },
+                                      { "gauge", engine_gauge },
+                                      { "alert", engine_alert },
+                                      { "emit", engine_emit },
+                                      { NULL, NULL } };
   lua_State *L = h->L;
   int rc;
 
@@ -988,5 +982,7 @@ int engine_setup(host *h) {
   lua_pushcclosure(L, run_event, 3);
   h->event_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   h->dispatch_slot = UINT32_MAX;
+  h->deliver = deliver;
+  h->deliver_entry = deliver_entry;
   return rc;
 }

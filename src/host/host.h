@@ -207,6 +207,19 @@ struct host {
   lua_State *L;
   uint64_t t_start;
 
+  /* Upward calls: each installed by the part above that answers it. */
+  /* engine.c: hand a line of s to on_event (said there if it is malformed
+  ** JSON). Returns whether it was a record. */
+  int (*deliver)(host *h, src *s, const char *line, size_t len);
+  /* engine.c: hand the data of stream entry e, whose table is on top of L
+  ** (popped), to on_event(engine, record, entry) as a tracked call.
+  ** Returns 1, 0 if the record is malformed (err set; nothing was called),
+  ** -1 on out of memory. */
+  int (*deliver_entry)(host *h, src *s, const char *data, size_t len, rentry *e,
+                       char *err, size_t errlen);
+  void (*pump)(host *h); /* input.c: hand what is read to the engine */
+  void (*stop)(host *h); /* main.c: close the inputs, then the grace period */
+
   /* Sources. */
   src *srcs;
   int nopen;       /* inputs not yet at their end */
@@ -275,11 +288,12 @@ struct host {
   uv_poll_t out_poll;
 
   /* Handles (all unreferenced: they never keep the loop alive). */
-  uv_timer_t tick_timer, second_timer, grace_timer;
-  uv_idle_t pump_idle;
-  uv_async_t sig_async;  /* a signal was caught (main.c) */
-  uv_timer_t beat_timer; /* the watchdog's view of the loop */
-  int sigs_seen;         /* signals handled on the loop thread */
+  uv_timer_t tick_timer, second_timer;
+  uv_timer_t grace_timer; /* the grace period; at 0 ms: host_stop_soon() */
+  uv_idle_t pump_idle;    /* host_pump_soon() */
+  uv_async_t sig_async;   /* a signal was caught (main.c) */
+  uv_timer_t beat_timer;  /* the watchdog's view of the loop */
+  int sigs_seen;          /* signals handled on the loop thread */
   int handles_open;
 
   metrics *metrics; /* --metrics server, or NULL */
@@ -290,36 +304,47 @@ struct host {
   uint64_t last_in, last_t;
 };
 
-/* main.c */
+/*
+** The floors of the command, from the top: main.c (options, lifecycle,
+** signals; it wires the rest), metrics.c, stats.c, engine.c, input.c,
+** rstream.c, and the ground floor host.c, lines.c and json.c. A file calls
+** only files below it. Where a lower part must reach a higher one as the
+** program runs, it goes through a callback of struct host that the higher
+** part installs: a record goes up to the engine through h->deliver, a
+** request to pump or to stop through host_pump_soon() and
+** host_stop_soon().
+*/
+
+/* ---- the ground floor (host.c) ---- */
+
+/* Print "offpath: MESSAGE" on stderr, at most HOST_REPORTS_SEC a second
+** (the rest are counted and said as suppressed). */
 void host_report(host *h, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
-/* Stop as on a first SIGINT/SIGTERM: close the inputs, give the handlers
-** in flight the grace period, then cancel them. */
-void host_stop(host *h);
-/* host_stop() on the next loop turn: from inside a handler, whose input
-** is being read. */
+/* Say how many messages the rate limit held back, if any. */
+void host_report_flush(host *h);
+/* Records may move again (a handler ended, output drained, a stream read
+** entries): pump the inputs (h->pump) on the next loop turn. */
+void host_pump_soon(host *h);
+/* Stop on the next loop turn (h->stop), as on a first SIGINT: from inside
+** a handler, whose input is being read. */
 void host_stop_soon(host *h);
 
-/* input.c */
+/* ---- input.c ---- */
+
+/* Install h->pump. */
+void input_setup(host *h);
 int input_open(host *h, const char *spec, char *err, size_t errlen);
-void input_pump_all(host *h);
-void input_kick(host *h);
 void input_close_all(host *h);
 void input_free_all(host *h);
 void input_src_unref(src *s);
 void input_udp_refresh_drops(src *s);
-src *input_src_new(host *h, src_kind kind, const char *name);
 const char *input_kind_name(src_kind k);
 
-/* engine.c */
+/* ---- engine.c ---- */
+
+/* Make the engine's table and methods, and install h->deliver. */
 int engine_setup(host *h);
-int engine_dispatch(host *h, src *s, const char *line, size_t len);
-/* Hand the record data of entry e (its table on top of h->L, popped) to
-** on_event(engine, record, entry) as a tracked call. Returns 1, 0 if the
-** record is malformed (err set; nothing was called), -1 on out of
-** memory. */
-int engine_dispatch_entry(host *h, src *s, const char *data, size_t len,
-                          rentry *e, char *err, size_t errlen);
 int engine_call_lifecycle(host *h, const char *name, rec_kind kind);
 int engine_cancel_all(host *h);
 void engine_latency_flush(host *h);
@@ -338,8 +363,11 @@ static inline int engine_blocked(const host *h) {
          h->out_pending.len >= HOST_OUT_HIGH || h->out_held >= HOST_OUT_HIGH;
 }
 
-/* rstream.c: redis-stream:// inputs and output */
-int rstream_open(host *h, const char *spec, char *err, size_t errlen);
+/* ---- rstream.c: redis-stream:// inputs and output ---- */
+
+/* Make s (a new SRC_RSTREAM source) the consumer that spec names.
+** Returns 0, or -1 with a message in err (s is left as it was). */
+int rstream_open(src *s, const char *spec, char *err, size_t errlen);
 void rstream_pump(src *s, int *budget);
 void rstream_read(src *s);
 void rstream_close(src *s);
@@ -354,16 +382,19 @@ void rout_emit(host *h, lua_State *L, const char *p, size_t n);
 void rout_stats_text(host *h, char *buf, size_t len);
 void rout_free(host *h);
 
-/* stats.c */
+/* ---- stats.c ---- */
+
+/* Add the engine's stats method. */
+int stats_setup(host *h);
 void stats_line(host *h);
 void stats_summary(host *h);
-void stats_push_table(host *h, lua_State *L);
 uint64_t stats_drops(host *h);
 /* The errors of the summary (failed records, ticks and lifecycle handlers,
 ** runtime errors, output errors). */
 uint64_t stats_errors(host *h);
 
-/* metrics.c */
+/* ---- metrics.c ---- */
+
 /* Serve the statistics on --metrics HOST:PORT (nothing without it).
 ** Returns 0, or -1 with a message in err. */
 int metrics_start(host *h, char *err, size_t errlen);

@@ -9,8 +9,9 @@
 ** DESIGN
 **
 ** Each source reads into its own line splitter and hands complete lines to
-** engine_dispatch() in src_pump(), at most HOST_PUMP_BATCH per loop turn
-** (sources take turns; pump_idle carries on the next turn). Reading is on
+** the engine in src_pump() (h->deliver, which engine.c installs), at most
+** HOST_PUMP_BATCH per loop turn (sources take turns; host_pump_soon()
+** carries on the next turn). Reading is on
 ** only while the splitter holds no complete line (a file: few lines) and
 ** the engine is not blocked, so a blocked engine stops every input:
 **
@@ -95,16 +96,6 @@ static src *src_new(host *h, src_kind kind, const char *name) {
   for (pp = &h->srcs; *pp != NULL; pp = &(*pp)->next)
     ;
   *pp = s;
-  return s;
-}
-
-src *input_src_new(host *h, src_kind kind, const char *name) {
-  src *s = src_new(h, kind, name);
-
-  if (s != NULL && kind == SRC_RSTREAM) {
-    s->counted = 1;
-    h->nopen++;
-  }
   return s;
 }
 
@@ -230,7 +221,7 @@ static void src_want(src *s, int want) {
         host_report(s->h, "input %s: cannot read: %s", s->name,
                     uv_strerror(rc));
         s->eof = 1;
-        input_kick(s->h);
+        host_pump_soon(s->h);
       }
     } else if (!want && s->reading) {
       s->reading = 0;
@@ -300,7 +291,7 @@ static void src_pump(src *s, int *budget) {
                   s->name, (unsigned long long)s->lineno, len, HOST_MAX_LINE);
       continue;
     }
-    engine_dispatch(h, s, line, len);
+    h->deliver(h, s, line, len);
     (*budget)--;
     if (s->closing)
       return;
@@ -312,11 +303,9 @@ static void src_pump(src *s, int *budget) {
   src_want(s, need);
 }
 
-static void pump_idle_cb(uv_idle_t *idle) {
-  input_pump_all(idle->data);
-}
-
-void input_pump_all(host *h) {
+/* Pump every source, each a batch; go on next turn if one has more. This
+** is h->pump. */
+static void pump_all(host *h) {
   src *s, *next;
   int more = 0, budget;
 
@@ -336,14 +325,13 @@ void input_pump_all(host *h) {
   }
   pause_note(h);
   if (more && !engine_blocked(h))
-    uv_idle_start(&h->pump_idle, pump_idle_cb);
+    host_pump_soon(h);
   else
     uv_idle_stop(&h->pump_idle);
 }
 
-void input_kick(host *h) {
-  if (!uv_is_closing((uv_handle_t *)&h->pump_idle))
-    uv_idle_start(&h->pump_idle, pump_idle_cb);
+void input_setup(host *h) {
+  h->pump = pump_all;
 }
 
 /* After new bytes arrived on s: hand them over now, and go on next turn
@@ -355,7 +343,7 @@ static void src_fed(src *s) {
     return;
   src_pump(s, &budget);
   if (budget == 0)
-    input_kick(s->h);
+    host_pump_soon(s->h);
 }
 
 void input_close_all(host *h) {
@@ -411,7 +399,7 @@ static void file_read(src *s) {
   if (p == NULL) {
     host_report(s->h, "input %s: out of memory", s->name);
     s->eof = 1;
-    input_kick(s->h);
+    host_pump_soon(s->h);
     return;
   }
   b = uv_buf_init(p, (unsigned)(avail < READ_MAX ? avail : READ_MAX));
@@ -420,7 +408,7 @@ static void file_read(src *s) {
   if (rc != 0) {
     host_report(s->h, "input %s: read failed: %s", s->name, uv_strerror(rc));
     s->eof = 1;
-    input_kick(s->h);
+    host_pump_soon(s->h);
     return;
   }
   s->req_busy = 1;
@@ -825,6 +813,26 @@ static int open_fd(host *h, const char *name, int fd, int own, char *err,
   return 0;
 }
 
+/* A redis-stream:// consumer (rstream.c) as a source. */
+static int open_rstream(host *h, const char *spec, char *err, size_t errlen) {
+  src *s = src_new(h, SRC_RSTREAM, spec), **pp;
+
+  if (s == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return -1;
+  }
+  if (rstream_open(s, spec, err, errlen) != 0) {
+    for (pp = &h->srcs; *pp != s; pp = &(*pp)->next)
+      ;
+    *pp = s->next;
+    src_destroy(s);
+    return -1;
+  }
+  s->counted = 1;
+  h->nopen++;
+  return 0;
+}
+
 int input_open(host *h, const char *spec, char *err, size_t errlen) {
   src *s;
   int fd;
@@ -834,7 +842,7 @@ int input_open(host *h, const char *spec, char *err, size_t errlen) {
   if (strncmp(spec, "udp://", 6) == 0)
     return open_udp(h, spec, err, errlen);
   if (strncmp(spec, "redis-stream://", 15) == 0)
-    return rstream_open(h, spec, err, errlen);
+    return open_rstream(h, spec, err, errlen);
   if (strcmp(spec, "-") == 0) {
     for (s = h->srcs; s != NULL; s = s->next) {
       if (strcmp(s->name, "-") == 0) {

@@ -88,35 +88,6 @@ static const char usage_text[] =
 
 /* ---- messages ---- */
 
-void host_report(host *h, const char *fmt, ...) {
-  uint64_t now = uv_hrtime();
-  va_list ap;
-
-  if (now - h->report_window >= 1000000000u) {
-    h->report_window = now;
-    h->reports = 0;
-    if (h->suppressed > 0) {
-      fprintf(stderr, "offpath: %llu more messages suppressed\n",
-              (unsigned long long)h->suppressed);
-      h->suppressed = 0;
-    }
-  }
-  if (h->reports >= HOST_REPORTS_SEC) {
-    h->suppressed++;
-    return;
-  }
-  h->reports++;
-  if (h->stats_line_open) {
-    fputs("\r\033[K", stderr);
-    h->stats_line_open = 0;
-  }
-  fputs("offpath: ", stderr);
-  va_start(ap, fmt);
-  vfprintf(stderr, fmt, ap);
-  va_end(ap);
-  fputc('\n', stderr);
-}
-
 static int usage_error(const char *fmt, ...) {
   va_list ap;
 
@@ -345,21 +316,10 @@ static void free_opts(host_opts *o) {
 
 /* ---- timers and signals ---- */
 
-/* Say how many messages the rate limit held back, if any. */
-static void report_flush(host *h) {
-  if (h->suppressed > 0) {
-    fprintf(stderr, "offpath: %llu more messages suppressed\n",
-            (unsigned long long)h->suppressed);
-    h->suppressed = 0;
-    h->reports = 0;
-    h->report_window = uv_hrtime();
-  }
-}
-
 static void second_cb(uv_timer_t *t) {
   host *h = t->data;
 
-  report_flush(h);
+  host_report_flush(h);
   if (h->o.stats)
     stats_line(h);
 }
@@ -405,21 +365,15 @@ static void grace_cb(uv_timer_t *t) {
   engine_output_abandon(h);
 }
 
-void host_stop(host *h) {
+/* Stop as on a first SIGINT/SIGTERM: close the inputs, give the handlers
+** in flight the grace period, then cancel them. Also h->stop, for
+** host_stop_soon(). */
+static void host_stop(host *h) {
   if (h->stopping)
     return;
   input_close_all(h);
   uv_timer_start(&h->grace_timer, grace_cb,
                  (uint64_t)(h->o.grace * 1000.0 + 0.5), 250);
-}
-
-static void stop_soon_cb(uv_timer_t *t) {
-  host_stop(t->data);
-}
-
-void host_stop_soon(host *h) {
-  if (!h->stopping && !uv_is_active((uv_handle_t *)&h->grace_timer))
-    uv_timer_start(&h->grace_timer, stop_soon_cb, 0, 0);
 }
 
 /* ---- signals and the watchdog ---- */
@@ -901,7 +855,7 @@ static void run_records(host *h) {
     if (h->in != last_in) {
       /* Records moved since the last look: try reading again. */
       last_in = h->in;
-      input_kick(h);
+      host_pump_soon(h);
       continue;
     }
     host_report(h,
@@ -947,7 +901,10 @@ static int run(host *h) {
   }
   h->loop = op_runtime_uv_loop(h->rt);
   h->L = op_runtime_lua(h->rt);
+  h->stop = host_stop;
+  input_setup(h);
   engine_setup(h);
+  stats_setup(h);
   set_global(h->L);
   init_handles(h);
   h->stats_tty = isatty(2);
@@ -1008,7 +965,7 @@ static int run(host *h) {
   ** collected: collect now, so the summary counts them. */
   lua_gc(h->L, LUA_GCCOLLECT, 0);
   lua_gc(h->L, LUA_GCCOLLECT, 0);
-  report_flush(h);
+  host_report_flush(h);
   stats_summary(h);
   if ((h->start_failed && !h->start_cancelled) || h->stop_failed)
     rc = EXIT_SCRIPT;

@@ -831,7 +831,7 @@ void rstream_track_end(op_runtime *rt, const char *err, void *ud) {
                 err);
   }
   if (!rs->destroyed)
-    input_kick(rs->h);
+    host_pump_soon(rs->h);
   if (e->err == NULL && err == NULL) {
     if (!rs->destroyed)
       ack_queue(rs, e->id);
@@ -906,7 +906,7 @@ void rstream_pump(src *s, int *budget) {
     list_push(&rs->flight, e);
     e->where = E_FLIGHT;
     push_entry(L, e);
-    rc = engine_dispatch_entry(h, s, e->data, e->len, e, err, sizeof err);
+    rc = h->deliver_entry(h, s, e->data, e->len, e, err, sizeof err);
     (*budget)--;
     if (rc == 0) {
       host_report(h, "input %s entry %s: %s", s->name, e->id, err);
@@ -963,7 +963,7 @@ static void read_cb(redisAsyncContext *ac, void *reply, void *priv) {
       e->beat = uv_now(rs->h->loop);
     }
   }
-  input_kick(rs->h);
+  host_pump_soon(rs->h);
   rstream_read(rs->s);
   rs_unref(rs);
 }
@@ -1087,7 +1087,7 @@ static void claim_counts_cb(redisAsyncContext *ac, void *reply, void *priv) {
   }
   free(c);
   if (!rs->destroyed)
-    input_kick(rs->h);
+    host_pump_soon(rs->h);
   rs_finish(rs);
   rs_unref(rs);
 }
@@ -1382,15 +1382,15 @@ static void rs_finish(rstream *rs) {
 
 /* ---- the host's side ---- */
 
-int rstream_open(host *h, const char *spec, char *err, size_t errlen) {
+int rstream_open(src *s, const char *spec, char *err, size_t errlen) {
   char hostname[256], name[512];
+  host *h = s->h;
   const char *v;
   rstream *rs;
   rurl u;
   char *end;
   double d;
   long n;
-  src *s;
 
   if (url_parse(spec, &u, err, errlen) != 0)
     return -1;
@@ -1445,10 +1445,6 @@ int rstream_open(host *h, const char *spec, char *err, size_t errlen) {
     goto fail;
   if (rs->group == NULL || rs->consumer == NULL || rs->field == NULL ||
       rs->dead == NULL) {
-    snprintf(err, errlen, "out of memory");
-    goto fail;
-  }
-  if ((s = input_src_new(h, SRC_RSTREAM, spec)) == NULL) {
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
@@ -1632,7 +1628,7 @@ static void msg_done(rout *o, rmsg *m, const char *err) {
     op_track_release(h->rt, m->hold, err);
   free(m);
   if (was_high && h->out_held < HOST_OUT_HIGH && !o->freed)
-    input_kick(h);
+    host_pump_soon(h);
 }
 
 static void out_send(rout *o);

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /*
 ** stats.c - the host's statistics: the summary as a Lua table
-** (engine:stats(), --json), the text summary at exit and the --stats line
-** printed every second. Record latency goes into an op_hist (hist.h).
+** (engine:stats(), a method added here, and --json), the text summary at
+** exit and the --stats line printed every second. Record latency goes
+** into an op_hist (hist.h).
 ** Thread: loop.
 */
 #include <inttypes.h>
@@ -87,7 +88,8 @@ static void copy_ref(lua_State *L, int ref) {
   lua_pop(L, 1);
 }
 
-void stats_push_table(host *h, lua_State *L) {
+/* Push the summary table (see docs/cli.md).  [-0, +1, m] */
+static void stats_push_table(host *h, lua_State *L) {
   op_stats st;
   src *s;
   int i, n;
@@ -208,6 +210,19 @@ void stats_push_table(host *h, lua_State *L) {
     lua_pushstring(L, signal_name(h->stop_signal));
     lua_setfield(L, -2, "signal");
   }
+}
+
+/* engine:stats() -> the summary table */
+static int engine_stats(lua_State *L) {
+  stats_push_table(op_engine_ud(L), L);
+  return 1;
+}
+
+int stats_setup(host *h) {
+  static const luaL_Reg methods[] = { { "stats", engine_stats },
+                                      { NULL, NULL } };
+
+  return op_register_engine(h->rt, methods, h);
 }
 
 /* ---- printing ---- */
