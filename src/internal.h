@@ -583,6 +583,9 @@ void op__group_leave(op_runtime *rt, op_group *g, const char *err);
 
 /* lua_main.c: open the main-thread module (returns the module table). */
 int op__open_main(lua_State *L);
+/* lua_main.c: push the pools table of offpath.stats() made from st (the
+** host's summary carries the same).  [-0, +1, m] */
+void op__push_pool_stats(lua_State *L, const op_stats *st);
 /* lua_worker.c: open the worker-side module. Thread: worker. */
 int op__open_worker(lua_State *L);
 /* Set up a fresh VM: libraries, package.path (vm.c). Used for the main VM

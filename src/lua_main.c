@@ -203,18 +203,12 @@ static void set_integer(lua_State *L, const char *k, uint64_t v) {
   lua_setfield(L, -2, k);
 }
 
-/* offpath.stats() -> {pools={name={...}}, calls=, errors=, suspended=,
-** memory=, protos=,
-** latency={p50=, p99=, max=}} */
-static int offpath_stats(lua_State *L) {
-  op_stats st;
+void op__push_pool_stats(lua_State *L, const op_stats *st) {
   int i;
 
-  op_stats_get(op__runtime(L), &st);
-  lua_createtable(L, 0, 7);
-  lua_createtable(L, 0, st.npools);
-  for (i = 0; i < st.npools; i++) {
-    op_pool_stats *p = &st.pools[i];
+  lua_createtable(L, 0, st->npools);
+  for (i = 0; i < st->npools; i++) {
+    const op_pool_stats *p = &st->pools[i];
     lua_createtable(L, 0, 16);
     set_integer(L, "threads", (uint64_t)p->threads);
     set_integer(L, "running", (uint64_t)p->running);
@@ -235,6 +229,17 @@ static int offpath_stats(lua_State *L) {
     set_integer(L, "memory_limit", p->memory_limit);
     lua_setfield(L, -2, p->name);
   }
+}
+
+/* offpath.stats() -> {pools={name={...}}, calls=, errors=, suspended=,
+** memory=, protos=,
+** latency={p50=, p99=, max=}} */
+static int offpath_stats(lua_State *L) {
+  op_stats st;
+
+  op_stats_get(op__runtime(L), &st);
+  lua_createtable(L, 0, 7);
+  op__push_pool_stats(L, &st);
   lua_setfield(L, -2, "pools");
   set_integer(L, "calls", st.calls);
   set_integer(L, "errors", st.call_errors);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "internal.h"
 #include "host.h"
 
 /* ---- totals ---- */
@@ -92,7 +93,7 @@ static void copy_ref(lua_State *L, int ref) {
 static void stats_push_table(host *h, lua_State *L) {
   op_stats st;
   src *s;
-  int i, n;
+  int n;
 
   op_stats_get(h->rt, &st);
   engine_latency_flush(h);
@@ -127,26 +128,7 @@ static void stats_push_table(host *h, lua_State *L) {
   lua_setfield(L, -2, "record");
   lua_setfield(L, -2, "latency");
 
-  lua_createtable(L, 0, st.npools);
-  for (i = 0; i < st.npools; i++) {
-    op_pool_stats *p = &st.pools[i];
-    lua_createtable(L, 0, 12);
-    set_int(L, "threads", (uint64_t)p->threads);
-    set_int(L, "running", (uint64_t)p->running);
-    set_int(L, "stuck", p->stuck);
-    set_int(L, "submitted", p->submitted);
-    set_int(L, "completed", p->completed);
-    set_int(L, "failed", p->failed);
-    set_int(L, "timedout", p->timedout);
-    set_int(L, "cancelled", p->cancelled);
-    set_int(L, "queued", p->queued);
-    set_int(L, "inflight", p->inflight);
-    set_int(L, "queue_hwm", p->queue_hwm);
-    set_num(L, "p50", p->p50);
-    set_num(L, "p99", p->p99);
-    set_num(L, "max", p->max);
-    lua_setfield(L, -2, p->name);
-  }
+  op__push_pool_stats(L, &st); /* as offpath.stats().pools */
   lua_setfield(L, -2, "pools");
 
   set_int(L, "errors", stats_errors(h));

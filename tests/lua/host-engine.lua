@@ -85,6 +85,23 @@ T.test("stats has the documented fields", function()
   T.eq(engine:stats().counters.a, 12)
 end)
 
+T.test("stats has every pool field offpath.stats() has, and no other",
+  function()
+    local lib, host = offpath.stats().pools, engine:stats().pools
+    for name, p in pairs(lib) do
+      T.ok(host[name], "pool " .. name)
+      for k, v in pairs(p) do
+        T.eq(type(host[name][k]), type(v), "pools." .. name .. "." .. k)
+      end
+      for k in pairs(host[name]) do
+        T.ok(p[k] ~= nil, "pools." .. name .. "." .. k .. " in offpath.stats()")
+      end
+    end
+    for name in pairs(host) do T.ok(lib[name], "pool " .. name) end
+    T.eq(host.io.queue_size, lib.io.queue_size)
+    T.eq(host.io.memory_limit, lib.io.memory_limit)
+  end)
+
 T.test("engine methods work after suspending and from a block section",
   function()
     offpath.sleep(0.01)

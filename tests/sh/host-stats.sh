@@ -49,4 +49,17 @@ done
 printf 'function on_event(e, r) e:emit(r.records.processed .. " " .. r.pools.io.threads) end\n' > "$T/read.lua"
 "$OFFPATH" run "$T/read.lua" --format json --input "$T/summary.json" > "$T/out" 2> "$T/err"
 check "--json: the summary parses as JSON" test "$(cat "$T/out")" = "10 8"
+# The summary's pools carry every field offpath.stats() gives a pool.
+cat > "$T/fields.lua" <<'EOF'
+function on_event(e, r)
+  local missing = {}
+  for k in pairs(offpath.stats().pools.io) do
+    if r.pools.io[k] == nil then missing[#missing + 1] = k end
+  end
+  table.sort(missing)
+  e:emit("missing:" .. table.concat(missing, ","))
+end
+EOF
+"$OFFPATH" run "$T/fields.lua" --format json --input "$T/summary.json" > "$T/out" 2> "$T/err"
+check "--json: pools have every field of offpath.stats()" test "$(cat "$T/out")" = "missing:"
 finish
