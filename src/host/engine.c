@@ -12,7 +12,7 @@
 ** as the coroutine's body:
 **
 **     run_handler(slot, fn, engine [, record])
-**       lua_pcallk(fn, ...)  --- returns or raises ----> handler_k()
+**       host_pcallk(fn, ...) --- returns or raises ----> handler_k()
 **            | suspends (offpath.run, sleep, ...)             ^
 **            '---- resumed by the runtime, returns/raises ----'
 **
@@ -220,22 +220,6 @@ static void handler_end(host *h, uint32_t slot, int ok, const char *msg) {
   rec_release(h, slot);
 }
 
-/* Message handler: the message with a traceback of the handler.
-** [-1, +1, m] */
-static int msgh(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-
-  if (msg == NULL) {
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      msg = lua_tostring(L, -1);
-    else
-      msg = lua_pushfstring(L, "(error object is a %s value)",
-                            luaL_typename(L, 1));
-  }
-  luaL_traceback(L, L, msg, 1);
-  return 1;
-}
-
 /* After the handler returned or raised, directly or after suspending. */
 static int handler_k(lua_State *L, int status, lua_KContext ctx) {
   host *h = op_engine_ud(L);
@@ -251,9 +235,9 @@ static int run_handler(lua_State *L) {
   lua_KContext slot = (lua_KContext)lua_tointeger(L, 1);
   int status;
 
-  lua_pushcfunction(L, msgh);
+  host_door(L);
   lua_replace(L, 1);
-  status = lua_pcallk(L, lua_gettop(L) - 2, 0, 1, slot, handler_k);
+  status = host_pcallk(L, lua_gettop(L) - 2, 0, slot, handler_k);
   return handler_k(L, status, slot);
 }
 
@@ -290,11 +274,10 @@ static int event_by_name(lua_State *L) {
 ** Upvalues: the globals table, the engine, "on_event". */
 static int run_event(lua_State *L) {
   lua_KContext slot = (lua_KContext)lua_tointeger(L, 1);
-  int status, t, entry = lua_gettop(L) > 2, mh;
+  int status, t, entry = lua_gettop(L) > 2;
   host *h;
 
-  lua_pushcfunction(L, msgh); /* 3 or 4 */
-  mh = lua_gettop(L);
+  host_door(L); /* 3 or 4 */
   lua_pushvalue(L, lua_upvalueindex(3));
   t = lua_rawget(L, lua_upvalueindex(1));
   if (t == LUA_TNIL && lua_getmetatable(L, lua_upvalueindex(1))) {
@@ -310,7 +293,7 @@ static int run_event(lua_State *L) {
   lua_pushvalue(L, 2);
   if (entry)
     lua_pushvalue(L, 3);
-  status = lua_pcallk(L, 2 + entry, 0, mh, slot, handler_k);
+  status = host_pcallk(L, 2 + entry, 0, slot, handler_k);
   return handler_k(L, status, slot);
 }
 
@@ -450,9 +433,10 @@ static int push_global_fn(lua_State *L, const char *name) {
   t = lua_rawget(L, -2);
   if (t == LUA_TNIL && lua_getmetatable(L, -2)) {
     lua_pop(L, 2);
+    host_door(L);
     lua_pushcfunction(L, getglobal_p);
     lua_pushstring(L, name);
-    t = lua_pcall(L, 1, 1, 0) == LUA_OK ? lua_type(L, -1) : LUA_TNIL;
+    t = host_pcall(L, 1, 1) == LUA_OK ? lua_type(L, -1) : LUA_TNIL;
   }
   lua_remove(L, -2); /* _G */
   if (t != LUA_TFUNCTION) {

@@ -3,11 +3,13 @@
 ** host.c - the ground floor of the offpath command, which every other
 ** part of it uses: rate-limited messages on stderr, and the requests a
 ** part makes of the floors above it (pump the inputs, stop), which go
-** through the callbacks those floors install in the host.
+** through the callbacks those floors install in the host; and the door
+** through which the host calls into Lua.
 ** Thread: loop.
 */
 #include <stdarg.h>
 
+#include "internal.h"
 #include "host.h"
 
 /* ---- messages ---- */
@@ -73,4 +75,10 @@ static void stop_cb(uv_timer_t *t) {
 void host_stop_soon(host *h) {
   if (!h->stopping && !uv_is_active((uv_handle_t *)&h->grace_timer))
     uv_timer_start(&h->grace_timer, stop_cb, 0, 0);
+}
+
+/* ---- the door into Lua ---- */
+
+int host_msgh(lua_State *L) {
+  return op__traceback(L);
 }

@@ -330,6 +330,42 @@ void host_pump_soon(host *h);
 ** a handler, whose input is being read. */
 void host_stop_soon(host *h);
 
+/*
+** The host's one door into Lua, for every call it makes: host_door(L)
+** pushes the door's message handler (the runtime's op__traceback: the
+** message, which names FILE:LINE, and a traceback), so an error reads the
+** same wherever it happened; then the caller pushes the function and its
+** nargs arguments, and host_pcallk() calls it in protected mode. The
+** handler goes first, not slipped under the function afterwards, so the
+** call of every record moves nothing on the stack.
+**
+** host_pcallk returns the status of lua_pcallk, with the error message on
+** top on failure. Without k the handler is then removed. With k the call
+** may yield (a handler's coroutine body) and k continues it as in
+** lua_pcallk; the handler then stays below the results or the message,
+** whether k runs after a yield or the call returned at once.
+*/
+/* The door's message handler: the runtime's op__traceback.  [-1, +1, m] */
+int host_msgh(lua_State *L);
+
+/* Push the door's message handler.  [-0, +1, -] */
+static inline void host_door(lua_State *L) {
+  lua_pushcfunction(L, host_msgh);
+}
+
+/* Call the function above the handler.  [-(nargs+2), +(nres|1), -]
+** (with k: [-(nargs+1), +(nres|1), -]) */
+static inline int host_pcallk(lua_State *L, int nargs, int nres,
+                              lua_KContext ctx, lua_KFunction k) {
+  int mh = lua_gettop(L) - nargs - 1;
+  int status = lua_pcallk(L, nargs, nres, mh, ctx, k);
+
+  if (k == NULL)
+    lua_remove(L, mh);
+  return status;
+}
+#define host_pcall(L, nargs, nres) host_pcallk((L), (nargs), (nres), 0, NULL)
+
 /* ---- input.c ---- */
 
 /* Install h->pump. */

@@ -802,9 +802,10 @@ static void reapply_pools(host *h) {
 
   if (h->o.npools == 0)
     return;
+  host_door(L);
   lua_pushcfunction(L, reapply_pools_p);
   lua_pushlightuserdata(L, h);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+  if (host_pcall(L, 1, 0) != LUA_OK) {
     host_report(h, "warning: --pool not applied: %s", lua_tostring(L, -1));
     lua_pop(L, 1);
   }
@@ -831,10 +832,11 @@ static int compat(host *h, int after) {
 
   if (h->o.compat == NULL)
     return 0;
+  host_door(L);
   lua_pushcfunction(L, compat_p);
   lua_pushstring(L, h->o.compat);
   lua_pushboolean(L, after);
-  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+  if (host_pcall(L, 2, 0) != LUA_OK) {
     fprintf(stderr, "offpath: --compat %s: %s\n", h->o.compat,
             lua_tostring(L, -1));
     lua_pop(L, 1);

@@ -193,7 +193,7 @@ static void pools(mbuf *b, const op_stats *st, const char *name,
 }
 
 /* The script's engine:count and engine:gauge values (registry table ref)
-** as one family. Protected: runs in lua_pcall.  [-0, +0, m] */
+** as one family. Protected: runs through host_pcall.  [-0, +0, m] */
 static int script_values_p(lua_State *L) {
   mbuf *b = lua_touserdata(L, 1);
   const char *name = lua_tostring(L, 3), *k;
@@ -218,11 +218,12 @@ static int script_values_p(lua_State *L) {
 }
 
 static void script_values(mbuf *b, lua_State *L, int ref, const char *name) {
+  host_door(L);
   lua_pushcfunction(L, script_values_p);
   lua_pushlightuserdata(L, b);
   lua_pushinteger(L, ref);
   lua_pushstring(L, name);
-  if (lua_pcall(L, 3, 0, 0) != LUA_OK)
+  if (host_pcall(L, 3, 0) != LUA_OK)
     lua_pop(L, 1);
 }
 

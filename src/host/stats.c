@@ -225,7 +225,7 @@ static const char *dur(double s, char *buf, size_t len) {
 }
 
 /* Print "name=value, ..." of the registry table at ref, sorted by name.
-** Protected: runs in lua_pcall.  [-0, +0, m] */
+** Protected: runs through host_pcall.  [-0, +0, m] */
 static int print_kv_p(lua_State *L) {
   const char *label = lua_tostring(L, 2);
   int n = 0, i;
@@ -264,10 +264,11 @@ static int print_kv_p(lua_State *L) {
 static void print_kv(host *h, int ref, const char *label) {
   lua_State *L = h->L;
 
+  host_door(L);
   lua_pushcfunction(L, print_kv_p);
   lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
   lua_pushstring(L, label);
-  if (lua_pcall(L, 2, 0, 0) != LUA_OK)
+  if (host_pcall(L, 2, 0) != LUA_OK)
     lua_pop(L, 1);
 }
 
@@ -289,9 +290,10 @@ static int summary_json_p(lua_State *L) {
 static void summary_json(host *h, const char *what) {
   lua_State *L = h->L;
 
+  host_door(L);
   lua_pushcfunction(L, summary_json_p);
   lua_pushlightuserdata(L, h);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+  if (host_pcall(L, 1, 0) != LUA_OK) {
     fprintf(stderr, "offpath: cannot write the %s: %s\n", what,
             lua_tostring(L, -1));
     lua_pop(L, 1);

@@ -4,7 +4,8 @@
 # (raised at once, after suspending, in a worker, as a non-string value);
 # each is reported once with its input line and a traceback. Also on_tick:
 # called every --tick, a warning when it overruns, errors counted; errors
-# the runtime reports (an unobserved task failure) counted too.
+# the runtime reports (an unobserved task failure) counted too; the host's
+# other calls into Lua report errors the same way.
 # LABELS: host
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 . "$(dirname "$0")/_host.sh"
@@ -85,4 +86,17 @@ echo x | "$OFFPATH" run "$T/launch.lua" > "$T/out" 2> "$T/err"
 check "runtime error: exit 0" test $? = 0
 check "runtime error: reported" contains "$T/err" "unobserved task failure in offpath.launch"
 check "runtime error: counted" contains "$T/err" "errors 1,"
+
+# Every call the host makes into Lua goes through one door, so its errors
+# read the same as a handler's: FILE:LINE and a traceback. Here the call
+# that applies --pool again after the main chunk.
+cat > "$T/door.lua" <<'EOF'
+offpath.configure = function() error("configure refused") end
+function on_event(engine, rec) end
+EOF
+echo x | "$OFFPATH" run "$T/door.lua" --pool io=2 > "$T/out" 2> "$T/err"
+check "door: exit 0" test $? = 0
+check "door: --pool warning names FILE:LINE" contains "$T/err" "warning: --pool not applied: $T/door.lua:1: configure refused"
+traced() { grep -A1 -- "$2" "$1" | grep -q "^stack traceback:"; }
+check "door: and has a traceback" traced "$T/err" "--pool not applied"
 finish
