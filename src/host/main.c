@@ -2,7 +2,7 @@
 /*
 ** main.c - the offpath command: options, the runtime's set-up, the
 ** lifecycle (on_start, inputs, on_tick, signals and the grace period,
-** on_stop, the summary) and rate-limited messages on stderr.
+** on_stop, the summary), and the wiring of the parts below (host.h).
 ** Thread: main (the runtime's loop thread).
 **
 ** Lifecycle:
@@ -86,7 +86,7 @@ static const char usage_text[] =
     "output's reader went away; 128+N: signal N again, or the main thread\n"
     "did not respond to it. See docs/cli.md.\n";
 
-/* ---- messages ---- */
+/* ---- usage errors ---- */
 
 static int usage_error(const char *fmt, ...) {
   va_list ap;
