@@ -17,13 +17,9 @@
 
 local offpath = require "offpath"
 
-local function env_int(k, def)
-  local v = os.getenv(k)
-  if v == nil or v == "" then return def end
-  local n = math.tointeger(tonumber(v))
-  if not n or n < 1 then error(k .. " must be a positive integer, not " .. v) end
-  return n
-end
+local bench = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
+  .. "benchlib.lua")
+local env_int = bench.env_int
 
 local N = env_int("OP_PROTOS", 200000)
 local W = env_int("OP_THREADS", 2)
@@ -31,10 +27,7 @@ local W = env_int("OP_THREADS", 2)
 offpath.configure { pools = { filters = { threads = W } } }
 
 local function rss_kb()
-  local f = assert(io.open("/proc/self/status", "r"))
-  local s = f:read("a")
-  f:close()
-  return tonumber(s:match("VmRSS:%s*(%d+)"))
+  return bench.status_kb("VmRSS")
 end
 
 function on_start()

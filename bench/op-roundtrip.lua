@@ -35,22 +35,11 @@ local offpath = require "offpath"
 
 local WINDOW = 1024 -- OP_WINDOW overrides it
 
-local function env_int(k, def)
-  local v = os.getenv(k)
-  if v == nil or v == "" then return def end
-  local n = math.tointeger(tonumber(v))
-  if not n or n < 1 then error(k .. " must be a positive integer, not " .. v) end
-  return n
-end
+local bench = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
+  .. "benchlib.lua")
+local env_int = bench.env_int
 
-local function env_enum(k, def, allowed)
-  local v = os.getenv(k)
-  if v == nil or v == "" then return def end
-  for _, a in ipairs(allowed) do
-    if a == v then return v end
-  end
-  error(k .. " must be one of " .. table.concat(allowed, ", ") .. ", not " .. v)
-end
+local env_enum = bench.env_enum
 
 WINDOW = env_int("OP_WINDOW", WINDOW)
 local workers = env_int("OP_WORKERS", 1)
@@ -103,11 +92,7 @@ end
 -- ---- measuring ----
 
 local function vmhwm_kb()
-  local f = io.open("/proc/self/status", "r")
-  if not f then return -1 end
-  local s = f:read("a")
-  f:close()
-  return tonumber(s:match("VmHWM:%s*(%d+)")) or -1
+  return bench.status_kb("VmHWM")
 end
 
 local window = mode == "pipelined" and math.min(WINDOW, ntasks) or 1

@@ -27,13 +27,9 @@
 
 local offpath = require "offpath"
 
-local function env_int(k, def)
-  local v = os.getenv(k)
-  if v == nil or v == "" then return def end
-  local n = math.tointeger(tonumber(v))
-  if not n or n < 1 then error(k .. " must be a positive integer, not " .. v) end
-  return n
-end
+local bench = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
+  .. "benchlib.lua")
+local env_int = bench.env_int
 
 local N = env_int("OP_N", 100000)
 local how = os.getenv("OP_HOW") or "go"
@@ -42,12 +38,7 @@ local at = tonumber(os.getenv("OP_AT") or "") or 2
 
 local now = offpath.now
 
-local function status_kb(key)
-  local f = assert(io.open("/proc/self/status", "r"))
-  local s = f:read("a")
-  f:close()
-  return tonumber(s:match(key .. ":%s*(%d+)")) or -1
-end
+local status_kb = bench.status_kb
 
 local due, started, woken, last_wake = nil, 0, 0, 0
 local t_start, t_spawned, rss_base, rss_full, suspended_seen

@@ -22,13 +22,9 @@
 
 local offpath = require "offpath"
 
-local function env_int(k, def)
-  local v = os.getenv(k)
-  if v == nil or v == "" then return def end
-  local n = math.tointeger(tonumber(v))
-  if not n or n < 1 then error(k .. " must be a positive integer, not " .. v) end
-  return n
-end
+local bench = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
+  .. "benchlib.lua")
+local env_int = bench.env_int
 
 local N = env_int("OP_SOAK_TASKS", 10000000)
 local LANES = env_int("OP_SOAK_LANES", 64)
@@ -40,10 +36,7 @@ offpath.configure { pools = {
 } }
 
 local function rss_kb()
-  local f = assert(io.open("/proc/self/status", "r"))
-  local s = f:read("a")
-  f:close()
-  return tonumber(s:match("VmRSS:%s*(%d+)"))
+  return bench.status_kb("VmRSS")
 end
 
 local big = string.rep("b", 1 << 20)
