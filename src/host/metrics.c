@@ -301,6 +301,10 @@ static char *render(host *h, size_t *len) {
 
   pools(&b, &st, "offpath_pool_threads", "gauge", "Worker threads.",
         POOL_FIELD(threads), 0);
+  pools(&b, &st, "offpath_pool_threads_running", "gauge",
+        "Worker threads running (fewer than configured if some could not "
+        "start).",
+        POOL_FIELD(running), 0);
   pools(&b, &st, "offpath_pool_queue_capacity", "gauge",
         "Length of the pool's bounded queue.", POOL_FIELD(queue_cap), 0);
   pools(&b, &st, "offpath_pool_tasks_submitted_total", "counter",
@@ -319,6 +323,14 @@ static char *render(host *h, size_t *len) {
         "Tasks submitted and not yet ended.", POOL_FIELD(inflight), 0);
   pools(&b, &st, "offpath_pool_queue_high_water", "gauge",
         "Most tasks ever waiting at once.", POOL_FIELD(queue_hwm), 0);
+  pools(&b, &st, "offpath_pool_workers_stuck_total", "counter",
+        "Workers given up as stuck after a stop, and replaced.",
+        POOL_FIELD(stuck), 1);
+  pools(&b, &st, "offpath_pool_memory_bytes", "gauge",
+        "Bytes held by the pool's worker VMs.", POOL_FIELD(memory), 1);
+  pools(&b, &st, "offpath_pool_memory_limit_bytes", "gauge",
+        "Memory limit of each worker VM (0: none).", POOL_FIELD(memory_limit),
+        1);
 
   head(&b, "offpath_pool_task_duration_seconds", "histogram",
        "Seconds from submit to completion, per pool.");

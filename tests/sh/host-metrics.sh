@@ -59,6 +59,10 @@ check "scrape: pool tasks submitted" [ "$(metric "$T/s1" 'offpath_pool_tasks_sub
 check "scrape: pool tasks completed" [ "$(metric "$T/s1" 'offpath_pool_tasks_completed_total{pool="io"}')" = 40 ]
 check "scrape: pool queue depth" [ "$(metric "$T/s1" 'offpath_pool_queued{pool="io"}')" = 0 ]
 check "scrape: pool threads" [ "$(metric "$T/s1" 'offpath_pool_threads{pool="io"}')" = 4 ]
+check "scrape: pool threads running" [ "$(metric "$T/s1" 'offpath_pool_threads_running{pool="io"}')" = 4 ]
+check "scrape: pool workers stuck" [ "$(metric "$T/s1" 'offpath_pool_workers_stuck_total{pool="io"}')" = 0 ]
+check "scrape: pool memory held" [ "$(metric "$T/s1" 'offpath_pool_memory_bytes{pool="io"}')" -gt 0 ]
+check "scrape: pool memory limit" [ "$(metric "$T/s1" 'offpath_pool_memory_limit_bytes{pool="io"}')" -ge 0 ]
 check "scrape: script counter" [ "$(metric "$T/s1" 'offpath_script_count_total{name="seen"}')" = 41 ]
 check "scrape: script gauge" [ "$(metric "$T/s1" 'offpath_script_value{name="last_len"}')" = 3 ]
 check "scrape: histogram type" contains "$T/s1" "# TYPE offpath_record_duration_seconds histogram"
