@@ -61,7 +61,7 @@ static int run_check(lua_State *L, const char *src, int nargs, int nres) {
     return 0;
   }
   lua_insert(L, base + 1);
-  if (lua_pcall(L, nargs, nres, 0) != 0) {
+  if (op__pcall(L, nargs, nres, NULL) != LUA_OK) {
     lua_settop(L, base);
     return 0;
   }

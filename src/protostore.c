@@ -394,7 +394,7 @@ static int store_dump(op_vmstore *vs, int nup, uint64_t *id) {
 }
 
 /* anchors[Proto pointer at arg 1] = closure at arg 2. Called through
-** lua_pcall.  [-0, +0, m] */
+** op__pcall.  [-0, +0, m] */
 static int anchor_fn(lua_State *L) {
   const void *proto = lua_touserdata(L, 1);
 
@@ -538,7 +538,7 @@ int op__proto_add(op_vmstore *vs, lua_State *L, int idx, const void *cl,
     lua_pushcfunction(L, anchor_fn);
     lua_pushlightuserdata(L, (void *)proto);
     lua_pushvalue(L, idx);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    if (op__pcall(L, 2, 0, NULL) != LUA_OK) {
       lua_pop(L, 1);
       return OP_ENOMEM;
     }

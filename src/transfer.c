@@ -115,7 +115,7 @@
 ** gone are dropped, since a new function may get its address.
 **
 ** The encoder never raises: the few steps that allocate Lua objects (the
-** names rescan, anchoring a new prototype) run under lua_pcall, so the
+** names rescan, anchoring a new prototype) run under op__pcall, so the
 ** encoder's C state is always consistent. An encode entered again from a
 ** finalizer during those steps uses a private seen map.
 */
@@ -1376,7 +1376,7 @@ static int dec_named(dec *d, size_t len) {
   lua_settop(L, top + 1);
   lua_pushcfunction(L, resolve_name);
   lua_pushlstring(L, s, len);
-  if (lua_pcall(L, 1, 1, 0) == LUA_OK && !lua_isnil(L, -1)) {
+  if (op__pcall(L, 1, 1, NULL) == LUA_OK && !lua_isnil(L, -1)) {
     if (lua_istable(L, top + 1)) { /* cache name -> value */
       lua_pushlstring(L, s, len);
       lua_pushvalue(L, -2);
@@ -1866,7 +1866,7 @@ int op__encode_error(op_xfer *x, lua_State *L, op_buf *b, int *value) {
   lua_pushcfunction(L, encode_error_body);
   lua_pushlightuserdata(L, &a);
   lua_pushvalue(L, top);
-  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+  if (op__pcall(L, 2, 0, NULL) != LUA_OK) {
     b->len = len0;
     s = op__error_object(L, top, obuf, sizeof obuf);
     a.rc = op__buf_append(b, s, strlen(s)) != 0 ||
