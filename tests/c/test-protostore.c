@@ -5,36 +5,15 @@
 ** never reaches a stale entry, and an encoding that outlives its entry
 ** fails cleanly.
 */
-#include "internal.h"
-#include "test.h"
-
-typedef struct pair {
-  op_protostore *ps;
-  lua_State *A, *B;
-  op_xfer *xa, *xb;
-} pair;
+#include "pair.h"
 
 static void setup(pair *p) {
-  p->ps = op__protostore_new();
-  ASSERT_NOT_NULL(p->ps);
-  p->A = luaL_newstate();
-  p->B = luaL_newstate();
-  luaL_openlibs(p->A);
-  luaL_openlibs(p->B);
-  p->xa = op__xfer_new(p->A, p->ps);
-  p->xb = op__xfer_new(p->B, p->ps);
-  ASSERT_NOT_NULL(p->xa);
-  ASSERT_NOT_NULL(p->xb);
+  pair_open(p);
+  pair_xfer(p);
 }
 
 static void teardown(pair *p) {
-  ASSERT_EQ(lua_gettop(p->A), 0);
-  ASSERT_EQ(lua_gettop(p->B), 0);
-  op__xfer_free(p->xa);
-  op__xfer_free(p->xb);
-  lua_close(p->A);
-  lua_close(p->B);
-  op__protostore_free(p->ps);
+  pair_close(p);
 }
 
 /* Encode, in A, a function made with load() that returns i (and, with

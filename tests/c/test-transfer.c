@@ -8,14 +8,7 @@
 #include <math.h>
 #include <time.h>
 
-#include "internal.h"
-#include "test.h"
-
-typedef struct pair {
-  op_protostore *ps;
-  lua_State *A, *B;
-  op_xfer *xa, *xb;
-} pair;
+#include "pair.h"
 
 static void dostr(lua_State *L, const char *code) {
   if (luaL_dostring(L, code) != 0)
@@ -28,12 +21,7 @@ static int cf_add(lua_State *L) {
 }
 
 static void setup(pair *p) {
-  p->ps = op__protostore_new();
-  ASSERT_NOT_NULL(p->ps);
-  p->A = luaL_newstate();
-  p->B = luaL_newstate();
-  luaL_openlibs(p->A);
-  luaL_openlibs(p->B);
+  pair_open(p);
   /* a module known before op__xfer_new, different in each VM */
   dostr(p->A, "package.loaded.mymod = { name = 'A', "
               "f = function() return 'A' end, "
@@ -43,20 +31,11 @@ static void setup(pair *p) {
               "f = function() return 'B' end, "
               "sub = { g = function() return 'Bg' end } } mymod = "
               "package.loaded.mymod");
-  p->xa = op__xfer_new(p->A, p->ps);
-  p->xb = op__xfer_new(p->B, p->ps);
-  ASSERT_NOT_NULL(p->xa);
-  ASSERT_NOT_NULL(p->xb);
+  pair_xfer(p);
 }
 
 static void teardown(pair *p) {
-  ASSERT_EQ(lua_gettop(p->A), 0);
-  ASSERT_EQ(lua_gettop(p->B), 0);
-  op__xfer_free(p->xa);
-  op__xfer_free(p->xb);
-  lua_close(p->A);
-  lua_close(p->B);
-  op__protostore_free(p->ps);
+  pair_close(p);
 }
 
 /* Run make in A, encode all its results as arguments 1.., decode them in
