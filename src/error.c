@@ -138,6 +138,10 @@ int op__pcall(lua_State *L, int nargs, int nres, lua_CFunction msgh) {
   return status;
 }
 
+int op__pcall_at(lua_State *L, int nargs, int nres, int msgh) {
+  return lua_pcall(L, nargs, nres, msgh);
+}
+
 #ifdef OP_DEBUG
 void op__check_loop_thread(op_runtime *rt, const char *fn) {
   uv_thread_t me = uv_thread_self();

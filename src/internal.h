@@ -812,6 +812,10 @@ static inline op_co *op__co(lua_State *L) {
 ** lua_pcall status; on error the error value, as msgh made it, is on top.
 ** [-(nargs+1), +(nres|1), -] */
 int op__pcall(lua_State *L, int nargs, int nres, lua_CFunction msgh);
+/* The same through the message handler already on the stack at index
+** msgh (below the function), for a caller that makes many calls under one
+** handler: the worker's tasks.  [-(nargs+1), +(nres|1), -] */
+int op__pcall_at(lua_State *L, int nargs, int nres, int msgh);
 /* Message handler: message plus traceback.  [-1, +1, m] */
 int op__traceback(lua_State *L);
 /* The one description of an error value that is no string, "(error

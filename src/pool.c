@@ -623,24 +623,21 @@ static int idle_collect(op_worker *w, uv_mutex_t *mu) {
 }
 
 /* The protected body of a Lua task: decode the function and arguments
-** from w->in, call the function, encode its results into w->out. Pushes
-** (true) or (false, message) when decoding or encoding fails; an error of
+** from w->in, call the function, encode its results into w->out. Returns
+** nothing, or the message when decoding or encoding fails; an error of
 ** the function itself propagates to run_lua's pcall, whose message
-** handler adds the traceback (one protected call per task).  [-1, +2, e] */
+** handler adds the traceback (one protected call per task).  [-0, +(0|1), e] */
 static int task_body(lua_State *L) {
-  op_worker *w = lua_touserdata(L, 1);
+  op_worker *w = *(op_worker **)lua_getextraspace(L);
   lua_Debug ar;
   char err[512];
   int n, rc;
 
-  lua_settop(L, 0);
   op__xfer_paths_in(w->xfer, L);
   n = op__decode(w->xfer, L, w->in.p, w->in.len, err, sizeof err);
   if (n < 1) {
-    lua_settop(L, 0);
-    lua_pushboolean(L, 0);
     lua_pushstring(L, n < 0 ? err : "cannot copy: no function");
-    return 2;
+    return 1;
   }
   /* Where the function is defined, for a report if it never stops. The
   ** chunk name lives as long as the VM (the prototype is cached). A
@@ -662,13 +659,21 @@ static int task_body(lua_State *L) {
   lua_call(L, n - 1, LUA_MULTRET);
   rc = op__encode(w->xfer, L, 1, lua_gettop(L), &w->out, "result", 1, err,
                   sizeof err);
-  lua_settop(L, 0);
-  lua_pushboolean(L, rc == 0);
-  if (rc != 0)
+  if (rc != 0) {
     lua_pushstring(L, err);
-  else
-    lua_pushnil(L);
-  return 2;
+    return 1;
+  }
+  return 0; /* the results are dropped with the frame */
+}
+
+/* The worker VM's stack between tasks: the message handler and task_body,
+** pushed once, so that a task costs one pushvalue and one pcall.
+** [-0, +0, m] (the VM has room for two values: it is fresh or empty) */
+#define FRAME_TOP 2
+static void frame(lua_State *L) {
+  lua_settop(L, 0);
+  lua_pushcfunction(L, op__xfer_msgh);
+  lua_pushcfunction(L, task_body);
 }
 
 /* Run the Lua task whose arguments are in w->in: its outcome goes to
@@ -678,7 +683,7 @@ static void run_lua(op_worker *w, op_task *t) {
   size_t len;
   const char *msg;
   char lim[32], mbuf[128], obuf[64]; /* no Lua allocation: unprotected */
-  int stop, st, value = 0;
+  int stop, st, ok, value = 0;
 
   w->current = t;
   atomic_signal_fence(memory_order_seq_cst);
@@ -686,14 +691,13 @@ static void run_lua(op_worker *w, op_task *t) {
     w->hooked = 1;
     lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
   }
-  lua_settop(L, 0);
-  lua_pushcfunction(L, task_body);
-  lua_pushlightuserdata(L, w);
+  if (lua_gettop(L) != FRAME_TOP)
+    frame(L);
+  op_assert(lua_tocfunction(L, FRAME_TOP) == task_body);
+  lua_pushvalue(L, FRAME_TOP);
   w->mem.hit = 0;
-  if ((st = op__pcall(L, 1, 2, op__xfer_msgh)) != LUA_OK) {
-    lua_pushboolean(L, 0);
-    lua_insert(L, -2);
-  }
+  st = op__pcall_at(L, 0, 1, 1);
+  ok = st == LUA_OK && lua_isnil(L, -1); /* else the message is on top */
   w->current = NULL;
   atomic_signal_fence(memory_order_seq_cst);
   w->ncos = 0;
@@ -705,7 +709,7 @@ static void run_lua(op_worker *w, op_task *t) {
   }
   stop = atomic_load(&w->stop);
   w->errval = 0;
-  if (lua_toboolean(L, -2)) {
+  if (ok) {
     w->status = 0;
   } else if (stop != 0) {
     w->status = stop;
@@ -728,7 +732,7 @@ static void run_lua(op_worker *w, op_task *t) {
     }
     w->errval = value;
   }
-  lua_settop(L, 0);
+  lua_settop(L, FRAME_TOP);
   if (w->mem.hit) {
     /* The task left its heap near the limit: start the next one clean. */
     lua_gc(L, LUA_GCCOLLECT, 0);
