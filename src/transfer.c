@@ -113,6 +113,20 @@
 ** (strings among the values are anchored, so an equal pointer is the
 ** same string). When the store evicts prototypes, entries whose Proto is
 ** gone are dropped, since a new function may get its address.
+** Values that are all nil, booleans, numbers or strings of up to 31 bytes
+** (a task's usual arguments and results) are written in one pass with no
+** encoder state (enc_scalars); anything else takes the full encoder.
+**
+** Decoding fast paths
+** -------------------
+** A task's bytes are its function's encoding followed by its arguments'.
+** When the first encoding of an input is a lone FUNC whose upvalues are
+** plain values (the reused-instance case above, at most DKEY_MAX bytes),
+** the decoder keeps its bytes and the function it decoded to. An input
+** that starts with exactly those bytes, followed by the end or by another
+** header, gets that function again after one memcmp: the same bytes
+** decode to an equal function (prototype ids are never reused). Any other
+** byte sequence is decoded in full, so nothing unchecked is trusted.
 **
 ** The encoder never raises: the few steps that allocate Lua objects (the
 ** names rescan, anchoring a new prototype) run under op__pcall, so the
@@ -180,7 +194,8 @@ typedef struct ecache {
   unsigned char bytes[ECACHE_LEN]; /* header included */
 } ecache;
 
-#define KEY_MAX 64 /* longest upvalue encoding an instance is kept for */
+#define KEY_MAX  64 /* longest upvalue encoding an instance is kept for */
+#define DKEY_MAX 48 /* longest lone function encoding the decoder keeps */
 
 struct op_xfer {
   lua_State *L;
@@ -196,6 +211,12 @@ struct op_xfer {
   unsigned checks;          /* loaded_changed calls, to space out checks */
   const void *globals;      /* L's global table (anchored in names) */
   pmap seen;                /* the current encode's objects and upvalue cells */
+  /* The decoder's last lone function (see "Decoding fast paths"): the
+  ** bytes of its encoding, header included, and a registry ref holding
+  ** the instance they decoded to. */
+  size_t dlen; /* 0: none */
+  int dref;
+  unsigned char dkey[DKEY_MAX];
 };
 
 /* Registry keys: addresses of these variables. */
@@ -463,6 +484,8 @@ void op__xfer_free(op_xfer *x) {
     lua_rawsetp(L, LUA_REGISTRYINDEX, &names_key);
     lua_pushnil(L);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &ecache_key);
+    if (x->dref > 0)
+      luaL_unref(L, LUA_REGISTRYINDEX, x->dref);
   }
   pmap_free(&x->named);
   pmap_free(&x->named_lf);
@@ -471,6 +494,16 @@ void op__xfer_free(op_xfer *x) {
 }
 
 /* ---- the encode cache ---- */
+
+/* op__buf_append for the few bytes of the fast paths: no call when they
+** fit. */
+static int buf_put(op_buf *b, const void *p, size_t n) {
+  if (b->cap - b->len < n)
+    return op__buf_append(b, p, n);
+  memcpy(b->p + b->len, p, n);
+  b->len += n;
+  return 0;
+}
 
 /* The encode cache's slot for a prototype. */
 static ecache *ecache_slot(op_xfer *x, const void *proto) {
@@ -519,7 +552,7 @@ static int ecache_hit(op_xfer *x, lua_State *L, int idx, op_buf *b) {
   }
   if (x->named_lf.count > 0 && pmap_find(&x->named_lf, cl) != NULL)
     return 0;
-  return op__buf_append(b, c->bytes, c->len) == 0;
+  return buf_put(b, c->bytes, c->len) == 0;
 }
 
 /* Remember the encoding at b->p + off of the lone Lua function at idx if
@@ -761,7 +794,8 @@ static int need_slow(enc *e, int n) {
 static int room_slow(enc *e, size_t n) {
   return op__buf_reserve(e->b, n) == 0 ? 0 : nomem(e);
 }
-#define ROOM(e, n) ((e)->b->cap - (e)->b->len >= (n) ? 0 : room_slow((e), (n)))
+#define ROOM(e, n)  ((e)->b->cap - (e)->b->len >= (n) ? 0 : room_slow((e), (n)))
+#define SCALARS_MAX 8 /* values op__encode tries enc_scalars for */
 
 static size_t put_varint(unsigned char *q, uint64_t v) {
   size_t n = 0;
@@ -1189,6 +1223,59 @@ static int enc_value(enc *e, int idx) {
   }
 }
 
+/* Append the encoding of the n values at idx.. of L to b if they are all
+** nil, booleans, numbers or strings of up to SSTR_MAX bytes (the common
+** arguments and results), with no per-value state; return 1. Return 0,
+** with b as it was, for anything else (or no memory: the full encoder
+** then reports it).  [-0, +0, -] */
+static int enc_scalars(lua_State *L, int idx, int n, op_buf *b) {
+  unsigned char tmp[1 + SCALARS_MAX * (1 + SSTR_MAX)], *q = tmp;
+  size_t len;
+  lua_Integer v;
+  const char *s;
+  double d;
+  int i;
+
+  *q++ = T_HDR;
+  for (i = idx; i < idx + n; i++) {
+    switch (lua_type(L, i)) {
+    case LUA_TNIL:
+      *q++ = T_NIL;
+      break;
+    case LUA_TBOOLEAN:
+      *q++ = lua_toboolean(L, i) ? T_TRUE : T_FALSE;
+      break;
+    case LUA_TNUMBER:
+      if (!lua_isinteger(L, i)) {
+        d = (double)lua_tonumber(L, i);
+        *q++ = T_FLOAT;
+        memcpy(q, &d, 8);
+        q += 8;
+        break;
+      }
+      v = lua_tointeger(L, i);
+      if (v >= FIXINT_MIN && v <= FIXINT_MAX) {
+        *q++ = (unsigned char)(T_FIXINT + (v - FIXINT_MIN));
+      } else {
+        *q++ = T_INT;
+        q += put_varint(q, ((uint64_t)v << 1) ^ (v < 0 ? ~(uint64_t)0 : 0));
+      }
+      break;
+    case LUA_TSTRING:
+      s = lua_tolstring(L, i, &len);
+      if (len > SSTR_MAX)
+        return 0;
+      *q++ = (unsigned char)(T_SSTR + len);
+      memcpy(q, s, len);
+      q += len;
+      break;
+    default:
+      return 0;
+    }
+  }
+  return buf_put(b, tmp, (size_t)(q - tmp)) == 0;
+}
+
 /* Append the encoding of the n values at idx.. of L to b; see the DESIGN
 ** block for the format. Refusals name the value's path (see path_text).
 ** Returns 0, or OP_ECOPY / OP_ENOMEM with a message in err, leaving b as
@@ -1203,6 +1290,8 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
   if (idx < 0 && idx > LUA_REGISTRYINDEX)
     idx = top + idx + 1;
   if (n == 1 && x->fast_uv && !x->busy && ecache_hit(x, L, idx, b))
+    return 0;
+  if (n <= SCALARS_MAX && enc_scalars(L, idx, n, b))
     return 0;
   e.x = x;
   e.L = L;
@@ -1260,6 +1349,7 @@ typedef struct dec {
   uint32_t seq;
   int depth;
   int refs; /* stack slot of the refs table (nil until needed), or 0 */
+  int lone; /* the outermost FUNC decoded came from plain upvalues */
   char *err;
   size_t errlen;
 } dec;
@@ -1485,6 +1575,7 @@ static int dec_func(dec *d, unsigned flags) {
     for (q = d->p, i = 0; i < nup && skip_plain(&q, d->end); i++)
       ;
     if (i == nup && (size_t)(q - d->p) <= KEY_MAX) {
+      d->lone = d->depth == 0;
       if (fc->inst > 0 && fc->klen == (size_t)(q - d->p) &&
           memcmp(fc->key, d->p, fc->klen) == 0) {
         d->p = q;
@@ -1688,6 +1779,32 @@ static int dec_value(dec *d) {
   }
 }
 
+/* Whether the first k bytes of d's input can be a lone function's whole
+** encoding: the input ends there or another encoding starts. */
+static int lone_end(const dec *d, size_t k) {
+  return d->start + k == d->end || d->start[k] == T_HDR ||
+         d->start[k] == T_HDR_REFS;
+}
+
+/* The function on top of L was decoded from d's first encoding, a lone
+** FUNC whose upvalues are plain values: keep its bytes and the function
+** for the next decode.  [-0, +0, m] */
+static void keep_lone(dec *d) {
+  op_xfer *x = d->x;
+  lua_State *L = d->L;
+  size_t k = (size_t)(d->p - d->start);
+
+  lua_pushvalue(L, -1);
+  if (x->dref > 0) {
+    lua_rawseti(L, LUA_REGISTRYINDEX, x->dref);
+  } else if ((x->dref = luaL_ref(L, LUA_REGISTRYINDEX)) <= 0) {
+    x->dlen = 0;
+    return;
+  }
+  memcpy(x->dkey, d->start, k);
+  x->dlen = k;
+}
+
 /* Push the values encoded in p[0..len) on L. Returns how many, or a
 ** negative code with a message in err (OP_EINVAL: not a valid encoding;
 ** OP_ECOPY: a named value this VM lacks; OP_ENOMEM), pushing nothing.
@@ -1704,12 +1821,22 @@ int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
   d.seq = 0;
   d.depth = 0;
   d.refs = 0;
+  d.lone = 0;
   d.err = err;
   d.errlen = errlen;
   if (err != NULL && errlen > 0)
     err[0] = 0;
   if (len > 0 && *d.p != T_HDR && *d.p != T_HDR_REFS)
     return corrupt(&d, "missing header");
+  if (x->dlen > 0 && len >= x->dlen && lone_end(&d, x->dlen) &&
+      memcmp(d.p, x->dkey, x->dlen) == 0) {
+    /* The same lone function as last time (see "Decoding fast paths") */
+    if (!lua_checkstack(L, 16))
+      return corrupt(&d, "too many values");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, x->dref);
+    d.p += x->dlen;
+    n = 1;
+  }
   while (d.p < d.end) {
     if ((n & 7) == 0 && !lua_checkstack(L, 16)) {
       rc = corrupt(&d, "too many values");
@@ -1731,7 +1858,10 @@ int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
     }
     if ((rc = dec_value(&d)) != 0)
       goto fail;
-    n++;
+    if (n++ == 0 && d.lone && d.start[0] == T_HDR && d.start[1] == T_FUNC &&
+        (size_t)(d.p - d.start) <= DKEY_MAX &&
+        lone_end(&d, (size_t)(d.p - d.start)))
+      keep_lone(&d);
   }
   if (d.refs != 0)
     lua_remove(L, d.refs);

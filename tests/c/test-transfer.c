@@ -407,6 +407,57 @@ static void test_reused_instances(void) {
   teardown(&p);
 }
 
+/* A task's bytes: the function's encoding, then its arguments'. The
+** decoder keeps the last lone function with its bytes and takes them as a
+** whole only when they are followed by another encoding or the end: a
+** changed upvalue, or the same bytes followed by anything else, decode in
+** full. */
+static void test_lone_function(void) {
+  pair p;
+  op_buf b;
+  char err[256];
+  size_t flen;
+  int i;
+
+  setup(&p);
+  dostr(p.A, "K = 5 function mk() local k = K "
+             "return function(x) return x + k end end");
+  for (i = 0; i < 3; i++) {
+    op__buf_init(&b);
+    encode_code(&p, "return mk()", &b);
+    flen = b.len;
+    encode_code(&p, "return 10, nil, true, 1.5, 'abc', -40, 1 << 40", &b);
+    ASSERT_EQ(op__decode(p.xb, p.B, b.p, b.len, err, sizeof err), 8);
+    lua_pushvalue(p.B, 1);
+    lua_pushvalue(p.B, 2);
+    lua_call(p.B, 1, 1);
+    ASSERT_EQ(lua_tointeger(p.B, -1), i == 2 ? 16 : 15);
+    ASSERT(lua_isnil(p.B, 3) && lua_toboolean(p.B, 4));
+    ASSERT(lua_tonumber(p.B, 5) == 1.5 && !lua_isinteger(p.B, 5));
+    ASSERT_STR_EQ(lua_tostring(p.B, 6), "abc");
+    ASSERT_EQ(lua_tointeger(p.B, 7), -40);
+    ASSERT_EQ(lua_tointeger(p.B, 8), (lua_Integer)1 << 40);
+    lua_settop(p.B, 0);
+    /* the function's bytes alone, and followed by a stray byte */
+    ASSERT_EQ(op__decode(p.xb, p.B, b.p, flen, err, sizeof err), 1);
+    lua_settop(p.B, 0);
+    b.p[flen] = 0x0f; /* no such tag */
+    ASSERT_EQ(op__decode(p.xb, p.B, b.p, flen + 1, err, sizeof err), OP_EINVAL);
+    ASSERT_EQ(lua_gettop(p.B), 0);
+    op__buf_free(&b);
+    if (i == 1)
+      dostr(p.A, "K = 6");
+  }
+  /* more values than the scalar path takes, and a table among them */
+  roundtrip(
+      &p, "return 1, 2, 3, 4, 5, 6, 7, 8, 9, 'ten'",
+      "local t = {...} assert(#t == 10 and t[9] == 9 and t[10] == 'ten')");
+  roundtrip(&p, "return 1, 'a', {2}, 3",
+            "local a, b, c, d = ... assert(a == 1 and b == 'a' and c[1] == 2 "
+            "and d == 3)");
+  teardown(&p);
+}
+
 /* The encoder remembers a lone function's encoding per prototype: a
 ** changed upvalue, string, or table content must never be served stale. */
 static void test_encode_cache(void) {
@@ -1112,6 +1163,7 @@ int main(void) {
   test_many_upvalues();
   test_fresh_closures();
   test_reused_instances();
+  test_lone_function();
   test_one_line();
   test_cache();
   test_traceback();
