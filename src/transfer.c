@@ -113,9 +113,9 @@
 ** (strings among the values are anchored, so an equal pointer is the
 ** same string). When the store evicts prototypes, entries whose Proto is
 ** gone are dropped, since a new function may get its address.
-** Values that are all nil, booleans, numbers or strings of up to 31 bytes
-** (a task's usual arguments and results) are written in one pass with no
-** encoder state (enc_scalars); anything else takes the full encoder.
+** Leading values that are nil, booleans, numbers or strings (a task's
+** usual arguments and results) are written in one pass with no encoder
+** state (enc_scalars); the full encoder goes on from the first other one.
 **
 ** Decoding fast paths
 ** -------------------
@@ -794,8 +794,7 @@ static int need_slow(enc *e, int n) {
 static int room_slow(enc *e, size_t n) {
   return op__buf_reserve(e->b, n) == 0 ? 0 : nomem(e);
 }
-#define ROOM(e, n)  ((e)->b->cap - (e)->b->len >= (n) ? 0 : room_slow((e), (n)))
-#define SCALARS_MAX 8 /* values op__encode tries enc_scalars for */
+#define ROOM(e, n) ((e)->b->cap - (e)->b->len >= (n) ? 0 : room_slow((e), (n)))
 
 static size_t put_varint(unsigned char *q, uint64_t v) {
   size_t n = 0;
@@ -1223,57 +1222,83 @@ static int enc_value(enc *e, int idx) {
   }
 }
 
-/* Append the encoding of the n values at idx.. of L to b if they are all
-** nil, booleans, numbers or strings of up to SSTR_MAX bytes (the common
-** arguments and results), with no per-value state; return 1. Return 0,
-** with b as it was, for anything else (or no memory: the full encoder
-** then reports it).  [-0, +0, -] */
+/* Make room for n more bytes in b; nonzero if there is no memory. */
+#define ROOM_B(b, n)                                                           \
+  ((b)->cap - (b)->len >= (n) ? 0 : op__buf_reserve((b), (n)))
+
+/* Append a header and the encodings of the values at idx..idx+n-1 of L
+** while they are nil, booleans, numbers or strings (a task's usual
+** arguments and results), with no encoder state and no call per value
+** beyond reading it. Returns how many it wrote (the full encoder goes on
+** from there), or -1 with no memory (b's length is then undefined: the
+** caller resets it).  [-0, +0, -] */
 static int enc_scalars(lua_State *L, int idx, int n, op_buf *b) {
-  unsigned char tmp[1 + SCALARS_MAX * (1 + SSTR_MAX)], *q = tmp;
+  unsigned char *q;
+  const char *s;
   size_t len;
   lua_Integer v;
-  const char *s;
+  uint64_t u;
   double d;
   int i;
 
-  *q++ = T_HDR;
-  for (i = idx; i < idx + n; i++) {
-    switch (lua_type(L, i)) {
+  if (ROOM_B(b, 1))
+    return -1;
+  b->p[b->len++] = (char)T_HDR;
+  for (i = 0; i < n; i++) {
+    switch (lua_type(L, idx + i)) {
     case LUA_TNIL:
-      *q++ = T_NIL;
+      if (ROOM_B(b, 1))
+        return -1;
+      b->p[b->len++] = (char)T_NIL;
       break;
     case LUA_TBOOLEAN:
-      *q++ = lua_toboolean(L, i) ? T_TRUE : T_FALSE;
+      if (ROOM_B(b, 1))
+        return -1;
+      b->p[b->len++] = (char)(lua_toboolean(L, idx + i) ? T_TRUE : T_FALSE);
       break;
     case LUA_TNUMBER:
-      if (!lua_isinteger(L, i)) {
-        d = (double)lua_tonumber(L, i);
-        *q++ = T_FLOAT;
-        memcpy(q, &d, 8);
-        q += 8;
+      if (!lua_isinteger(L, idx + i)) {
+        d = (double)lua_tonumber(L, idx + i);
+        if (ROOM_B(b, 9))
+          return -1;
+        b->p[b->len] = (char)T_FLOAT;
+        memcpy(b->p + b->len + 1, &d, 8);
+        b->len += 9;
         break;
       }
-      v = lua_tointeger(L, i);
+      v = lua_tointeger(L, idx + i);
       if (v >= FIXINT_MIN && v <= FIXINT_MAX) {
-        *q++ = (unsigned char)(T_FIXINT + (v - FIXINT_MIN));
-      } else {
-        *q++ = T_INT;
-        q += put_varint(q, ((uint64_t)v << 1) ^ (v < 0 ? ~(uint64_t)0 : 0));
+        if (ROOM_B(b, 1))
+          return -1;
+        b->p[b->len++] = (char)(T_FIXINT + (v - FIXINT_MIN));
+        break;
       }
+      u = ((uint64_t)v << 1) ^ (v < 0 ? ~(uint64_t)0 : 0);
+      if (ROOM_B(b, 1 + varint_len(u)))
+        return -1;
+      q = (unsigned char *)b->p + b->len;
+      q[0] = T_INT;
+      b->len += 1 + put_varint(q + 1, u);
       break;
     case LUA_TSTRING:
-      s = lua_tolstring(L, i, &len);
-      if (len > SSTR_MAX)
-        return 0;
-      *q++ = (unsigned char)(T_SSTR + len);
+      s = lua_tolstring(L, idx + i, &len);
+      if (len > SIZE_MAX - 16 || ROOM_B(b, 1 + varint_len(len) + len))
+        return -1;
+      q = (unsigned char *)b->p + b->len;
+      if (len <= SSTR_MAX) {
+        *q++ = (unsigned char)(T_SSTR + len);
+      } else {
+        *q++ = T_STR;
+        q += put_varint(q, len);
+      }
       memcpy(q, s, len);
-      q += len;
+      b->len = (size_t)(q - (unsigned char *)b->p) + len;
       break;
     default:
-      return 0;
+      return i;
     }
   }
-  return buf_put(b, tmp, (size_t)(q - tmp)) == 0;
+  return n;
 }
 
 /* Append the encoding of the n values at idx.. of L to b; see the DESIGN
@@ -1285,14 +1310,18 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
   enc e;
   pmap priv;
   size_t len0 = b->len;
-  int top = lua_gettop(L), i, rc;
+  int top = lua_gettop(L), i, rc, first;
 
   if (idx < 0 && idx > LUA_REGISTRYINDEX)
     idx = top + idx + 1;
   if (n == 1 && x->fast_uv && !x->busy && ecache_hit(x, L, idx, b))
     return 0;
-  if (n <= SCALARS_MAX && enc_scalars(L, idx, n, b))
+  if ((first = enc_scalars(L, idx, n, b)) == n)
     return 0;
+  if (first < 0) { /* no memory: the full encoder says so */
+    b->len = len0;
+    first = 0;
+  }
   e.x = x;
   e.L = L;
   e.b = b;
@@ -1318,8 +1347,9 @@ int op__encode(op_xfer *x, lua_State *L, int idx, int n, op_buf *b,
     e.seen = &x->seen;
   }
   x->busy++;
-  rc = put_byte(&e, T_HDR);
-  for (i = 0; i < n && rc == 0; i++) {
+  /* enc_scalars wrote the header and the first values, if any. */
+  rc = b->len > len0 ? 0 : put_byte(&e, T_HDR);
+  for (i = first; i < n && rc == 0; i++) {
     path_push(&e, P_ROOT, first_no == 0 && n == 1 ? 0 : first_no + i, NULL);
     rc = enc_value(&e, idx + i);
     e.npath--;

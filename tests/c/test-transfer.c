@@ -448,13 +448,15 @@ static void test_lone_function(void) {
     if (i == 1)
       dostr(p.A, "K = 6");
   }
-  /* more values than the scalar path takes, and a table among them */
-  roundtrip(
-      &p, "return 1, 2, 3, 4, 5, 6, 7, 8, 9, 'ten'",
-      "local t = {...} assert(#t == 10 and t[9] == 9 and t[10] == 'ten')");
-  roundtrip(&p, "return 1, 'a', {2}, 3",
-            "local a, b, c, d = ... assert(a == 1 and b == 'a' and c[1] == 2 "
-            "and d == 3)");
+  /* scalars, then the full encoder from the first other value on */
+  roundtrip(&p, "return 1, 2, 3, 4, 5, 6, 7, 8, 9, 'ten'",
+            "local t = {...} assert(#t == 10 and t[10] == 'ten')");
+  roundtrip(&p, "return 1, string.rep('s', 40), {2}, 3.5, 'z', {}",
+            "local a, b, c, d, e, f = ... assert(a == 1 and "
+            "b == string.rep('s', 40) and c[1] == 2 and d == 3.5 and "
+            "e == 'z' and next(f) == nil and select('#', ...) == 6)");
+  roundtrip(&p, "local t = {} return 1, t, 2, t",
+            "local a, b, c, d = ... assert(a == 1 and c == 2 and b == d)");
   teardown(&p);
 }
 
