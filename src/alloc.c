@@ -18,7 +18,7 @@
 **   - with a hook (worker VMs), the request is granted if the heap stays
 **     within limit + limit/4, and the hook is armed to fire at the next
 **     instruction: it raises "memory limit of 64 MB reached in task at
-**     file:line" as an ordinary error, with a traceback (pool.c
+**     file:line" as an ordinary error, with a traceback (worker.c
 **     stop_hook). The slack lets the error name the line that grew the
 **     heap; a request beyond it is refused outright.
 **   - otherwise, or beyond the slack, the request fails: Lua raises its
@@ -96,7 +96,7 @@ static int over_limit(op_vmem *m, size_t used, size_t grow) {
   }
   m->over = 1;
   /* A hook belongs to one thread: arm the coroutine running too (m->arm,
-  ** pool.c). lua_sethook is async-signal safe, so safe here as well. */
+  ** worker.c). lua_sethook is async-signal safe, so safe here as well. */
   if (m->arm != NULL)
     m->arm(m);
   else

@@ -65,7 +65,7 @@ int op__buf_append(op_buf *b, const void *p, size_t n);
 typedef struct op_vmem {
   atomic_size_t used; /* bytes held now */
   size_t limit;       /* 0: none */
-  size_t rest;        /* bytes held at rest (after set-up), for pool.c */
+  size_t rest;        /* bytes held at rest (after set-up), for worker.c */
   lua_Hook hook;      /* armed past the limit, or NULL: a hard limit */
   /* Arms hook on every thread of the VM that may be running, or NULL for
   ** L alone. */
@@ -303,7 +303,8 @@ void op__pool_release(op_runtime *rt);
 ** tasks that now fit. */
 void op__pool_batch_end(op_runtime *rt);
 
-/* The worker running on this thread, or NULL on other threads. */
+/* The worker running on this thread, or NULL on other threads; with
+** op__worker_xfer and op__worker_stopping, worker.c's (the worker's VM). */
 op_worker *op__worker_self(void);
 int op__worker_id(op_worker *w);
 op_pool *op__worker_pool(op_worker *w);

@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
-** pool.c - named worker pools: threads, bounded queues, worker lua_States.
+** pool.c - named worker pools: threads, bounded queues, parking, the
+** pools' books, C tasks, the stuck watch. A worker's Lua VM is worker.c's:
+** worker_main() calls down into it for each Lua task.
 ** Thread: op__pool_* on the loop thread; worker_main() on pool threads.
 **
 ** DESIGN
@@ -55,14 +57,8 @@
 **
 ** Stopping a task: op__pool_stop_task() takes a queued task off the queue
 ** (under pool->mu) and completes it as stopped; for a running task it sets
-** t->stop and the worker's own copy, w->stop. A count hook (every
-** HOOK_COUNT instructions) sees the flag and raises, and then keeps raising
-** on every instruction of that coroutine so that a pcall there cannot
-** swallow the stop. Worker VMs resume coroutines through co_enter
-** (coroutine.resume and coroutine.wrap are wrapped): it keeps the stack of
-** coroutines being resumed, for the stop signal, and hooks a coroutine
-** resumed while the task runs under the hook; coroutines made by a hooked
-** thread inherit its hook; debug.sethook refuses to replace it. C code
+** t->stop and the worker's own copy, w->stop, and sends the worker the
+** stop signal (p->signo, if any): the worker VM's hook raises (worker.c). C code
 ** inside a task (os.execute, a blocking read, a pattern match) and __gc
 ** finalizers (Lua runs them with hooks off) cannot be interrupted this
 ** way: see "Stuck workers".
@@ -76,7 +72,7 @@
 ** it uses while a task runs: the arguments (w->in, moved out of the task
 ** when it is taken), the results (w->out), the stop code (w->stop); it
 ** touches the task again only under p->mu, after checking w->abandoned
-** (hand_in_lua). A ghost that comes back closes its VM and frees its
+** (op__wvm_hand_in). A ghost that comes back closes its VM and frees its
 ** record (ghost_exit); p itself stays until the last ghost is gone
 ** (p->ghosts, p->freed), and the prototype store with it (op_remnant).
 ** A worker inside a block section waits for the loop thread and is never
@@ -88,21 +84,6 @@
 **                        +--grace passes--> ABANDONED (ghost) --returns-->
 **                                           ghost_exit (frees its own)
 **
-** The hook is installed only when a task may need stopping: with Lua 5.4 a
-** count hook makes the VM trap on every instruction, which halves the
-** speed of all Lua code in the worker. A task with a deadline gets it when
-** it starts; a running task stopped without one gets it from a signal
-** (op_config.stop_signal, SIGRTMIN+4 by default) sent to its worker
-** thread, whose handler calls
-** lua_sethook on the task's thread and on every coroutine being resumed,
-** the way lua.c stops a script on SIGINT. The worker publishes the task it
-** runs (and each coroutine it resumes) before it looks at w->stop, and
-** the stopper sets w->stop before it signals, so one of the two installs
-** the hook.
-** (Under ThreadSanitizer, which delivers signals only at calls it
-** intercepts, a stopped Lua loop without a deadline keeps running until
-** it is given up as stuck.)
-**
 ** Threads that cannot start (a thread or address-space limit) leave their
 ** slot empty: the pool runs with p->running threads, and a pool with none
 ** refuses submits (OP_ENOTHREAD) after trying again.
@@ -113,71 +94,15 @@
 ** coming back from a sleep or a blocking call (with 64 workers doing 10 ms
 ** of blocking work each, the loop thread's p99 per resume went from 4.4-
 ** 7.9 us to 4.4-5.9 us). Workers still get their fair share of the CPU.
-**
-** A worker VM is made once, on its thread, when the pool starts: standard
-** libraries, package.path, the worker-side offpath module, _OSTLS, the
-** transfer state and the pool's init script.
 */
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 
-#include "internal.h"
+#include "worker.h"
 
-#define HOOK_COUNT    1000
 #define DEFAULT_QUEUE 4096
-#define MAX_COS       256 /* nested resumes tracked (Lua allows ~200) */
-#define IDLE_GROWTH   ((size_t)8 << 20) /* see idle_collect */
-
-struct op_worker {
-  op_pool *pool;
-  int id; /* 1-based within the pool */
-  uv_thread_t thread;
-  lua_State *L;
-  op_xfer *xfer;
-  op_task *volatile current;    /* the task running, for the hook and the
-                               signal handler (worker thread only) */
-  volatile sig_atomic_t hooked; /* the stop hook is installed */
-  /* The stop code of the task running: written by the loop thread under
-  ** p->mu while the task is running here (t->worker == this), reset when
-  ** the worker takes a task. The hook reads this, never the task, so a
-  ** thread given up as stuck touches no task when it comes back. */
-  atomic_int stop;
-  /* Coroutines being resumed now, innermost last (coroutine.resume and
-  ** coroutine.wrap go through co_enter): the stop signal hooks them all.
-  ** Worker thread and its signal handler only. */
-  lua_State *volatile cos[MAX_COS];
-  volatile sig_atomic_t ncos;
-  /* The running Lua task's arguments, then its results or error message:
-  ** the worker's own until it hands the task in (see "Stuck workers"). */
-  op_buf in, out;
-  int status;
-  int errval; /* OP_ESCRIPT: out holds an encoded error value (op_task) */
-  int watch;  /* the task has a deadline: it runs under the stop hook */
-  _Atomic(const char *) fn_src; /* the task function's chunk name */
-  atomic_int fn_line;           /* and the line it is defined on */
-  int fn_ref;                   /* registry slot of the last task function */
-  const void *fn_last;          /* its address */
-  const char *fn_src_last;      /* its chunk name and line */
-  int fn_line_last;
-  /* Under p->mu. */
-  op_task *task;           /* the Lua task it runs, or NULL */
-  uint64_t stop_at;        /* when the loop thread asked that task to stop */
-  int in_block;            /* waiting for a block section (not stuck) */
-  int abandoned;           /* given up as stuck: a ghost from now on */
-  uv_sem_t wake;           /* posted once for each time the worker sleeps */
-  op_worker *next_sleeper; /* link in p->sleepers */
-  /* Block sections (lua_worker.c). */
-  op_task block;
-  uv_mutex_t block_mu;
-  uv_cond_t block_cv;
-  int block_done;
-  op_vmem mem; /* the VM's memory and limit (alloc.c) */
-};
 
 struct op_pool {
   op_runtime *rt;
@@ -267,8 +192,6 @@ static void set_avail(op_pool *p, int v) {
     atomic_store_explicit(&p->avail, v, memory_order_release);
 }
 
-static _Thread_local op_worker *self;
-
 static void count_stop(op_pool *p, op_task *t, int code);
 
 /* A looker is back: claims beyond the lookers left lapse (the queue is
@@ -285,495 +208,12 @@ static void queued_add(op_pool *p, int n) {
   atomic_store_explicit(&p->queued, q + (unsigned)n, memory_order_relaxed);
 }
 
-op_worker *op__worker_self(void) {
-  return self;
-}
-
 op_runtime *op__pool_rt(op_pool *p) {
   return p->rt;
 }
 
 const char *op__pool_name(op_pool *p) {
   return p->name;
-}
-
-/* ---- worker VMs ---- */
-
-static void stop_hook(lua_State *L, lua_Debug *ar);
-
-/* alloc.c granted a request past the limit: arm the hook, which raises
-** at the next instruction, on the VM's thread and on every coroutine being
-** resumed (a hook belongs to one thread; the innermost one runs now).
-** Thread: worker. */
-static void mem_arm(op_vmem *m) {
-  op_worker *w = (op_worker *)(void *)((char *)m - offsetof(op_worker, mem));
-  int i, n = w->ncos;
-
-  lua_sethook(m->L, stop_hook, LUA_MASKCOUNT, 1);
-  for (i = 0; i < n; i++)
-    lua_sethook(w->cos[i], stop_hook, LUA_MASKCOUNT, 1);
-}
-
-/* Put the hooks mem_arm set back as they were: none, or the stop hook
-** every HOOK_COUNT instructions (stop_hook goes back to every instruction
-** if a stop is due). Thread: worker. */
-static void mem_disarm(op_worker *w, lua_State *L) {
-  int i, n = w->ncos;
-
-  if (!w->hooked) {
-    lua_sethook(L, NULL, 0, 0);
-    lua_sethook(w->L, NULL, 0, 0);
-    for (i = 0; i < n; i++)
-      lua_sethook(w->cos[i], NULL, 0, 0);
-  } else {
-    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
-    lua_sethook(w->L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
-    for (i = 0; i < n; i++)
-      lua_sethook(w->cos[i], stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
-  }
-}
-
-/* The heap went past the limit and alloc.c armed the hook: put the hook
-** back as it was, collect, and raise if a task runs and the heap is still
-** past the limit.  [-0, +0, e] */
-static void mem_over(op_worker *w, lua_State *L) {
-  char lim[32], where[256] = "?";
-  lua_Debug ar;
-
-  w->mem.over = 0;
-  mem_disarm(w, L);
-  if (w->current == NULL)
-    return;
-  lua_gc(L, LUA_GCCOLLECT, 0);
-  if (op__vm_used(&w->mem) <= w->mem.limit)
-    return;
-  if (lua_getstack(L, 0, &ar) && lua_getinfo(L, "Sl", &ar) &&
-      ar.currentline > 0)
-    snprintf(where, sizeof where, "%s:%d", ar.short_src, ar.currentline);
-  lua_pushfstring(L, "memory limit of %s reached in task at %s",
-                  op__fmt_size(w->mem.limit, lim, sizeof lim), where);
-  lua_error(L);
-}
-
-/* The count hook of worker VMs: raise if the running task must stop or
-** went past its memory limit. It is set on every coroutine of the task
-** (co_enter, the stop signal), and once the stop is seen it fires on every
-** instruction of the coroutine it fired in, so that a pcall there cannot
-** swallow the stop. */
-static void stop_hook(lua_State *L, lua_Debug *ar) {
-  op_worker *w = *(op_worker **)lua_getextraspace(L);
-  int code;
-
-  (void)ar;
-  if (w != NULL && w->mem.over)
-    mem_over(w, L);
-  if (w == NULL || w->current == NULL)
-    return;
-  code = atomic_load_explicit(&w->stop, memory_order_relaxed);
-  if (code == 0) {
-    /* Installed by a signal meant for an earlier task: slow down. */
-    if (lua_gethookcount(L) == 1)
-      lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
-    return;
-  }
-  if (lua_gethookcount(L) != 1)
-    lua_sethook(L, stop_hook, LUA_MASKCOUNT, 1);
-  if (code == OP_ETIMEDOUT)
-    luaL_error(L, "timeout: task stopped at its deadline");
-  luaL_error(L, "cancelled: task stopped");
-}
-
-/* co is about to be resumed by a task running on w: put it on w's stack
-** of resumed coroutines, and give it the stop hook if the task runs under
-** one (a coroutine made before the hook, or kept in _OSTLS from an earlier
-** task, has none). The stopper sets w->stop before it signals: either
-** the signal finds co on the stack, or the check after the push sees the
-** stop. Returns whether co was pushed. Thread: worker. */
-static int co_enter(op_worker *w, lua_State *co) {
-  int n = w->ncos;
-
-  if (w->current == NULL || n >= MAX_COS)
-    return 0;
-  w->cos[n] = co;
-  atomic_signal_fence(memory_order_seq_cst);
-  w->ncos = n + 1;
-  atomic_signal_fence(memory_order_seq_cst);
-  if (atomic_load_explicit(&w->stop, memory_order_relaxed) != 0) {
-    w->hooked = 1;
-    lua_sethook(co, stop_hook, LUA_MASKCOUNT, 1);
-  } else if (w->hooked && lua_gethook(co) != stop_hook) {
-    lua_sethook(co, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
-  } else if (!w->hooked && !w->mem.over && lua_gethook(co) == stop_hook) {
-    lua_sethook(co, NULL, 0, 0); /* left from an earlier task (_OSTLS) */
-  }
-  return 1;
-}
-
-static void co_leave(op_worker *w, int pushed) {
-  if (pushed)
-    w->ncos = w->ncos - 1;
-}
-
-/* Call the function at upvalue 1 with the arguments on L's stack, with co
-** (at upvalue 2, or argument 1) on w's stack of resumed coroutines.
-** [-n, +r, e] */
-static int co_call(lua_State *L, lua_State *co) {
-  op_worker *w = *(op_worker **)lua_getextraspace(L);
-  int pushed, status;
-
-  if (w == NULL || co == NULL || op__worker_self() != w) {
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-    return lua_gettop(L);
-  }
-  pushed = co_enter(w, co);
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  status = op__pcall(L, lua_gettop(L) - 1, LUA_MULTRET, NULL);
-  co_leave(w, pushed);
-  if (status != LUA_OK)
-    return lua_error(L);
-  return lua_gettop(L);
-}
-
-/* coroutine.resume in worker VMs: the library's, with co_enter. */
-static int wk_co_resume(lua_State *L) {
-  return co_call(L, lua_tothread(L, 1));
-}
-
-/* The functions coroutine.wrap returns in worker VMs. */
-static int wk_co_wrapped(lua_State *L) {
-  return co_call(L, lua_tothread(L, lua_upvalueindex(2)));
-}
-
-/* coroutine.wrap in worker VMs: the library's function, called through
-** wk_co_wrapped so that its coroutine goes through co_enter.
-** Upvalue 1: the library's wrap; 2: wk_co_wrapped's nothing. */
-static int wk_co_wrap(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TFUNCTION);
-  lua_settop(L, 1);
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  lua_call(L, 1, 1); /* the library's wrapper; its upvalue is the thread */
-  if (lua_getupvalue(L, 1, 1) == NULL || !lua_isthread(L, -1))
-    return 1; /* not the closure we know: hand it out as it is */
-  lua_pushcclosure(L, wk_co_wrapped, 2);
-  return 1;
-}
-
-/* debug.sethook in worker VMs: refused where it would take the stop hook
-** off a coroutine of a task that runs under it (a deadline, or a stop
-** requested). Upvalue 1: the library's. */
-static int wk_sethook(lua_State *L) {
-  lua_State *co = lua_isthread(L, 1) ? lua_tothread(L, 1) : L;
-
-  if (lua_gethook(co) == stop_hook)
-    return luaL_error(L, "debug.sethook: the task runs under the stop hook "
-                         "(it has a deadline or was stopped), which worker "
-                         "code cannot replace");
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  lua_call(L, lua_gettop(L) - 1, 0);
-  return 0;
-}
-
-/* os.exit in worker VMs: it would end the host from a worker thread, with
-** no on_stop, no summary and output lost. */
-static int wk_exit(lua_State *L) {
-  return luaL_error(L, "os.exit is not allowed in a worker: it would end "
-                       "the host behind its back; return or raise an error "
-                       "instead");
-}
-
-/* Replace lib.name (lib a global table) by fn, a closure over the old
-** value.  [-0, +0, m] */
-static void replace(lua_State *L, const char *lib, const char *name,
-                    lua_CFunction fn) {
-  lua_getglobal(L, lib);
-  lua_getfield(L, -1, name);
-  lua_pushcclosure(L, fn, 1);
-  lua_setfield(L, -2, name);
-  lua_pop(L, 1);
-}
-
-/* The worker-side offpath module, _OSTLS and the guarded library
-** functions, protected. Argument 1: the worker.  [-0, +0, m] */
-static int worker_open_p(lua_State *L) {
-  op_worker *w = lua_touserdata(L, 1);
-
-  luaL_requiref(L, "offpath", w->pool->rt->open_worker, 1);
-  lua_newtable(L);
-  lua_setglobal(L, "_OSTLS");
-  lua_pushboolean(L, 0);
-  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  /* Before the transfer state names the library: a function crossing as
-  ** "coroutine.wrap" resolves to these. */
-  replace(L, "coroutine", "resume", wk_co_resume);
-  replace(L, "coroutine", "wrap", wk_co_wrap);
-  replace(L, "debug", "sethook", wk_sethook);
-  replace(L, "os", "exit", wk_exit);
-  return 0;
-}
-
-/* Make w's VM, on w's thread. Returns 0 or -1 (message printed). */
-static int worker_open(op_worker *w) {
-  op_pool *p = w->pool;
-  lua_State *L;
-
-  w->mem.limit = p->mem_limit;
-  w->mem.hook = stop_hook;
-  w->mem.arm = mem_arm;
-  L = op__new_state(p->rt, &w->mem);
-  if (L != NULL) {
-    *(op_worker **)lua_getextraspace(L) = w;
-    lua_pushcfunction(L, worker_open_p);
-    lua_pushlightuserdata(L, w);
-    if (op__pcall(L, 1, 0, NULL) != LUA_OK ||
-        (w->xfer = op__xfer_new(L, p->rt->protos)) == NULL) {
-      lua_close(L);
-      L = NULL;
-    }
-  }
-  if (L == NULL) {
-    /* Tried again at the next task (worker_main). */
-    fprintf(stderr,
-            "offpath: pool '%s' worker %d: cannot make its Lua state: not "
-            "enough memory\n",
-            p->name, w->id);
-    return -1;
-  }
-  w->L = L;
-  op__xfer_paths_in(w->xfer, L); /* the init script sees them too */
-  if (p->init != NULL) {
-    if (luaL_loadfile(L, p->init) != LUA_OK ||
-        op__pcall(L, 0, 0, op__traceback) != LUA_OK) {
-      fprintf(stderr, "offpath: pool '%s' worker %d: init script: %s\n",
-              p->name, w->id, lua_tostring(L, -1));
-      lua_pop(L, 1);
-    }
-  }
-  w->mem.rest = op__vm_used(&w->mem); /* no collection: start quickly */
-  return 0;
-}
-
-/* The stop signal, on the worker thread whose running task was stopped:
-** install the stop hook on the task's thread and on every coroutine being
-** resumed (async-signal-safe by Lua's design). */
-static void stop_signal(int sig) {
-  op_worker *w = self;
-  int i, n;
-
-  (void)sig;
-  if (w != NULL && w->L != NULL && w->current != NULL) {
-    w->hooked = 1;
-    lua_sethook(w->L, stop_hook, LUA_MASKCOUNT, 1);
-    n = w->ncos;
-    for (i = 0; i < n; i++)
-      lua_sethook(w->cos[i], stop_hook, LUA_MASKCOUNT, 1);
-  }
-}
-
-/* The signal that stops p's running tasks, or 0 if they always run under
-** the hook (op_config.stop_signal < 0). */
-static int stop_signo(op_pool *p) {
-  return p->signo;
-}
-
-/* Install the handler (idempotent; the same handler for every runtime). */
-static void install_stop_signal(int sig) {
-  struct sigaction sa;
-
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = stop_signal;
-  sa.sa_flags = SA_RESTART;
-  sigemptyset(&sa.sa_mask);
-  if (sigaction(sig, &sa, NULL) != 0)
-    OP_PANIC("cannot install the task stop signal handler");
-}
-
-static void worker_close(op_worker *w) {
-  if (w->xfer != NULL)
-    op__xfer_free(w->xfer);
-  if (w->L != NULL)
-    lua_close(w->L);
-  w->xfer = NULL;
-  w->L = NULL;
-}
-
-/* About to sleep with a heap that more than doubled, by IDLE_GROWTH bytes
-** or more, since set-up or the last such collection (a big argument or
-** result, a task that built a large table): collect it with mu released,
-** and give the freed memory back to the system. Returns whether it did.
-** Thread: worker, with mu held. */
-static int idle_collect(op_worker *w, uv_mutex_t *mu) {
-  size_t used;
-
-  if (w->L == NULL || (used = op__vm_used(&w->mem)) <= 2 * w->mem.rest ||
-      used - w->mem.rest < IDLE_GROWTH)
-    return 0;
-  uv_mutex_unlock(mu);
-  lua_gc(w->L, LUA_GCCOLLECT, 0);
-  w->mem.rest = op__vm_used(&w->mem);
-#ifdef __GLIBC__
-  malloc_trim(0); /* free pages inside the heap go back too */
-#endif
-  uv_mutex_lock(mu);
-  return 1;
-}
-
-/* The protected body of a Lua task: decode the function and arguments
-** from w->in, call the function, encode its results into w->out. Returns
-** nothing, or the message when decoding or encoding fails; an error of
-** the function itself propagates to run_lua's pcall, whose message
-** handler adds the traceback (one protected call per task).  [-0, +(0|1), e] */
-static int task_body(lua_State *L) {
-  op_worker *w = *(op_worker **)lua_getextraspace(L);
-  lua_Debug ar;
-  char err[512];
-  int n, rc;
-
-  op__xfer_paths_in(w->xfer, L);
-  n = op__decode(w->xfer, L, w->in.p, w->in.len, err, sizeof err);
-  if (n < 1) {
-    lua_pushstring(L, n < 0 ? err : "cannot copy: no function");
-    return 1;
-  }
-  /* Where the function is defined, for a report if it never stops. The
-  ** chunk name lives as long as the VM (the prototype is cached). A
-  ** function sent again often arrives as the same closure (transfer.c):
-  ** the last one is kept (so its address means it), and not looked up
-  ** again. */
-  if (lua_topointer(L, 1) != w->fn_last) {
-    w->fn_last = lua_topointer(L, 1);
-    lua_pushvalue(L, 1);
-    lua_rawseti(L, LUA_REGISTRYINDEX, w->fn_ref);
-    lua_pushvalue(L, 1);
-    if (lua_getinfo(L, ">S", &ar)) {
-      w->fn_src_last = ar.source;
-      w->fn_line_last = ar.linedefined;
-    }
-  }
-  atomic_store_explicit(&w->fn_line, w->fn_line_last, memory_order_relaxed);
-  atomic_store_explicit(&w->fn_src, w->fn_src_last, memory_order_release);
-  lua_call(L, n - 1, LUA_MULTRET);
-  rc = op__encode(w->xfer, L, 1, lua_gettop(L), &w->out, "result", 1, err,
-                  sizeof err);
-  if (rc != 0) {
-    lua_pushstring(L, err);
-    return 1;
-  }
-  return 0; /* the results are dropped with the frame */
-}
-
-/* The worker VM's stack between tasks: the message handler and task_body,
-** pushed once, so that a task costs one pushvalue and one pcall.
-** [-0, +0, m] (the VM has room for two values: it is fresh or empty) */
-#define FRAME_TOP 2
-static void frame(lua_State *L) {
-  lua_settop(L, 0);
-  lua_pushcfunction(L, op__xfer_msgh);
-  lua_pushcfunction(L, task_body);
-}
-
-/* Run the Lua task whose arguments are in w->in: its outcome goes to
-** w->status and w->out, never to the task (worker_main hands it in). */
-static void run_lua(op_worker *w, op_task *t) {
-  lua_State *L = w->L;
-  size_t len;
-  const char *msg;
-  char lim[32], mbuf[128], obuf[64]; /* no Lua allocation: unprotected */
-  int stop, st, ok, value = 0;
-
-  w->current = t;
-  atomic_signal_fence(memory_order_seq_cst);
-  if (w->watch || stop_signo(w->pool) == 0 || atomic_load(&w->stop) != 0) {
-    w->hooked = 1;
-    lua_sethook(L, stop_hook, LUA_MASKCOUNT, HOOK_COUNT);
-  }
-  if (lua_gettop(L) != FRAME_TOP)
-    frame(L);
-  op_assert(lua_tocfunction(L, FRAME_TOP) == task_body);
-  lua_pushvalue(L, FRAME_TOP);
-  w->mem.hit = 0;
-  st = op__pcall_at(L, 0, 1, 1);
-  ok = st == LUA_OK && lua_isnil(L, -1); /* else the message is on top */
-  w->current = NULL;
-  atomic_signal_fence(memory_order_seq_cst);
-  w->ncos = 0;
-  if (w->hooked || w->mem.over || lua_gethook(L) != NULL) {
-    /* Also a hook a coroutine's memory check left on the VM's thread. */
-    w->hooked = 0;
-    w->mem.over = 0;
-    lua_sethook(L, NULL, 0, 0);
-  }
-  stop = atomic_load(&w->stop);
-  w->errval = 0;
-  if (ok) {
-    w->status = 0;
-  } else if (stop != 0) {
-    w->status = stop;
-    op__buf_free(&w->out);
-  } else {
-    w->status = OP_ESCRIPT;
-    op__buf_free(&w->out);
-    if ((st == LUA_ERRMEM || st == LUA_ERRERR) && w->mem.hit) {
-      /* Refused by the limit where the hook could not raise (alloc.c):
-      ** Lua's memory errors carry no position. */
-      msg = lua_type(L, -1) == LUA_TSTRING
-                ? lua_tolstring(L, -1, &len)
-                : op__error_object(L, -1, obuf, sizeof obuf);
-      snprintf(mbuf, sizeof mbuf, "memory limit of %s reached in task (%s)",
-               op__fmt_size(w->mem.limit, lim, sizeof lim), msg);
-      if (op__buf_append(&w->out, mbuf, strlen(mbuf)) != 0)
-        w->status = OP_ENOMEM;
-    } else if (op__encode_error(w->xfer, L, &w->out, &value) != 0) {
-      w->status = OP_ENOMEM;
-    }
-    w->errval = value;
-  }
-  lua_settop(L, FRAME_TOP);
-  if (w->mem.hit) {
-    /* The task left its heap near the limit: start the next one clean. */
-    lua_gc(L, LUA_GCCOLLECT, 0);
-    w->mem.hit = 0;
-  }
-}
-
-/* Move src's contents into the empty buffer dst; src becomes empty
-** (twice per task: no calls). */
-static void buf_take(op_buf *dst, op_buf *src) {
-  dst->len = src->len;
-  if (src->p == src->small) {
-    dst->p = dst->small;
-    memcpy(dst->small, src->small, sizeof dst->small); /* fixed: inlined */
-  } else {
-    dst->p = src->p;
-    dst->cap = src->cap;
-    src->p = src->small;
-    src->cap = OP_BUF_INLINE;
-  }
-  src->len = 0;
-}
-
-/* Give the finished Lua task t its outcome from w (p->mu held). The
-** arguments' heap block is left in t->stale for the loop thread, which
-** allocated it, to free: freeing it here made a 1 KB argument's round
-** trip 3x slower. */
-static void hand_in_lua(op_worker *w, op_task *t) {
-  t->status = w->status;
-  t->errval = (uint8_t)w->errval;
-  w->errval = 0;
-  if (w->in.p != w->in.small && t->stale == NULL) {
-    t->stale = w->in.p;
-    op__buf_init(&w->in);
-  } else {
-    op__buf_free(&w->in);
-  }
-  buf_take(&t->buf, &w->out);
-  t->worker = NULL;
-  w->task = NULL;
-  w->stop_at = 0;
 }
 
 static void worker_free(op_worker *w);
@@ -788,13 +228,11 @@ static void ghost_exit(op_worker *w) {
   int last;
 
   uv_mutex_unlock(&p->mu);
-  w->current = NULL;
-  worker_close(w); /* finalizers may run: offpath.block refuses (ghost) */
+  op__wvm_close(w); /* finalizers may run: offpath.block refuses (ghost) */
   uv_mutex_lock(&p->mu);
   p->ghosts--;
   last = p->freed && p->ghosts == 0;
   uv_mutex_unlock(&p->mu);
-  self = NULL;
   worker_free(w);
   if (last)
     pool_destroy(p);
@@ -807,11 +245,10 @@ static void worker_main(void *arg) {
   sigset_t set;
   int send, spin;
 
-  self = w;
   /* The loop thread may block signals; the stop signal must get through. */
-  if (stop_signo(p) != 0) {
+  if (p->signo != 0) {
     sigemptyset(&set);
-    sigaddset(&set, stop_signo(p));
+    sigaddset(&set, p->signo);
     pthread_sigmask(SIG_UNBLOCK, &set, NULL);
   }
 #ifdef SCHED_BATCH
@@ -824,7 +261,7 @@ static void worker_main(void *arg) {
     pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
   }
 #endif
-  worker_open(w);
+  op__wvm_open(w);
   op__note_cpu(&p->rt->worker_cpu, op__this_cpu());
   for (;;) {
     uv_mutex_lock(&p->mu);
@@ -838,8 +275,12 @@ static void worker_main(void *arg) {
       ** of a batch tells the loop thread (the wake-up itself, a syscall,
       ** is sent without the lock). */
       done->next = NULL;
-      if (done->kind == OP_TASK_LUA)
-        hand_in_lua(w, done);
+      if (done->kind == OP_TASK_LUA) {
+        op__wvm_hand_in(w, done);
+        done->worker = NULL;
+        w->task = NULL;
+        w->stop_at = 0;
+      }
       if (p->done_head == NULL) {
         p->done_head = done;
         atomic_store(&p->has_done, 1);
@@ -894,7 +335,7 @@ static void worker_main(void *arg) {
         spin = 0;
         continue;
       }
-      if (idle_collect(w, &p->mu))
+      if (op__wvm_idle(w, &p->mu))
         continue; /* the queue may have changed meanwhile */
       /* Sleep until a submitter takes us off the list and posts. */
       spin = 0;
@@ -920,12 +361,8 @@ static void worker_main(void *arg) {
         ** worker's (see "Stuck workers" in the DESIGN block). */
         t->worker = w;
         w->task = t;
-        w->watch = t->watch;
-        atomic_store_explicit(&w->fn_src, NULL, memory_order_relaxed);
         w->stop_at = 0;
-        atomic_store_explicit(&w->stop, atomic_load(&t->stop),
-                              memory_order_relaxed);
-        buf_take(&w->in, &t->buf);
+        op__wvm_take(w, t);
       }
     }
     set_avail(p, p->head != NULL || p->stopping);
@@ -939,19 +376,12 @@ static void worker_main(void *arg) {
       t->status = atomic_load(&t->stop);
       if (t->status == 0)
         t->work(t->arg);
-    } else if ((w->status = atomic_load(&w->stop)) != 0) {
-      /* stopped before it ran */
-    } else if (w->L != NULL || worker_open(w) == 0) {
-      run_lua(w, t);
     } else {
-      w->status = OP_ESCRIPT;
-      op__buf_append(&w->out, "not enough memory (worker has no Lua state)",
-                     43);
+      op__wvm_run(w, t);
     }
     done = t;
   }
-  worker_close(w);
-  self = NULL;
+  op__wvm_close(w);
 }
 
 /* Take the tasks p's workers finished, appending them to the list
@@ -987,6 +417,11 @@ static op_worker *worker_new(op_pool *p, int id) {
     return NULL;
   w->pool = p;
   w->id = id;
+  w->rt = p->rt;
+  w->pool_name = p->name;
+  w->init = p->init;
+  w->signo = p->signo;
+  w->mem.limit = p->mem_limit;
   atomic_init(&w->stop, 0);
   atomic_init(&w->fn_src, NULL);
   atomic_init(&w->fn_line, 0);
@@ -1037,8 +472,8 @@ static int start(op_pool *p) {
   int i, rc, err = 0;
   char msg[256];
 
-  if (stop_signo(p) != 0)
-    install_stop_signal(stop_signo(p));
+  if (p->signo != 0)
+    op__wvm_catch_stop(p->signo);
   if (p->workers == NULL) {
     p->workers = calloc((size_t)p->nthreads, sizeof *p->workers);
     if (p->workers == NULL)
@@ -1389,8 +824,8 @@ void op__pool_stop_task(op_pool *p, op_task *t, int code) {
     atomic_store(&runner->stop, code);
     if (runner->stop_at == 0)
       runner->stop_at = uv_hrtime() | 1;
-    if (stop_signo(p) != 0)
-      pthread_kill(runner->thread, stop_signo(p)); /* see the DESIGN block */
+    if (p->signo != 0)
+      pthread_kill(runner->thread, p->signo); /* see worker.c */
   }
   uv_mutex_unlock(&p->mu);
   if (taken) {
@@ -1727,15 +1162,6 @@ int op__worker_id(op_worker *w) {
 
 op_pool *op__worker_pool(op_worker *w) {
   return w->pool;
-}
-
-op_xfer *op__worker_xfer(op_worker *w) {
-  return w->xfer;
-}
-
-int op__worker_stopping(op_worker *w) {
-  return w->current != NULL &&
-         atomic_load_explicit(&w->stop, memory_order_relaxed) != 0;
 }
 
 const char *op__worker_pool_name(op_worker *w) {

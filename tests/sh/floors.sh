@@ -23,6 +23,7 @@ src/io/common.c
 src/sched.c
 src/loop.c src/lua_worker.c
 src/pool.c
+src/worker.c
 src/transfer.c
 src/protostore.c
 src/lua54.c
