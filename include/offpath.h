@@ -205,8 +205,9 @@ OP_EXTERN int op_runtime_start(op_runtime *rt);
 /* Call the global function `handler` with the nargs values on top of the
 ** main lua_State's stack (popped), in a coroutine. Returns at once if the
 ** handler suspends. Returns 0 (done or suspended), OP_ENOHANDLER if there is
-** no such global function (the arguments are popped too), or OP_ESCRIPT if
-** it raised before suspending (see op_errmsg). Errors after a suspension
+** no such global function (the arguments are popped too), OP_ENOMEM if
+** there is no memory to start it (popped too), or OP_ESCRIPT if it raised
+** before suspending (see op_errmsg). Errors after a suspension
 ** are reported through the error callback and counted in op_stats. */
 OP_EXTERN int op_call(op_runtime *rt, const char *handler, int nargs);
 

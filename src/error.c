@@ -142,6 +142,41 @@ int op__pcall_at(lua_State *L, int nargs, int nres, int msgh) {
   return lua_pcall(L, nargs, nres, msgh);
 }
 
+int op__protect(lua_State *L, lua_CFunction fn, void *ud, int nres) {
+  /* A light C function and a light userdata: pushing them allocates
+  ** nothing, and lua_pcall's own needs (stack, call info) are met inside
+  ** the protected call. */
+  lua_pushcfunction(L, fn);
+  lua_pushlightuserdata(L, ud);
+  return op__pcall(L, 1, nres, NULL);
+}
+
+/* Registry key of the string "not enough memory" (main VM). */
+static const char nomem_key = 'N';
+
+void op__nomem_open(lua_State *L) {
+  lua_pushliteral(L, OP_NOMEM);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &nomem_key);
+}
+
+void op__push_nomem(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &nomem_key);
+}
+
+/* The protected body of op__push_text: the string is the argument. */
+static int push_text_p(lua_State *L) {
+  lua_pushstring(L, lua_touserdata(L, 1));
+  return 1;
+}
+
+void op__push_text(lua_State *L, const char *s) {
+  if (op__protect(L, push_text_p, (void *)s, 1) != LUA_OK &&
+      lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    op__push_nomem(L);
+  }
+}
+
 #ifdef OP_DEBUG
 void op__check_loop_thread(op_runtime *rt, const char *fn) {
   uv_thread_t me = uv_thread_self();

@@ -95,3 +95,8 @@ op_group *op__group_new(op_track_cb cb, void *ud) {
   g->err = NULL;
   return g;
 }
+
+void op__group_drop(op_group *g) {
+  op_assert(g->n == 1 && g->err == NULL);
+  free(g);
+}

@@ -525,11 +525,19 @@ lua_State *op__wait_thread(op_runtime *rt, op_wait_id id);
 void op__wait_resume(op_runtime *rt, op_wait_id id, int nres);
 
 /* Resolve a wait with an error: the message is used as given (start it with
-** a stable word: "timeout", "cancelled", "exec: ...").  */
+** a stable word: "timeout", "cancelled", "exec: ..."), or OP_NOMEM if
+** its copy cannot be made. Never raises.  */
 void op__wait_fail(op_runtime *rt, op_wait_id id, const char *msg);
 /* Resolve a wait with the error value the resolver pushed on the waiting
 ** thread (any value: wait_k raises it as it is). */
 void op__wait_fail_value(op_runtime *rt, op_wait_id id);
+/* Resolve the wait id with the n values on top of from (a thread of the
+** main VM, not the waiter), moved to the waiter: as results if ok, else
+** as the error value (n == 1). If the waiter's stack cannot take them, it
+** fails with OP_NOMEM instead. Pops the n values either way; allocates
+** nothing that can fail.  [-n, +0, -] */
+void op__wait_move(op_runtime *rt, op_wait_id id, lua_State *from, int n,
+                   int ok);
 /* op__wait_yield with the continuation k and context ctx instead of the
 ** usual one: k sees (true, values...) or (false, error) on top. */
 int op__wait_yieldk(lua_State *L, lua_KContext ctx, lua_KFunction k);
@@ -542,7 +550,7 @@ void op__check_suspend(lua_State *L, const char *call);
 
 /* A handler coroutine ready to run: reused if one finished earlier, else
 ** made. Owned by the scheduler; set on_end/data before starting it.
-** [-0, +0, m] (on the main VM) */
+** Returns NULL if it cannot be made (out of memory).  [-0, +0, -] */
 op_co *op__co_acquire(op_runtime *rt);
 
 /* Move the function and its nargs arguments from the top of `from` into c
@@ -571,6 +579,8 @@ void op__std_fds_open(void);
 ** holds it as a member until it lets go (op__group_leave). NULL on out
 ** of memory. */
 op_group *op__group_new(op_track_cb cb, void *ud);
+/* Free a group nothing joined yet, without calling its cb. */
+void op__group_drop(op_group *g);
 /* Count a new member of g (a coroutine or task started by code of g).
 ** NULL: none. */
 void op__group_join(op_group *g);
@@ -817,6 +827,24 @@ int op__pcall(lua_State *L, int nargs, int nres, lua_CFunction msgh);
 ** msgh (below the function), for a caller that makes many calls under one
 ** handler: the worker's tasks.  [-(nargs+1), +(nres|1), -] */
 int op__pcall_at(lua_State *L, int nargs, int nres, int msgh);
+/* Call fn in protected mode with the light userdata ud as its only
+** argument: how C code that must not raise (a libuv callback, the
+** completion of a task) builds Lua values. Returns LUA_OK with fn's nres
+** results on L, or the error status with the error value on top (for a
+** memory error Lua's own "not enough memory", which costs no memory).
+** [-0, +(nres|1), -] */
+int op__protect(lua_State *L, lua_CFunction fn, void *ud, int nres);
+/* The one wording of an out-of-memory error, Lua's own. */
+#define OP_NOMEM "not enough memory"
+/* Keep the string OP_NOMEM in the registry (main VM), so that
+** op__push_nomem allocates nothing.  [-0, +0, m] */
+void op__nomem_open(lua_State *L);
+/* Push the string OP_NOMEM kept by op__nomem_open. Allocates nothing and
+** runs no collection step.  [-0, +1, -] */
+void op__push_nomem(lua_State *L);
+/* Push a copy of the C string s on L (main VM), or OP_NOMEM if it cannot
+** be made.  [-0, +1, -] */
+void op__push_text(lua_State *L, const char *s);
 /* Message handler: message plus traceback.  [-1, +1, m] */
 int op__traceback(lua_State *L);
 /* The one description of an error value that is no string, "(error

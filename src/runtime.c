@@ -381,22 +381,45 @@ int op_load_string(op_runtime *rt, const char *chunk, const char *name) {
   return run_chunk(rt, luaL_loadbuffer(rt->L, chunk, strlen(chunk), name));
 }
 
+/* No coroutine for a call (out of memory): drop the function and its
+** nargs arguments, and say so. */
+static int call_nomem(op_runtime *rt, int nargs) {
+  lua_pop(rt->L, nargs + 1);
+  op__set_errmsg(rt, OP_NOMEM);
+  return OP_ENOMEM;
+}
+
 int op_call_value(op_runtime *rt, int nargs) {
   op_co *c;
 
   op__assert_loop_thread(rt);
   rt->calls++;
-  c = op__co_acquire(rt);
+  if ((c = op__co_acquire(rt)) == NULL)
+    return call_nomem(rt, nargs);
   c->quiet = rt->depth == 0;
   return op__co_start(c, rt->L, nargs);
 }
 
+/* The protected part of op_call: the global named by the argument (its
+** name may be a string Lua has to make). */
+static int getglobal_p(lua_State *L) {
+  lua_getglobal(L, lua_touserdata(L, 1));
+  return 1;
+}
+
 int op_call(op_runtime *rt, const char *handler, int nargs) {
   lua_State *L = rt->L;
+  int status;
 
   op__assert_loop_thread(rt);
-  if (lua_getglobal(L, handler) != LUA_TFUNCTION) {
+  status = op__protect(L, getglobal_p, (void *)handler, 1);
+  if (status != LUA_OK || lua_type(L, -1) != LUA_TFUNCTION) {
     lua_pop(L, nargs + 1);
+    if (status != LUA_OK) {
+      lua_pop(L, 1);
+      op__set_errmsg(rt, OP_NOMEM);
+      return OP_ENOMEM;
+    }
     op__set_errmsg(rt, "no handler '%s'", handler);
     return OP_ENOHANDLER;
   }
@@ -416,7 +439,10 @@ int op_call_track(op_runtime *rt, int nargs, op_track_cb cb, void *ud) {
     return OP_ENOMEM;
   }
   rt->calls++;
-  c = op__co_acquire(rt);
+  if ((c = op__co_acquire(rt)) == NULL) {
+    op__group_drop(g); /* OP_ENOMEM: cb never runs */
+    return call_nomem(rt, nargs);
+  }
   c->quiet = rt->depth == 0;
   rt->grp = g;
   rc = op__co_start(c, rt->L, nargs); /* the coroutine joins g */

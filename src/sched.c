@@ -238,7 +238,8 @@ static void wait_abort(op_runtime *rt, op_wait *w, const char *text, int code) {
   op_co *c = wait_take(rt, w);
 
   lua_pushboolean(c->L, 0);
-  lua_pushstring(c->L, text);
+  op__push_text(rt->L, text); /* protected: OP_NOMEM if it cannot */
+  lua_xmove(rt->L, c->L, 1);
   if (abort != NULL)
     abort(what, code);
   co_resume(c, 2);
@@ -284,8 +285,10 @@ op_wait_id op__wait_new(lua_State *L, const char *call, double timeout,
   if (timeout > 0) {
     w->timer = op__timer_start(rt, (uint64_t)(timeout * 1000.0 + 0.5),
                                wait_timer_cb, c->wait, NULL);
-    if (w->timer == NULL)
-      OP_PANIC("out of memory for a wait's timer");
+    if (w->timer == NULL) {
+      wait_take(rt, w); /* nothing started yet: give the slot back */
+      luaL_error(L, OP_NOMEM);
+    }
   }
   return c->wait;
 }
@@ -350,6 +353,30 @@ void op__wait_resume(op_runtime *rt, op_wait_id id, int nres) {
   co_resume(c, nres + 1);
 }
 
+void op__wait_move(op_runtime *rt, op_wait_id id, lua_State *from, int n,
+                   int ok) {
+  op_wait *w = wait_get(rt, id);
+  op_co *c;
+
+  if (w == NULL) {
+    lua_pop(from, n);
+    return;
+  }
+  c = wait_take(rt, w);
+  if (!lua_checkstack(c->L, n + 1)) {
+    /* The two values of a failure fit: a waiting C function has
+    ** LUA_MINSTACK slots. */
+    lua_pop(from, n);
+    lua_pushboolean(c->L, 0);
+    op__push_nomem(c->L);
+    co_resume(c, 2);
+    return;
+  }
+  lua_pushboolean(c->L, ok);
+  lua_xmove(from, c->L, n);
+  co_resume(c, n + 1);
+}
+
 void op__wait_fail_value(op_runtime *rt, op_wait_id id) {
   op_wait *w = wait_get(rt, id);
   op_co *c;
@@ -363,15 +390,10 @@ void op__wait_fail_value(op_runtime *rt, op_wait_id id) {
 }
 
 void op__wait_fail(op_runtime *rt, op_wait_id id, const char *msg) {
-  op_wait *w = wait_get(rt, id);
-  op_co *c;
-
-  if (w == NULL)
+  if (wait_get(rt, id) == NULL)
     return;
-  c = wait_take(rt, w);
-  lua_pushboolean(c->L, 0);
-  lua_pushstring(c->L, msg);
-  co_resume(c, 2);
+  op__push_text(rt->L, msg); /* protected: OP_NOMEM if it cannot */
+  op__wait_move(rt, id, rt->L, 1, 0);
 }
 
 void op__wait_cancel(op_runtime *rt, op_wait_id id, const char *msg, int code) {
@@ -444,8 +466,16 @@ static void idle_cb(uv_idle_t *idle) {
 
 /* ---- coroutines ---- */
 
+/* The protected part of making a coroutine: its thread, anchored. */
+static int new_thread_p(lua_State *L) {
+  op_co *c = lua_touserdata(L, 1);
+
+  c->L = lua_newthread(L);
+  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
 op_co *op__co_acquire(op_runtime *rt) {
-  lua_State *L = rt->L;
   op_co *c;
 
   if ((c = rt->free_cos) != NULL) {
@@ -456,12 +486,15 @@ op_co *op__co_acquire(op_runtime *rt) {
   }
   c = calloc(1, sizeof *c);
   if (c == NULL)
-    luaL_error(L, "not enough memory");
+    return NULL;
   c->rt = rt;
   c->handler = 1;
   c->ctx_ref = LUA_NOREF;
-  c->L = lua_newthread(L);
-  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (op__protect(rt->L, new_thread_p, c, 0) != LUA_OK) {
+    lua_pop(rt->L, 1);
+    free(c);
+    return NULL;
+  }
   *(op_co **)lua_getextraspace(c->L) = c;
   return c;
 }
@@ -491,22 +524,39 @@ static void co_release(op_co *c, int reusable) {
   op__group_leave(rt, g, NULL);
 }
 
-/* A coroutine failed: build "message\nstack traceback" of it on rt->L. */
-static void push_co_error(op_co *c) {
-  lua_State *L = c->rt->L;
-  const char *msg = lua_tostring(c->L, -1);
+/* The protected body of push_co_error: the error value of the dead
+** coroutine (the argument) is moved to L, where its text is made: a
+** __tostring runs on a thread that can call. */
+static int co_error_p(lua_State *L) {
+  op_co *c = lua_touserdata(L, 1);
+  const char *msg;
+  int err;
 
+  lua_xmove(c->L, L, 1);
+  err = lua_gettop(L);
+  msg = lua_type(L, err) == LUA_TSTRING ? lua_tostring(L, err) : NULL;
   if (msg == NULL) {
-    int err = lua_gettop(c->L);
-
-    msg = op__error_text(c->L, err);
-    if (op__error_traceback(c->L, err)) {
+    msg = op__error_text(L, err);
+    if (op__error_traceback(L, err)) {
       /* It came from a task: where it was raised first. */
-      msg = lua_pushfstring(c->L, "%s\n%s\nraised again here:", msg,
-                            lua_tostring(c->L, -1));
+      msg = lua_pushfstring(L, "%s\n%s\nraised again here:", msg,
+                            lua_tostring(L, -1));
     }
   }
   luaL_traceback(L, c->L, msg, 0);
+  return 1;
+}
+
+/* A coroutine failed: build "message\nstack traceback" of it on rt->L,
+** or OP_NOMEM if that cannot be made.  [-0, +1, -] */
+static void push_co_error(op_co *c) {
+  lua_State *L = c->rt->L;
+
+  if (op__protect(L, co_error_p, c, 1) != LUA_OK &&
+      lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    op__push_nomem(L);
+  }
 }
 
 /* Resume c with the nargs values on its stack once, and handle the

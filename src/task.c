@@ -66,10 +66,12 @@ struct op_ltask {
 };
 
 /* The user values of a task object. The table holds what is rare: more
-** waiters ("waits") and callbacks ("cbs"). The first on_done callback, or
+** waiters (UVT_WAITS) and callbacks (UVT_CBS), lists under integer keys,
+** which cost no string to look up. The first on_done callback, or
 ** a schedule's onresult, and a schedule's onerror and data sit in slots of
 ** their own, so the common cases make no table. */
 enum { UV_TABLE = 1, UV_CB, UV_ONERROR, UV_DATA };
+enum { UVT_WAITS = 1, UVT_CBS };
 
 static const char *const state_names[] = { "queued", "running",   "done",
                                            "failed", "cancelled", "timeout" };
@@ -131,13 +133,18 @@ struct op_tasks {
 /* The runtime's task state, made on first use.  [-0, +0, m] */
 static op_tasks *tasks_of(lua_State *L, op_runtime *rt) {
   op_tasks *ts = rt->tasks;
+  int ref;
 
   if (ts != NULL)
     return ts;
-  if ((ts = rt->tasks = calloc(1, sizeof *ts)) == NULL)
-    luaL_error(L, "out of memory");
   lua_newtable(L);
-  ts->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if ((ts = calloc(1, sizeof *ts)) == NULL) {
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+    luaL_error(L, OP_NOMEM);
+  }
+  ts->ref = ref;
+  rt->tasks = ts;
   return ts;
 }
 
@@ -157,6 +164,18 @@ static void report_unobserved(op_runtime *rt, const char *call,
   snprintf(line, (size_t)n + 1, fmt, call, msg);
   op__report_error(rt, line);
   free(line);
+}
+
+/* Out of memory where nobody else can hear it: report "not enough memory
+** <what> (<call>)" through the error callback, count it, and fail the
+** running group with it. */
+static void report_nomem(op_runtime *rt, const char *what, const char *call) {
+  char msg[256];
+
+  snprintf(msg, sizeof msg, OP_NOMEM " %s (%s)", what, call);
+  rt->call_errors++;
+  op__report_error(rt, msg);
+  op__group_fail(rt->grp, msg);
 }
 
 /* Settle entry i: report its failure, free what it holds. */
@@ -210,6 +229,7 @@ static int sentinel_gc(lua_State *L) {
 }
 
 static void push_error_text(lua_State *L, op_ltask *lt);
+static void push_task(lua_State *L, op_ltask *lt);
 
 /* Whether lt failed and nobody has waited for it or listened to it. */
 static int unobserved_failure(const op_ltask *lt) {
@@ -221,53 +241,61 @@ static int remain_needed(const op_ltask *lt) {
   return lt->t.buf.p != lt->t.buf.small || unobserved_failure(lt);
 }
 
-/* Give the ended pool task lt, on top of L, an entry if it leaves
-** something to do when collected.  [-0, +0, m] */
-static void remain_add(lua_State *L, op_ltask *lt) {
+/* Give the ended pool task lt (the argument) an entry if it leaves
+** something to do when collected. Protected: the entry is taken last, by
+** steps that cannot fail, so a memory error leaves no entry and nothing
+** allocated.  [-0, +0, m] */
+static int remain_add_p(lua_State *L) {
+  op_ltask *lt = lua_touserdata(L, 1);
   op_runtime *rt = lt->rt;
-  op_tasks *r = rt->tasks;
+  op_tasks *r;
   op_buf *out = &lt->t.buf;
   char *heap = out->p != out->small ? out->p : NULL, *msg = NULL;
+  const char *text = NULL;
+  size_t len = 0;
   remain *nv;
   uint32_t i;
 
   if (unobserved_failure(lt)) {
-    size_t len;
-    const char *text;
-
     push_error_text(L, lt);
     text = lua_tolstring(L, -1, &len);
-    if ((msg = malloc(len + 1)) == NULL)
-      OP_PANIC("out of memory for a task failure");
-    memcpy(msg, text, len + 1);
-    lua_pop(L, 1);
   }
-  if (heap == NULL && msg == NULL)
-    return;
+  if (heap == NULL && text == NULL)
+    return 0;
   r = tasks_of(L, rt);
   if (r->free == 0) {
     if (r->n == r->cap) {
       uint32_t cap = r->cap ? 2 * r->cap : 16;
       if ((nv = realloc(r->v, cap * sizeof *nv)) == NULL)
-        OP_PANIC("out of memory for task remains");
+        luaL_error(L, OP_NOMEM);
       r->v = nv;
       r->cap = cap;
     }
     r->v[r->n].next = 0;
     r->free = ++r->n;
   }
+  /* A sentinel before the entry: it may run at once, and skips free
+  ** entries. */
+  arm_sentinel(L, r);
   i = r->free - 1;
-  r->free = r->v[i].next;
+  push_task(L, lt);
   lua_rawgetp(L, LUA_REGISTRYINDEX, &remains_key);
   lua_pushvalue(L, -2);
   lua_rawseti(L, -2, (lua_Integer)i + 1);
-  lua_pop(L, 1);
+  if (text != NULL && (msg = malloc(len + 1)) == NULL) {
+    lua_pushnil(L); /* the key is there now: no allocation */
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+    luaL_error(L, OP_NOMEM);
+  }
+  if (msg != NULL)
+    memcpy(msg, text, len + 1);
   /* live only now: a sentinel never sees an entry without its object */
+  r->free = r->v[i].next;
   r->v[i].heap = heap;
   r->v[i].msg = msg;
   r->v[i].call = lt->call;
   lt->remain = i + 1;
-  arm_sentinel(L, r);
+  return 0;
 }
 
 /* lt's failure was observed: nothing to report when it is collected. */
@@ -309,6 +337,23 @@ void op__task_close(op_runtime *rt) {
   rt->tasks = NULL;
 }
 
+/* No memory for the entry of lt (remain_add_p): what it would keep is
+** given up. A result on the C heap is freed, and the task fails with
+** OP_NOMEM instead; a failure is reported at once, since nothing would
+** report it once the task is collected. */
+static void remain_lost(op_ltask *lt) {
+  op_buf *out = &lt->t.buf;
+
+  if (out->p != out->small || lt->state == OP_TASK_DONE) {
+    op__buf_free(out);
+    lt->state = OP_TASK_FAILED;
+    lt->t.errval = 0;
+    op__buf_append(out, OP_NOMEM, sizeof OP_NOMEM - 1); /* inline */
+  }
+  if (unobserved_failure(lt))
+    report_nomem(lt->rt, "to keep the outcome of a task", lt->call);
+}
+
 /* ---- the object and its uservalue ---- */
 
 /* Push the task object; it is anchored whenever this is called. */
@@ -326,7 +371,7 @@ static void push_uv(lua_State *L, int idx, op_ltask *lt) {
   lt->has_uv = 1;
   if (lua_getiuservalue(L, idx, UV_TABLE) != LUA_TTABLE) {
     lua_pop(L, 1);
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 2, 0);
     lua_pushvalue(L, -1);
     lua_setiuservalue(L, idx, UV_TABLE);
   }
@@ -370,7 +415,7 @@ static void anchor(lua_State *L, op_ltask *lt, int idx) {
     if (ts->nslots + 1 >= ts->slot_cap) {
       cap = ts->slot_cap ? 2 * ts->slot_cap : 64;
       if ((nn = realloc(ts->next, cap * sizeof *nn)) == NULL)
-        luaL_error(L, "out of memory");
+        luaL_error(L, OP_NOMEM);
       ts->next = nn;
       ts->slot_cap = cap;
     }
@@ -460,6 +505,11 @@ static void push_failure(lua_State *L, op_ltask *lt) {
   switch (lt->state) {
   case OP_TASK_FAILED:
     if (lt->kind != OP_LT_POOL) {
+      if (lt->res_ref == LUA_NOREF) { /* no memory to keep its outcome */
+        op__push_nomem(L);
+        lua_pushnil(L);
+        return;
+      }
       lua_rawgeti(L, LUA_REGISTRYINDEX, lt->res_ref);
       lua_rawgeti(L, LUA_REGISTRYINDEX, lt->tb_ref);
       return;
@@ -511,42 +561,87 @@ static void push_error_text(lua_State *L, op_ltask *lt) {
   lua_settop(L, err);
 }
 
-/* ---- the end of a task ---- */
+/* The protected body of error_text. */
+static int error_text_p(lua_State *L) {
+  op_ltask *lt = lua_touserdata(L, 1);
 
-/* Tell the waiter with id w how lt ended. Messages are built on the main
+  push_error_text(L, lt);
+  return 1;
+}
+
+/* push_error_text, or OP_NOMEM if it cannot be made.  [-0, +1, -] */
+static void error_text(lua_State *L, op_ltask *lt) {
+  if (op__protect(L, error_text_p, lt, 1) != LUA_OK &&
+      lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    op__push_nomem(L);
+  }
+}
+
+/* ---- the end of a task ----
+**
+** Nothing here may raise: it runs from the drain, a timer or a cancel.
+** What a waiter or a callback is given is built on the main thread by a
+** function called through op__protect, before anyone is told; if that
+** fails (out of memory), they are told the error it left, Lua's "not
+** enough memory", which costs nothing to hand on. So each is told once.
+*/
+
+/* What tell_waiter builds: for the task lt and the waiter co, whether
+** the values are results (ok) or an error. */
+typedef struct telling {
+  op_ltask *lt;
+  lua_State *co;
+  int ok;
+} telling;
+
+/* The protected body of tell_waiter: push the results of a task that
+** ended DONE (ok set), or its error value (a result that cannot be
+** copied: a message naming where the waiter stands). Returns the count. */
+static int tell_build_p(lua_State *L) {
+  telling *tl = lua_touserdata(L, 1);
+  op_ltask *lt = tl->lt;
+  char where[256];
+  int n;
+
+  lua_pop(L, 1);
+  if (lt->state == OP_TASK_DONE) {
+    n = push_results(L, lt);
+    if (n >= 0) {
+      tl->ok = 1;
+      return n;
+    }
+    lua_pushfstring(L, "%s (%s at %s)", lua_tostring(L, -1), lt->call,
+                    op__where(tl->co, where, sizeof where));
+    return 1;
+  }
+  /* The error value itself, any value; its traceback beside it. */
+  push_failure(L, lt);
+  op__note_traceback(L);
+  lua_pop(L, 1);
+  return 1;
+}
+
+/* Tell the waiter with id w how lt ended. Values are built on the main
 ** thread's stack, never on the waiter's, whose stack must hold exactly
 ** what the wait's continuation expects. */
 static void tell_waiter(op_ltask *lt, op_wait_id w) {
   op_runtime *rt = lt->rt;
   lua_State *L = rt->L;
-  lua_State *co = op__wait_thread(rt, w);
   char msg[128];
-  int n;
+  telling tl;
+  int top, status;
 
-  if (co == NULL)
+  if ((tl.co = op__wait_thread(rt, w)) == NULL)
     return;
   switch (lt->state) {
   case OP_TASK_DONE:
-    n = push_results(co, lt);
-    if (n >= 0) {
-      op__wait_resume(rt, w, n);
-    } else {
-      char where[256];
-
-      lua_xmove(co, L, 1);
-      lua_pushfstring(L, "%s (%s at %s)", lua_tostring(L, -1), lt->call,
-                      op__where(co, where, sizeof where));
-      op__wait_fail(rt, w, lua_tostring(L, -1));
-      lua_pop(L, 2);
-    }
-    return;
   case OP_TASK_FAILED:
-    /* The error value itself, any value; its traceback beside it. */
-    push_failure(L, lt);
-    op__note_traceback(L);
-    lua_pop(L, 1);
-    lua_xmove(L, co, 1);
-    op__wait_fail_value(rt, w);
+    tl.lt = lt;
+    tl.ok = 0;
+    top = lua_gettop(L);
+    status = op__protect(L, tell_build_p, &tl, LUA_MULTRET);
+    op__wait_move(rt, w, L, lua_gettop(L) - top, status == LUA_OK && tl.ok);
     return;
   case OP_TASK_TIMEOUT:
     snprintf(msg, sizeof msg, "timeout after %g s", lt->timeout);
@@ -561,6 +656,47 @@ static void tell_waiter(op_ltask *lt, op_wait_id w) {
 /* Push (true, results...), or (false, error) and, for an error value
 ** that is not a string, its traceback, on L for a callback. Returns the
 ** count.  [-0, +n, m] */
+static int push_outcome(lua_State *L, op_ltask *lt);
+
+/* The protected body of start_callback: push_outcome. */
+static int outcome_p(lua_State *L) {
+  op_ltask *lt = lua_touserdata(L, 1);
+
+  lua_pop(L, 1);
+  return push_outcome(L, lt);
+}
+
+/* Start the callback at fn (an index of L, the main thread) with lt's
+** outcome, in a coroutine of its own. Never raises: with no memory for
+** the outcome it is given (false, "not enough memory"); with no memory for a
+** coroutine it cannot run, and the error callback hears it. */
+static void start_callback(op_ltask *lt, int fn) {
+  op_runtime *rt = lt->rt;
+  lua_State *L = rt->L;
+  op_co *c = op__co_acquire(rt);
+  int top = lua_gettop(L), n;
+
+  if (c == NULL) {
+    report_nomem(rt, "to run a callback", lt->call);
+    return;
+  }
+  lua_pushvalue(L, fn);
+  c->prep_t0 = uv_hrtime(); /* decoding counts in its latency */
+  if (op__protect(L, outcome_p, lt, LUA_MULTRET) != LUA_OK) {
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+  }
+  n = lua_gettop(L) - top - 1;
+  if (!lua_checkstack(c->L, n + 1)) {
+    /* A coroutine's empty stack has room for three. */
+    lua_settop(L, top + 1);
+    lua_pushboolean(L, 0);
+    op__push_nomem(L);
+    n = 2;
+  }
+  op__co_start(c, L, n);
+}
+
 static int push_outcome(lua_State *L, op_ltask *lt) {
   int n;
 
@@ -594,25 +730,39 @@ static void schedule_unhandled(op_runtime *rt, lua_State *L, const char *msg) {
   lua_pop(L, 1);
 }
 
+/* What run_schedule_p is given: the task, and whether a callback was
+** called (then a later failure must not report the task again). */
+typedef struct sched_run {
+  op_ltask *lt;
+  int called;
+} sched_run;
+
 /* Run the Trisul callbacks of a schedule: onresult(engine, data, result)
 ** or onerror(engine, data, err, traceback), on the main thread where
 ** nothing may suspend. A result that cannot be copied into the main VM
 ** (max_result, a value it cannot hold) goes to onerror as the failure it
-** is. obj is the task object's index. */
-static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
+** is. Protected (run_schedule): the argument is a sched_run.
+** [-0, +0, m] */
+static int run_schedule_p(lua_State *L) {
+  sched_run *sr = lua_touserdata(L, 1);
+  op_ltask *lt = sr->lt;
   op_runtime *rt = lt->rt;
-  int ok = lt->state == OP_TASK_DONE, top = lua_gettop(L), n;
+  int obj;
+  int ok = lt->state == OP_TASK_DONE, top, n;
   uint64_t t0 = uv_hrtime();
 
+  push_task(L, lt);
+  obj = top = lua_gettop(L);
   lua_getiuservalue(L, obj, ok ? UV_CB : UV_ONERROR);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
     if (!ok) {
       push_error_text(L, lt);
       schedule_unhandled(rt, L, lua_tostring(L, -1));
+      sr->called = 1; /* reported */
     }
     lua_settop(L, top);
-    return;
+    return 0;
   }
   op__push_engine(rt);
   lua_getiuservalue(L, obj, UV_DATA);
@@ -623,9 +773,10 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
       ok = 0;
       if (lua_getiuservalue(L, obj, UV_ONERROR) == LUA_TNIL) {
         schedule_unhandled(rt, L, lua_tostring(L, -2));
+        sr->called = 1; /* reported */
         lua_settop(L, top);
         op__hist_add(&rt->call_hist, uv_hrtime() - t0);
-        return;
+        return 0;
       }
       lua_replace(L, top + 1);
       lua_pushnil(L);
@@ -638,16 +789,37 @@ static void run_schedule(lua_State *L, op_ltask *lt, int obj) {
     push_failure(L, lt); /* onerror(engine, data, err, traceback) */
     op__note_traceback(L);
   }
+  sr->called = 1;
   rt->depth++; /* Lua runs: wake-ups it causes wait for the next turn */
   if (op__pcall(L, ok ? 3 : 4, 0, op__traceback) != LUA_OK) {
+    rt->depth--;
     rt->call_errors++;
+    if (lua_type(L, -1) != LUA_TSTRING) { /* made no text: memory */
+      lua_pop(L, 1);
+      op__push_nomem(L);
+    }
     op__report_error(rt, lua_tostring(L, -1));
     op__group_fail(rt->grp, lua_tostring(L, -1));
+  } else {
+    rt->depth--;
   }
-  rt->depth--;
   lua_settop(L, top);
   /* Decoding and the callback ran on the loop thread like a resume. */
   op__hist_add(&rt->call_hist, uv_hrtime() - t0);
+  return 0;
+}
+
+/* Run the callbacks of a schedule (run_schedule_p). If what they need
+** cannot be built, the failure goes to the error callback instead. */
+static void run_schedule(lua_State *L, op_ltask *lt) {
+  sched_run sr;
+  int top = lua_gettop(L);
+
+  sr.lt = lt;
+  sr.called = 0;
+  if (op__protect(L, run_schedule_p, &sr, 0) != LUA_OK && !sr.called)
+    report_nomem(lt->rt, "to run the callbacks", "offpath.schedule");
+  lua_settop(L, top);
 }
 
 /* End lt in state (once): stop its deadline, count it, tell its waiters,
@@ -672,7 +844,6 @@ static void notify(op_ltask *lt) {
   lua_State *L = rt->L;
   int top = lua_gettop(L), obj, uv = 0, i, n;
   op_wait_id first = lt->waiter;
-  op_co *c;
 
   lt->waiter = 0;
   if (!lt->has_uv && !lt->has_cb && !lt->sched) {
@@ -695,26 +866,24 @@ static void notify(op_ltask *lt) {
   /* Callbacks first, then waiters: a waiter resumed here runs at once, and
   ** must find the task's callbacks done. */
   if (lt->sched)
-    run_schedule(L, lt, obj);
+    run_schedule(L, lt);
   if (lt->has_cb) {
-    c = op__co_acquire(rt);
     lua_getiuservalue(L, obj, UV_CB);
-    c->prep_t0 = uv_hrtime(); /* decoding counts in its latency */
-    op__co_start(c, L, push_outcome(L, lt));
+    start_callback(lt, lua_gettop(L));
+    lua_pop(L, 1);
   }
-  if (uv != 0 && lua_getfield(L, uv, "cbs") == LUA_TTABLE) {
+  if (uv != 0 && lua_rawgeti(L, uv, UVT_CBS) == LUA_TTABLE) {
     n = (int)lua_rawlen(L, -1);
     for (i = 1; i <= n; i++) {
-      c = op__co_acquire(rt);
       lua_rawgeti(L, -1, i);
-      c->prep_t0 = uv_hrtime();
-      op__co_start(c, L, push_outcome(L, lt));
+      start_callback(lt, lua_gettop(L));
+      lua_pop(L, 1);
     }
   }
   lua_settop(L, uv != 0 ? uv : obj);
   if (first != 0)
     tell_waiter(lt, first);
-  if (uv != 0 && lua_getfield(L, uv, "waits") == LUA_TTABLE) {
+  if (uv != 0 && lua_rawgeti(L, uv, UVT_WAITS) == LUA_TTABLE) {
     n = (int)lua_rawlen(L, -1);
     for (i = 1; i <= n; i++) {
       lua_rawgeti(L, -1, i);
@@ -738,7 +907,7 @@ static void task_notify(op_ltask *lt) {
   lt->grp = NULL;
   if ((lt->state == OP_TASK_FAILED || lt->state == OP_TASK_TIMEOUT) &&
       !lt->observed && !lt->sched) {
-    push_error_text(rt->L, lt);
+    error_text(rt->L, lt);
     op__group_fail(g, lua_tostring(rt->L, -1));
     lua_pop(rt->L, 1);
   }
@@ -820,10 +989,10 @@ static void task_settle_cb(op_task *t) {
     break;
   }
   t->notify = (uint8_t)task_settle(lt, state);
-  if (t->notify && !lt->own && remain_needed(lt)) {
-    push_task(lt->rt->L, lt);
-    remain_add(lt->rt->L, lt);
+  if (t->notify && !lt->own && remain_needed(lt) &&
+      op__protect(lt->rt->L, remain_add_p, lt, 0) != LUA_OK) {
     lua_pop(lt->rt->L, 1);
+    remain_lost(lt);
   }
 }
 
@@ -956,50 +1125,78 @@ int op__task_await_queued(lua_State *L, op_ltask *lt) {
 
 /* ---- go tasks ---- */
 
+/* What go_end_p keeps of a go task's end: the coroutine, how it ended. */
+typedef struct go_outcome {
+  op_co *c;
+  int status, nres;
+} go_outcome;
+
+/* The protected body of go_end: keep the outcome of the coroutine in the
+** registry, res_ref (a results table, or the error value) and tb_ref
+** (the traceback of an error value that is not a string). */
+static int go_end_p(lua_State *L) {
+  go_outcome *o = lua_touserdata(L, 1);
+  op_co *c = o->c;
+  op_ltask *lt = c->data;
+  int i;
+
+  if (o->status == LUA_OK) {
+    luaL_checkstack(L, 4, NULL);
+    lua_createtable(L, o->nres, 1);
+    for (i = o->nres; i >= 1; i--) {
+      lua_xmove(c->L, L, 1);
+      lua_rawseti(L, -2, i);
+    }
+    lua_pushinteger(L, o->nres);
+    lua_setfield(L, -2, "n");
+  } else if (lua_type(c->L, -1) == LUA_TSTRING) {
+    /* An error that already carries a traceback (raised again from a
+    ** wait) keeps the one of where it was first raised: appending one
+    ** per task would make a chain of failing waits quadratic. */
+    if (strstr(lua_tostring(c->L, -1), "\nstack traceback:") != NULL)
+      lua_xmove(c->L, L, 1);
+    else
+      luaL_traceback(L, c->L, lua_tostring(c->L, -1), 0);
+  } else {
+    /* An error value: kept as it is, its traceback beside it (that of
+    ** where it was first raised, if it came from a task). */
+    if (op__error_traceback(c->L, -1))
+      lua_xmove(c->L, L, 1);
+    else
+      luaL_traceback(L, c->L, NULL, 0);
+    lt->tb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_xmove(c->L, L, 1);
+  }
+  lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
 static void go_end(op_co *c, int status, int nres) {
   op_ltask *lt = c->data;
   op_runtime *rt = lt->rt;
   lua_State *L = rt->L;
-  int i;
+  go_outcome o;
 
   lt->co = NULL;
   if (lt->state < OP_TASK_DONE) {
-    if (status == LUA_OK) {
-      lua_createtable(L, nres, 1);
-      for (i = nres; i >= 1; i--) {
-        lua_xmove(c->L, L, 1);
-        lua_rawseti(L, -2, i);
-      }
-      lua_pushinteger(L, nres);
-      lua_setfield(L, -2, "n");
-      lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-      task_end(lt, OP_TASK_DONE);
-    } else if (lua_type(c->L, -1) == LUA_TSTRING) {
-      /* An error that already carries a traceback (raised again from a
-      ** wait) keeps the one of where it was first raised: appending one
-      ** per task would make a chain of failing waits quadratic. */
-      if (strstr(lua_tostring(c->L, -1), "\nstack traceback:") != NULL)
-        lua_xmove(c->L, L, 1);
-      else
-        luaL_traceback(L, c->L, lua_tostring(c->L, -1), 0);
-      lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-      task_end(lt, OP_TASK_FAILED);
+    o.c = c;
+    o.status = status;
+    o.nres = nres;
+    if (op__protect(L, go_end_p, &o, 0) == LUA_OK) {
+      task_end(lt, status == LUA_OK ? OP_TASK_DONE : OP_TASK_FAILED);
     } else {
-      /* An error value: kept as it is, its traceback beside it (that of
-      ** where it was first raised, if it came from a task). */
-      if (op__error_traceback(c->L, -1))
-        lua_xmove(c->L, L, 1);
-      else
-        luaL_traceback(L, c->L, NULL, 0);
-      lt->tb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-      lua_xmove(c->L, L, 1);
-      lt->res_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+      /* No memory to keep the outcome: it fails with "not enough
+      ** memory" (push_failure, res_ref unset). */
+      lua_pop(L, 1);
+      if (lt->tb_ref != LUA_NOREF)
+        luaL_unref(L, LUA_REGISTRYINDEX, lt->tb_ref);
+      lt->tb_ref = LUA_NOREF;
       task_end(lt, OP_TASK_FAILED);
     }
     if (lt->finalized && unobserved_failure(lt)) {
       /* Its object was finalized while the coroutine ran (a Lua module
       ** program ending): nobody can observe the failure any more. */
-      push_error_text(L, lt);
+      error_text(L, lt);
       report_unobserved(rt, lt->call, lua_tostring(L, -1));
       lua_pop(L, 1);
     }
@@ -1012,21 +1209,16 @@ op_ltask *op__task_go(lua_State *L, int fnidx, int nargs) {
   op_co *parent = op__co(L);
   op_ltask *lt;
   op_co *c;
-  int i;
+  int i, ctx = LUA_NOREF;
 
   fnidx = lua_absindex(L, fnidx);
   if (rt->closing)
     luaL_error(L, "shutdown: offpath.go refused, the runtime is shutting "
                   "down");
+  luaL_checkstack(L, nargs + 2, "too many arguments");
   lt = new_task(L, OP_LT_GO, "offpath.go", 0, UV_CB);
   lt->state = OP_TASK_RUNNING;
   anchor(L, lt, -1);
-  lt->grp = rt->grp; /* it ends in task_notify */
-  op__group_join(lt->grp);
-  c = op__co_acquire(rt);
-  c->on_end = go_end;
-  c->data = lt;
-  lt->co = c;
   /* A go coroutine shares the session (offpath.context) of its parent,
   ** made now if the parent has not used it yet. */
   if (parent != NULL && parent->handler && parent->L == L) {
@@ -1035,8 +1227,21 @@ op_ltask *op__task_go(lua_State *L, int fnidx, int nargs) {
       parent->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, parent->ctx_ref);
-    c->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    ctx = luaL_ref(L, LUA_REGISTRYINDEX);
   }
+  /* The coroutine last: from here on nothing raises. */
+  if ((c = op__co_acquire(rt)) == NULL) {
+    luaL_unref(L, LUA_REGISTRYINDEX, ctx);
+    lt->state = OP_TASK_CANCELLED; /* never ran */
+    maybe_release(lt);
+    luaL_error(L, OP_NOMEM);
+  }
+  lt->grp = rt->grp; /* it ends in task_notify */
+  op__group_join(lt->grp);
+  c->on_end = go_end;
+  c->data = lt;
+  c->ctx_ref = ctx;
+  lt->co = c;
   for (i = 0; i <= nargs; i++)
     lua_pushvalue(L, fnidx + i);
   lua_xmove(L, rt->L, nargs + 1);
@@ -1098,11 +1303,11 @@ static void await_register(lua_State *L, op_ltask *lt, double timeout,
   }
   push_task(L, lt);
   push_uv(L, -1, lt);
-  if (lua_getfield(L, -1, "waits") != LUA_TTABLE) {
+  if (lua_rawgeti(L, -1, UVT_WAITS) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
     lua_pushvalue(L, -1);
-    lua_setfield(L, -3, "waits");
+    lua_rawseti(L, -3, UVT_WAITS);
   }
   lua_pushinteger(L, (lua_Integer)w);
   lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
@@ -1262,7 +1467,8 @@ static int task_on_done(lua_State *L) {
   luaL_checktype(L, 2, LUA_TFUNCTION);
   remain_observed(L, lt);
   if (lt->state >= OP_TASK_DONE) {
-    c = op__co_acquire(lt->rt);
+    if ((c = op__co_acquire(lt->rt)) == NULL)
+      return luaL_error(L, OP_NOMEM);
     lua_pushvalue(L, 2);
     c->prep_t0 = uv_hrtime(); /* decoding counts in its latency */
     n = push_outcome(L, lt);
@@ -1278,11 +1484,11 @@ static int task_on_done(lua_State *L) {
     return 1;
   }
   push_uv(L, 1, lt);
-  if (lua_getfield(L, -1, "cbs") != LUA_TTABLE) {
+  if (lua_rawgeti(L, -1, UVT_CBS) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
     lua_pushvalue(L, -1);
-    lua_setfield(L, -3, "cbs");
+    lua_rawseti(L, -3, UVT_CBS);
   }
   lua_pushvalue(L, 2);
   lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
@@ -1360,7 +1566,7 @@ static int task_gc(lua_State *L) {
   ** drained yet (the Lua module); go_end reports a failure then. */
   lt->finalized = lt->co != NULL;
   if (unobserved_failure(lt)) {
-    push_error_text(L, lt);
+    error_text(L, lt);
     report_unobserved(lt->rt, lt->call, lua_tostring(L, -1));
     lua_pop(L, 1);
   }
@@ -1405,6 +1611,7 @@ void op__task_open(lua_State *L) {
   lua_setmetatable(L, -2);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &remains_key);
   op__tracebacks_open(L); /* error value -> traceback, weak keys */
+  op__nomem_open(L);
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, sentinel_gc);
   lua_setfield(L, -2, "__gc");

@@ -2,7 +2,9 @@
 /*
 ** test-oom.c - failure injection, as SQLite does it: the n-th Lua
 ** allocation fails (op__alloc_fail, alloc.c), for every n until a run
-** completes without reaching it. Each run must end cleanly: the failure
+** completes without reaching it: in the worker VMs only, then in every VM,
+** the main VM included. Each run must end cleanly, never in a Lua panic:
+** the failure
 ** surfaces as "not enough memory" (or the run succeeds when Lua's
 ** emergency collection or an error handler absorbed it), nothing crashes
 ** or leaks (LeakSanitizer), and every pool task ends exactly once.
@@ -100,7 +102,7 @@ static const char script[] =
     "end\n"
     "function tasks()\n"
     "  local t1 = offpath.launch('w', function(x) return x * 2 end, 21)\n"
-    "  local t2 = offpath.launch('w', function() offpath.sleep(10) end)\n"
+    "  local t2 = offpath.launch('w', function() offpath.sleep(0.05) end)\n"
     "  local g = offpath.go(function(a) offpath.sleep(0.001) return a end, 5)\n"
     "  local r = { offpath.all({ t1, g }) }\n"
     "  t2:cancel()\n"
@@ -112,13 +114,15 @@ static const char script[] =
 
 static op_runtime *rt_tasks;
 
-static int run_handler(const char *handler, long n) {
+/* Run handler with the n-th allocation failing in the worker VMs only
+** (workers set) or in any VM, the main VM included. */
+static int run_handler(const char *handler, long n, int workers) {
   int rc, reached;
 
-  op__alloc_fail(n, 2, 1);
+  op__alloc_fail(n, 2, workers);
   nerrors = 0;
   rc = op_call(rt_tasks, handler, 0);
-  if (rc == OP_ESCRIPT)
+  if (rc == OP_ESCRIPT || rc == OP_ENOMEM)
     check_oom_message(op_errmsg(rt_tasks));
   else
     ASSERT_OK(rc);
@@ -133,11 +137,19 @@ static int run_handler(const char *handler, long n) {
 }
 
 static int run_copies(long n) {
-  return run_handler("copies", n);
+  return run_handler("copies", n, 1);
 }
 
 static int run_tasks(long n) {
-  return run_handler("tasks", n);
+  return run_handler("tasks", n, 1);
+}
+
+static int run_copies_main(long n) {
+  return run_handler("copies", n, 0);
+}
+
+static int run_tasks_main(long n) {
+  return run_handler("tasks", n, 0);
 }
 
 /* A worker VM that cannot be made: tasks fail with "not enough memory"
@@ -201,10 +213,13 @@ static void test_handlers(void) {
   ASSERT_OK(op_runtime_run(rt_tasks));
   sweep("copies", run_copies);
   sweep("tasks", run_tasks);
+  sweep("copies, main VM too", run_copies_main);
+  sweep("tasks, main VM too", run_tasks_main);
   ASSERT_EQ(op_runtime_free(rt_tasks) & ~OP_ESCRIPT, 0);
 }
 
 int main(void) {
+  setvbuf(stdout, NULL, _IOLBF, 0);
   sweep("runtime start", run_start);
   sweep("worker start", run_worker_start);
   test_handlers();
