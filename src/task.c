@@ -368,13 +368,13 @@ static void push_task(lua_State *L, op_ltask *lt) {
 ** be.  [-0, +1, m] */
 static void push_uv(lua_State *L, int idx, op_ltask *lt) {
   idx = lua_absindex(L, idx);
-  lt->has_uv = 1;
   if (lua_getiuservalue(L, idx, UV_TABLE) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_createtable(L, 2, 0);
     lua_pushvalue(L, -1);
     lua_setiuservalue(L, idx, UV_TABLE);
   }
+  lt->has_uv = 1; /* only now: the table exists */
 }
 
 static const char task_magic = 'M';
@@ -859,10 +859,8 @@ static void notify(op_ltask *lt) {
   }
   push_task(L, lt);
   obj = lua_gettop(L);
-  if (lt->has_uv) {
-    lua_getiuservalue(L, obj, UV_TABLE);
+  if (lt->has_uv && lua_getiuservalue(L, obj, UV_TABLE) == LUA_TTABLE)
     uv = lua_gettop(L);
-  }
   /* Callbacks first, then waiters: a waiter resumed here runs at once, and
   ** must find the task's callbacks done. */
   if (lt->sched)

@@ -205,9 +205,28 @@ static void exec_abort(void *what, int code) {
 
 /* ---- completion ---- */
 
-static void set_field_buf(lua_State *co, const char *k, op_buf *b) {
-  lua_pushlstring(co, b->p, b->len);
-  lua_setfield(co, -2, k);
+static void set_field_buf(lua_State *L, const char *k, op_buf *b) {
+  lua_pushlstring(L, b->p, b->len);
+  lua_setfield(L, -2, k);
+}
+
+/* The result table of op (the argument), made on the main thread in
+** protected mode and then moved to the waiter: a memory error must not
+** unwind libuv's frames.  [-0, +1, m] */
+static int push_result_p(lua_State *L) {
+  exec_op *op = lua_touserdata(L, 1);
+
+  lua_createtable(L, 0, 4);
+  if (op->signal != 0) {
+    lua_pushinteger(L, op->signal);
+    lua_setfield(L, -2, "signal");
+  } else {
+    lua_pushinteger(L, (lua_Integer)op->code);
+    lua_setfield(L, -2, "code");
+  }
+  set_field_buf(L, "stdout", &op->out[1]);
+  set_field_buf(L, "stderr", &op->out[2]);
+  return 1;
 }
 
 /* Deliver {code=, signal=, stdout=, stderr=} to the waiter. */
@@ -216,6 +235,7 @@ static void deliver(exec_op *op) {
   op_wait_id id = op->id;
   lua_State *co = op__wait_thread(rt, id);
   char msg[512];
+  int ok;
 
   op->id = 0;
   if (co == NULL)
@@ -234,17 +254,9 @@ static void deliver(exec_op *op) {
     op__wait_fail(rt, id, msg);
     return;
   }
-  lua_createtable(co, 0, 4);
-  if (op->signal != 0) {
-    lua_pushinteger(co, op->signal);
-    lua_setfield(co, -2, "signal");
-  } else {
-    lua_pushinteger(co, (lua_Integer)op->code);
-    lua_setfield(co, -2, "code");
-  }
-  set_field_buf(co, "stdout", &op->out[1]);
-  set_field_buf(co, "stderr", &op->out[2]);
-  op__wait_resume(rt, id, 1);
+  /* Out of memory: the waiter is given the error ("not enough memory"). */
+  ok = op__protect(rt->L, push_result_p, op, 1) == LUA_OK;
+  op__wait_move(rt, id, rt->L, 1, ok);
 }
 
 /* Called after every event: finish when the child has exited and, unless

@@ -381,11 +381,20 @@ static const char *fs_message(fs_op *op, char *buf, size_t len) {
   return buf;
 }
 
+/* The data read by op (the argument) as a string.  [-0, +1, m] */
+static int push_data_p(lua_State *L) {
+  fs_op *op = lua_touserdata(L, 1);
+
+  lua_pushlstring(L, op->buf.p, op->buf.len);
+  return 1;
+}
+
 /* Resolve the wait of op (if any) with its result or error. */
 static void deliver(fs_op *op) {
   op_wait_id id = op->id;
   lua_State *co;
   char msg[1024];
+  int ok;
 
   op->id = 0;
   if (id == 0 || (co = op__wait_thread(op->rt, id)) == NULL)
@@ -404,10 +413,14 @@ static void deliver(fs_op *op) {
     op__wait_fail(op->rt, id, fs_message(op, msg, sizeof msg));
     return;
   }
-  if (op->kind == FS_READ)
-    lua_pushlstring(co, op->buf.p, op->buf.len);
-  else
-    lua_pushinteger(co, (lua_Integer)op->nbytes);
+  if (op->kind == FS_READ) {
+    /* Made on the main thread in protected mode, then moved: out of
+    ** memory, the waiter is given the error ("not enough memory"). */
+    ok = op__protect(op->rt->L, push_data_p, op, 1) == LUA_OK;
+    op__wait_move(op->rt, id, op->rt->L, 1, ok);
+    return;
+  }
+  lua_pushinteger(co, (lua_Integer)op->nbytes);
   op__wait_resume(op->rt, id, 1);
 }
 
