@@ -326,25 +326,40 @@ void engine_started(host *h) {
   host_pump_soon(h);
 }
 
+/* A record's line, for push_line_p. */
+typedef struct line_buf {
+  const char *p;
+  size_t len;
+} line_buf;
+
+/* Push the line_buf (the argument) as a string: protected.  [-1, +1, m] */
+static int push_line_p(lua_State *L) {
+  line_buf *lb = lua_touserdata(L, 1);
+
+  lua_pushlstring(L, lb->p, lb->len);
+  return 1;
+}
+
 /* Dispatch a record: a line, or a stream entry e whose table is on top of
 ** L (then tracked). Returns 1, 0 if not a record (blank, or malformed:
 ** err set), -1 on out of memory. */
 static int dispatch(host *h, src *s, const char *line, size_t len, rentry *e,
                     char *err, size_t errlen) {
   lua_State *L = h->L;
-  int top = lua_gettop(L) - (e != NULL), rc, timed, nargs = 2;
+  int top = lua_gettop(L) - (e != NULL), rc, timed, nargs = 2, made = 1;
   uint32_t slot;
+  line_buf lb;
 
   if (h->o.json) {
     if (len == 0 && e == NULL)
       return 0; /* blank lines are not records */
-    if (!json_push_line(L, line, len, err, errlen)) {
+    if ((made = json_push_line(L, line, len, err, errlen)) == 0) {
       lua_settop(L, top);
       h->malformed++;
       s->top->malformed++;
       return 0;
     }
-    if (e != NULL)
+    if (made > 0 && e != NULL)
       lua_insert(L, -2); /* record, entry */
   }
   timed = h->lat_streak < HOST_LAT_SAMPLE || h->in % HOST_LAT_SAMPLE == 0;
@@ -363,10 +378,27 @@ static int dispatch(host *h, src *s, const char *line, size_t len, rentry *e,
   h->inflight++;
   if (h->inflight > h->inflight_max)
     h->inflight_max = h->inflight;
+  if (made > 0 && !h->o.json) {
+    lb.p = line;
+    lb.len = len;
+    host_door(L);
+    lua_pushcfunction(L, push_line_p);
+    lua_pushlightuserdata(L, &lb);
+    if (host_pcall(L, 1, 1) != LUA_OK)
+      made = -1;
+  }
+  if (made < 0) {
+    /* No memory for the record's value: the record fails, counted. */
+    lua_settop(L, top);
+    h->dispatch_slot = slot;
+    handler_end(h, slot, 0, "not enough memory");
+    h->dispatch_slot = UINT32_MAX;
+    return e != NULL ? -1 : 1; /* an entry: as if never tracked */
+  }
   lua_rawgeti(L, LUA_REGISTRYINDEX, h->event_ref);
   lua_pushinteger(L, (lua_Integer)slot);
   if (!h->o.json)
-    lua_pushlstring(L, line, len);
+    lua_rotate(L, -3, -1); /* fn, slot, line */
   nargs += e != NULL;
   if (h->o.json)
     lua_rotate(L, top + 1, 2); /* the record (and entry) go last */
@@ -394,8 +426,11 @@ static int dispatch(host *h, src *s, const char *line, size_t len, rentry *e,
 /* h->deliver */
 static int deliver(host *h, src *s, const char *line, size_t len) {
   char err[256];
-  int rc = dispatch(h, s, line, len, NULL, err, sizeof err);
+  int rc;
 
+  host_test_oom(h->in + 1); /* test builds: record n fails allocation n */
+  rc = dispatch(h, s, line, len, NULL, err, sizeof err);
+  host_test_oom(0);
   if (rc == 0 && len > 0)
     host_report(h, "%s line %llu: malformed JSON: %s", s->name,
                 (unsigned long long)s->lineno, err);

@@ -82,3 +82,14 @@ void host_stop_soon(host *h) {
 int host_msgh(lua_State *L) {
   return op__traceback(L);
 }
+
+#ifdef OP_DEBUG
+void host_test_oom(uint64_t n) {
+  static int on = -1;
+
+  if (on < 0)
+    on = getenv("OFFPATH_TEST_OOM") != NULL;
+  if (on)
+    op__alloc_fail((long)n, 2, 0);
+}
+#endif

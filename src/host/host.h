@@ -70,8 +70,9 @@ uint64_t ls_pending(const linesplit *ls);
 /* Parse one line of JSON text with jansson and push its Lua value on L:
 ** objects and arrays become tables, null becomes nil (keys with null values
 ** are left out), integers stay integers. Returns 1 with the value pushed,
-** or 0 with nothing pushed and a message in err ("... at column N").
-** Raises only on out of memory.  [-0, +(0|1), m] */
+** 0 with nothing pushed and a message in err ("... at column N"), or -1
+** with nothing pushed if the value cannot be made (out of memory).
+** [-0, +(0|1), -] */
 int json_push_line(lua_State *L, const char *p, size_t len, char *err,
                    size_t errlen);
 
@@ -347,6 +348,15 @@ void host_stop_soon(host *h);
 */
 /* The door's message handler: the runtime's op__traceback.  [-1, +1, m] */
 int host_msgh(lua_State *L);
+
+#ifdef OP_DEBUG
+/* Test builds with OFFPATH_TEST_OOM set in the environment: make the n-th
+** allocation of any VM from now fail (then the next one too), or with n
+** 0 stop (tests/sh/host-oom.sh). Otherwise nothing. */
+void host_test_oom(uint64_t n);
+#else
+#define host_test_oom(n) ((void)0)
+#endif
 
 /* Push the door's message handler.  [-0, +1, -] */
 static inline void host_door(lua_State *L) {

@@ -93,13 +93,15 @@ int json_push_line(lua_State *L, const char *p, size_t len, char *err,
     return 0;
   }
   /* Lua may raise (out of memory) while the tree is held: convert in
-  ** protected mode, free the tree, then raise if it failed. */
+  ** protected mode, then free the tree. */
   lua_pushcfunction(L, push_json_p);
   lua_pushlightuserdata(L, v);
   status = lua_pcall(L, 1, 1, 0);
   json_decref(v);
-  if (status != LUA_OK)
-    lua_error(L);
+  if (status != LUA_OK) {
+    lua_pop(L, 1);
+    return -1;
+  }
   return 1;
 }
 

@@ -70,7 +70,7 @@ static int trip_p(lua_State *LL) {
   char err[256];
   jbuf *b;
 
-  if (!json_push_line(LL, t->p, t->len, err, sizeof err)) {
+  if (json_push_line(LL, t->p, t->len, err, sizeof err) <= 0) {
     t->status = 0;
     return 0;
   }
