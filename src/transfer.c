@@ -2005,7 +2005,7 @@ static int encode_error_body(lua_State *L) {
 int op__encode_error(op_xfer *x, lua_State *L, op_buf *b, int *value) {
   errenc a;
   size_t len0 = b->len;
-  static const char oom[] = " (out of memory copying it)";
+  static const char oom[] = " (not enough memory copying it)";
   const char *s;
   char obuf[64];
   int top = lua_gettop(L);

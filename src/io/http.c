@@ -599,7 +599,7 @@ static void finish(hreq *r, CURLcode rc) {
   msg[0] = '\0';
   if (r->nomem)
     snprintf(msg, sizeof msg,
-             "http: out of memory reading the response "
+             "http: not enough memory reading the response "
              "(%s %s)",
              r->method, r->url);
   else if (r->lua_err != NULL)
@@ -650,8 +650,9 @@ static void finish(hreq *r, CURLcode rc) {
   lua_pushlightuserdata(rt->L, r);
   if (op__pcall(rt->L, 1, 1, NULL) != LUA_OK) {
     lua_settop(rt->L, top);
-    snprintf(msg, sizeof msg, "http: out of memory for the response (%s %s)",
-             r->method, r->url);
+    snprintf(msg, sizeof msg,
+             "http: not enough memory for the response (%s %s)", r->method,
+             r->url);
     m->failed++;
     req_free(r);
     op__wait_fail(rt, id, msg);

@@ -243,7 +243,7 @@ static const char *oneline(const char *s, char *buf, size_t len) {
 ** port p)", one per attempt, joined with "; ". */
 static char *connect_error(PGconn *pq) {
   char line[1024], out[2048];
-  const char *m = pq != NULL ? PQerrorMessage(pq) : "out of memory";
+  const char *m = pq != NULL ? PQerrorMessage(pq) : "not enough memory";
   const char *p, *f;
   size_t o = 0;
   int n;
@@ -1670,7 +1670,7 @@ static int pg_connect(lua_State *L) {
   *box = NULL;
   luaL_setmetatable(L, DB_MT);
   if ((opts = PQconninfoParse(conninfo, &perr)) == NULL) {
-    oneline(perr != NULL ? perr : "out of memory", buf, sizeof buf);
+    oneline(perr != NULL ? perr : "not enough memory", buf, sizeof buf);
     PQfreemem(perr);
     return luaL_error(L, "pg: bad conninfo: %s", buf);
   }

@@ -386,11 +386,11 @@ static void run_sql(sq_job *j, sqlite3 *conn) {
     } else if (bind_params(j, stmt) != SQLITE_OK) {
       job_error(j, conn, tail, (size_t)(next - tail), NULL);
     } else if (begin_results(j, stmt) != 0) {
-      job_error(j, conn, tail, (size_t)(next - tail), "out of memory");
+      job_error(j, conn, tail, (size_t)(next - tail), "not enough memory");
     } else {
       while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
         if (collect_row(j, stmt) != 0) {
-          job_error(j, conn, tail, (size_t)(next - tail), "out of memory");
+          job_error(j, conn, tail, (size_t)(next - tail), "not enough memory");
           break;
         }
       }
@@ -425,7 +425,7 @@ static void sq_run(sq_job *j) {
       uv_mutex_unlock(&db->mu);
       j->errmsg = err != NULL ? err : NULL;
       if (j->errmsg == NULL)
-        job_error(j, NULL, "", 0, "out of memory");
+        job_error(j, NULL, "", 0, "not enough memory");
       return;
     }
     memset(&tmp, 0, sizeof tmp);
@@ -435,7 +435,7 @@ static void sq_run(sq_job *j) {
   } else if ((c = cache_get(db, &err)) == NULL) {
     j->errmsg = err;
     if (j->errmsg == NULL)
-      job_error(j, NULL, "", 0, "out of memory");
+      job_error(j, NULL, "", 0, "not enough memory");
     return;
   }
   c->job = j;
