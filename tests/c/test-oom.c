@@ -187,28 +187,29 @@ static int run_handler(const char *handler, long n, int workers) {
   return reached;
 }
 
-static int run_copies(long n) {
-  return run_handler("copies", n, 1);
+/* The handler sweep_handlers sweeps now, and where it fails. */
+static const char *swept;
+static int swept_workers;
+
+static int run_swept(long n) {
+  return run_handler(swept, n, swept_workers);
 }
 
-static int run_tasks(long n) {
-  return run_handler("tasks", n, 1);
-}
+/* Sweep each handler with the failures in the worker VMs only, then in
+** every VM. */
+static void sweep_handlers(void) {
+  static const char *const handlers[] = { "copies", "tasks", "callbacks" };
+  char what[64];
+  size_t i;
 
-static int run_callbacks(long n) {
-  return run_handler("callbacks", n, 1);
-}
-
-static int run_callbacks_main(long n) {
-  return run_handler("callbacks", n, 0);
-}
-
-static int run_copies_main(long n) {
-  return run_handler("copies", n, 0);
-}
-
-static int run_tasks_main(long n) {
-  return run_handler("tasks", n, 0);
+  for (swept_workers = 1; swept_workers >= 0; swept_workers--) {
+    for (i = 0; i < sizeof handlers / sizeof handlers[0]; i++) {
+      swept = handlers[i];
+      snprintf(what, sizeof what, "%s%s", swept,
+               swept_workers ? "" : ", main VM too");
+      sweep(what, run_swept);
+    }
+  }
 }
 
 /* A worker VM that cannot be made: tasks fail with "not enough memory"
@@ -272,12 +273,7 @@ static void test_handlers(void) {
   ASSERT_OK(op_call(rt_tasks, "callbacks", 0));
   ASSERT_OK(op_runtime_run(rt_tasks));
   ASSERT_OK(op_call(rt_tasks, "check_calls", 0));
-  sweep("copies", run_copies);
-  sweep("tasks", run_tasks);
-  sweep("copies, main VM too", run_copies_main);
-  sweep("tasks, main VM too", run_tasks_main);
-  sweep("callbacks", run_callbacks);
-  sweep("callbacks, main VM too", run_callbacks_main);
+  sweep_handlers();
   ASSERT_EQ(op_runtime_free(rt_tasks) & ~OP_ESCRIPT, 0);
 }
 
