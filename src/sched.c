@@ -19,7 +19,10 @@
 ** Resolving frees the slot (the generation moves on), so whatever comes
 ** later finds op__wait_thread() == NULL and only frees its own resources.
 ** The resolver pushes (true, results...) or (false, message) on the
-** coroutine, which wait_k() turns into return values or an error.
+** coroutine, which wait_k() turns into return values or an error. A
+** resolver never raises: what must be made (results, a message) is made on
+** the main thread in protected mode first and then moved (op__wait_move,
+** op__wait_fail); if it cannot be, the wait fails with "not enough memory".
 **
 ** A resolution that happens while Lua code is running on the loop thread
 ** (rt->depth > 0, e.g. task:cancel() resolving another coroutine's wait)

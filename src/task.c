@@ -32,6 +32,8 @@
 **  - on_done callbacks and schedule callbacks run exactly once, at the end.
 **  - the pool counts each task once, when it is stopped or comes back
 **    (pool.c).
+**  - Nothing from task_settle_cb() to notify() raises: what it builds in
+**    the main VM goes through op__protect (see "the end of a task").
 */
 #include <string.h>
 
