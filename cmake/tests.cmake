@@ -122,3 +122,10 @@ foreach(f ${_sh_tests})
     op_apply_labels(sh/${area} "${labels}")
   endif()
 endforeach()
+
+# test-cmalloc fails C allocations: the linker sends the malloc, calloc and
+# realloc calls of liboffpath's objects through the test's wrappers.
+if(TARGET test-cmalloc)
+  target_link_options(test-cmalloc PRIVATE
+      -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc)
+endif()

@@ -508,6 +508,9 @@ typedef void (*op_abort_fn)(void *what, int code);
 op_wait_id op__wait_new(lua_State *L, const char *call, double timeout,
                         op_abort_fn abort, void *what);
 
+/* Give back the wait id before anything was started for it (its
+** operation could not be: out of memory); the caller raises next. */
+void op__wait_drop(op_runtime *rt, op_wait_id id);
 /* Set what the wait's abort gets, once the operation exists. */
 void op__wait_set_abort(op_runtime *rt, op_wait_id id, op_abort_fn abort,
                         void *what);

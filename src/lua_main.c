@@ -175,8 +175,10 @@ static int offpath_sleep(lua_State *L) {
   }
   id = op__wait_new(L, "offpath.sleep", 0, NULL, NULL);
   timer = op__timer_start(rt, (uint64_t)(s * 1000.0 + 0.5), sleep_cb, id, NULL);
-  if (timer == NULL)
-    OP_PANIC("out of memory for a sleep timer");
+  if (timer == NULL) {
+    op__wait_drop(rt, id);
+    return luaL_error(L, "%s (offpath.sleep)", OP_NOMEM);
+  }
   op__wait_set_abort(rt, id, sleep_abort, timer);
   return op__wait_yield(L);
 }

@@ -296,6 +296,13 @@ op_wait_id op__wait_new(lua_State *L, const char *call, double timeout,
   return c->wait;
 }
 
+void op__wait_drop(op_runtime *rt, op_wait_id id) {
+  op_wait *w = wait_get(rt, id);
+
+  if (w != NULL)
+    wait_take(rt, w);
+}
+
 void op__wait_set_abort(op_runtime *rt, op_wait_id id, op_abort_fn abort,
                         void *what) {
   op_wait *w = wait_get(rt, id);

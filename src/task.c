@@ -950,13 +950,13 @@ static void deadline_cb(uv_timer_t *timer) {
   task_stop(((op_timer *)timer)->data, OP_ETIMEDOUT);
 }
 
-static void start_deadline(op_ltask *lt) {
+/* Start lt's deadline, if it has one. Returns 0, or OP_ENOMEM. */
+static int start_deadline(op_ltask *lt) {
   if (lt->timeout <= 0)
-    return;
+    return 0;
   lt->timer = op__timer_start(lt->rt, (uint64_t)(lt->timeout * 1000.0 + 0.5),
                               deadline_cb, 0, lt);
-  if (lt->timer == NULL)
-    OP_PANIC("out of memory for a task deadline");
+  return lt->timer != NULL ? 0 : OP_ENOMEM;
 }
 
 /* The pool hands a task back. The drain calls settle for a whole batch
@@ -1091,30 +1091,36 @@ op_ltask *op__task_new(lua_State *L, op_pool *pool, int fnidx, int nargs,
 
 int op__task_enqueue(lua_State *L, op_ltask *lt, int may_wait) {
   op_pool *p = lt->t.pool;
-  int rc;
+  int rc, nodeadline;
 
-  rc = op__pool_submit(p, &lt->t, may_wait);
-  if (rc == OP_ESHUTDOWN) {
+  /* Anchored, and its deadline made, before the pool has it: both may
+  ** fail (out of memory), and a task the pool has must not be lost. */
+  anchor(L, lt, -1);
+  rc = nodeadline = start_deadline(lt);
+  if (rc == 0)
+    rc = op__pool_submit(p, &lt->t, may_wait);
+  if (rc < 0) { /* never queued: nothing to count */
     op__buf_free(&lt->t.buf);
+    if (lt->timer != NULL) {
+      op__timer_close(lt->timer);
+      lt->timer = NULL;
+    }
+    lt->state = OP_TASK_CANCELLED;
+    maybe_release(lt);
+  }
+  if (nodeadline)
+    luaL_error(L, "%s (%s)", OP_NOMEM, lt->call);
+  if (rc == OP_ESHUTDOWN)
     luaL_error(L, "shutdown: %s refused, the runtime is shutting down",
                lt->call);
-  }
-  if (rc < 0 && rc != OP_EAGAIN) { /* the pool has no thread at all */
-    op__buf_free(&lt->t.buf);
+  if (rc < 0 && rc != OP_EAGAIN) /* the pool has no thread at all */
     luaL_error(L, "cannot start a thread for pool '%s': %s (%s)",
                op__pool_name(p), op__pool_error(p, rc), lt->call);
-  }
-  anchor(L, lt, -1);
-  if (rc == OP_EAGAIN) {
-    op__buf_free(&lt->t.buf);
-    lt->state = OP_TASK_CANCELLED; /* never queued: nothing to count */
-    maybe_release(lt);
+  if (rc == OP_EAGAIN)
     return OP_EAGAIN;
-  }
   lt->grp = lt->rt->grp; /* it ends in task_notify */
   op__group_join(lt->grp);
   lt->in_pool = 1;
-  start_deadline(lt);
   return rc; /* 0: queued; 1: parked until there is room */
 }
 
