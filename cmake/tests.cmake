@@ -123,9 +123,9 @@ foreach(f ${_sh_tests})
   endif()
 endforeach()
 
-# test-cmalloc fails C allocations: the linker sends the malloc, calloc and
+# test-oom fails C allocations too: the linker sends the malloc, calloc and
 # realloc calls of liboffpath's objects through the test's wrappers.
-if(TARGET test-cmalloc)
-  target_link_options(test-cmalloc PRIVATE
+if(TARGET test-oom)
+  target_link_options(test-oom PRIVATE
       -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc)
 endif()

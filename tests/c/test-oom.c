@@ -8,11 +8,49 @@
 ** surfaces as "not enough memory" (or the run succeeds when Lua's
 ** emergency collection or an error handler absorbed it), nothing crashes
 ** or leaks (LeakSanitizer), and every pool task ends exactly once.
+**
+** C allocations fail the same way: the linker sends the malloc, calloc and
+** realloc calls of liboffpath's own objects (and this file's) through the
+** wrappers below (cmake/tests.cmake links this test with --wrap), which
+** fail the n-th call once armed; swept over submit and completion.
 */
 #include <string.h>
 
 #include "internal.h"
 #include "test.h"
+
+void *__real_malloc(size_t n);
+void *__real_calloc(size_t n, size_t size);
+void *__real_realloc(void *p, size_t n);
+void *__wrap_malloc(size_t n);
+void *__wrap_calloc(size_t n, size_t size);
+void *__wrap_realloc(void *p, size_t n);
+
+/* Calls left before one fails (0: off). Any thread: workers allocate
+** too. */
+static atomic_long fail_in;
+
+static int fail_now(void) {
+  long n = atomic_load(&fail_in);
+
+  while (n > 0) {
+    if (atomic_compare_exchange_weak(&fail_in, &n, n - 1))
+      return n == 1;
+  }
+  return 0;
+}
+
+void *__wrap_malloc(size_t n) {
+  return fail_now() ? NULL : __real_malloc(n);
+}
+
+void *__wrap_calloc(size_t n, size_t size) {
+  return fail_now() ? NULL : __real_calloc(n, size);
+}
+
+void *__wrap_realloc(void *p, size_t n) {
+  return n > 0 && fail_now() ? NULL : __real_realloc(p, n);
+}
 
 static char last_error[2048];
 static int nerrors;
@@ -277,11 +315,68 @@ static void test_handlers(void) {
   ASSERT_EQ(op_runtime_free(rt_tasks) & ~OP_ESCRIPT, 0);
 }
 
+/* ---- C allocations: submit and completion ---- */
+
+static const char cscript[] =
+    "local offpath = require 'offpath'\n"
+    "offpath.configure { pools = { w = { threads = 1 } } }\n"
+    "local big = string.rep('x', 4096)\n"
+    "function h()\n"
+    "  local r = offpath.run('w', function(s, t) return #s, t end, big,\n"
+    "    { 1, 2, { 3 } })\n"
+    "  local t = offpath.launch('w', function() return big end)\n"
+    "  t:on_done(function() end)\n"
+    "  local g = offpath.go(function(x) return x end, 5)\n"
+    "  local res = { offpath.all({ t, g }) }\n"
+    "  local bad = offpath.launch('w', function() error('no') end)\n"
+    "  pcall(bad.wait, bad)\n"
+    "  local slow = offpath.launch({ pool = 'w', timeout = 5 },\n"
+    "    function() return 1 end)\n"
+    "  pcall(slow.wait, slow, 5)\n"
+    "  offpath.sleep(0.001)\n"
+    "  return r, res\n"
+    "end\n";
+
+static op_runtime *rt_c;
+
+static int run_cmalloc(long n) {
+  int rc, reached;
+
+  atomic_store(&fail_in, n);
+  rc = op_call(rt_c, "h", 0);
+  if (rc == OP_ESCRIPT || rc == OP_ENOMEM)
+    check_report(op_errmsg(rt_c));
+  else
+    ASSERT_OK(rc);
+  rc = op_runtime_run(rt_c);
+  reached = atomic_load(&fail_in) == 0;
+  atomic_store(&fail_in, 0);
+  ASSERT(rc == 0 || rc == OP_ESCRIPT);
+  check_tasks(rt_c);
+  return reached;
+}
+
+static void test_cmalloc(void) {
+  op_config cfg;
+
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "io", 1, 0));
+  ASSERT_OK(op_runtime_new(&cfg, &rt_c));
+  op_runtime_on_error(rt_c, on_error, NULL);
+  ASSERT_OK(op_load_string(rt_c, cscript, "=cmalloc.lua"));
+  ASSERT_OK(op_runtime_start(rt_c));
+  ASSERT_OK(op_call(rt_c, "h", 0)); /* warm: caches and the worker's VM */
+  ASSERT_OK(op_runtime_run(rt_c));
+  sweep("submit and completion, C allocations", run_cmalloc);
+  ASSERT_EQ(op_runtime_free(rt_c) & ~OP_ESCRIPT, 0);
+}
+
 int main(void) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   sweep("runtime start", run_start);
   sweep("worker start", run_worker_start);
   test_handlers();
+  test_cmalloc();
   printf("ok\n");
   return 0;
 }
