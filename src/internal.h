@@ -311,8 +311,6 @@ op_pool *op__worker_pool(op_worker *w);
 op_xfer *op__worker_xfer(op_worker *w);
 /* Whether the task running on w was asked to stop. Thread: worker. */
 int op__worker_stopping(op_worker *w);
-/* The name of w's pool (valid while w's thread runs). */
-const char *op__worker_pool_name(op_worker *w);
 /* Around a block section: enter returns 0 if w was given up as stuck (it
 ** must not hand the loop thread anything); a worker in a section is
 ** waiting for the loop thread, so it is never declared stuck. */

@@ -1164,10 +1164,6 @@ op_pool *op__worker_pool(op_worker *w) {
   return w->pool;
 }
 
-const char *op__worker_pool_name(op_worker *w) {
-  return w->pool->name;
-}
-
 /* ---- C tasks ---- */
 
 /* Longest a C completion batch holds the tasks its callbacks submit. */

@@ -117,7 +117,7 @@ int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
     return OP_ENOMEM;
   rt->cfg = *cfg;
   rt->engine_ref = LUA_NOREF;
-  rt->open_worker = op__open_worker; /* for pool.c, below lua_worker.c */
+  rt->open_worker = op__open_worker; /* for worker.c, below lua_worker.c */
   rt->loop_thread = uv_thread_self();
   if (cfg->package_path != NULL &&
       (rt->package_path = strdup(cfg->package_path)) == NULL) {

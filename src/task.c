@@ -2,7 +2,7 @@
 /*
 ** task.c - the offpath.task objects of the main VM: pool tasks and go tasks,
 ** their completion, deadlines, cancellation, waiters and callbacks.
-** Thread: loop, always (the worker side of a pool task is in pool.c).
+** Thread: loop, always (the worker side of a pool task is in worker.c).
 **
 ** DESIGN
 **
