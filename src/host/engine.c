@@ -366,7 +366,7 @@ static int dispatch(host *h, src *s, const char *line, size_t len, rentry *e,
   slot = rec_alloc(h, REC_EVENT, s, s->lineno, timed);
   if (slot == UINT32_MAX) {
     lua_settop(L, top);
-    host_report(h, "%s line %llu: out of memory, record dropped", s->name,
+    host_report(h, "%s line %llu: not enough memory, record dropped", s->name,
                 (unsigned long long)s->lineno);
     h->skipped++;
     return -1;
@@ -491,7 +491,7 @@ int engine_call_lifecycle(host *h, const char *name, rec_kind kind) {
   slot = rec_alloc(h, kind, NULL, 0, 1);
   if (slot == UINT32_MAX) {
     lua_settop(L, top);
-    host_report(h, "%s: out of memory", kind_names[kind]);
+    host_report(h, "%s: not enough memory", kind_names[kind]);
     return -1;
   }
   lua_pushcfunction(L, run_handler);

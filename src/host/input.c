@@ -397,7 +397,7 @@ static void file_read(src *s) {
   int rc;
 
   if (p == NULL) {
-    host_report(s->h, "input %s: out of memory", s->name);
+    host_report(s->h, "input %s: not enough memory", s->name);
     s->eof = 1;
     host_pump_soon(s->h);
     return;
@@ -486,7 +486,8 @@ static void connection_cb(uv_stream_t *server, int status) {
   c = src_new(h, SRC_TCP_CLIENT, s->name);
   if (c == NULL) {
     /* Not accepted: libuv stops accepting until memory frees up. */
-    host_report(h, "input %s: out of memory accepting", s->name);
+    host_report(h, "input %s: not enough memory to accept a connection",
+                s->name);
     return;
   }
   c->top = s;
@@ -574,7 +575,7 @@ static int open_tcp(host *h, const char *spec, char *err, size_t errlen) {
   s = src_new(h, SRC_TCP_SERVER, spec);
   if (s == NULL) {
     freeaddrinfo(ai);
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "not enough memory");
     return -1;
   }
   uv_tcp_init(h->loop, &s->u.tcp);
@@ -687,7 +688,7 @@ static void udp_poll_cb(uv_poll_t *p, int status, int events) {
         continue;
       if (ls_append(&s->ls, d, len) != 0 ||
           (d[len - 1] != '\n' && ls_append(&s->ls, "\n", 1) != 0)) {
-        host_report(h, "input %s: out of memory", s->name);
+        host_report(h, "input %s: not enough memory", s->name);
         break;
       }
     }
@@ -724,7 +725,7 @@ static int open_udp(host *h, const char *spec, char *err, size_t errlen) {
   s = src_new(h, SRC_UDP, spec);
   if (s == NULL || (s->udp_buf = malloc(UDP_BATCH * UDP_DGRAM)) == NULL) {
     close(fd);
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "not enough memory");
     if (s != NULL) {
       s->closing = 1;
       src_closed(s);
@@ -773,7 +774,7 @@ static int open_fd(host *h, const char *name, int fd, int own, char *err,
   if (isatty(fd) || S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode)) {
     s = src_new(h, SRC_STREAM, name);
     if (s == NULL) {
-      snprintf(err, errlen, "out of memory");
+      snprintf(err, errlen, "not enough memory");
       return -1;
     }
     if (fd == 0 && h->stdin_flags == -1)
@@ -802,7 +803,7 @@ static int open_fd(host *h, const char *name, int fd, int own, char *err,
   } else {
     s = src_new(h, SRC_FILE, name);
     if (s == NULL) {
-      snprintf(err, errlen, "out of memory");
+      snprintf(err, errlen, "not enough memory");
       return -1;
     }
     s->fd = fd;
@@ -818,7 +819,7 @@ static int open_rstream(host *h, const char *spec, char *err, size_t errlen) {
   src *s = src_new(h, SRC_RSTREAM, spec), **pp;
 
   if (s == NULL) {
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "not enough memory");
     return -1;
   }
   if (rstream_open(s, spec, err, errlen) != 0) {

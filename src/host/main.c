@@ -273,7 +273,7 @@ static int parse_args(host *h, int argc, char **argv) {
         return usage_error("--pool %s: THREADS must be 1..1024", val);
       p->name = strndup(val, (size_t)(e - val));
       if (p->name == NULL)
-        return usage_error("out of memory");
+        return usage_error("not enough memory");
       o->npools++;
     } else if (!strcmp(name, "--tick")) {
       if (!parse_double(val, &o->tick) || o->tick < 0.001)

@@ -550,7 +550,7 @@ int metrics_start(host *h, char *err, size_t errlen) {
     return -1;
   if ((m = calloc(1, sizeof *m)) == NULL) {
     close(fd);
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "not enough memory");
     return -1;
   }
   m->h = h;

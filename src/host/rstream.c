@@ -359,7 +359,7 @@ static int url_parse(const char *spec, rurl *u, char *err, size_t errlen) {
   u->opts = strdup(q != NULL ? q + 1 : "");
   if (u->key == NULL || u->opts == NULL) {
     url_free(u);
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "not enough memory");
     return -1;
   }
   for (o = u->opts; *o != 0; o = amp + 1) {
@@ -626,7 +626,7 @@ static void ack_push(rstream *rs, char *id) {
     }
   }
   if (id == NULL || rs->nacks == rs->acks_cap) {
-    host_report(rs->h, "input %s: out of memory: an entry is left pending",
+    host_report(rs->h, "input %s: not enough memory: an entry is left pending",
                 rs->s->name);
     free(id);
     return;
@@ -1396,7 +1396,7 @@ int rstream_open(src *s, const char *spec, char *err, size_t errlen) {
     return -1;
   if ((rs = calloc(1, sizeof *rs)) == NULL) {
     url_free(&u);
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "not enough memory");
     return -1;
   }
   rs->h = h;
@@ -1445,7 +1445,7 @@ int rstream_open(src *s, const char *spec, char *err, size_t errlen) {
     goto fail;
   if (rs->group == NULL || rs->consumer == NULL || rs->field == NULL ||
       rs->dead == NULL) {
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "not enough memory");
     goto fail;
   }
   url_free(&u);
@@ -1747,7 +1747,7 @@ int rout_open(host *h, const char *spec, char *err, size_t errlen) {
     return -1;
   if ((o = calloc(1, sizeof *o)) == NULL) {
     url_free(&u);
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "not enough memory");
     return -1;
   }
   if ((v = url_opt(&u, "maxlen")) != NULL) {
