@@ -257,9 +257,9 @@ static int event_by_name_k(lua_State *L, int status, lua_KContext ctx) {
   return 0;
 }
 
-/* event_by_name(engine, record [, entry]): on_event looked up as any global, through
-** the metatable of a globals table without the raw field, inside the
-** handler's pcall so that a raising __index fails the record. */
+/* event_by_name(engine, record [, entry]): on_event looked up as any
+** global, through the metatable of a globals table without the raw field,
+** inside the handler's pcall so that a raising __index fails the record. */
 static int event_by_name(lua_State *L) {
   if (lua_getglobal(L, "on_event") != LUA_TFUNCTION) {
     no_handler_warn(op_engine_ud(L));
