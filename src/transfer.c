@@ -819,61 +819,94 @@ static size_t varint_len(uint64_t v) {
 
 #define WP(e) ((unsigned char *)(e)->b->p + (e)->b->len)
 
-static int put_byte(enc *e, unsigned tag) {
-  if (ROOM(e, 1))
-    return OP_ENOMEM;
-  e->b->p[e->b->len++] = (char)tag;
+/* Make room for n more bytes in b; nonzero if there is no memory. */
+#define ROOM_B(b, n)                                                           \
+  ((b)->cap - (b)->len >= (n) ? 0 : op__buf_reserve((b), (n)))
+
+/*
+** The writers of one value straight into a buffer: 0, or nonzero with no
+** memory. The full encoder (through its enc_* wrappers, which also set
+** the message) and the scalar fast path (enc_scalars) both write with
+** them, so a value has one encoding whichever path writes it.
+*/
+
+static inline int b_byte(op_buf *b, unsigned tag) {
+  if (ROOM_B(b, 1))
+    return -1;
+  b->p[b->len++] = (char)tag;
   return 0;
 }
 
 /* A tag followed by a varint. */
-static int put_tagv(enc *e, unsigned tag, uint64_t v) {
+static inline int b_tagv(op_buf *b, unsigned tag, uint64_t v) {
   unsigned char *q;
 
-  if (ROOM(e, 11))
-    return OP_ENOMEM;
-  q = WP(e);
+  if (ROOM_B(b, 11))
+    return -1;
+  q = (unsigned char *)b->p + b->len;
   q[0] = (unsigned char)tag;
-  e->b->len += 1 + put_varint(q + 1, v);
+  b->len += 1 + put_varint(q + 1, v);
   return 0;
 }
 
-static int enc_int(enc *e, lua_Integer i) {
+static inline int b_int(op_buf *b, lua_Integer i) {
   uint64_t u = (uint64_t)i;
 
   if (i >= FIXINT_MIN && i <= FIXINT_MAX)
-    return put_byte(e, (unsigned)(T_FIXINT + (i - FIXINT_MIN)));
-  return put_tagv(e, T_INT, (u << 1) ^ (i < 0 ? ~(uint64_t)0 : 0));
+    return b_byte(b, (unsigned)(T_FIXINT + (i - FIXINT_MIN)));
+  return b_tagv(b, T_INT, (u << 1) ^ (i < 0 ? ~(uint64_t)0 : 0));
 }
 
-static int enc_float(enc *e, lua_Number d) {
+static inline int b_float(op_buf *b, lua_Number d) {
   double v = (double)d;
 
-  if (ROOM(e, 9))
-    return OP_ENOMEM;
-  e->b->p[e->b->len] = (char)T_FLOAT;
-  memcpy(e->b->p + e->b->len + 1, &v, 8);
-  e->b->len += 9;
+  if (ROOM_B(b, 9))
+    return -1;
+  b->p[b->len] = (char)T_FLOAT;
+  memcpy(b->p + b->len + 1, &v, 8);
+  b->len += 9;
   return 0;
 }
 
-static int enc_bytes(enc *e, unsigned tag, const char *s, size_t len) {
+/* Bytes with their length: a string (T_STR, short ones as T_SSTR) or
+** another tag's payload. */
+static inline int b_bytes(op_buf *b, unsigned tag, const char *s, size_t len) {
   unsigned char *q;
 
-  if (len > SIZE_MAX - 16 || ROOM(e, len + 11))
-    return nomem(e);
-  q = WP(e);
+  if (len > SIZE_MAX - 16 || ROOM_B(b, len + 11))
+    return -1;
+  q = (unsigned char *)b->p + b->len;
   if (tag == T_STR && len <= SSTR_MAX) {
     q[0] = (unsigned char)(T_SSTR + len);
     memcpy(q + 1, s, len);
-    e->b->len += 1 + len;
+    b->len += 1 + len;
     return 0;
   }
   q[0] = (unsigned char)tag;
   q += 1 + put_varint(q + 1, len);
   memcpy(q, s, len);
-  e->b->len = (size_t)(q - (unsigned char *)e->b->p) + len;
+  b->len = (size_t)(q - (unsigned char *)b->p) + len;
   return 0;
+}
+
+static int put_byte(enc *e, unsigned tag) {
+  return b_byte(e->b, tag) ? nomem(e) : 0;
+}
+
+static int put_tagv(enc *e, unsigned tag, uint64_t v) {
+  return b_tagv(e->b, tag, v) ? nomem(e) : 0;
+}
+
+static int enc_int(enc *e, lua_Integer i) {
+  return b_int(e->b, i) ? nomem(e) : 0;
+}
+
+static int enc_float(enc *e, lua_Number d) {
+  return b_float(e->b, d) ? nomem(e) : 0;
+}
+
+static int enc_bytes(enc *e, unsigned tag, const char *s, size_t len) {
+  return b_bytes(e->b, tag, s, len) ? nomem(e) : 0;
 }
 
 /* A REF to the object of slot s; flags its tag as referred to. */
@@ -1222,10 +1255,6 @@ static int enc_value(enc *e, int idx) {
   }
 }
 
-/* Make room for n more bytes in b; nonzero if there is no memory. */
-#define ROOM_B(b, n)                                                           \
-  ((b)->cap - (b)->len >= (n) ? 0 : op__buf_reserve((b), (n)))
-
 /* Append a header and the encodings of the values at idx..idx+n-1 of L
 ** while they are nil, booleans, numbers or strings (a task's usual
 ** arguments and results), with no encoder state and no call per value
@@ -1233,70 +1262,33 @@ static int enc_value(enc *e, int idx) {
 ** from there), or -1 with no memory (b's length is then undefined: the
 ** caller resets it).  [-0, +0, -] */
 static int enc_scalars(lua_State *L, int idx, int n, op_buf *b) {
-  unsigned char *q;
   const char *s;
   size_t len;
-  lua_Integer v;
-  uint64_t u;
-  double d;
-  int i;
+  int i, rc;
 
-  if (ROOM_B(b, 1))
+  if (b_byte(b, T_HDR))
     return -1;
-  b->p[b->len++] = (char)T_HDR;
   for (i = 0; i < n; i++) {
     switch (lua_type(L, idx + i)) {
     case LUA_TNIL:
-      if (ROOM_B(b, 1))
-        return -1;
-      b->p[b->len++] = (char)T_NIL;
+      rc = b_byte(b, T_NIL);
       break;
     case LUA_TBOOLEAN:
-      if (ROOM_B(b, 1))
-        return -1;
-      b->p[b->len++] = (char)(lua_toboolean(L, idx + i) ? T_TRUE : T_FALSE);
+      rc = b_byte(b, lua_toboolean(L, idx + i) ? T_TRUE : T_FALSE);
       break;
     case LUA_TNUMBER:
-      if (!lua_isinteger(L, idx + i)) {
-        d = (double)lua_tonumber(L, idx + i);
-        if (ROOM_B(b, 9))
-          return -1;
-        b->p[b->len] = (char)T_FLOAT;
-        memcpy(b->p + b->len + 1, &d, 8);
-        b->len += 9;
-        break;
-      }
-      v = lua_tointeger(L, idx + i);
-      if (v >= FIXINT_MIN && v <= FIXINT_MAX) {
-        if (ROOM_B(b, 1))
-          return -1;
-        b->p[b->len++] = (char)(T_FIXINT + (v - FIXINT_MIN));
-        break;
-      }
-      u = ((uint64_t)v << 1) ^ (v < 0 ? ~(uint64_t)0 : 0);
-      if (ROOM_B(b, 1 + varint_len(u)))
-        return -1;
-      q = (unsigned char *)b->p + b->len;
-      q[0] = T_INT;
-      b->len += 1 + put_varint(q + 1, u);
+      rc = lua_isinteger(L, idx + i) ? b_int(b, lua_tointeger(L, idx + i))
+                                     : b_float(b, lua_tonumber(L, idx + i));
       break;
     case LUA_TSTRING:
       s = lua_tolstring(L, idx + i, &len);
-      if (len > SIZE_MAX - 16 || ROOM_B(b, 1 + varint_len(len) + len))
-        return -1;
-      q = (unsigned char *)b->p + b->len;
-      if (len <= SSTR_MAX) {
-        *q++ = (unsigned char)(T_SSTR + len);
-      } else {
-        *q++ = T_STR;
-        q += put_varint(q, len);
-      }
-      memcpy(q, s, len);
-      b->len = (size_t)(q - (unsigned char *)b->p) + len;
+      rc = b_bytes(b, T_STR, s, len);
       break;
     default:
       return i;
     }
+    if (rc != 0)
+      return -1;
   }
   return n;
 }
