@@ -351,16 +351,22 @@ lua_State *op__wait_thread(op_runtime *rt, op_wait_id id) {
   return w->co->L;
 }
 
-void op__wait_resume(op_runtime *rt, op_wait_id id, int nres) {
+/* Resolve the wait id with the n values the resolver pushed on its
+** thread, as a success (ok) or a failure: ok goes under them. */
+static void wait_settle(op_runtime *rt, op_wait_id id, int ok, int n) {
   op_wait *w = wait_get(rt, id);
   op_co *c;
 
   if (w == NULL)
     return;
   c = wait_take(rt, w);
-  lua_pushboolean(c->L, 1);
-  lua_insert(c->L, -(nres + 1));
-  co_resume(c, nres + 1);
+  lua_pushboolean(c->L, ok);
+  lua_insert(c->L, -(n + 1));
+  co_resume(c, n + 1);
+}
+
+void op__wait_resume(op_runtime *rt, op_wait_id id, int nres) {
+  wait_settle(rt, id, 1, nres);
 }
 
 void op__wait_move(op_runtime *rt, op_wait_id id, lua_State *from, int n,
@@ -388,15 +394,7 @@ void op__wait_move(op_runtime *rt, op_wait_id id, lua_State *from, int n,
 }
 
 void op__wait_fail_value(op_runtime *rt, op_wait_id id) {
-  op_wait *w = wait_get(rt, id);
-  op_co *c;
-
-  if (w == NULL)
-    return;
-  c = wait_take(rt, w);
-  lua_pushboolean(c->L, 0);
-  lua_insert(c->L, -2);
-  co_resume(c, 2);
+  wait_settle(rt, id, 0, 1);
 }
 
 void op__wait_fail(op_runtime *rt, op_wait_id id, const char *msg) {
