@@ -19,6 +19,7 @@
 */
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <math.h>
 #include <semaphore.h>
 #include <signal.h>
@@ -996,10 +997,26 @@ done:
   return rc;
 }
 
+/* glibc hands the top of a heap back to the system as soon as 128 KB of it
+** is free, and asks for it again on the next allocations. The collector
+** frees a cycle's garbage at once, so a busy main VM could sit on that edge
+** and pay a brk and fresh page faults every hundred tasks or so
+** (docs/benchmarks.md, "Giving memory back"). Keep up to 64 MB free at the
+** top; idle workers still give theirs back (malloc_trim in worker.c).
+** Setting a threshold stops glibc from moving its mmap threshold, so that
+** one is set where glibc's own adjustment stops: 32 MB. */
+static void malloc_tune(void) {
+#if defined(M_TRIM_THRESHOLD) && defined(M_MMAP_THRESHOLD)
+  mallopt(M_TRIM_THRESHOLD, 64 << 20);
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+#endif
+}
+
 int main(int argc, char **argv) {
   static host h;
   int rc;
 
+  malloc_tune();
   /* Closed 0, 1 or 2 (a supervisor's 0<&- or 1>&-) first thing: else the
   ** script or the loop takes the number and records are read from it. */
   op__std_fds_open();
