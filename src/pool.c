@@ -117,8 +117,15 @@ struct op_pool {
   int start_err; /* why the last thread could not start, or 0 */
   int reported;  /* the shortfall was reported */
   int signo;     /* the stop signal, or 0 (op_config.stop_signal) */
+  /* Set once, under mu, by the loop thread; read by workers under mu and
+  ** by the loop thread on every submit: here among what is read often and
+  ** written rarely, not on the line the workers write for every task. */
+  int stopping;
 
-  uv_mutex_t mu; /* guards everything down to `stopping` */
+  /* The lock and what it guards, written by the workers for every task,
+  ** start a cache line away from what the loop thread reads to submit. */
+  char pad_mu_[64];
+  uv_mutex_t mu; /* guards everything down to has_done */
   op_task *head, *tail;
   op_task *done_head, *done_tail; /* finished, for the loop thread */
   atomic_uint queued;             /* tasks in the queue (written under mu) */
@@ -128,7 +135,6 @@ struct op_pool {
                   look at the queue again before it sleeps */
   int claimed;         /* submits that count on a looker instead of a wake-up */
   op_spin spin;        /* the spinning worker's budget */
-  int stopping;        /* written by the loop thread only */
   int ghosts;          /* threads given up as stuck and still running */
   int freed;           /* op__pool_free ran: the last ghost frees p */
   op_remnant *remnant; /* released when p is freed (op__pool_free) */
@@ -144,6 +150,7 @@ struct op_pool {
   /* Loop thread only. */
   op_task *pend_head, *pend_tail; /* submitted during a drain (flush) */
   uint32_t npend;
+  uint32_t q_seen; /* p->queued when the held batch began (enqueue) */
   uint32_t hwm;
   op_task *park_head, *park_tail; /* parked: waiting for room, FIFO */
   uint32_t nparked;
@@ -713,19 +720,27 @@ static void book(op_pool *p) {
 static void enqueue(op_pool *p, op_task *t) {
   op_runtime *rt = p->rt;
   op_worker *wake;
-  uint32_t n = nqueued(p);
-  int hold, deep;
+  uint32_t q;
+  int hold;
 
-  if (n >= p->hwm)
-    p->hwm = n + 1;
-  hold = rt->hold_submits;
-  deep = t->kind == OP_TASK_LUA &&
-         atomic_load_explicit(&p->queued, memory_order_relaxed) >= HOLD_DEPTH;
-  if (!hold && (deep || p->npend > 0)) {
-    /* Workers have plenty queued, or tasks submitted before this one are
-    ** still held: it waits for the batch, behind them (FIFO). */
-    hold = rt->held = 1;
+  /* p->queued sits on the line the workers write for every task they
+  ** take: it is read once per held batch, not once per task. Workers only
+  ** lower it, so the depth counted from the batch's start is never too
+  ** low; the high-water mark may count a task a worker took meanwhile. */
+  if (p->npend > 0) {
+    /* Tasks submitted before this one are still held: it waits for the
+    ** batch, behind them (FIFO). */
+    q = p->q_seen;
+    hold = 1;
+  } else {
+    q = p->q_seen = atomic_load_explicit(&p->queued, memory_order_relaxed);
+    /* Or workers have plenty queued. */
+    hold = rt->hold_submits || (t->kind == OP_TASK_LUA && q >= HOLD_DEPTH);
   }
+  if (q + p->npend >= p->hwm)
+    p->hwm = q + p->npend + 1;
+  if (hold && !rt->hold_submits)
+    rt->held = 1;
   if (hold) {
     /* Queued with the rest of the batch (op__pool_flush): one lock for the
     ** batch, and no worker woken now preempts the loop thread in the
@@ -760,8 +775,11 @@ int op__pool_submit(op_pool *p, op_task *t, int park) {
   /* A pool with no thread tries again: the limit may have gone. */
   if ((!p->started || p->running == 0) && (rc = start(p)) != 0)
     return rc;
-  /* Full, or tasks parked before this one wait for room: FIFO. */
-  wait = nqueued(p) >= (uint32_t)p->cap || (park && p->park_head != NULL);
+  /* Full, or tasks parked before this one wait for room: FIFO. What is
+  ** in flight is at least what is queued, and is the loop thread's own to
+  ** read: the queue's counter is read only when that is at the cap. */
+  wait = (p->inflight >= (uint32_t)p->cap && nqueued(p) >= (uint32_t)p->cap) ||
+         (park && p->park_head != NULL);
   if (wait && !park)
     return OP_EAGAIN;
   t->pool = p;
