@@ -8,7 +8,7 @@
 **
 ** A task is a full userdata (op_ltask) whose first member is the op_task a
 ** pool works on. While the pool or a coroutine may still touch
-** it, it is anchored (lt->anchor, a slot of the anchor table); it is
+** it, it is anchored (lt->anchor, a slot of the anchors); it is
 ** released in maybe_release() once nothing does and it has ended.
 **
 **   new --enqueue--> QUEUED (in_pool) --worker picks--> RUNNING (worker)
@@ -35,6 +35,7 @@
 **  - Nothing from task_settle_cb() to notify() raises: what it builds in
 **    the main VM goes through op__protect (see "the end of a task").
 */
+#include <stddef.h>
 #include <string.h>
 
 #include "internal.h"
@@ -78,14 +79,13 @@ enum { UVT_WAITS = 1, UVT_CBS };
 static const char *const state_names[] = { "queued", "running",   "done",
                                            "failed", "cancelled", "timeout" };
 
-/* Registry keys of the two metatables. A finalizer costs the collector a
-** separate pass per object, and pool tasks are made by the million, so
-** they have none: what a collected pool task leaves to do is done by the
-** remains below. Go tasks, few and holding registry refs, are finalized.
-** The choice is made when the object is made: giving an object a __gc
-** later makes Lua walk its list of objects. */
-static const char task_mt_key = 'T';
-static const char task_gc_mt_key = 'G';
+/* The two metatables are kept under registry refs (op_tasks.mt_ref): an
+** integer key is found faster than a pointer's. A finalizer costs the
+** collector a separate pass per object, and pool tasks are made by the
+** million, so they have none: what a collected pool task leaves to do is
+** done by the remains below. Go tasks, few and holding registry refs, are
+** finalized. The choice is made when the object is made: giving an object
+** a __gc later makes Lua walk its list of objects. */
 static const char remains_key = 'R';     /* weak table: index -> task */
 static const char sentinel_mt_key = 'S'; /* the sentinel's metatable */
 #define TASK_MT    "offpath.task"
@@ -112,17 +112,26 @@ typedef struct remain {
   uint32_t next;    /* free list: index + 1 of the next free entry */
 } remain;
 
+/* Anchors: the task objects C still points to, by slot, on the stacks of
+** threads made for that (ANCHOR_CHUNK slots each), with a C list of the
+** free slots. Storing into a stack slot of a thread that is not running
+** costs a copy: no table to fetch from the registry, no write barrier,
+** and, when the slot is emptied, no table access either (a table cost
+** about 400 instructions per task, both ways). The collector marks a
+** thread's stack up to its top, so a chunk's top stays at its highest
+** slot taken; a free slot holds nil. */
+#define ANCHOR_CHUNK ((uint32_t)1 << 16)
+
 /* The task state of a runtime: the remains, and the anchors. */
 struct op_tasks {
   remain *v;
   uint32_t n, cap;
-  uint32_t free; /* index + 1 of the first free entry, or 0 */
-  int armed;     /* a sentinel is waiting for the collector */
-  /* Anchors: a table of the task objects C still points to, by slot
-  ** (cheaper than luaL_ref: one table access each way), with a C list of
-  ** the free slots. */
-  int ref;        /* registry ref of the table */
-  uint32_t *next; /* next[slot]: the free slot after slot, or 0 */
+  uint32_t free;   /* index + 1 of the first free entry, or 0 */
+  int armed;       /* a sentinel is waiting for the collector */
+  int mt_ref[2];   /* registry refs: metatables of pool and go tasks */
+  lua_State **anc; /* anc[c]: the thread of slots c * ANCHOR_CHUNK + 1.. */
+  uint32_t nanc;   /* threads made */
+  uint32_t *next;  /* next[slot]: the free slot after slot, or 0 */
   uint32_t nslots, slot_cap, free_slot;
   /* Ended offpath.run tasks kept for the next ones, still anchored: no
   ** script ever sees them, so they can be used again. */
@@ -135,17 +144,11 @@ struct op_tasks {
 /* The runtime's task state, made on first use.  [-0, +0, m] */
 static op_tasks *tasks_of(lua_State *L, op_runtime *rt) {
   op_tasks *ts = rt->tasks;
-  int ref;
 
   if (ts != NULL)
     return ts;
-  lua_newtable(L);
-  ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  if ((ts = calloc(1, sizeof *ts)) == NULL) {
-    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+  if ((ts = calloc(1, sizeof *ts)) == NULL)
     luaL_error(L, OP_NOMEM);
-  }
-  ts->ref = ref;
   rt->tasks = ts;
   return ts;
 }
@@ -335,6 +338,7 @@ void op__task_close(op_runtime *rt) {
   }
   free(r->v);
   free(r->next);
+  free(r->anc); /* the threads are the VM's */
   free(r);
   rt->tasks = NULL;
 }
@@ -358,12 +362,22 @@ static void remain_lost(op_ltask *lt) {
 
 /* ---- the object and its uservalue ---- */
 
+/* The thread and stack index of anchor slot (1-based). */
+#define ANCHOR_THREAD(ts, slot) ((ts)->anc[((slot)-1) / ANCHOR_CHUNK])
+#define ANCHOR_INDEX(slot)      ((int)(((slot)-1) % ANCHOR_CHUNK) + 1)
+
+/* Push the object in anchor slot on L (nil if the slot is free). */
+static void push_anchored(lua_State *L, op_tasks *ts, uint32_t slot) {
+  lua_State *A = ANCHOR_THREAD(ts, slot);
+
+  lua_pushvalue(A, ANCHOR_INDEX(slot)); /* room: see anchor_slot */
+  lua_xmove(A, L, 1);
+}
+
 /* Push the task object; it is anchored whenever this is called. */
 static void push_task(lua_State *L, op_ltask *lt) {
   op_assert(lt->anchor != LUA_NOREF);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, lt->rt->tasks->ref);
-  lua_rawgeti(L, -1, lt->anchor);
-  lua_remove(L, -2);
+  push_anchored(L, lt->rt->tasks, (uint32_t)lt->anchor);
 }
 
 /* Push the uservalue table of the task object lt at idx, making it if need
@@ -404,31 +418,53 @@ static op_ltask *check_task(lua_State *L, int idx) {
 }
 
 
+/* Make a new free slot, the last one: in a new thread at a chunk's
+** start. A chunk's thread always has room for one value above its top,
+** for the lua_xmove that fills a slot or pushes it.  [-0, +0, m] */
+static void anchor_grow(lua_State *L, op_tasks *ts) {
+  lua_State **na, *A;
+  uint32_t *nn, cap, c = ts->nslots / ANCHOR_CHUNK;
+
+  if (ts->nslots + 1 >= ts->slot_cap) {
+    cap = ts->slot_cap ? 2 * ts->slot_cap : 64;
+    if ((nn = realloc(ts->next, cap * sizeof *nn)) == NULL)
+      luaL_error(L, OP_NOMEM);
+    ts->next = nn;
+    ts->slot_cap = cap;
+  }
+  if (c == ts->nanc) {
+    if ((na = realloc(ts->anc, (c + 1) * sizeof *na)) == NULL)
+      luaL_error(L, OP_NOMEM);
+    ts->anc = na;
+    A = lua_newthread(L);
+    luaL_ref(L, LUA_REGISTRYINDEX); /* for the runtime's life */
+    ts->anc[ts->nanc++] = A;
+  }
+  A = ts->anc[c];
+  if (!lua_checkstack(A, 2))
+    luaL_error(L, OP_NOMEM);
+  lua_pushnil(A);
+  ts->next[++ts->nslots] = 0;
+  ts->free_slot = ts->nslots;
+}
+
 /* Anchor the task object at idx (it is lt).  [-0, +0, m] */
 static void anchor(lua_State *L, op_ltask *lt, int idx) {
   op_tasks *ts;
-  uint32_t slot, *nn, cap;
+  lua_State *A;
+  uint32_t slot;
 
   if (lt->anchor != LUA_NOREF)
     return;
   idx = lua_absindex(L, idx);
   ts = tasks_of(L, lt->rt);
-  if (ts->free_slot == 0) {
-    if (ts->nslots + 1 >= ts->slot_cap) {
-      cap = ts->slot_cap ? 2 * ts->slot_cap : 64;
-      if ((nn = realloc(ts->next, cap * sizeof *nn)) == NULL)
-        luaL_error(L, OP_NOMEM);
-      ts->next = nn;
-      ts->slot_cap = cap;
-    }
-    ts->next[++ts->nslots] = 0;
-    ts->free_slot = ts->nslots;
-  }
+  if (ts->free_slot == 0)
+    anchor_grow(L, ts);
   slot = ts->free_slot;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ts->ref);
+  A = ANCHOR_THREAD(ts, slot);
   lua_pushvalue(L, idx);
-  lua_rawseti(L, -2, slot); /* may raise: the slot is still free */
-  lua_pop(L, 1);
+  lua_xmove(L, A, 1);
+  lua_replace(A, ANCHOR_INDEX(slot));
   ts->free_slot = ts->next[slot];
   lt->anchor = (int)slot;
 }
@@ -436,7 +472,7 @@ static void anchor(lua_State *L, op_ltask *lt, int idx) {
 /* Release the anchor once nothing can touch the task any more. */
 static void maybe_release(op_ltask *lt) {
   op_tasks *ts;
-  lua_State *L;
+  lua_State *A;
 
   if (lt->state < OP_TASK_DONE || lt->in_pool || lt->co != NULL ||
       lt->anchor == LUA_NOREF)
@@ -448,11 +484,9 @@ static void maybe_release(op_ltask *lt) {
     ts->nidle_run++;
     return;
   }
-  L = lt->rt->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ts->ref);
-  lua_pushnil(L);
-  lua_rawseti(L, -2, lt->anchor);
-  lua_pop(L, 1);
+  A = ANCHOR_THREAD(ts, (uint32_t)lt->anchor);
+  lua_pushnil(A); /* room: see anchor_grow */
+  lua_replace(A, ANCHOR_INDEX((uint32_t)lt->anchor));
   ts->next[lt->anchor] = ts->free_slot;
   ts->free_slot = (uint32_t)lt->anchor;
   lt->anchor = LUA_NOREF;
@@ -1038,12 +1072,11 @@ static op_ltask *new_task(lua_State *L, int kind, const char *call, int own,
     push_task(L, lt);
   } else {
     lt = lua_newuserdatauv(L, sizeof *lt, nuv);
-    lua_rawgetp(L, LUA_REGISTRYINDEX,
-                kind == OP_LT_POOL ? &task_mt_key : &task_gc_mt_key);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ts->mt_ref[kind != OP_LT_POOL]);
     lua_setmetatable(L, -2);
   }
-  memset(lt, 0, sizeof *lt);
-  op__task_init(&lt->t, OP_TASK_LUA);
+  op__task_init(&lt->t, OP_TASK_LUA); /* zeroes t; the rest here */
+  memset(&lt->magic, 0, sizeof *lt - offsetof(op_ltask, magic));
   lt->magic = &task_magic;
   lt->rt = rt;
   lt->kind = (uint8_t)kind;
@@ -1518,10 +1551,9 @@ int op__task_cancel_all(op_runtime *rt) {
   ** so a callback that starts a task per cancel cannot keep it going (a
   ** host cancels again later). */
   for (slot = 1; slot <= end; slot++) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ts->ref);
-    lua_rawgeti(L, -1, (lua_Integer)slot);
+    push_anchored(L, ts, slot);
     lt = lua_type(L, -1) == LUA_TUSERDATA ? lua_touserdata(L, -1) : NULL;
-    lua_pop(L, 2);
+    lua_pop(L, 1);
     if (lt != NULL && lt->state < OP_TASK_DONE) {
       task_stop(lt, OP_ECANCELED);
       n++;
@@ -1592,13 +1624,15 @@ void op__task_open(lua_State *L) {
                                       { "status", task_status },
                                       { NULL, NULL } };
 
+  op_tasks *ts = tasks_of(L, op__runtime(L));
+
   luaL_newlib(L, methods);
   luaL_newmetatable(L, TASK_MT);
   lua_pushvalue(L, -2);
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, task_tostring);
   lua_setfield(L, -2, "__tostring");
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &task_mt_key);
+  ts->mt_ref[0] = luaL_ref(L, LUA_REGISTRYINDEX);
   luaL_newmetatable(L, TASK_GC_MT);
   lua_pushvalue(L, -2);
   lua_setfield(L, -2, "__index");
@@ -1608,7 +1642,7 @@ void op__task_open(lua_State *L) {
   lua_setfield(L, -2, "__gc");
   lua_pushliteral(L, TASK_MT);
   lua_setfield(L, -2, "__name");
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &task_gc_mt_key);
+  ts->mt_ref[1] = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pop(L, 1);
   lua_newtable(L); /* the remains' weak table */
   lua_createtable(L, 0, 1);

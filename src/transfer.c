@@ -1831,10 +1831,31 @@ static void keep_lone(dec *d) {
 ** negative code with a message in err (OP_EINVAL: not a valid encoding;
 ** OP_ECOPY: a named value this VM lacks; OP_ENOMEM), pushing nothing.
 ** [-0, +n, m] */
+/* Push the integer of the T_INT at *pp if its varint fits in 4 bytes
+** (what most counts and sums take), and step over it. Returns 0, or -1
+** (longer, or truncated) to leave it to dec_value. */
+static int dec_short_int(lua_State *L, const unsigned char **pp,
+                         const unsigned char *end) {
+  const unsigned char *q = *pp + 1;
+  uint64_t v = 0;
+  unsigned shift = 0;
+
+  do {
+    if (q >= end || shift > 21)
+      return -1;
+    v |= (uint64_t)(*q & 0x7f) << shift;
+    shift += 7;
+  } while (*q++ & 0x80);
+  lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (~(v & 1) + 1)));
+  *pp = q;
+  return 0;
+}
+
 int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
                size_t errlen) {
   dec d;
-  int top = lua_gettop(L), n = 0, rc;
+  int top = lua_gettop(L), n = 0, room = 0, rc;
+  unsigned tag;
 
   d.x = x;
   d.L = L;
@@ -1855,16 +1876,33 @@ int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
     /* The same lone function as last time (see "Decoding fast paths") */
     if (!lua_checkstack(L, 16))
       return corrupt(&d, "too many values");
+    room = 8;
     lua_rawgeti(L, LUA_REGISTRYINDEX, x->dref);
     d.p += x->dlen;
     n = 1;
   }
   while (d.p < d.end) {
-    if ((n & 7) == 0 && !lua_checkstack(L, 16)) {
-      rc = corrupt(&d, "too many values");
-      goto fail;
+    if (n >= room) {
+      if (!lua_checkstack(L, 16)) {
+        rc = corrupt(&d, "too many values");
+        goto fail;
+      }
+      room = n + 8; /* 8 to spare, for what dec_value leaves meanwhile */
     }
-    if (*d.p == T_HDR || *d.p == T_HDR_REFS) {
+    /* The common values of a list, in line; dec_value does the rest (and
+    ** says what is wrong with a bad byte). */
+    tag = *d.p;
+    if (tag >= T_FIXINT) {
+      lua_pushinteger(L, (lua_Integer)tag - T_FIXINT + FIXINT_MIN);
+      d.p++;
+      n++;
+      continue;
+    }
+    if (tag == T_INT && dec_short_int(L, &d.p, d.end) == 0) {
+      n++;
+      continue;
+    }
+    if (tag == T_HDR || tag == T_HDR_REFS) {
       /* a new encoding: sequence numbers restart */
       d.seq = 0;
       if (d.refs != 0) {

@@ -122,10 +122,12 @@ static void test_scalars(void) {
             "assert(a == nil and b == true and c == false)");
   roundtrip(&p,
             "return 0, -1, 159, 160, -32, -33, math.maxinteger, "
-            "math.mininteger, 1 << 40, -(1 << 40)",
+            "math.mininteger, 1 << 40, -(1 << 40), "
+            "(1 << 27) - 1, 1 << 27, -(1 << 27), -(1 << 27) - 1",
             "local t = {...} "
             "local w = {0, -1, 159, 160, -32, -33, math.maxinteger, "
-            "math.mininteger, 1 << 40, -(1 << 40)} "
+            "math.mininteger, 1 << 40, -(1 << 40), "
+            "(1 << 27) - 1, 1 << 27, -(1 << 27), -(1 << 27) - 1} "
             "for i = 1, #w do assert(t[i] == w[i], i) "
             "assert(math.type(t[i]) == 'integer', i) end");
   roundtrip(&p, "return 3.0, 1.5, -0.0, 1/0, -1/0, 0/0, 2^63, 1e-300",
@@ -865,7 +867,10 @@ static void test_corrupt(void) {
             OP_EINVAL); /* nil key */
   ASSERT_EQ(
       try_decode(&p, "\x0b\x03\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f", 12),
-      OP_EINVAL); /* varint overflow */
+      OP_EINVAL);                                          /* varint overflow */
+  ASSERT_EQ(try_decode(&p, "\x0b\x03\x80", 3), OP_EINVAL); /* truncated */
+  ASSERT_EQ(try_decode(&p, "\x0b\x03\xff\xff\xff\xff", 6),
+            OP_EINVAL); /* truncated, past the short form */
   teardown(&p);
 }
 
