@@ -8,6 +8,7 @@ offpath.configure { pools = {
   small = { threads = 1, queue = 2 },
   two = { threads = 2 },
   deep = { threads = 1, queue = 4096 },
+  wide = { threads = 1, queue = 80000 },
 } }
 
 T.test("run returns every value kind", function()
@@ -100,6 +101,46 @@ T.test("10,000 concurrent tasks over two pools end exactly once", function()
   T.eq(sum, 10000 * 10001)
   offpath.sleep(0.01)
   T.eq(done, 10000)
+end)
+
+T.test("70,000 tasks in flight, dropped or kept, end exactly once", function()
+  -- More tasks than one thread of anchors holds (65,536): all queued at
+  -- once behind a first task that waits for a file.
+  local flag = os.tmpname()
+  os.remove(flag)
+  local first = offpath.launch("wide", function(path)
+    for _ = 1, 5000 do -- 10 s at most, should the test fail before
+      if io.open(path) then return "open" end
+      offpath.sleep(0.002)
+    end
+    return "gave up"
+  end, flag)
+  local n, kept, heard = 70000, {}, 0
+  local heard_cb = function(ok, v) if ok and v % 2 == 1 then heard = heard + 1 end end
+  for i = 1, n do
+    local t = offpath.launch("wide", function(x) return x end, i)
+    if i % 2 == 0 then
+      kept[#kept + 1] = t
+    else
+      t:on_done(heard_cb) -- dropped: only the callback hears it
+    end
+  end
+  collectgarbage(); collectgarbage()
+  local queued = offpath.stats().pools.wide.queued
+  assert(io.open(flag, "w")):close()
+  T.eq(queued, n)
+  T.eq(first:wait(), "open")
+  os.remove(flag)
+  local sum = 0
+  for i = 1, #kept do sum = sum + kept[i]:wait() end
+  T.eq(sum, 2 * (n // 2) * (n // 2 + 1) // 2)
+  for _ = 1, 200 do
+    if heard == n // 2 then break end
+    offpath.sleep(0.005)
+  end
+  T.eq(heard, n // 2)
+  local st = offpath.stats().pools.wide
+  T.eq(st.completed, n + 1); T.eq(st.inflight, 0)
 end)
 
 T.test("a running task times out, its worker is reused", function()
