@@ -125,7 +125,7 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
       m->refused = 0;
     }
   }
-  np = realloc(ptr, nsize);
+  np = ptr == NULL ? malloc(nsize) : realloc(ptr, nsize);
   if (np == NULL)
     return NULL;
   atomic_store_explicit(&m->used, used - old + nsize, memory_order_relaxed);

@@ -1490,7 +1490,7 @@ void op__task_set_schedule(lua_State *L, op_ltask *lt, int data, int onresult,
 /* task:wait([timeout]) */
 static int task_wait(lua_State *L) {
   op_ltask *lt = check_task(L, 1);
-  double timeout = luaL_optnumber(L, 2, 0);
+  double timeout = lua_isnoneornil(L, 2) ? 0 : luaL_checknumber(L, 2);
 
   if (lt->state >= OP_TASK_DONE)
     return op__task_await(L, lt, 0, "task:wait", 0);

@@ -1902,6 +1902,15 @@ int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
       n++;
       continue;
     }
+    if (tag <= T_TRUE) {
+      if (tag == T_NIL)
+        lua_pushnil(L);
+      else
+        lua_pushboolean(L, tag == T_TRUE);
+      d.p++;
+      n++;
+      continue;
+    }
     if (tag == T_HDR || tag == T_HDR_REFS) {
       /* a new encoding: sequence numbers restart */
       d.seq = 0;
