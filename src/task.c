@@ -766,26 +766,27 @@ static void schedule_unhandled(op_runtime *rt, lua_State *L, const char *msg) {
   lua_pop(L, 1);
 }
 
-/* What run_schedule_p is given: the task, and whether a callback was
-** called (then a later failure must not report the task again). */
+/* What run_schedule_p is given: the task, and how far it got. */
 typedef struct sched_run {
   op_ltask *lt;
-  int called;
+  int called; /* a callback was called, or the failure reported: a later
+                 error must not report the task again */
+  int in_cb;  /* inside the callback: rt->depth is raised */
 } sched_run;
 
 /* Run the Trisul callbacks of a schedule: onresult(engine, data, result)
 ** or onerror(engine, data, err, traceback), on the main thread where
 ** nothing may suspend. A result that cannot be copied into the main VM
 ** (max_result, a value it cannot hold) goes to onerror as the failure it
-** is. Protected (run_schedule): the argument is a sched_run.
-** [-0, +0, m] */
+** is. The callback is called in the same protected call that builds its
+** arguments (run_schedule): one protected call per completion, not two.
+** The argument is a sched_run.  [-0, +0, m] */
 static int run_schedule_p(lua_State *L) {
   sched_run *sr = lua_touserdata(L, 1);
   op_ltask *lt = sr->lt;
   op_runtime *rt = lt->rt;
   int obj;
   int ok = lt->state == OP_TASK_DONE, top, n;
-  uint64_t t0 = uv_hrtime();
 
   push_task(L, lt);
   obj = top = lua_gettop(L);
@@ -811,7 +812,6 @@ static int run_schedule_p(lua_State *L) {
         schedule_unhandled(rt, L, lua_tostring(L, -2));
         sr->called = 1; /* reported */
         lua_settop(L, top);
-        op__hist_add(&rt->call_hist, uv_hrtime() - t0);
         return 0;
       }
       lua_replace(L, top + 1);
@@ -825,37 +825,46 @@ static int run_schedule_p(lua_State *L) {
     push_failure(L, lt); /* onerror(engine, data, err, traceback) */
     op__note_traceback(L);
   }
-  sr->called = 1;
+  sr->called = sr->in_cb = 1;
   rt->depth++; /* Lua runs: wake-ups it causes wait for the next turn */
-  if (op__pcall(L, ok ? 3 : 4, 0, op__traceback) != LUA_OK) {
-    rt->depth--;
-    rt->call_errors++;
-    if (lua_type(L, -1) != LUA_TSTRING) { /* made no text: memory */
-      lua_pop(L, 1);
-      op__push_nomem(L);
-    }
-    op__report_error(rt, lua_tostring(L, -1));
-    op__group_fail(rt->grp, lua_tostring(L, -1));
-  } else {
-    rt->depth--;
-  }
+  lua_call(L, ok ? 3 : 4, 0);
+  rt->depth--;
+  sr->in_cb = 0;
   lua_settop(L, top);
-  /* Decoding and the callback ran on the loop thread like a resume. */
-  op__hist_add(&rt->call_hist, uv_hrtime() - t0);
   return 0;
 }
 
-/* Run the callbacks of a schedule (run_schedule_p). If what they need
-** cannot be built, the failure goes to the error callback instead. */
+/* Run the callbacks of a schedule (run_schedule_p). An error the callback
+** raises is reported with its traceback; if what it needs cannot be
+** built, the failure goes to the error callback instead. */
 static void run_schedule(lua_State *L, op_ltask *lt) {
+  op_runtime *rt = lt->rt;
+  uint64_t t0 = uv_hrtime();
   sched_run sr;
   int top = lua_gettop(L);
 
   sr.lt = lt;
-  sr.called = 0;
-  if (op__protect(L, run_schedule_p, &sr, 0) != LUA_OK && !sr.called)
-    report_nomem(lt->rt, "to run the callbacks", "offpath.schedule");
+  sr.called = sr.in_cb = 0;
+  lua_pushcfunction(L, run_schedule_p); /* allocates nothing */
+  lua_pushlightuserdata(L, &sr);
+  if (op__pcall(L, 1, 0, op__traceback) != LUA_OK) {
+    if (sr.in_cb) { /* the callback raised */
+      rt->depth--;
+      rt->call_errors++;
+      if (lua_type(L, -1) != LUA_TSTRING) { /* made no text: memory */
+        lua_pop(L, 1);
+        op__push_nomem(L);
+      }
+      op__report_error(rt, lua_tostring(L, -1));
+      op__group_fail(rt->grp, lua_tostring(L, -1));
+    } else if (!sr.called) {
+      report_nomem(rt, "to run the callbacks", "offpath.schedule");
+    }
+  }
   lua_settop(L, top);
+  /* Decoding and the callback ran on the loop thread like a resume. */
+  if (sr.called)
+    op__hist_add(&rt->call_hist, uv_hrtime() - t0);
 }
 
 /* End lt in state (once): stop its deadline, count it, tell its waiters,
