@@ -559,6 +559,9 @@ op_co *op__co_acquire(op_runtime *rt);
 ** failed before suspending (the message is in op_errmsg; on_end has run if
 ** set, else the error was counted). Thread: loop. */
 int op__co_start(op_co *c, lua_State *from, int nargs);
+/* Whether a coroutine started now (op__co_start, op_call_value) runs before
+** the call returns: no resume is on the C stack. Thread: loop. */
+int op__co_runs_now(const op_runtime *rt);
 
 /* The runtime of a main-VM state (or its coroutines) (vm.c). */
 op_runtime *op__runtime(lua_State *L);

@@ -656,6 +656,10 @@ static void co_resume(op_co *c, int nargs) {
   rt->resuming = 0;
 }
 
+int op__co_runs_now(const op_runtime *rt) {
+  return rt->depth == 0 && !rt->resuming;
+}
+
 int op__co_start(op_co *c, lua_State *from, int nargs) {
   op_runtime *rt = c->rt;
   uint64_t errors = rt->call_errors;

@@ -55,6 +55,7 @@
 #include <unistd.h>
 
 #include "host.h"
+#include "internal.h"
 
 static int push_global_fn(lua_State *L, const char *name);
 
@@ -250,7 +251,8 @@ static void no_handler_warn(host *h) {
   }
 }
 
-static int event_by_name_k(lua_State *L, int status, lua_KContext ctx) {
+/* The continuation of a call with no results to pass on. */
+static int return0_k(lua_State *L, int status, lua_KContext ctx) {
   (void)L;
   (void)status;
   (void)ctx;
@@ -266,18 +268,43 @@ static int event_by_name(lua_State *L) {
     return luaL_error(L, "no on_event function");
   }
   lua_insert(L, 1);
-  lua_callk(L, lua_gettop(L) - 1, 0, 0, event_by_name_k);
+  lua_callk(L, lua_gettop(L) - 1, 0, 0, return0_k);
   return 0;
 }
 
-/* run_event(slot, record [, entry]): the body of on_event's coroutines.
-** Upvalues: the globals table, the engine, "on_event". */
+/* A record's line as dispatch() hands it over: its bytes stay where they
+** are until the record's call has started. */
+typedef struct line_buf {
+  const char *p;
+  size_t len;
+} line_buf;
+
+/* event_line(fn, engine, line [, entry]): fn called with the line made a
+** string here, inside the handler's protected call, where no memory for it
+** fails the record like any other error. line is a light userdata, the
+** line_buf of the dispatch() that started this call and is still running
+** (it passes the line this way only then). */
+static int event_line(lua_State *L) {
+  const line_buf *lb = lua_touserdata(L, 3);
+
+  lua_pushlstring(L, lb->p, lb->len);
+  lua_replace(L, 3);
+  lua_callk(L, lua_gettop(L) - 1, 0, 0, return0_k);
+  return 0;
+}
+
+/* run_event(slot, record [, entry]): the body of on_event's coroutines;
+** a record that is a light userdata is a line for event_line. Upvalues:
+** the globals table, the engine, "on_event". */
 static int run_event(lua_State *L) {
   lua_KContext slot = (lua_KContext)lua_tointeger(L, 1);
   int status, t, entry = lua_gettop(L) > 2;
+  int line = lua_type(L, 2) == LUA_TLIGHTUSERDATA;
   host *h;
 
   host_door(L); /* 3 or 4 */
+  if (line)
+    lua_pushcfunction(L, event_line);
   lua_pushvalue(L, lua_upvalueindex(3));
   t = lua_rawget(L, lua_upvalueindex(1));
   if (t == LUA_TNIL && lua_getmetatable(L, lua_upvalueindex(1))) {
@@ -293,7 +320,7 @@ static int run_event(lua_State *L) {
   lua_pushvalue(L, 2);
   if (entry)
     lua_pushvalue(L, 3);
-  status = host_pcallk(L, 2 + entry, 0, slot, handler_k);
+  status = host_pcallk(L, 2 + entry + line, 0, slot, handler_k);
   return handler_k(L, status, slot);
 }
 
@@ -325,12 +352,6 @@ void engine_started(host *h) {
   }
   host_pump_soon(h);
 }
-
-/* A record's line, for push_line_p. */
-typedef struct line_buf {
-  const char *p;
-  size_t len;
-} line_buf;
 
 /* Push the line_buf (the argument) as a string: protected.  [-1, +1, m] */
 static int push_line_p(lua_State *L) {
@@ -381,11 +402,17 @@ static int dispatch(host *h, src *s, const char *line, size_t len, rentry *e,
   if (made > 0 && !h->o.json) {
     lb.p = line;
     lb.len = len;
-    host_door(L);
-    lua_pushcfunction(L, push_line_p);
-    lua_pushlightuserdata(L, &lb);
-    if (host_pcall(L, 1, 1) != LUA_OK)
-      made = -1;
+    if (op__co_runs_now(h->rt)) {
+      /* The call starts before this returns: the handler's coroutine
+      ** makes the string, in the protected call it already has. */
+      lua_pushlightuserdata(L, &lb);
+    } else {
+      host_door(L);
+      lua_pushcfunction(L, push_line_p);
+      lua_pushlightuserdata(L, &lb);
+      if (host_pcall(L, 1, 1) != LUA_OK)
+        made = -1;
+    }
   }
   if (made < 0) {
     /* No memory for the record's value: the record fails, counted. */

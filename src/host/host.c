@@ -8,6 +8,7 @@
 ** Thread: loop.
 */
 #include <stdarg.h>
+#include <string.h>
 
 #include "internal.h"
 #include "host.h"
@@ -80,7 +81,20 @@ void host_stop_soon(host *h) {
 /* ---- the door into Lua ---- */
 
 int host_msgh(lua_State *L) {
-  return op__traceback(L);
+  static const char bottom[] = "\n\t[C]: in ?";
+  const size_t n = sizeof bottom - 1;
+  const char *tb;
+  size_t len;
+
+  op__traceback(L);
+  /* A line's handler is called through two C functions (engine.c,
+  ** run_event and event_line): their two "[C]: in ?" lines say no more
+  ** than one, which is what every other handler's traceback ends with. */
+  tb = lua_tolstring(L, -1, &len);
+  if (tb != NULL && len >= 2 * n && memcmp(tb + len - n, bottom, n) == 0 &&
+      memcmp(tb + len - 2 * n, bottom, n) == 0)
+    lua_pushlstring(L, tb, len - n);
+  return 1;
 }
 
 #ifdef OP_DEBUG

@@ -35,6 +35,7 @@ check "raised in a worker" contains "$T/err" "bad in a worker 30"
 check "a table error value" contains "$T/err" "on_event failed on - line 40: (error object is a table value)"
 check "a runtime error" contains "$T/err" "on_event failed on - line 50: $T/err.lua:9: attempt to index a nil value (local 't')"
 check "with a traceback" contains "$T/err" "stack traceback:"
+check "its C bottom said once" test "$(awk '/^\t\[C\]: in \?$/ { if (c) n++; c = 1; next } { c = 0 } END { print n + 0 }' "$T/err")" = 0
 check "each failure reported once" test "$(grep -c 'on_event failed' "$T/err")" = 5
 check "errors in the summary" contains "$T/err" "errors 5,"
 
