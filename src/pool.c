@@ -726,7 +726,8 @@ static void enqueue(op_pool *p, op_task *t) {
   /* p->queued sits on the line the workers write for every task they
   ** take: it is read once per held batch, not once per task. Workers only
   ** lower it, so the depth counted from the batch's start is never too
-  ** low; the high-water mark may count a task a worker took meanwhile. */
+  ** low: it is read again only when that count would raise the queue's
+  ** high-water mark, which stays exact. */
   if (p->npend > 0) {
     /* Tasks submitted before this one are still held: it waits for the
     ** batch, behind them (FIFO). */
@@ -737,8 +738,11 @@ static void enqueue(op_pool *p, op_task *t) {
     /* Or workers have plenty queued. */
     hold = rt->hold_submits || (t->kind == OP_TASK_LUA && q >= HOLD_DEPTH);
   }
-  if (q + p->npend >= p->hwm)
-    p->hwm = q + p->npend + 1;
+  if (q + p->npend >= p->hwm) {
+    q = p->q_seen = atomic_load_explicit(&p->queued, memory_order_relaxed);
+    if (q + p->npend >= p->hwm)
+      p->hwm = q + p->npend + 1;
+  }
   if (hold && !rt->hold_submits)
     rt->held = 1;
   if (hold) {

@@ -370,7 +370,7 @@ static void remain_lost(op_ltask *lt) {
 static void push_anchored(lua_State *L, op_tasks *ts, uint32_t slot) {
   lua_State *A = ANCHOR_THREAD(ts, slot);
 
-  lua_pushvalue(A, ANCHOR_INDEX(slot)); /* room: see anchor_slot */
+  lua_pushvalue(A, ANCHOR_INDEX(slot)); /* room: see anchor_grow */
   lua_xmove(A, L, 1);
 }
 
@@ -420,11 +420,40 @@ static op_ltask *check_task(lua_State *L, int idx) {
 
 /* Make a new free slot, the last one: in a new thread at a chunk's
 ** start. A chunk's thread always has room for one value above its top,
-** for the lua_xmove that fills a slot or pushes it.  [-0, +0, m] */
+** for the lua_xmove that fills a slot or pushes it.
+**
+** Making a thread or its room may run a collection step, and a finalizer
+** may start or cancel tasks, which comes back here or frees a slot: so the
+** state is looked at again after each call that can allocate in the VM,
+** and the slot is made only by steps that cannot.  [-0, +0, m] */
 static void anchor_grow(lua_State *L, op_tasks *ts) {
   lua_State **na, *A;
-  uint32_t *nn, cap, c = ts->nslots / ANCHOR_CHUNK;
+  uint32_t *nn, cap, c;
+  int ref;
 
+  for (;;) {
+    c = ts->nslots / ANCHOR_CHUNK;
+    if (c == ts->nanc) {
+      A = lua_newthread(L);
+      ref = luaL_ref(L, LUA_REGISTRYINDEX); /* for the runtime's life */
+      if (c != ts->nanc || ts->nslots / ANCHOR_CHUNK != c) {
+        luaL_unref(L, LUA_REGISTRYINDEX, ref); /* made meanwhile */
+        continue;
+      }
+      if ((na = realloc(ts->anc, (c + 1) * sizeof *na)) == NULL) {
+        luaL_unref(L, LUA_REGISTRYINDEX, ref);
+        luaL_error(L, OP_NOMEM);
+      }
+      ts->anc = na;
+      ts->anc[ts->nanc++] = A;
+    }
+    if (!lua_checkstack(ts->anc[c], 2))
+      luaL_error(L, OP_NOMEM);
+    if (ts->free_slot != 0)
+      return; /* a finalizer freed one */
+    if (ts->nslots / ANCHOR_CHUNK == c)
+      break;
+  }
   if (ts->nslots + 1 >= ts->slot_cap) {
     cap = ts->slot_cap ? 2 * ts->slot_cap : 64;
     if ((nn = realloc(ts->next, cap * sizeof *nn)) == NULL)
@@ -432,18 +461,7 @@ static void anchor_grow(lua_State *L, op_tasks *ts) {
     ts->next = nn;
     ts->slot_cap = cap;
   }
-  if (c == ts->nanc) {
-    if ((na = realloc(ts->anc, (c + 1) * sizeof *na)) == NULL)
-      luaL_error(L, OP_NOMEM);
-    ts->anc = na;
-    A = lua_newthread(L);
-    luaL_ref(L, LUA_REGISTRYINDEX); /* for the runtime's life */
-    ts->anc[ts->nanc++] = A;
-  }
-  A = ts->anc[c];
-  if (!lua_checkstack(A, 2))
-    luaL_error(L, OP_NOMEM);
-  lua_pushnil(A);
+  lua_pushnil(ts->anc[c]); /* in the room made above: allocates nothing */
   ts->next[++ts->nslots] = 0;
   ts->free_slot = ts->nslots;
 }
@@ -772,6 +790,7 @@ typedef struct sched_run {
   int called; /* a callback was called, or the failure reported: a later
                  error must not report the task again */
   int in_cb;  /* inside the callback: rt->depth is raised */
+  int timed;  /* Lua ran or a result was decoded: counts as a resume */
 } sched_run;
 
 /* Run the Trisul callbacks of a schedule: onresult(engine, data, result)
@@ -810,7 +829,7 @@ static int run_schedule_p(lua_State *L) {
       ok = 0;
       if (lua_getiuservalue(L, obj, UV_ONERROR) == LUA_TNIL) {
         schedule_unhandled(rt, L, lua_tostring(L, -2));
-        sr->called = 1; /* reported */
+        sr->called = sr->timed = 1; /* reported, after decoding */
         lua_settop(L, top);
         return 0;
       }
@@ -825,7 +844,7 @@ static int run_schedule_p(lua_State *L) {
     push_failure(L, lt); /* onerror(engine, data, err, traceback) */
     op__note_traceback(L);
   }
-  sr->called = sr->in_cb = 1;
+  sr->called = sr->in_cb = sr->timed = 1;
   rt->depth++; /* Lua runs: wake-ups it causes wait for the next turn */
   lua_call(L, ok ? 3 : 4, 0);
   rt->depth--;
@@ -844,7 +863,7 @@ static void run_schedule(lua_State *L, op_ltask *lt) {
   int top = lua_gettop(L);
 
   sr.lt = lt;
-  sr.called = sr.in_cb = 0;
+  sr.called = sr.in_cb = sr.timed = 0;
   lua_pushcfunction(L, run_schedule_p); /* allocates nothing */
   lua_pushlightuserdata(L, &sr);
   if (op__pcall(L, 1, 0, op__traceback) != LUA_OK) {
@@ -863,7 +882,7 @@ static void run_schedule(lua_State *L, op_ltask *lt) {
   }
   lua_settop(L, top);
   /* Decoding and the callback ran on the loop thread like a resume. */
-  if (sr.called)
+  if (sr.timed)
     op__hist_add(&rt->call_hist, uv_hrtime() - t0);
 }
 

@@ -84,16 +84,20 @@ int host_msgh(lua_State *L) {
   static const char bottom[] = "\n\t[C]: in ?";
   const size_t n = sizeof bottom - 1;
   const char *tb;
-  size_t len;
+  size_t len, cut = 0;
 
   op__traceback(L);
-  /* A line's handler is called through two C functions (engine.c,
-  ** run_event and event_line): their two "[C]: in ?" lines say no more
-  ** than one, which is what every other handler's traceback ends with. */
+  /* A record's handler is called through C functions of engine.c (the
+  ** coroutine's body, and event_line or event_by_name): their "[C]: in ?"
+  ** lines at the bottom say no more than one does, which is what every
+  ** other handler's traceback ends with. */
   tb = lua_tolstring(L, -1, &len);
-  if (tb != NULL && len >= 2 * n && memcmp(tb + len - n, bottom, n) == 0 &&
-      memcmp(tb + len - 2 * n, bottom, n) == 0)
-    lua_pushlstring(L, tb, len - n);
+  while (tb != NULL && len >= cut + 2 * n &&
+         memcmp(tb + len - cut - n, bottom, n) == 0 &&
+         memcmp(tb + len - cut - 2 * n, bottom, n) == 0)
+    cut += n;
+  if (cut > 0)
+    lua_pushlstring(L, tb, len - cut);
   return 1;
 }
 

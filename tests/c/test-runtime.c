@@ -202,6 +202,45 @@ static void test_stats(void) {
   ASSERT_OK(op_runtime_free(rt));
 }
 
+/* A finalizer that launches a task while the first task is being
+** anchored: the collection step that runs it may come in the middle of
+** making the anchors' first thread. The padding string moves that step
+** across the allocations of the first launch; each size runs in a fresh
+** runtime, where the anchors start empty. */
+static void test_finalizer_launch(void) {
+  char script[1024];
+  op_stats st;
+  int pad;
+
+  for (pad = 0; pad <= 1200; pad += 8) {
+    op_runtime *rt = make();
+
+    snprintf(script, sizeof script,
+             "local offpath = require 'offpath'\n"
+             "local armed, ran = false, 0\n"
+             "local f = function() return 1 end\n"
+             "local mt = { __gc = function()\n"
+             "  ran = ran + 1\n"
+             "  if armed then offpath.launch('cpu', f) end\n"
+             "end }\n"
+             "for i = 1, 2000 do setmetatable({}, mt) end\n"
+             "collectgarbage('stop'); collectgarbage('restart')\n"
+             "while ran == 0 do collectgarbage('step', 0) end\n"
+             "collectgarbage('step', -2)\n"
+             "local pad = string.rep('x', %d)\n"
+             "armed = true\n"
+             "offpath.launch('cpu', f)\n",
+             pad);
+    ASSERT_OK(op_load_string(rt, script, "=finalizer.lua"));
+    ASSERT_OK(op_runtime_run(rt));
+    ASSERT_OK(op_stats_get(rt, &st));
+    ASSERT_GE(st.pools[1].submitted, 1);
+    ASSERT_EQ(st.pools[1].completed, st.pools[1].submitted);
+    ASSERT_EQ(st.pools[1].inflight, 0);
+    ASSERT_OK(op_runtime_free(rt));
+  }
+}
+
 /* The host's own libuv loop. */
 static void test_host_loop(void) {
   uv_loop_t loop;
@@ -314,6 +353,7 @@ int main(void) {
   test_handlers();
   test_shutdown_suspended();
   test_stats();
+  test_finalizer_launch();
   test_host_loop();
   test_stop_running(0);
   test_stop_running(-1);

@@ -9,6 +9,7 @@ offpath.configure { pools = {
   two = { threads = 2 },
   deep = { threads = 1, queue = 4096 },
   wide = { threads = 1, queue = 80000 },
+  hw = { threads = 2, queue = 100 },
 } }
 
 T.test("run returns every value kind", function()
@@ -141,6 +142,19 @@ T.test("70,000 tasks in flight, dropped or kept, end exactly once", function()
   T.eq(heard, n // 2)
   local st = offpath.stats().pools.wide
   T.eq(st.completed, n + 1); T.eq(st.inflight, 0)
+end)
+
+T.test("the queue's high-water mark is exact and never passes its size", function()
+  -- Bursts far larger than the queue, from a coroutine that waits for
+  -- room, while two workers take tasks during every held batch.
+  local f = function(x) return x end
+  for _ = 1, 60 do
+    for i = 1, 400 do offpath.launch("hw", f, i) end
+    offpath.sleep(0.001)
+  end
+  local st = offpath.stats().pools.hw
+  T.eq(st.queue_size, 100)
+  T.eq(st.queue_hwm, 100)
 end)
 
 T.test("a running task times out, its worker is reused", function()

@@ -36,6 +36,17 @@ check "a table error value" contains "$T/err" "on_event failed on - line 40: (er
 check "a runtime error" contains "$T/err" "on_event failed on - line 50: $T/err.lua:9: attempt to index a nil value (local 't')"
 check "with a traceback" contains "$T/err" "stack traceback:"
 check "its C bottom said once" test "$(awk '/^\t\[C\]: in \?$/ { if (c) n++; c = 1; next } { c = 0 } END { print n + 0 }' "$T/err")" = 0
+
+# on_event found through a metatable of _G (not a field of its own): the
+# same message, and the same one line for the C bottom of the stack.
+cat > "$T/meta.lua" <<'EOF'
+local handlers = {}
+function handlers.on_event(engine, rec) error("bad meta " .. rec) end
+setmetatable(_G, { __index = handlers })
+EOF
+printf 'x\n' | "$OFFPATH" run "$T/meta.lua" > /dev/null 2> "$T/meta.err"
+check "found through _G's metatable" contains "$T/meta.err" "on_event failed on - line 1: $T/meta.lua:2: bad meta x"
+check "its C bottom said once too" test "$(awk '/^\t\[C\]: in \?$/ { if (c) n++; c = 1; next } { c = 0 } END { print n + 0 }' "$T/meta.err")" = 0
 check "each failure reported once" test "$(grep -c 'on_event failed' "$T/err")" = 5
 check "errors in the summary" contains "$T/err" "errors 5,"
 
