@@ -422,10 +422,10 @@ static op_ltask *check_task(lua_State *L, int idx) {
 ** start. A chunk's thread always has room for one value above its top,
 ** for the lua_xmove that fills a slot or pushes it.
 **
-** Making a thread or its room may run a collection step, and a finalizer
-** may start or cancel tasks, which comes back here or frees a slot: so the
-** state is looked at again after each call that can allocate in the VM,
-** and the slot is made only by steps that cannot.  [-0, +0, m] */
+** Making a thread may run a collection step, whose finalizers may start
+** or cancel tasks, which comes back here or frees a slot: so the state is
+** looked at again after each call that allocates in the VM, and the slot
+** is made only by steps that cannot.  [-0, +0, m] */
 static void anchor_grow(lua_State *L, op_tasks *ts) {
   lua_State **na, *A;
   uint32_t *nn, cap, c;
