@@ -146,6 +146,12 @@ int op__encode_error(op_xfer *x, lua_State *L, op_buf *b, int *value);
 ** encoding (never trusted blindly).  [-0, +n, m] */
 int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
                size_t errlen);
+/* Push the values encoded in p[0..len) on L if they are all nil, booleans
+** and numbers, which allocate nothing: then nothing here can raise, and
+** no protected call is needed. Returns how many, or -1 (anything else, a
+** malformed byte, or no stack room) with L as it was: op__decode then
+** says what it is.  [-0, +n, -] */
+int op__decode_plain(lua_State *L, const char *p, size_t len);
 
 /* Main VM, before a pool task is queued: publish its package.path and
 ** package.cpath for the workers if they changed.  [-0, +0, m] */

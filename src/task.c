@@ -548,6 +548,17 @@ static int push_results(lua_State *L, op_ltask *lt) {
   return n;
 }
 
+/* Push the results of a pool task that ended DONE if they are nil,
+** booleans and numbers (op__decode_plain): nothing here raises, so the
+** common outcome needs no protected call. Returns how many, or -1 with L
+** as it was.  [-0, +n, -] */
+static int plain_results(lua_State *L, op_ltask *lt) {
+  if (lt->kind != OP_LT_POOL || lt->state != OP_TASK_DONE ||
+      lt->t.buf.len > op__max_result(lt->rt))
+    return -1;
+  return op__decode_plain(L, lt->t.buf.p, lt->t.buf.len);
+}
+
 /* Push the error of a task that ended otherwise and, beside it, the
 ** traceback of an error value that is not a string (nil for a string
 ** error, which carries its traceback, and for a timeout or a cancel).
@@ -684,13 +695,17 @@ static void tell_waiter(op_ltask *lt, op_wait_id w) {
   lua_State *L = rt->L;
   char msg[128];
   telling tl;
-  int top, status;
+  int top, status, n;
 
   if ((tl.co = op__wait_thread(rt, w)) == NULL)
     return;
   switch (lt->state) {
   case OP_TASK_DONE:
   case OP_TASK_FAILED:
+    if ((n = plain_results(L, lt)) >= 0) {
+      op__wait_move(rt, w, L, n, 1);
+      return;
+    }
     tl.lt = lt;
     tl.ok = 0;
     top = lua_gettop(L);
@@ -736,9 +751,13 @@ static void start_callback(op_ltask *lt, int fn) {
   }
   lua_pushvalue(L, fn);
   c->prep_t0 = uv_hrtime(); /* decoding counts in its latency */
-  if (op__protect(L, outcome_p, lt, LUA_MULTRET) != LUA_OK) {
-    lua_pushboolean(L, 0);
-    lua_insert(L, -2);
+  lua_pushboolean(L, 1);
+  if (plain_results(L, lt) < 0) { /* else (true, results...) are built */
+    lua_pop(L, 1);
+    if (op__protect(L, outcome_p, lt, LUA_MULTRET) != LUA_OK) {
+      lua_pushboolean(L, 0);
+      lua_insert(L, -2);
+    }
   }
   n = lua_gettop(L) - top - 1;
   if (!lua_checkstack(c->L, n + 1)) {

@@ -1940,6 +1940,71 @@ fail:
   return rc;
 }
 
+/* A varint of at most 10 bytes, as get_varint takes it: the value, or -1. */
+static int plain_varint(const unsigned char **pp, const unsigned char *end,
+                        uint64_t *v) {
+  const unsigned char *q = *pp;
+  uint64_t r = 0;
+  unsigned shift = 0, c;
+
+  do {
+    if (q >= end || shift > 63 || (shift == 63 && (*q & 0x7e) != 0))
+      return -1;
+    c = *q++;
+    r |= (uint64_t)(c & 0x7f) << shift;
+    shift += 7;
+  } while (c & 0x80);
+  *pp = q;
+  *v = r;
+  return 0;
+}
+
+int op__decode_plain(lua_State *L, const char *p, size_t len) {
+  const unsigned char *q = (const unsigned char *)p, *end = q + len;
+  uint64_t v = 0;
+  double f;
+  int n = 0, i;
+
+  if (len == 0 || *q != T_HDR)
+    return -1;
+  /* First count, checking every tag: nothing is pushed unless all fit. */
+  for (q++; q < end; n++) {
+    if (*q >= T_FIXINT || *q <= T_TRUE) {
+      q++;
+    } else if (*q == T_INT) {
+      q++;
+      if (plain_varint(&q, end, &v) != 0)
+        return -1;
+    } else if (*q == T_FLOAT && end - q > 8) {
+      q += 9;
+    } else {
+      return -1;
+    }
+  }
+  if (!lua_checkstack(L, n))
+    return -1;
+  q = (const unsigned char *)p + 1;
+  for (i = 0; i < n; i++) {
+    if (*q >= T_FIXINT) {
+      lua_pushinteger(L, (lua_Integer)*q++ - T_FIXINT + FIXINT_MIN);
+    } else if (*q <= T_TRUE) {
+      if (*q == T_NIL)
+        lua_pushnil(L);
+      else
+        lua_pushboolean(L, *q == T_TRUE);
+      q++;
+    } else if (*q++ == T_INT) {
+      plain_varint(&q, end, &v); /* checked above */
+      lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (~(v & 1) + 1)));
+    } else {
+      memcpy(&f, q, 8);
+      q += 8;
+      lua_pushnumber(L, (lua_Number)f);
+    }
+  }
+  return n;
+}
+
 /* ---- search paths (protostore.c) ---- */
 
 void op__xfer_paths_out(op_xfer *x, lua_State *L) {

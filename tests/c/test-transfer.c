@@ -874,6 +874,65 @@ static void test_corrupt(void) {
   teardown(&p);
 }
 
+/* op__decode_plain takes exactly the lists of nil, booleans and numbers,
+** gives the values op__decode gives, and leaves anything else (and any
+** malformed byte) to it with the stack as it was. */
+static void test_decode_plain(void) {
+  static const char *const plain[] = {
+    "return",
+    "return nil, true, false",
+    "return 0, -1, 159, 160, -32, -33, math.maxinteger, math.mininteger, "
+    "1 << 40, (1 << 27) - 1, 1 << 27, -(1 << 27) - 1",
+    "return 1.5, -0.0, 1/0, 2^63, nil, 7",
+  };
+  static const char *const other[] = {
+    "return 1, 'x'",
+    "return {}",
+    "return 1, 2, string.rep('y', 40)",
+    "return print",
+  };
+  pair p;
+  op_buf b;
+  char err[256];
+  size_t i;
+  int top, n, j;
+
+  setup(&p);
+  top = lua_gettop(p.B);
+  for (i = 0; i < sizeof plain / sizeof plain[0]; i++) {
+    op__buf_init(&b);
+    encode_code(&p, plain[i], &b);
+    n = op__decode_plain(p.B, b.p, b.len);
+    ASSERT(n >= 0);
+    ASSERT_EQ(op__decode(p.xb, p.B, b.p, b.len, err, sizeof err), n);
+    for (j = 1; j <= n; j++) { /* the same values, the same types */
+      ASSERT(lua_rawequal(p.B, top + j, top + n + j) ||
+             (lua_type(p.B, top + j) == LUA_TNUMBER &&
+              lua_tonumber(p.B, top + j) != lua_tonumber(p.B, top + j)));
+      ASSERT_EQ(lua_isinteger(p.B, top + j), lua_isinteger(p.B, top + n + j));
+    }
+    lua_settop(p.B, top);
+    op__buf_free(&b);
+  }
+  for (i = 0; i < sizeof other / sizeof other[0]; i++) {
+    op__buf_init(&b);
+    encode_code(&p, other[i], &b);
+    ASSERT_EQ(op__decode_plain(p.B, b.p, b.len), -1);
+    ASSERT_EQ(lua_gettop(p.B), top);
+    op__buf_free(&b);
+  }
+  /* malformed: no header, a truncated varint or float, an overflow */
+  ASSERT_EQ(op__decode_plain(p.B, "", 0), -1);
+  ASSERT_EQ(op__decode_plain(p.B, "\x02", 1), -1);
+  ASSERT_EQ(op__decode_plain(p.B, "\x0b\x03\x80", 3), -1);
+  ASSERT_EQ(op__decode_plain(p.B, "\x0b\x04\x00\x00", 4), -1);
+  ASSERT_EQ(op__decode_plain(
+                p.B, "\x0b\x03\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f", 12),
+            -1);
+  ASSERT_EQ(lua_gettop(p.B), top);
+  teardown(&p);
+}
+
 /* Two encodings appended to one buffer decode as one list; each has its
 ** own back references. */
 static void test_appended(void) {
@@ -1165,6 +1224,7 @@ int main(void) {
     return 0;
   }
   test_scalars();
+  test_decode_plain();
   test_tables();
   test_functions();
   test_many_upvalues();

@@ -97,7 +97,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   lua_State *L = luaL_newstate();
   op_xfer *x;
   char err[256];
-  int rc;
+  int rc, n;
 
   luaL_openlibs(L);
   /* no modules from disk: a name in the input must not load code */
@@ -113,6 +113,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   } else if (lua_gettop(L) != rc) {
     abort();
   }
+  lua_settop(L, 0);
+  /* The plain decoder takes a subset: what it takes, the full one takes
+  ** too, as the same number of values; what it refuses leaves the stack
+  ** alone. */
+  n = op__decode_plain(L, (const char *)data, size);
+  if (n >= 0 ? rc != n || lua_gettop(L) != n : lua_gettop(L) != 0)
+    abort();
   lua_settop(L, 0);
   lua_gc(L, LUA_GCCOLLECT, 0); /* walks every object decoded */
   op__xfer_free(x);
