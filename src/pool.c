@@ -739,7 +739,8 @@ static void enqueue(op_pool *p, op_task *t) {
     hold = rt->hold_submits || (t->kind == OP_TASK_LUA && q >= HOLD_DEPTH);
   }
   if (q + p->npend >= p->hwm) {
-    q = p->q_seen = atomic_load_explicit(&p->queued, memory_order_relaxed);
+    if (p->npend > 0) /* q is the batch's start: read it now */
+      q = p->q_seen = atomic_load_explicit(&p->queued, memory_order_relaxed);
     if (q + p->npend >= p->hwm)
       p->hwm = q + p->npend + 1;
   }

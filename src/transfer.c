@@ -1389,23 +1389,76 @@ static int dnomem(dec *d) {
   return OP_ENOMEM;
 }
 
-static int get_varint(dec *d, uint64_t *v) {
+/* Read the varint at *pp into *v and leave *pp after it. Returns NULL,
+** or what is wrong with it, *pp then at the byte that says so. */
+static const char *varint_read(const unsigned char **pp,
+                               const unsigned char *end, uint64_t *v) {
+  const unsigned char *q = *pp;
   uint64_t r = 0;
   unsigned shift = 0, c;
+  const char *why = NULL;
 
   do {
-    if (d->p >= d->end)
-      return corrupt(d, "truncated varint");
-    c = *d->p++;
-    if (shift == 63 && (c & 0x7e) != 0)
-      return corrupt(d, "varint overflow");
-    if (shift > 63)
-      return corrupt(d, "varint too long");
+    if (q >= end) {
+      why = "truncated varint";
+      break;
+    }
+    c = *q++;
+    if (shift == 63 && (c & 0x7e) != 0) {
+      why = "varint overflow";
+      break;
+    }
+    if (shift > 63) {
+      why = "varint too long";
+      break;
+    }
     r |= (uint64_t)(c & 0x7f) << shift;
     shift += 7;
   } while (c & 0x80);
+  *pp = q;
   *v = r;
-  return 0;
+  return why;
+}
+
+static int get_varint(dec *d, uint64_t *v) {
+  const char *why = varint_read(&d->p, d->end, v);
+
+  return why == NULL ? 0 : corrupt(d, why);
+}
+
+/* The integer of a zigzag-coded varint. */
+static lua_Integer unzigzag(uint64_t v) {
+  return (lua_Integer)((v >> 1) ^ (~(v & 1) + 1));
+}
+
+/* Push the nil, boolean or number encoded at *pp (before end) and step
+** over it. Returns 0 for anything else, or bytes that do not parse, with
+** *pp unmoved: dec_value decodes those, or says what is wrong. Pushing
+** these allocates nothing.  [-0, +(0|1), -] */
+static int push_plain(lua_State *L, const unsigned char **pp,
+                      const unsigned char *end) {
+  const unsigned char *q = *pp;
+  unsigned tag = *q++;
+  uint64_t v;
+  double f;
+
+  if (tag >= T_FIXINT) {
+    lua_pushinteger(L, (lua_Integer)tag - T_FIXINT + FIXINT_MIN);
+  } else if (tag == T_NIL) {
+    lua_pushnil(L);
+  } else if (tag == T_FALSE || tag == T_TRUE) {
+    lua_pushboolean(L, tag == T_TRUE);
+  } else if (tag == T_INT && varint_read(&q, end, &v) == NULL) {
+    lua_pushinteger(L, unzigzag(v));
+  } else if (tag == T_FLOAT && end - q >= 8) {
+    memcpy(&f, q, 8);
+    q += 8;
+    lua_pushnumber(L, (lua_Number)f);
+  } else {
+    return 0;
+  }
+  *pp = q;
+  return 1;
 }
 
 /* Remember the object on top of L as sequence number seq.  [-0, +0, m] */
@@ -1721,17 +1774,14 @@ static int dec_value(dec *d) {
   lua_State *L = d->L;
   unsigned tag;
   uint64_t v;
-  double f;
   lua_CFunction fn;
   int rc;
 
   if (d->p >= d->end)
     return corrupt(d, "truncated value");
-  tag = *d->p++;
-  if (tag >= T_FIXINT) {
-    lua_pushinteger(L, (lua_Integer)tag - T_FIXINT + FIXINT_MIN);
+  if (push_plain(L, &d->p, d->end))
     return 0;
-  }
+  tag = *d->p++;
   if (tag >= T_SSTR) {
     v = tag - T_SSTR;
     if (v > (uint64_t)(d->end - d->p))
@@ -1741,25 +1791,10 @@ static int dec_value(dec *d) {
     return 0;
   }
   switch (tag) {
-  case T_NIL:
-    lua_pushnil(L);
-    return 0;
-  case T_FALSE:
-  case T_TRUE:
-    lua_pushboolean(L, tag == T_TRUE);
-    return 0;
-  case T_INT:
-    if ((rc = get_varint(d, &v)) != 0)
-      return rc;
-    lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (~(v & 1) + 1)));
-    return 0;
+  case T_INT: /* push_plain took it, had it parsed */
+    return get_varint(d, &v);
   case T_FLOAT:
-    if (d->end - d->p < 8)
-      return corrupt(d, "truncated float");
-    memcpy(&f, d->p, 8);
-    d->p += 8;
-    lua_pushnumber(L, (lua_Number)f);
-    return 0;
+    return corrupt(d, "truncated float");
   case T_STR:
   case T_NAMED:
     if ((rc = get_varint(d, &v)) != 0)
@@ -1831,31 +1866,10 @@ static void keep_lone(dec *d) {
 ** negative code with a message in err (OP_EINVAL: not a valid encoding;
 ** OP_ECOPY: a named value this VM lacks; OP_ENOMEM), pushing nothing.
 ** [-0, +n, m] */
-/* Push the integer of the T_INT at *pp if its varint fits in 4 bytes
-** (what most counts and sums take), and step over it. Returns 0, or -1
-** (longer, or truncated) to leave it to dec_value. */
-static int dec_short_int(lua_State *L, const unsigned char **pp,
-                         const unsigned char *end) {
-  const unsigned char *q = *pp + 1;
-  uint64_t v = 0;
-  unsigned shift = 0;
-
-  do {
-    if (q >= end || shift > 21)
-      return -1;
-    v |= (uint64_t)(*q & 0x7f) << shift;
-    shift += 7;
-  } while (*q++ & 0x80);
-  lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (~(v & 1) + 1)));
-  *pp = q;
-  return 0;
-}
-
 int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
                size_t errlen) {
   dec d;
   int top = lua_gettop(L), n = 0, room = 0, rc;
-  unsigned tag;
 
   d.x = x;
   d.L = L;
@@ -1891,27 +1905,11 @@ int op__decode(op_xfer *x, lua_State *L, const char *p, size_t len, char *err,
     }
     /* The common values of a list, in line; dec_value does the rest (and
     ** says what is wrong with a bad byte). */
-    tag = *d.p;
-    if (tag >= T_FIXINT) {
-      lua_pushinteger(L, (lua_Integer)tag - T_FIXINT + FIXINT_MIN);
-      d.p++;
+    if (push_plain(L, &d.p, d.end)) {
       n++;
       continue;
     }
-    if (tag == T_INT && dec_short_int(L, &d.p, d.end) == 0) {
-      n++;
-      continue;
-    }
-    if (tag <= T_TRUE) {
-      if (tag == T_NIL)
-        lua_pushnil(L);
-      else
-        lua_pushboolean(L, tag == T_TRUE);
-      d.p++;
-      n++;
-      continue;
-    }
-    if (tag == T_HDR || tag == T_HDR_REFS) {
+    if (*d.p == T_HDR || *d.p == T_HDR_REFS) {
       /* a new encoding: sequence numbers restart */
       d.seq = 0;
       if (d.refs != 0) {
@@ -1940,67 +1938,22 @@ fail:
   return rc;
 }
 
-/* A varint of at most 10 bytes, as get_varint takes it: the value, or -1. */
-static int plain_varint(const unsigned char **pp, const unsigned char *end,
-                        uint64_t *v) {
-  const unsigned char *q = *pp;
-  uint64_t r = 0;
-  unsigned shift = 0, c;
-
-  do {
-    if (q >= end || shift > 63 || (shift == 63 && (*q & 0x7e) != 0))
-      return -1;
-    c = *q++;
-    r |= (uint64_t)(c & 0x7f) << shift;
-    shift += 7;
-  } while (c & 0x80);
-  *pp = q;
-  *v = r;
-  return 0;
-}
-
 int op__decode_plain(lua_State *L, const char *p, size_t len) {
   const unsigned char *q = (const unsigned char *)p, *end = q + len;
-  uint64_t v = 0;
-  double f;
-  int n = 0, i;
+  int top = lua_gettop(L), n = 0;
 
-  if (len == 0 || *q != T_HDR)
+  if (len == 0 || *q++ != T_HDR)
     return -1;
-  /* First count, checking every tag: nothing is pushed unless all fit. */
-  for (q++; q < end; n++) {
-    if (*q >= T_FIXINT || *q <= T_TRUE) {
-      q++;
-    } else if (*q == T_INT) {
-      q++;
-      if (plain_varint(&q, end, &v) != 0)
-        return -1;
-    } else if (*q == T_FLOAT && end - q > 8) {
-      q += 9;
-    } else {
-      return -1;
-    }
+  while (q < end) {
+    if ((n & 7) == 0 && !lua_checkstack(L, 8))
+      break;
+    if (!push_plain(L, &q, end))
+      break;
+    n++;
   }
-  if (!lua_checkstack(L, n))
+  if (q < end) {
+    lua_settop(L, top);
     return -1;
-  q = (const unsigned char *)p + 1;
-  for (i = 0; i < n; i++) {
-    if (*q >= T_FIXINT) {
-      lua_pushinteger(L, (lua_Integer)*q++ - T_FIXINT + FIXINT_MIN);
-    } else if (*q <= T_TRUE) {
-      if (*q == T_NIL)
-        lua_pushnil(L);
-      else
-        lua_pushboolean(L, *q == T_TRUE);
-      q++;
-    } else if (*q++ == T_INT) {
-      plain_varint(&q, end, &v); /* checked above */
-      lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (~(v & 1) + 1)));
-    } else {
-      memcpy(&f, q, 8);
-      q += 8;
-      lua_pushnumber(L, (lua_Number)f);
-    }
   }
   return n;
 }
