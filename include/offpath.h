@@ -129,6 +129,10 @@ typedef struct op_config {
   double stuck_grace;       /* seconds a stopped task may run on before its
                                worker is declared stuck, abandoned and
                                replaced; 0 for the default, 1 */
+  int busy_poll;            /* nonzero: while tasks are in flight the loop
+                               thread spins for completions, timers and
+                               I/O instead of sleeping (one CPU kept busy;
+                               no wake-up latency). Default 0 */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,

@@ -14,6 +14,7 @@
 ** DRAIN_ROUNDS drains it goes round the loop (timers, I/O) without
 ** blocking. wake.c has how the wake-up itself works.
 */
+#include <limits.h>
 #include <poll.h>
 #include <sched.h>
 
@@ -77,16 +78,19 @@ static int wake_on_next(op_runtime *rt) {
 
 /* Spin for done_flag on the loop thread, for at most us microseconds and
 ** not past the next timer; stop as soon as the loop has I/O to handle (a
-** zero-timeout poll of the backend descriptor every PEEK_NS). Returns
-** whether done_flag was seen. */
-static int spin_for_done(op_runtime *rt, unsigned us) {
+** zero-timeout poll of the backend descriptor every PEEK_NS). With yield
+** set a worker shares this CPU, so each turn gives it the CPU instead of
+** pausing. Returns 1 if done_flag was seen, 0 if the time ran out, and -1
+** if the loop has other work first (a timer due, an idle handle, I/O):
+** that says nothing about how long completions take. */
+static int spin_for_done(op_runtime *rt, unsigned us, int yield) {
   struct pollfd pfd;
   uint64_t now, end, peek;
   int ms = uv_backend_timeout(rt->loop);
   unsigned i;
 
   if (ms == 0)
-    return 0;
+    return -1;
   if (ms > 0 && (uint64_t)ms * 1000 < us)
     us = (unsigned)ms * 1000;
   pfd.fd = uv_backend_fd(rt->loop);
@@ -97,17 +101,20 @@ static int spin_for_done(op_runtime *rt, unsigned us) {
   for (i = 1;; i++) {
     if (atomic_load_explicit(&rt->done_flag, memory_order_acquire))
       return 1;
-    if ((i & 63) == 0) {
+    if (yield || (i & 63) == 0) {
       now = uv_hrtime();
       if (now >= end)
         return 0;
       if (now >= peek) {
         if (pfd.fd >= 0 && poll(&pfd, 1, 0) > 0)
-          return 0;
+          return -1;
         peek = now + PEEK_NS;
       }
     }
-    OP_CPU_RELAX();
+    if (yield)
+      sched_yield();
+    else
+      OP_CPU_RELAX();
   }
 }
 
@@ -143,6 +150,10 @@ void op__loop_wake_cb(uv_poll_t *poll, int status, int events) {
 **   the loop thread spins only raises done_flag. The budget adapts
 **   (op__spin_result), so a loop waiting on long tasks stops spinning,
 **   and a loop that had to wake a worker does not spin while it wakes up.
+** - busy_poll is on: spin until a completion, a timer or I/O, however
+**   long that takes, yielding at each turn if a worker shares this CPU.
+**   The loop thread then never sleeps while tasks are in flight, and its
+**   CPU never goes idle between them: no wake-up latency, no cold caches.
 **
 ** need_wake is clear meanwhile, so finishing workers send no wake-up.
 ** Neither happens inside op_runtime_poll, whose host also waits on
@@ -163,22 +174,27 @@ void op__loop_idle_cb(uv_prepare_t *prep) {
             cpu == atomic_load_explicit(&rt->worker_cpu, memory_order_relaxed);
     woke = rt->woke_worker;
     rt->woke_worker = 0;
-    if (yield ? rt->nsubmits == rt->yield_mark
-              : woke || (us = op__spin_budget(&rt->spin)) == 0)
+    if (rt->cfg.busy_poll)
+      us = UINT_MAX;
+    else if (yield ? rt->nsubmits == rt->yield_mark
+                   : woke || (us = op__spin_budget(&rt->spin)) == 0)
       break;
     /* A wake-up on its way means the loop will not block anyway. */
     if (!cleared && !atomic_exchange(&rt->need_wake, 0))
       return;
     cleared = 1;
-    if (yield) {
+    if (rt->cfg.busy_poll) {
+      hit = spin_for_done(rt, us, yield);
+    } else if (yield) {
       rt->yield_mark = rt->nsubmits;
       sched_yield();
       hit = atomic_load(&rt->done_flag);
     } else {
-      hit = spin_for_done(rt, us);
-      op__spin_result(&rt->spin, hit);
+      hit = spin_for_done(rt, us, 0);
+      if (hit >= 0)
+        op__spin_result(&rt->spin, hit);
     }
-    if (!hit)
+    if (hit <= 0)
       break;
     drain_done(rt);
   }

@@ -288,7 +288,7 @@ static size_t memory_limit_arg(lua_State *L, int idx, const char *pool) {
 
 /* offpath.configure{pools={name={threads=, queue=, init=, memory_limit=}},
 ** shutdown="drain"|"cancel", block_budget=, block_policy="abort"|"continue",
-** stuck_grace=, max_result=} */
+** spin_us=, busy_poll=, stuck_grace=, max_result=} */
 static int offpath_configure(lua_State *L) {
   static const char *const shutdowns[] = { "drain", "cancel", NULL };
   static const char *const policies[] = { "abort", "continue", NULL };
@@ -339,6 +339,10 @@ static int offpath_configure(lua_State *L) {
     rt->spin.max = rt->spin.cur = (unsigned)us;
     for (i = 0; i < rt->npools; i++)
       op__pool_set_spin(rt->pools[i], (unsigned)us);
+  }
+  if (lua_getfield(L, 1, "busy_poll") != LUA_TNIL) {
+    luaL_argcheck(L, lua_isboolean(L, -1), 1, "busy_poll must be a boolean");
+    rt->cfg.busy_poll = lua_toboolean(L, -1);
   }
   if (lua_getfield(L, 1, "max_result") != LUA_TNIL) {
     lua_Integer max = luaL_checkinteger(L, -1);

@@ -470,3 +470,28 @@ T.test("a task submitted after held ones queues behind them", function()
   end)
   for i = 1, 76 do T.eq(ts[i]:wait(), i - 1, "FIFO order of task " .. i) end
 end)
+
+T.test("busy polling: waits, callbacks, timers and coroutines", function()
+  T.err("busy_poll must be a boolean", offpath.configure, { busy_poll = 1 })
+  offpath.configure { busy_poll = true }
+  local ticks, done = 0, 0
+  local ticker = offpath.go(function()
+    for _ = 1, 5 do offpath.sleep(0.01); ticks = ticks + 1 end
+  end)
+  local ts = {}
+  for i = 1, 200 do
+    ts[i] = offpath.launch("two", function(x)
+      if x % 50 == 0 then offpath.sleep(0.02) end
+      return x * 2
+    end, i)
+    ts[i]:on_done(function() done = done + 1 end)
+  end
+  local slow = offpath.launch("two", function() offpath.sleep(0.1) return "slow" end)
+  ticker:wait() -- the main thread's timers fire while tasks are in flight
+  T.eq(ticks, 5)
+  for i = 1, 200 do T.eq(ts[i]:wait(), i * 2) end
+  T.eq(slow:wait(), "slow")
+  T.eq(done, 200)
+  offpath.configure { busy_poll = false }
+  T.eq(offpath.run("two", function() return 1 end), 1)
+end)
