@@ -14,6 +14,8 @@
 --   OP_SLOW_MS     milliseconds of slow work per slow record (default 10)
 --   OP_SLOW_EVERY  one record in this many is slow (default 10: 10 %)
 --   OP_THREADS     threads of the pool "slow" (default 64)
+--   OP_BUSY        1: configure { busy_poll = true } (the loop thread spins
+--                  while tasks are in flight instead of sleeping)
 --   OP_NAME        the name= printed (default offpath-fastpath)
 --
 -- Every record is parsed (six comma-separated fields) and counted; a record
@@ -31,7 +33,8 @@
 -- from the first record to on_stop), and the main thread's time per
 -- handler resume from offpath.stats().latency (the runtime's histogram,
 -- within 12.5 %: what the host reports as "main thread" latency): main_p50_us,
--- main_p99_us, main_max_us; slow= the number of slow records; and, for
+-- main_p99_us, main_max_us; slow= the number of slow records;
+-- main_faults= the main thread's page faults from the first record on; and, for
 -- udp inputs, drops= from engine:stats() (the kernel's SO_RXQ_OVFL count).
 
 local offpath = require "offpath"
@@ -54,7 +57,10 @@ local every = math.tointeger(env_num("OP_SLOW_EVERY", 10))
 local threads = math.tointeger(env_num("OP_THREADS", 64))
 local name = os.getenv("OP_NAME") or "offpath-fastpath"
 
-offpath.configure { pools = { slow = { threads = threads, queue = 4096 } } }
+offpath.configure {
+  busy_poll = os.getenv("OP_BUSY") == "1",
+  pools = { slow = { threads = threads, queue = 4096 } },
+}
 
 local now = offpath.now
 
@@ -87,11 +93,27 @@ function on_start()
   collectgarbage()
 end
 
+-- Minor page faults of the main thread so far (Linux; -1 elsewhere): the
+-- 10th field of /proc/self/task/PID/stat, PID being the main thread's.
+local function main_faults()
+  local f = io.open("/proc/self/stat")
+  if not f then return -1 end
+  local pid = f:read("l"):match("^(%d+)")
+  f:close()
+  f = io.open("/proc/self/task/" .. pid .. "/stat")
+  if not f then return -1 end
+  local rest = f:read("l"):match("%)%s+(.*)$")
+  f:close()
+  local fields = {}
+  for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
+  return tonumber(fields[8]) -- field 10 of the line: 3 is the first after ')'
+end
+
 local counts, nrec, nslow = {}, 0, 0
-local t_first
+local t_first, faults_first
 
 function on_event(engine, rec)
-  if not t_first then t_first = now() end
+  if not t_first then t_first, faults_first = now(), main_faults() end
   nrec = nrec + 1
   local id, _, _, method, _, status =
     rec:match("^(%d+),([^,]*),([^,]*),([^,]*),([^,]*),(%d+)$")
@@ -119,9 +141,10 @@ function on_stop(engine)
   io.stdout:write(string.format(
     "name=%s slow=%s slow_ms=%g every=%d threads=%d records=%d slow_records=%d " ..
     "records_per_s=%.0f main_p50_us=%.2f main_p99_us=%.2f main_max_us=%.1f " ..
-    "drops=%d wall_s=%.3f\n",
+    "drops=%d main_faults=%d wall_s=%.3f\n",
     name, mode, slow_s * 1000, every, threads, nrec, nslow,
     wall > 0 and nrec / wall or 0, lat.p50 * 1e6, lat.p99 * 1e6,
-    lat.max * 1e6, st.drops or 0, wall))
+    lat.max * 1e6, st.drops or 0,
+    faults_first and main_faults() - faults_first or 0, wall))
   io.stdout:flush()
 end

@@ -27,6 +27,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -1012,6 +1013,46 @@ static void malloc_tune(void) {
 #endif
 }
 
+/* Heap reserved per handler the engine may hold in flight, and at most.
+** A suspended handler holds about 7.5 KB of the main VM (its coroutine,
+** record, task and the collector's slack: 7.5 MB at 1000 in flight). */
+#define RESERVE_PER_HANDLER (8 << 10)
+#define RESERVE_MAX         (24 << 20) /* below the mmap threshold above */
+#define HUGE_PAGE           (2 << 20)
+
+/* Fault in, at start, the heap the main VM grows into as handlers pile up.
+** Else the first touch of each new page is a page fault inside whichever
+** handler's allocation reaches it: 1-2 us on bare metal, 12-16 us on some
+** virtual machines, hundreds of them while the engine fills up to
+** --max-inflight, enough to set the loop thread's 99th percentile
+** (docs/benchmarks.md, "Fast path: page faults and idle CPUs"). The block
+** is asked for huge pages (it then costs a few faults and fewer TLB
+** misses) and populated in one system call where the kernel has one, then
+** freed: it stays at the top of the heap (malloc_tune keeps 64 MB there),
+** faulted in, for later allocations. */
+static void heap_reserve(size_t bytes) {
+  uintptr_t a, b;
+  size_t i;
+  char *p;
+
+  if (bytes == 0 || (p = malloc(bytes)) == NULL)
+    return;
+#ifdef MADV_HUGEPAGE
+  a = ((uintptr_t)p + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
+  b = ((uintptr_t)p + bytes) & ~(uintptr_t)(HUGE_PAGE - 1);
+  if (b > a)
+    (void)madvise((void *)a, b - a, MADV_HUGEPAGE); /* a hint */
+#endif
+  a = ((uintptr_t)p + 4095) & ~(uintptr_t)4095;
+  b = ((uintptr_t)p + bytes) & ~(uintptr_t)4095;
+#ifdef MADV_POPULATE_WRITE
+  if (b <= a || madvise((void *)a, b - a, MADV_POPULATE_WRITE) != 0)
+#endif
+    for (i = 0; i < bytes; i += 4096)
+      ((volatile char *)p)[i] = 0;
+  free(p);
+}
+
 int main(int argc, char **argv) {
   static host h;
   int rc;
@@ -1026,6 +1067,9 @@ int main(int argc, char **argv) {
   h.free_rec = UINT32_MAX;
   rc = parse_args(&h, argc, argv);
   if (rc < 0) {
+    heap_reserve(h.o.max_inflight < RESERVE_MAX / RESERVE_PER_HANDLER
+                     ? (size_t)h.o.max_inflight * RESERVE_PER_HANDLER
+                     : RESERVE_MAX);
     signal(SIGPIPE, SIG_IGN); /* a closed output is an error, not death */
     signals_install(&h);
     rc = run(&h);
