@@ -3,7 +3,11 @@
 -- flight (queued behind a busy worker).
 -- Thread: the main VM; the pools' worker VMs.
 --
--- usage: offpath run bench/op-memory.lua --input /dev/null
+-- usage: offpath run bench/op-memory.lua --input /dev/null --max-inflight 1
+--
+-- (--max-inflight 1: the command faults in heap at start for the handlers
+-- it may hold, 8 KB each; resident bytes measured here would then not grow
+-- for what the first megabytes of tasks allocate.)
 --
 -- Environment:
 --   OP_WORKERS  threads of the pool "idle" (default 64)
