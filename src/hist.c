@@ -1,8 +1,17 @@
 /* SPDX-License-Identifier: MIT */
 /*
-** hist.c - log-linear latency histograms (see hist.h).
+** hist.c - log-linear latency histograms, and the interval clock that
+** feeds them (see hist.h).
 ** Thread: the histogram's owner.
 */
+#include <uv.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <x86intrin.h>
+#define HAVE_TSC 1
+#endif
+
 #include "hist.h"
 
 /* Bucket of a duration: exact below 8 ns, then 8 sub-buckets per octave,
@@ -79,4 +88,96 @@ uint64_t op__hist_count_le(const op_hist *h, uint64_t ns) {
   for (b = 0; b + 1 < n && bucket_low(b + 1) - 1 <= ns; b++)
     c += h->bucket[b];
   return c;
+}
+
+/* ---- the interval clock ---- */
+
+#define NS_MARK      ((uint64_t)1 << 63)      /* a reading in ns, not ticks */
+#define CAL_FIRST_NS 50000000u                /* first rate after 50 ms */
+#define CAL_MAX_NS   ((uint64_t)60000000000u) /* stop refining after 60 s */
+#define CAL_SLACK    20000 /* ticks: counter reads around a clock read */
+
+/* The counter, or 0. */
+static uint64_t counter(void) {
+#ifdef HAVE_TSC
+  return __rdtsc();
+#else
+  return 0;
+#endif
+}
+
+/* A counter reading and the time, read close together (a preemption in
+** between would skew the rate): 0, or 1 with *tsc and *ns set. */
+static int pair(uint64_t *tsc, uint64_t *ns) {
+  uint64_t a, b;
+  int i;
+
+  for (i = 0; i < 3; i++) {
+    a = counter();
+    *ns = uv_hrtime();
+    b = counter();
+    if (b >= a && b - a < CAL_SLACK) {
+      *tsc = a + (b - a) / 2;
+      return 1;
+    }
+  }
+  return 0;
+}
+
+void op__ticker_init(op_ticker *k) {
+  k->recal = 0;
+  k->mult = 0;
+  k->ok = 0;
+#ifdef HAVE_TSC
+  {
+    unsigned a, b, c, d;
+
+    /* CPUID 0x80000007, EDX bit 8: the counter is invariant (constant
+    ** rate, runs in deep sleep states). */
+    if (__get_cpuid(0x80000007, &a, &b, &c, &d) && (d & (1u << 8)))
+      k->ok = pair(&k->tsc0, &k->ns0);
+  }
+#endif
+}
+
+/* Measure the rate from the anchor to now, if the span allows. */
+static void calibrate(op_ticker *k) {
+  uint64_t tsc, ns, dns;
+
+  if (!pair(&tsc, &ns) || tsc <= k->tsc0 || ns <= k->ns0) {
+    k->recal = 0; /* try again at the next reading */
+    return;
+  }
+  dns = ns - k->ns0;
+  if (dns < CAL_FIRST_NS)
+    return;
+  k->mult = (uint64_t)((double)dns / (double)(tsc - k->tsc0) * 4294967296.0);
+  k->recal = dns < CAL_MAX_NS ? tsc + (tsc - k->tsc0) : UINT64_MAX;
+}
+
+uint64_t op__ticker_read(const op_ticker *k) {
+  return k->mult != 0 ? counter() : uv_hrtime() | NS_MARK;
+}
+
+uint64_t op__ticker_since(op_ticker *k, uint64_t from) {
+  uint64_t now, d;
+
+  if (from & NS_MARK) {
+    now = uv_hrtime();
+    from &= ~NS_MARK;
+    if (k->ok && k->mult == 0)
+      calibrate(k);
+    return now > from ? now - from : 0;
+  }
+  now = counter();
+  if (now >= k->recal)
+    calibrate(k);
+  if (now <= from)
+    return 0;
+  d = now - from;
+#ifdef __SIZEOF_INT128__
+  return (uint64_t)(((unsigned __int128)d * k->mult) >> 32);
+#else
+  return (uint64_t)((double)d * (double)k->mult / 4294967296.0);
+#endif
 }

@@ -695,8 +695,9 @@ struct op_co {
 
   /* The task its pending wait is for (cycle checks), or NULL. */
   op_ltask *awaiting;
-  /* Latency: when a resolver began building its values (0: none), and
-  ** the time they took if the resume was deferred (sched.c). */
+  /* Latency: when a resolver began building its values (a reading of
+  ** rt->ticker; 0: none), and the time they took if the resume was
+  ** deferred (sched.c). */
   uint64_t prep_t0, prep_ns;
   /* Called when the coroutine's function returns (status LUA_OK, results
   ** on L) or fails (error object on L). Set by task.c (go tasks). */
@@ -776,8 +777,9 @@ struct op_runtime {
   op_pool *last_cpool; /* op__pool_find's cache */
   op_spin spin;
   uv_prepare_t spin_prepare;
-  uint64_t batch_now;      /* uv_hrtime() at the start of the drain or
-                              resume running now, or 0 */
+  uint64_t batch_now;      /* uv_hrtime() at the start of the drain
+                              running now, or 0 (also while a coroutine
+                              runs: each submit reads the time) */
   const char *last_target; /* lua_main.c check_target's cache */
   op_pool *last_pool;
   op_tasks *tasks;      /* anchors, and what collected tasks left (task.c) */
@@ -792,6 +794,7 @@ struct op_runtime {
   /* Statistics (loop thread). */
   uint64_t calls, call_errors;
   op_hist call_hist;
+  op_ticker ticker; /* times the resumes call_hist holds */
 
   /* Stuck workers (pool.c): grace in seconds, and the watch timer that
   ** runs while stopped tasks still run. */

@@ -158,6 +158,7 @@ int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
   atomic_init(&rt->loop_sleeps, 0);
   atomic_init(&rt->worker_cpu, -1);
   rt->spin.max = rt->spin.cur = cfg->spin_us > 0 ? (unsigned)cfg->spin_us : 0;
+  op__ticker_init(&rt->ticker);
   rt->stuck_grace = cfg->stuck_grace > 0 ? cfg->stuck_grace : 1.0;
   uv_timer_init(rt->loop, &rt->stuck_timer);
   rt->stuck_timer.data = rt;

@@ -71,7 +71,7 @@ static void idle_cb(uv_idle_t *idle);
 ** the time it waits. */
 static void prep_settle(op_co *c) {
   if (c->prep_t0 != 0) {
-    c->prep_ns += uv_hrtime() - c->prep_t0;
+    c->prep_ns += op__ticker_since(&c->rt->ticker, c->prep_t0);
     c->prep_t0 = 0;
   }
 }
@@ -347,7 +347,7 @@ lua_State *op__wait_thread(op_runtime *rt, op_wait_id id) {
   if (w == NULL)
     return NULL;
   if (w->co->prep_t0 == 0)
-    w->co->prep_t0 = uv_hrtime();
+    w->co->prep_t0 = op__ticker_read(&rt->ticker);
   return w->co->L;
 }
 
@@ -579,11 +579,15 @@ static void co_run(op_co *c, int nargs) {
     c->counted = 0;
     rt->suspended--;
   }
-  /* From when the resolver began building the values, if it said so. */
-  t0 = c->prep_t0 != 0 ? c->prep_t0 : uv_hrtime();
-  c->prep_t0 = 0;
+  /* From when the resolver began building the values, if it said so.
+  ** Each submit made by the resume reads the time itself (batch_now 0):
+  ** the drain's time would date one made late in a long resume early. */
+  if ((t0 = c->prep_t0) != 0)
+    c->prep_t0 = 0;
+  else
+    t0 = op__ticker_read(&rt->ticker);
   saved_now = rt->batch_now;
-  rt->batch_now = t0; /* submits made by this resume read it */
+  rt->batch_now = 0;
   saved_grp = rt->grp;
   rt->grp = c->grp; /* what it starts joins its group */
   rt->depth++;
@@ -593,7 +597,7 @@ static void co_run(op_co *c, int nargs) {
   rt->depth--;
   rt->grp = saved_grp;
   rt->batch_now = saved_now;
-  op__hist_add(&rt->call_hist, uv_hrtime() - t0 + c->prep_ns);
+  op__hist_add(&rt->call_hist, op__ticker_since(&rt->ticker, t0) + c->prep_ns);
   c->prep_ns = 0;
 
   c->quiet = 0;

@@ -750,7 +750,7 @@ static void start_callback(op_ltask *lt, int fn) {
     return;
   }
   lua_pushvalue(L, fn);
-  c->prep_t0 = uv_hrtime(); /* decoding counts in its latency */
+  c->prep_t0 = op__ticker_read(&lt->rt->ticker); /* decoding counts */
   lua_pushboolean(L, 1);
   if (plain_results(L, lt) < 0) { /* else (true, results...) are built */
     lua_pop(L, 1);
@@ -1556,7 +1556,7 @@ static int task_on_done(lua_State *L) {
     if ((c = op__co_acquire(lt->rt)) == NULL)
       return luaL_error(L, OP_NOMEM);
     lua_pushvalue(L, 2);
-    c->prep_t0 = uv_hrtime(); /* decoding counts in its latency */
+    c->prep_t0 = op__ticker_read(&lt->rt->ticker); /* decoding counts */
     n = push_outcome(L, lt);
     op__co_start(c, L, n);
     lua_settop(L, 1);

@@ -1,9 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 /*
 ** test-hist.c - latency histograms (hist.c): quantiles stay inside the
-** exact minimum and maximum, and are within the documented precision.
+** exact minimum and maximum, and are within the documented precision; the
+** interval clock agrees with uv_hrtime() before and after it knows the
+** counter's rate.
 ** LABELS: tsan
 */
+#include <time.h>
+#include <uv.h>
+
 #include "hist.h"
 #include "test.h"
 
@@ -56,10 +61,51 @@ static void test_add_n(void) {
   ASSERT_EQ((int64_t)(op__hist_quantile(&h, 0.5) * 1e9 + 0.5), 7000);
 }
 
+static void sleep_ms(long ms) {
+  struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+
+  while (nanosleep(&ts, &ts) != 0)
+    ;
+}
+
+/* An interval measured by the ticker against the same interval by
+** uv_hrtime(), which encloses it: never longer, and short of it by no
+** more than the clock reads and 1 % (the rate is measured over 50 ms at
+** least, from clock reads a few microseconds apart). */
+static void check_interval(op_ticker *k, long ms) {
+  uint64_t h0, h1, r, got;
+
+  h0 = uv_hrtime();
+  r = op__ticker_read(k);
+  sleep_ms(ms);
+  got = op__ticker_since(k, r);
+  h1 = uv_hrtime();
+  ASSERT_GE(got, (uint64_t)ms * 1000000 / 100 * 99);
+  ASSERT(got <= (h1 - h0) + (h1 - h0) / 100);
+}
+
+static void test_ticker(void) {
+  op_ticker k;
+  uint64_t r;
+
+  op__ticker_init(&k);
+  ASSERT_EQ(k.mult, 0);
+  check_interval(&k, 5);  /* in ns: the rate is not known yet */
+  check_interval(&k, 60); /* its end measures the rate, if there is one */
+  if (k.ok)
+    ASSERT(k.mult != 0);
+  check_interval(&k, 5);   /* in counter ticks, where there is a counter */
+  check_interval(&k, 120); /* the rate measured again on the way */
+  /* A reading from the future (another CPU's counter ahead): 0. */
+  r = op__ticker_read(&k);
+  ASSERT_EQ(op__ticker_since(&k, r + 1000000000u), 0);
+}
+
 int main(void) {
   test_all_equal();
   test_bounds();
   test_add_n();
+  test_ticker();
   puts("ok");
   return 0;
 }
