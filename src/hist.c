@@ -92,10 +92,10 @@ uint64_t op__hist_count_le(const op_hist *h, uint64_t ns) {
 
 /* ---- the interval clock ---- */
 
-#define NS_MARK      ((uint64_t)1 << 63)      /* a reading in ns, not ticks */
-#define CAL_FIRST_NS 50000000u                /* first rate after 50 ms */
-#define CAL_MAX_NS   ((uint64_t)60000000000u) /* stop refining after 60 s */
-#define CAL_SLACK    20000 /* ticks: counter reads around a clock read */
+#define NS_MARK       ((uint64_t)1 << 63)      /* a reading in ns, not ticks */
+#define CAL_FIRST_NS  50000000u                /* first rate after 50 ms */
+#define CAL_WINDOW_NS ((uint64_t)60000000000u) /* then over the last 60 s */
+#define CAL_SLACK     20000 /* ticks: counter reads around a clock read */
 
 /* The counter, or 0. */
 static uint64_t counter(void) {
@@ -140,19 +140,27 @@ void op__ticker_init(op_ticker *k) {
 #endif
 }
 
-/* Measure the rate from the anchor to now, if the span allows. */
+/* Measure the rate from the anchor to now, if the span allows, and again
+** when the span has doubled. Past a minute the anchor moves to now, so
+** the rate is that of the last minute or two: a virtual machine moved to
+** another host may see its counter's rate change. */
 static void calibrate(op_ticker *k) {
-  uint64_t tsc, ns, dns;
+  uint64_t tsc, ns, dns, dt;
 
   if (!pair(&tsc, &ns) || tsc <= k->tsc0 || ns <= k->ns0) {
     k->recal = 0; /* try again at the next reading */
     return;
   }
   dns = ns - k->ns0;
+  dt = tsc - k->tsc0;
   if (dns < CAL_FIRST_NS)
     return;
-  k->mult = (uint64_t)((double)dns / (double)(tsc - k->tsc0) * 4294967296.0);
-  k->recal = dns < CAL_MAX_NS ? tsc + (tsc - k->tsc0) : UINT64_MAX;
+  k->mult = (uint64_t)((double)dns / (double)dt * 4294967296.0);
+  k->recal = tsc + dt;
+  if (dns >= CAL_WINDOW_NS) {
+    k->tsc0 = tsc;
+    k->ns0 = ns;
+  }
 }
 
 uint64_t op__ticker_read(const op_ticker *k) {

@@ -37,7 +37,8 @@ uint64_t op__hist_count_le(const op_hist *h, uint64_t ns);
 ** invariant TSC) a reading is that counter, which costs a third of a
 ** clock_gettime() on a virtual machine (10 against 26 ns here, twice per
 ** handler resume); its rate is measured against uv_hrtime() once 50 ms
-** have passed, and again each time the span has doubled. Until then, and
+** have passed, again each time the span has doubled, and past a minute
+** over the last minute or two. Until then, and
 ** where there is no such counter, a reading is uv_hrtime() (marked, so an
 ** interval that began before the rate was known still ends right). */
 typedef struct op_ticker {

@@ -96,6 +96,20 @@ static void test_ticker(void) {
     ASSERT(k.mult != 0);
   check_interval(&k, 5);   /* in counter ticks, where there is a counter */
   check_interval(&k, 120); /* the rate measured again on the way */
+  /* An anchor a minute old moves to now at the next measure, and the
+  ** clock still agrees. */
+  if (k.ok) {
+    uint64_t back = (uint64_t)(61e9 * 4294967296.0 / (double)k.mult);
+
+    if (k.tsc0 > back && k.ns0 > 61000000000u) {
+      k.tsc0 -= back;
+      k.ns0 -= 61000000000u;
+      k.recal = 0;
+      (void)op__ticker_since(&k, op__ticker_read(&k));
+      ASSERT(uv_hrtime() - k.ns0 < 1000000000u);
+      check_interval(&k, 5);
+    }
+  }
   /* A reading from the future (another CPU's counter ahead): 0. */
   r = op__ticker_read(&k);
   ASSERT_EQ(op__ticker_since(&k, r + 1000000000u), 0);
