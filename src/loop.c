@@ -76,23 +76,23 @@ static int wake_on_next(op_runtime *rt) {
 /* How often a spinning loop thread looks for I/O. */
 #define PEEK_NS 4000
 
-/* Spin for done_flag on the loop thread, for at most us microseconds and
-** not past the next timer; stop as soon as the loop has I/O to handle (a
-** zero-timeout poll of the backend descriptor every PEEK_NS). With yield
-** set a worker shares this CPU, so each turn gives it the CPU instead of
-** pausing. Returns 1 if done_flag was seen, 0 if the time ran out, and -1
-** if the loop has other work first (a timer due, an idle handle, I/O):
-** that says nothing about how long completions take. */
+/* Spin for done_flag on the loop thread, for at most us microseconds;
+** stop as soon as the loop has other work: a timer due, an idle handle or
+** I/O (a zero-timeout poll of the backend descriptor every PEEK_NS). The
+** loop's clock is moved on at each look, so a timer that falls due during
+** the spin ends it, and the loop does not then wait for that timer once
+** more, counted from the time before the spin. With yield set a worker
+** shares this CPU, so each turn gives it the CPU instead of pausing.
+** Returns 1 if done_flag was seen, 0 if the time ran out, and -1 if the
+** loop has other work first: that says nothing about how long completions
+** take. */
 static int spin_for_done(op_runtime *rt, unsigned us, int yield) {
   struct pollfd pfd;
   uint64_t now, end, peek;
-  int ms = uv_backend_timeout(rt->loop);
   unsigned i;
 
-  if (ms == 0)
+  if (uv_backend_timeout(rt->loop) == 0)
     return -1;
-  if (ms > 0 && (uint64_t)ms * 1000 < us)
-    us = (unsigned)ms * 1000;
   pfd.fd = uv_backend_fd(rt->loop);
   pfd.events = POLLIN;
   now = uv_hrtime();
@@ -106,7 +106,9 @@ static int spin_for_done(op_runtime *rt, unsigned us, int yield) {
       if (now >= end)
         return 0;
       if (now >= peek) {
-        if (pfd.fd >= 0 && poll(&pfd, 1, 0) > 0)
+        uv_update_time(rt->loop);
+        if (uv_backend_timeout(rt->loop) == 0 ||
+            (pfd.fd >= 0 && poll(&pfd, 1, 0) > 0))
           return -1;
         peek = now + PEEK_NS;
       }

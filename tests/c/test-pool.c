@@ -245,14 +245,23 @@ static void test_spin(int threads) {
 }
 
 /* busy_poll: while a long task is in flight the loop thread spins instead
-** of sleeping, and still runs a timer and answers I/O that come meanwhile
+** of sleeping, and still runs timers and answers I/O that come meanwhile
 ** (the worker writes to a socket pair the loop watches, then works on);
 ** the task completes exactly once and the loop ends when it does. Without
-** busy_poll the loop thread sleeps through the same wait. */
+** busy_poll the loop thread sleeps through the same wait.
+**
+** The first timer (50 ms) starts a second one, due 300 ms later, that the
+** loop spins up to; the write comes at 500 ms, 150 ms after it. A loop
+** that, once the spin reached the timer, waited for it once more from the
+** time before the spin (at 650 ms) would see the write first; one that
+** looked for no I/O while it spins would see the write only when the task
+** ends, at 650 ms. */
 typedef struct busy_state {
   int fds[2];
+  uv_timer_t first, second;
   int timer_inflight, io_inflight; /* tasks in flight when each came: 1 */
   int timer_calls, io_calls;
+  int timer_first; /* the second timer came before the write: 1 */
   job j;
 } busy_state;
 
@@ -261,8 +270,9 @@ static busy_state busy;
 static void busy_work(void *arg) {
   busy_state *b = arg;
 
+  usleep(500 * 1000);
   ASSERT_EQ(write(b->fds[1], "x", 1), 1);
-  usleep(200 * 1000);
+  usleep(150 * 1000);
   b->j.out = 1;
 }
 
@@ -273,10 +283,17 @@ static void busy_done(void *arg, int status) {
   b->j.done_calls++;
 }
 
-static void busy_timer_cb(uv_timer_t *t) {
+static void busy_second_cb(uv_timer_t *t) {
   busy.timer_calls++;
   busy.timer_inflight = busy.j.done_calls == 0;
+  busy.timer_first = busy.io_calls == 0;
+  uv_close((uv_handle_t *)&busy.first, NULL);
   uv_close((uv_handle_t *)t, NULL);
+}
+
+static void busy_first_cb(uv_timer_t *t) {
+  ASSERT_OK(uv_timer_init(t->loop, &busy.second));
+  ASSERT_OK(uv_timer_start(&busy.second, busy_second_cb, 300, 0));
 }
 
 static void busy_io_cb(uv_poll_t *p, int status, int events) {
@@ -298,7 +315,6 @@ static double thread_cpu(void) {
 }
 
 static void test_busy_poll(int on) {
-  uv_timer_t timer;
   uv_poll_t io;
   op_runtime *rt;
   op_config cfg;
@@ -310,8 +326,8 @@ static void test_busy_poll(int on) {
   ASSERT_OK(op_runtime_new(&cfg, &rt));
   memset(&busy, 0, sizeof busy);
   ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM, 0, busy.fds));
-  ASSERT_OK(uv_timer_init(op_runtime_uv_loop(rt), &timer));
-  ASSERT_OK(uv_timer_start(&timer, busy_timer_cb, 20, 0));
+  ASSERT_OK(uv_timer_init(op_runtime_uv_loop(rt), &busy.first));
+  ASSERT_OK(uv_timer_start(&busy.first, busy_first_cb, 50, 0));
   ASSERT_OK(uv_poll_init(op_runtime_uv_loop(rt), &io, busy.fds[0]));
   ASSERT_OK(uv_poll_start(&io, UV_READABLE, busy_io_cb));
   ASSERT_OK(op_submit(rt, "p", busy_work, busy_done, &busy));
@@ -324,7 +340,8 @@ static void test_busy_poll(int on) {
   ASSERT_EQ(busy.io_calls, 1);
   ASSERT_EQ(busy.timer_inflight, 1);
   ASSERT_EQ(busy.io_inflight, 1);
-  /* Spinning through 200 ms takes a good part of it even on a loaded
+  ASSERT_EQ(busy.timer_first, 1);
+  /* Spinning through 650 ms takes a good part of it even on a loaded
   ** machine; sleeping through it takes next to nothing. */
   if (on)
     ASSERT(cpu > 0.02);

@@ -486,11 +486,13 @@ T.test("busy polling: waits, callbacks, timers and coroutines", function()
     end, i)
     ts[i]:on_done(function() done = done + 1 end)
   end
-  local slow = offpath.launch("two", function() offpath.sleep(0.1) return "slow" end)
+  local slow = offpath.launch("two", function() offpath.sleep(5) return "slow" end)
   ticker:wait() -- the main thread's timers fire while tasks are in flight
   T.eq(ticks, 5)
+  T.eq(slow:status(), "running")
   for i = 1, 200 do T.eq(ts[i]:wait(), i * 2) end
-  T.eq(slow:wait(), "slow")
+  T.eq(slow:cancel(), true)
+  T.err("cancelled", slow.wait, slow)
   T.eq(done, 200)
   offpath.configure { busy_poll = false }
   T.eq(offpath.run("two", function() return 1 end), 1)
