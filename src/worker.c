@@ -62,6 +62,11 @@
 
 #define HOOK_COUNT  1000
 #define IDLE_GROWTH ((size_t)8 << 20) /* see op__wvm_idle */
+/* malloc_trim() trims every arena, the main thread's too: keep this much
+** free at the top of the main heap, where a host may have faulted in
+** room for the main VM to grow (the offpath command does) and where a
+** trim threshold raised as high keeps it anyway. */
+#define TRIM_KEEP ((size_t)64 << 20)
 
 static _Thread_local op_worker *self;
 
@@ -379,7 +384,7 @@ int op__wvm_idle(op_worker *w, uv_mutex_t *mu) {
   lua_gc(w->L, LUA_GCCOLLECT, 0);
   w->mem.rest = op__vm_used(&w->mem);
 #ifdef __GLIBC__
-  malloc_trim(0); /* free pages inside the heap go back too */
+  malloc_trim(TRIM_KEEP); /* free pages inside the heaps go back too */
 #endif
   uv_mutex_lock(mu);
   return 1;
