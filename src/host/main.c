@@ -1035,6 +1035,9 @@ static void heap_reserve(size_t bytes) {
   size_t i;
   char *p;
 
+#if !defined(M_TRIM_THRESHOLD) || !defined(M_MMAP_THRESHOLD)
+  bytes = 0; /* a malloc that may unmap the block at free: no use */
+#endif
   if (bytes == 0 || (p = malloc(bytes)) == NULL)
     return;
 #ifdef MADV_HUGEPAGE
