@@ -80,6 +80,14 @@ function(op_add_c_test area)
   op_apply_labels(c/${area} "${labels}")
 endfunction()
 
+# A C module for tests/lua/paths.lua, built like the ones Debian ships: no
+# Lua linked in. It lands in <build>/cmod/opcmod.so.
+add_library(op_test_cmod MODULE ${PROJECT_SOURCE_DIR}/tests/lua/fixtures/opcmod.c)
+set_target_properties(op_test_cmod PROPERTIES OUTPUT_NAME opcmod PREFIX ""
+    LIBRARY_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/cmod)
+target_compile_options(op_test_cmod PRIVATE ${OP_WARNINGS})
+target_include_directories(op_test_cmod PRIVATE ${LUA_INCLUDE_DIRS})
+
 # op_add_lua_test(<area>): runs tests/lua/<area>.lua with the offpath host.
 function(op_add_lua_test area)
   set(src ${PROJECT_SOURCE_DIR}/tests/lua/${area}.lua)

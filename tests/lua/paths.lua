@@ -56,6 +56,24 @@ T.test("a change is seen by the next submit, path and cpath", function()
   T.eq(type(package.searchpath("pathmod", package.path)), "string")
 end)
 
+T.test("a C module loads in the main VM and in workers", function()
+  -- It links no Lua (tests/lua/fixtures/opcmod.c): the command provides it.
+  package.cpath = os.getenv("OFFPATH_BINARY_DIR") .. "/cmod/?.so;"
+    .. package.cpath
+  local m = require "opcmod"
+  T.eq(m.add(40, 2), 42)
+  T.eq(table.concat(m.map({ 1, 2, 3 }, function(v) return v * 10 end), ","),
+    "10,20,30")
+  T.err("number expected", m.add, 1, "x")
+  T.eq(offpath.run("p2", function(a, b)
+    local w = require "opcmod"
+    return table.concat(w.map({ a, b }, function(v) return w.add(v, 1) end),
+      ",")
+  end, 1, 2), "2,3")
+  -- the module as an upvalue crosses by name, as a Lua module does
+  T.eq(offpath.run("p1", function() return m.add(1, 1) end), 2)
+end)
+
 -- rawset bypasses the hook that counts assignments: it is noticed at the
 -- next full look, at most 256 tasks later. The hook's metatable is
 -- protected (without it the two fields would be lost).
