@@ -38,9 +38,9 @@ uint64_t op__hist_count_le(const op_hist *h, uint64_t ns);
 ** clock_gettime() on a virtual machine (10 against 26 ns here, twice per
 ** handler resume); its rate is measured against uv_hrtime() once 50 ms
 ** have passed, again each time the span has doubled, and past a minute
-** over the last minute or two. Until then, and
-** where there is no such counter, a reading is uv_hrtime() (marked, so an
-** interval that began before the rate was known still ends right). */
+** over the last minute or two. Until then, and where there is no such
+** counter, a reading is uv_hrtime() (marked, so an interval that began
+** before the rate was known still ends right). */
 typedef struct op_ticker {
   uint64_t tsc0, ns0; /* the anchor: a counter reading and its time */
   uint64_t recal;     /* measure the rate again past this counter value */
