@@ -147,8 +147,17 @@ void op__ticker_init(op_ticker *k) {
 static void calibrate(op_ticker *k) {
   uint64_t tsc, ns, dns, dt;
 
-  if (!pair(&tsc, &ns) || tsc <= k->tsc0 || ns <= k->ns0) {
+  if (!pair(&tsc, &ns)) {
     k->recal = 0; /* try again at the next reading */
+    return;
+  }
+  if (tsc <= k->tsc0 || ns <= k->ns0) {
+    /* The counter went back (another CPU's, or a virtual machine moved
+    ** to another host): measure from here, keeping the rate meanwhile. */
+    k->tsc0 = tsc;
+    k->ns0 = ns;
+    k->recal =
+        k->mult != 0 ? tsc + ((uint64_t)CAL_FIRST_NS << 32) / k->mult : 0;
     return;
   }
   dns = ns - k->ns0;
@@ -156,11 +165,14 @@ static void calibrate(op_ticker *k) {
   if (dns < CAL_FIRST_NS)
     return;
   k->mult = (uint64_t)((double)dns / (double)dt * 4294967296.0);
-  k->recal = tsc + dt;
   if (dns >= CAL_WINDOW_NS) {
+    /* The next measure a window from now, however long this span was
+    ** (a loop thread idle for an hour read no clock meanwhile). */
     k->tsc0 = tsc;
     k->ns0 = ns;
+    dt = (uint64_t)((double)dt / (double)dns * (double)CAL_WINDOW_NS);
   }
+  k->recal = tsc + dt;
 }
 
 uint64_t op__ticker_read(const op_ticker *k) {

@@ -110,6 +110,32 @@ static void test_ticker(void) {
       check_interval(&k, 5);
     }
   }
+  /* An anchor long past (a loop thread idle for minutes) moves to now,
+  ** and the rate is measured again a window later, not a span later. */
+  if (k.ok) {
+    uint64_t back = (uint64_t)(600e9 * 4294967296.0 / (double)k.mult);
+
+    if (k.tsc0 > back && k.ns0 > 600000000000u) {
+      k.tsc0 -= back;
+      k.ns0 -= 600000000000u;
+      k.recal = 0;
+      r = op__ticker_read(&k);
+      (void)op__ticker_since(&k, r);
+      ASSERT(k.recal > r);
+      ASSERT((double)(k.recal - r) * (double)k.mult / 4294967296.0 < 61e9);
+    }
+  }
+  /* An anchor ahead of the counter (it went back): the clock measures
+  ** from a new anchor instead of trying again at every reading. */
+  if (k.ok) {
+    k.tsc0 = op__ticker_read(&k) + ((uint64_t)1 << 40);
+    k.recal = 0;
+    r = op__ticker_read(&k);
+    (void)op__ticker_since(&k, r);
+    ASSERT(k.tsc0 <= op__ticker_read(&k));
+    ASSERT(k.recal > k.tsc0);
+    check_interval(&k, 5);
+  }
   /* A reading from the future (another CPU's counter ahead): 0. */
   r = op__ticker_read(&k);
   ASSERT_EQ(op__ticker_since(&k, r + 1000000000u), 0);
