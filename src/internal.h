@@ -778,8 +778,8 @@ struct op_runtime {
   op_spin spin;
   uv_prepare_t spin_prepare;
   uint64_t batch_now;      /* uv_hrtime() at the start of the drain
-                              running now, or 0 (also while a coroutine
-                              runs: each submit reads the time) */
+                              running now, or 0 (also while Lua runs in
+                              it: each submit reads the time) */
   const char *last_target; /* lua_main.c check_target's cache */
   op_pool *last_pool;
   op_tasks *tasks;      /* anchors, and what collected tasks left (task.c) */

@@ -1071,6 +1071,8 @@ void op__pool_free(op_pool *p, op_remnant *r) {
 
 /* Count an ended task in p's statistics. */
 static void count_end(op_pool *p, op_task *t, op_task_state how) {
+  uint64_t now;
+
   switch (how) {
   case OP_TASK_DONE:
     p->completed++;
@@ -1085,7 +1087,11 @@ static void count_end(op_pool *p, op_task *t, op_task_state how) {
     p->cancelled++;
     break;
   }
-  op__hist_add(&p->hist, op__now(p->rt) - t->t_submit);
+  now = op__now(p->rt);
+  /* A batch's time predates a submit that a resume made during it. */
+  if (now < t->t_submit)
+    now = uv_hrtime();
+  op__hist_add(&p->hist, now - t->t_submit);
 }
 
 /* A task asked to stop has ended for the books (once), whenever its

@@ -877,15 +877,19 @@ static int run_schedule_p(lua_State *L) {
 ** built, the failure goes to the error callback instead. */
 static void run_schedule(lua_State *L, op_ltask *lt) {
   op_runtime *rt = lt->rt;
-  uint64_t t0 = uv_hrtime();
+  uint64_t t0 = uv_hrtime(), saved_now = rt->batch_now;
   sched_run sr;
-  int top = lua_gettop(L);
+  int top = lua_gettop(L), status;
 
   sr.lt = lt;
   sr.called = sr.in_cb = sr.timed = 0;
   lua_pushcfunction(L, run_schedule_p); /* allocates nothing */
   lua_pushlightuserdata(L, &sr);
-  if (op__pcall(L, 1, 0, op__traceback) != LUA_OK) {
+  /* Each submit the callback makes reads the time, as in a resume. */
+  rt->batch_now = 0;
+  status = op__pcall(L, 1, 0, op__traceback);
+  rt->batch_now = saved_now;
+  if (status != LUA_OK) {
     if (sr.in_cb) { /* the callback raised */
       rt->depth--;
       rt->call_errors++;
