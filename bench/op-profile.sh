@@ -8,8 +8,9 @@
 #        sh bench/op-profile.sh BUILD c   [N1 N2]   C API round trip
 #        sh bench/op-profile.sh BUILD stream        records through on_event
 #
-# lua runs BUILD/bench/op-offpath-prof (the host linked with Lua's static
-# archive, so Lua's internals have names) on bench/op-roundtrip.lua; the
+# lua runs BUILD/offpath (which has Lua built in, so Lua's internals have
+# names, where the build found Lua's static archive) on
+# bench/op-roundtrip.lua; the
 # OP_* variables of that script pass through (OP_API, OP_MODE, OP_WORKERS,
 # OP_ARG, OP_FN). c runs BUILD/bench/op-capi. stream runs bench/op-stream.lua
 # on 20000 and 60000 records. Defaults: N1=10000 N2=30000 tasks.
@@ -38,7 +39,7 @@ run() { # n outfile
   case $WHAT in
   lua)
     OP_TASKS=$1 valgrind --tool=callgrind --callgrind-out-file="$2" \
-      "$BUILD/bench/op-offpath-prof" run "$SRC/bench/op-roundtrip.lua" \
+      "$BUILD/offpath" run "$SRC/bench/op-roundtrip.lua" \
       --input /dev/null >"$2.log" 2>&1 ;;
   c)
     valgrind --tool=callgrind --callgrind-out-file="$2" \
@@ -48,7 +49,7 @@ run() { # n outfile
     test -s "$OUT/stream-$1.txt" ||
       lua5.4 "$SRC/bench/peer-lines.lua" --make "$1" --file "$OUT/stream-$1.txt"
     valgrind --tool=callgrind --callgrind-out-file="$2" \
-      "$BUILD/bench/op-offpath-prof" run "$SRC/bench/op-stream.lua" \
+      "$BUILD/offpath" run "$SRC/bench/op-stream.lua" \
       --input "$OUT/stream-$1.txt" >"$2.log" 2>&1 ;;
   *)
     echo "op-profile: lua, c or stream, not $WHAT" >&2; exit 2 ;;

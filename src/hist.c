@@ -179,8 +179,25 @@ uint64_t op__ticker_read(const op_ticker *k) {
   return k->mult != 0 ? counter() : uv_hrtime() | NS_MARK;
 }
 
+/* d ticks in ns. */
+static uint64_t ticks_ns(const op_ticker *k, uint64_t d) {
+#ifdef __SIZEOF_INT128__
+  return (uint64_t)(((unsigned __int128)d * k->mult) >> 32);
+#else
+  return (uint64_t)((double)d * (double)k->mult / 4294967296.0);
+#endif
+}
+
+uint64_t op__ticker_span(op_ticker *k, uint64_t from, uint64_t to) {
+  if ((from ^ to) & NS_MARK) /* the rate became known between them */
+    return op__ticker_since(k, from);
+  if (to <= from)
+    return 0;
+  return (to & NS_MARK) ? to - from : ticks_ns(k, to - from);
+}
+
 uint64_t op__ticker_since(op_ticker *k, uint64_t from) {
-  uint64_t now, d;
+  uint64_t now;
 
   if (from & NS_MARK) {
     now = uv_hrtime();
@@ -194,10 +211,5 @@ uint64_t op__ticker_since(op_ticker *k, uint64_t from) {
     calibrate(k);
   if (now <= from)
     return 0;
-  d = now - from;
-#ifdef __SIZEOF_INT128__
-  return (uint64_t)(((unsigned __int128)d * k->mult) >> 32);
-#else
-  return (uint64_t)((double)d * (double)k->mult / 4294967296.0);
-#endif
+  return ticks_ns(k, now - from);
 }

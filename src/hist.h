@@ -54,5 +54,8 @@ uint64_t op__ticker_read(const op_ticker *k);
 /* Nanoseconds from the reading from to now (0 if the counter went back,
 ** as across CPUs whose counters differ). May measure the rate. */
 uint64_t op__ticker_since(op_ticker *k, uint64_t from);
+/* Nanoseconds from the reading from to the later reading to (0 if to is
+** not later). */
+uint64_t op__ticker_span(op_ticker *k, uint64_t from, uint64_t to);
 
 #endif

@@ -218,7 +218,7 @@ struct op_task {
   ** queued, or NULL. */
   void (*on_queued)(op_task *t);
   uint8_t notify;    /* settle left work for complete */
-  uint64_t t_submit; /* uv_hrtime() */
+  uint64_t t_submit; /* a reading of rt->ticker (loop thread) */
   op_worker *worker; /* OP_TASK_BLOCK: the waiting worker; OP_TASK_LUA:
                         the worker running it (pool lock) */
   uint8_t watch;     /* has a deadline: run it under the stop hook */
@@ -777,9 +777,8 @@ struct op_runtime {
   op_pool *last_cpool; /* op__pool_find's cache */
   op_spin spin;
   uv_prepare_t spin_prepare;
-  uint64_t batch_now;      /* uv_hrtime() at the start of the drain
-                              running now, or 0 (also while Lua runs in
-                              it: each submit reads the time) */
+  uint64_t batch_tick;     /* a reading of ticker while a drain settles
+                              its batch (one serves every task), or 0 */
   const char *last_target; /* lua_main.c check_target's cache */
   op_pool *last_pool;
   op_tasks *tasks;      /* anchors, and what collected tasks left (task.c) */
@@ -815,11 +814,6 @@ struct op_runtime {
   void (*io_hooks[OP_IO_HOOKS])(op_runtime *rt);
   int nio_hooks;
 };
-
-/* Now, in ns: one clock read serves a whole drained batch. */
-static inline uint64_t op__now(op_runtime *rt) {
-  return rt->batch_now ? rt->batch_now : uv_hrtime();
-}
 
 /* The op_co record of L (root for threads offpath does not run). */
 static inline op_co *op__co(lua_State *L) {

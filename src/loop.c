@@ -39,12 +39,13 @@ static void drain_done(op_runtime *rt) {
     return;
   /* Settle the whole batch before telling anyone, so a coroutine resumed
   ** for one task finds the rest of the batch ended too. */
-  rt->batch_now = uv_hrtime();
+  rt->batch_tick = op__ticker_read(&rt->ticker);
   for (t = list; t != NULL; t = t->next) {
     op__pool_returned(t);
     if (t->settle != NULL)
       t->settle(t);
   }
+  rt->batch_tick = 0; /* Lua runs from here: its submits read the time */
   while ((t = list) != NULL) {
     list = t->next;
     t->next = NULL;
@@ -55,7 +56,6 @@ static void drain_done(op_runtime *rt) {
     t->complete(t);
   }
   op__pool_batch_end(rt);
-  rt->batch_now = 0;
   op__update_ref(rt);
 }
 

@@ -360,7 +360,6 @@ static int block_body(lua_State *L) {
 static void block_run(op_runtime *rt, op_task *t) {
   lua_State *L = rt->L;
   int top = lua_gettop(L), status;
-  uint64_t saved_now;
   const char *msg;
   char obuf[64];
   size_t len;
@@ -372,11 +371,7 @@ static void block_run(op_runtime *rt, op_task *t) {
   lua_pushcfunction(L, block_body);
   lua_pushlightuserdata(L, t);
   rt->depth++;
-  /* Each submit the section makes reads the time, as in a resume. */
-  saved_now = rt->batch_now;
-  rt->batch_now = 0;
   status = op__pcall(L, 1, 0, NULL);
-  rt->batch_now = saved_now;
   if (status != LUA_OK) {
     if (lua_type(L, -1) == LUA_TSTRING)
       msg = lua_tolstring(L, -1, &len);

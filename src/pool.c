@@ -788,7 +788,7 @@ int op__pool_submit(op_pool *p, op_task *t, int park) {
   if (wait && !park)
     return OP_EAGAIN;
   t->pool = p;
-  t->t_submit = op__now(p->rt);
+  t->t_submit = op__ticker_read(&p->rt->ticker);
   book(p);
   if (!wait) {
     enqueue(p, t);
@@ -1071,8 +1071,6 @@ void op__pool_free(op_pool *p, op_remnant *r) {
 
 /* Count an ended task in p's statistics. */
 static void count_end(op_pool *p, op_task *t, op_task_state how) {
-  uint64_t now;
-
   switch (how) {
   case OP_TASK_DONE:
     p->completed++;
@@ -1087,11 +1085,10 @@ static void count_end(op_pool *p, op_task *t, op_task_state how) {
     p->cancelled++;
     break;
   }
-  now = op__now(p->rt);
-  /* A batch's time predates a submit that a resume made during it. */
-  if (now < t->t_submit)
-    now = uv_hrtime();
-  op__hist_add(&p->hist, now - t->t_submit);
+  op__hist_add(&p->hist, p->rt->batch_tick != 0
+                             ? op__ticker_span(&p->rt->ticker, t->t_submit,
+                                               p->rt->batch_tick)
+                             : op__ticker_since(&p->rt->ticker, t->t_submit));
 }
 
 /* A task asked to stop has ended for the books (once), whenever its

@@ -572,22 +572,18 @@ static void push_co_error(op_co *c) {
 static void co_run(op_co *c, int nargs) {
   op_runtime *rt = c->rt;
   int status, nres = 0, quiet = c->quiet;
-  uint64_t t0, saved_now;
+  uint64_t t0;
   op_group *saved_grp;
 
   if (c->counted) {
     c->counted = 0;
     rt->suspended--;
   }
-  /* From when the resolver began building the values, if it said so.
-  ** Each submit made by the resume reads the time itself (batch_now 0):
-  ** the drain's time would date one made late in a long resume early. */
+  /* From when the resolver began building the values, if it said so. */
   if ((t0 = c->prep_t0) != 0)
     c->prep_t0 = 0;
   else
     t0 = op__ticker_read(&rt->ticker);
-  saved_now = rt->batch_now;
-  rt->batch_now = 0;
   saved_grp = rt->grp;
   rt->grp = c->grp; /* what it starts joins its group */
   rt->depth++;
@@ -596,7 +592,6 @@ static void co_run(op_co *c, int nargs) {
   __atomic_store_n(&rt->running, NULL, __ATOMIC_RELAXED);
   rt->depth--;
   rt->grp = saved_grp;
-  rt->batch_now = saved_now;
   op__hist_add(&rt->call_hist, op__ticker_since(&rt->ticker, t0) + c->prep_ns);
   c->prep_ns = 0;
 

@@ -877,7 +877,7 @@ static int run_schedule_p(lua_State *L) {
 ** built, the failure goes to the error callback instead. */
 static void run_schedule(lua_State *L, op_ltask *lt) {
   op_runtime *rt = lt->rt;
-  uint64_t t0 = uv_hrtime(), saved_now = rt->batch_now;
+  uint64_t t0 = op__ticker_read(&rt->ticker);
   sched_run sr;
   int top = lua_gettop(L), status;
 
@@ -885,10 +885,7 @@ static void run_schedule(lua_State *L, op_ltask *lt) {
   sr.called = sr.in_cb = sr.timed = 0;
   lua_pushcfunction(L, run_schedule_p); /* allocates nothing */
   lua_pushlightuserdata(L, &sr);
-  /* Each submit the callback makes reads the time, as in a resume. */
-  rt->batch_now = 0;
   status = op__pcall(L, 1, 0, op__traceback);
-  rt->batch_now = saved_now;
   if (status != LUA_OK) {
     if (sr.in_cb) { /* the callback raised */
       rt->depth--;
@@ -906,7 +903,7 @@ static void run_schedule(lua_State *L, op_ltask *lt) {
   lua_settop(L, top);
   /* Decoding and the callback ran on the loop thread like a resume. */
   if (sr.timed)
-    op__hist_add(&rt->call_hist, uv_hrtime() - t0);
+    op__hist_add(&rt->call_hist, op__ticker_since(&rt->ticker, t0));
 }
 
 /* End lt in state (once): stop its deadline, count it, tell its waiters,

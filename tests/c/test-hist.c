@@ -141,11 +141,41 @@ static void test_ticker(void) {
   ASSERT_EQ(op__ticker_since(&k, r + 1000000000u), 0);
 }
 
+/* A span between two readings: as long as the clock between them, right
+** across the point where the rate becomes known (the first reading in ns,
+** the second in ticks), and 0 when the second is not later. */
+static void test_ticker_span(void) {
+  op_ticker k;
+  uint64_t h0, h1, a, b, got;
+
+  op__ticker_init(&k);
+  h0 = uv_hrtime();
+  a = op__ticker_read(&k); /* in ns: the rate is not known yet */
+  sleep_ms(60);
+  (void)op__ticker_since(&k, op__ticker_read(&k)); /* measures it */
+  b = op__ticker_read(&k);
+  h1 = uv_hrtime();
+  got = op__ticker_span(&k, a, b);
+  ASSERT_GE(got, 60000000u / 100 * 99);
+  ASSERT(got <= (h1 - h0) + (h1 - h0) / 100);
+  h0 = uv_hrtime();
+  a = op__ticker_read(&k);
+  sleep_ms(5);
+  b = op__ticker_read(&k);
+  h1 = uv_hrtime();
+  got = op__ticker_span(&k, a, b);
+  ASSERT_GE(got, 5000000u / 100 * 99);
+  ASSERT(got <= (h1 - h0) + (h1 - h0) / 100);
+  ASSERT_EQ(op__ticker_span(&k, b, a), 0);
+  ASSERT_EQ(op__ticker_span(&k, b, b), 0);
+}
+
 int main(void) {
   test_all_equal();
   test_bounds();
   test_add_n();
   test_ticker();
+  test_ticker_span();
   puts("ok");
   return 0;
 }
