@@ -68,10 +68,16 @@ static void sleep_ms(long ms) {
     ;
 }
 
-/* An interval measured by the ticker against the same interval by
-** uv_hrtime(), which encloses it: never longer, and short of it by no
-** more than the clock reads and 1 % (the rate is measured over 50 ms at
-** least, from clock reads a few microseconds apart). */
+/* got, an interval of a sleep of ms measured by the ticker, against the
+** interval from h0 to h1 by uv_hrtime(), which encloses it: never longer,
+** and short of the sleep by no more than 1 % (the rate is measured over
+** 50 ms at least, from clock reads a few microseconds apart). */
+static void check_measure(uint64_t got, long ms, uint64_t h0, uint64_t h1) {
+  ASSERT_GE(got, (uint64_t)ms * 1000000 / 100 * 99);
+  ASSERT(got <= (h1 - h0) + (h1 - h0) / 100);
+}
+
+/* A sleep of ms measured from a reading to now. */
 static void check_interval(op_ticker *k, long ms) {
   uint64_t h0, h1, r, got;
 
@@ -80,8 +86,21 @@ static void check_interval(op_ticker *k, long ms) {
   sleep_ms(ms);
   got = op__ticker_since(k, r);
   h1 = uv_hrtime();
-  ASSERT_GE(got, (uint64_t)ms * 1000000 / 100 * 99);
-  ASSERT(got <= (h1 - h0) + (h1 - h0) / 100);
+  check_measure(got, ms, h0, h1);
+}
+
+/* Move k's anchor s seconds back, as if taken then; 0 if the counter or
+** the clock has not run that long. */
+static int age_anchor(op_ticker *k, double s) {
+  uint64_t back = (uint64_t)(s * 1e9 * 4294967296.0 / (double)k->mult);
+  uint64_t ns = (uint64_t)(s * 1e9);
+
+  if (k->tsc0 <= back || k->ns0 <= ns)
+    return 0;
+  k->tsc0 -= back;
+  k->ns0 -= ns;
+  k->recal = 0;
+  return 1;
 }
 
 static void test_ticker(void) {
@@ -98,32 +117,18 @@ static void test_ticker(void) {
   check_interval(&k, 120); /* the rate measured again on the way */
   /* An anchor a minute old moves to now at the next measure, and the
   ** clock still agrees. */
-  if (k.ok) {
-    uint64_t back = (uint64_t)(61e9 * 4294967296.0 / (double)k.mult);
-
-    if (k.tsc0 > back && k.ns0 > 61000000000u) {
-      k.tsc0 -= back;
-      k.ns0 -= 61000000000u;
-      k.recal = 0;
-      (void)op__ticker_since(&k, op__ticker_read(&k));
-      ASSERT(uv_hrtime() - k.ns0 < 1000000000u);
-      check_interval(&k, 5);
-    }
+  if (k.ok && age_anchor(&k, 61)) {
+    (void)op__ticker_since(&k, op__ticker_read(&k));
+    ASSERT(uv_hrtime() - k.ns0 < 1000000000u);
+    check_interval(&k, 5);
   }
   /* An anchor long past (a loop thread idle for minutes) moves to now,
   ** and the rate is measured again a window later, not a span later. */
-  if (k.ok) {
-    uint64_t back = (uint64_t)(600e9 * 4294967296.0 / (double)k.mult);
-
-    if (k.tsc0 > back && k.ns0 > 600000000000u) {
-      k.tsc0 -= back;
-      k.ns0 -= 600000000000u;
-      k.recal = 0;
-      r = op__ticker_read(&k);
-      (void)op__ticker_since(&k, r);
-      ASSERT(k.recal > r);
-      ASSERT((double)(k.recal - r) * (double)k.mult / 4294967296.0 < 61e9);
-    }
+  if (k.ok && age_anchor(&k, 600)) {
+    r = op__ticker_read(&k);
+    (void)op__ticker_since(&k, r);
+    ASSERT(k.recal > r);
+    ASSERT((double)(k.recal - r) * (double)k.mult / 4294967296.0 < 61e9);
   }
   /* An anchor ahead of the counter (it went back): the clock measures
   ** from a new anchor instead of trying again at every reading. */
@@ -156,16 +161,14 @@ static void test_ticker_span(void) {
   b = op__ticker_read(&k);
   h1 = uv_hrtime();
   got = op__ticker_span(&k, a, b);
-  ASSERT_GE(got, 60000000u / 100 * 99);
-  ASSERT(got <= (h1 - h0) + (h1 - h0) / 100);
+  check_measure(got, 60, h0, h1);
   h0 = uv_hrtime();
   a = op__ticker_read(&k);
   sleep_ms(5);
   b = op__ticker_read(&k);
   h1 = uv_hrtime();
   got = op__ticker_span(&k, a, b);
-  ASSERT_GE(got, 5000000u / 100 * 99);
-  ASSERT(got <= (h1 - h0) + (h1 - h0) / 100);
+  check_measure(got, 5, h0, h1);
   ASSERT_EQ(op__ticker_span(&k, b, a), 0);
   ASSERT_EQ(op__ticker_span(&k, b, b), 0);
 }
