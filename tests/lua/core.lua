@@ -146,8 +146,10 @@ end)
 
 T.test("the queue's high-water mark is exact and never passes its size", function()
   -- Bursts far larger than the queue, from a coroutine that waits for
-  -- room, while two workers take tasks during every held batch.
-  local f = function(x) return x end
+  -- room, while two workers take tasks during every held batch. Each task
+  -- takes 20 us, so the queue fills even where the workers would keep up
+  -- with the loop thread's submits.
+  local f = function(x) offpath.sleep(0.00002) return x end
   for _ = 1, 60 do
     for i = 1, 400 do offpath.launch("hw", f, i) end
     offpath.sleep(0.001)
