@@ -300,6 +300,7 @@ static void test_stop_running(int stop_signal) {
 /* Debug builds check the thread of the op_* calls: one made off the loop
 ** thread (here op_runtime_busy from another thread) aborts, naming the
 ** call. The calls documented for any thread do not. */
+#ifdef OP_DEBUG
 static void busy_off_loop(void *arg) {
   op_runtime_busy(arg);
 }
@@ -313,6 +314,7 @@ static void running_off_loop(void *arg) {
       op_runtime_uv_loop(rt) == NULL)
     abort();
 }
+#endif
 
 static void test_off_loop_thread(void) {
 #ifdef OP_DEBUG
