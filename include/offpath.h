@@ -99,6 +99,18 @@ typedef enum op_block_policy {
   OP_BLOCK_CONTINUE = 1 /* log a warning and let it finish */
 } op_block_policy;
 
+/* Which pools keep their workers off the loop thread's CPU. A worker that
+** wakes up, sleeps or takes a timer interrupt on that CPU stalls the
+** handler running there; a pool kept off it costs the process one CPU of
+** parallelism in that pool. The CPU is the one the loop thread runs on
+** when the first such pool starts; the loop thread itself is not pinned. */
+typedef enum op_loop_cpu {
+  OP_LOOP_CPU_AUTO = 0, /* pools with more threads than the process may use
+                            CPUs (waiting, not computing) keep off it */
+  OP_LOOP_CPU_KEEP = 1, /* every pool keeps off it (2 CPUs or more) */
+  OP_LOOP_CPU_SHARE = 2 /* no pool keeps off it: the kernel places all */
+} op_loop_cpu;
+
 struct uv_loop_s;
 
 typedef struct op_config {
@@ -133,6 +145,9 @@ typedef struct op_config {
                                thread spins for completions, timers and
                                I/O instead of sleeping (one CPU kept busy;
                                no wake-up latency). Default 0 */
+  op_loop_cpu loop_cpu;     /* which pools keep off the loop thread's CPU;
+                               default OP_LOOP_CPU_AUTO. Read as each pool
+                               starts */
 } op_config;
 
 /* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,
@@ -311,6 +326,8 @@ typedef struct op_pool_stats {
   double p50, p99, max;  /* seconds from submit to completion seen */
   uint64_t memory;       /* bytes held by its worker VMs now */
   uint64_t memory_limit; /* per worker VM; 0: none */
+  int off_cpu;           /* the CPU its workers keep off (op_config.loop_cpu),
+                            or -1 */
 } op_pool_stats;
 
 typedef struct op_stats {

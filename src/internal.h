@@ -773,6 +773,8 @@ struct op_runtime {
   atomic_int worker_cpu;  /* CPU a worker last woke up on, or -1 */
   atomic_int loop_sleeps; /* counts the loop thread going to block */
   char pad_shared_end_[64 - 6 * sizeof(atomic_int)];
+  int kept_cpu;        /* the CPU pools keep off for the loop thread (pool.c
+                          place()), or -1 until one does */
   int in_poll;         /* inside op_runtime_poll */
   op_pool *last_cpool; /* op__pool_find's cache */
   op_spin spin;

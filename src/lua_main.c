@@ -229,6 +229,8 @@ void op__push_pool_stats(lua_State *L, const op_stats *st) {
     set_number(L, "max", p->max);
     set_integer(L, "memory", p->memory);
     set_integer(L, "memory_limit", p->memory_limit);
+    if (p->off_cpu >= 0)
+      set_integer(L, "off_cpu", (uint64_t)p->off_cpu);
     lua_setfield(L, -2, p->name);
   }
 }
@@ -288,9 +290,12 @@ static size_t memory_limit_arg(lua_State *L, int idx, const char *pool) {
 
 /* offpath.configure{pools={name={threads=, queue=, init=, memory_limit=}},
 ** shutdown="drain"|"cancel", block_budget=, block_policy="abort"|"continue",
-** spin_us=, busy_poll=, stuck_grace=, max_result=} */
+** spin_us=, busy_poll=, loop_cpu="auto"|"keep"|"share", stuck_grace=,
+** max_result=} */
 static int offpath_configure(lua_State *L) {
   static const char *const shutdowns[] = { "drain", "cancel", NULL };
+  /* In the order of op_loop_cpu. */
+  static const char *const loop_cpus[] = { "auto", "keep", "share", NULL };
   static const char *const policies[] = { "abort", "continue", NULL };
   op_runtime *rt = op__runtime(L);
   op_pool_config pc;
@@ -344,6 +349,8 @@ static int offpath_configure(lua_State *L) {
     luaL_argcheck(L, lua_isboolean(L, -1), 1, "busy_poll must be a boolean");
     rt->cfg.busy_poll = lua_toboolean(L, -1);
   }
+  if (lua_getfield(L, 1, "loop_cpu") != LUA_TNIL)
+    rt->cfg.loop_cpu = (op_loop_cpu)luaL_checkoption(L, -1, NULL, loop_cpus);
   if (lua_getfield(L, 1, "max_result") != LUA_TNIL) {
     lua_Integer max = luaL_checkinteger(L, -1);
     luaL_argcheck(L, max > 0, 1, "max_result must be a positive byte count");

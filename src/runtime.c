@@ -155,6 +155,7 @@ int op__runtime_new(const op_config *cfg, lua_State *L, op_runtime **out) {
   atomic_init(&rt->need_wake, 1);
   atomic_init(&rt->done_any, 0);
   atomic_init(&rt->loop_cpu, -1);
+  rt->kept_cpu = -1;
   atomic_init(&rt->loop_sleeps, 0);
   atomic_init(&rt->worker_cpu, -1);
   rt->spin.max = rt->spin.cur = cfg->spin_us > 0 ? (unsigned)cfg->spin_us : 0;

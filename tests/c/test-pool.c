@@ -3,10 +3,11 @@
 ** test-pool.c - pools through the C API: C tasks, completion exactly once,
 ** full queues, shutdown draining or cancelling, poll-loop integration,
 ** tasks submitted from done callbacks (held until the batch ends), busy
-** polling.
+** polling, where workers run.
 ** LABELS: tsan
 */
 #include <poll.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -500,6 +501,93 @@ static void test_errors(void) {
   ASSERT_STR_EQ(op_version(), OP_VERSION_STRING);
 }
 
+/* Where workers run (op_config.loop_cpu). Each pool runs one task that
+** records the CPUs its worker may use. */
+typedef struct placed {
+  cpu_set_t set;
+  int ok, done_calls;
+} placed;
+
+static void work_where(void *arg) {
+  placed *pl = arg;
+
+  pl->ok = sched_getaffinity(0, sizeof pl->set, &pl->set) == 0;
+}
+
+static void done_where(void *arg, int status) {
+  placed *pl = arg;
+
+  ASSERT_EQ(status, 0);
+  pl->done_calls++;
+}
+
+/* The off_cpu of pool name in rt's statistics. */
+static int off_cpu(op_runtime *rt, const char *name) {
+  op_stats st;
+  int i;
+
+  ASSERT_OK(op_stats_get(rt, &st));
+  for (i = 0; i < st.npools; i++)
+    if (strcmp(st.pools[i].name, name) == 0)
+      return st.pools[i].off_cpu;
+  TEST_FAIL_("no pool %s", name);
+  return -1;
+}
+
+/* The CPUs of a pool's worker: every CPU the loop thread may use but off,
+** which is -1 or one of them. */
+static void check_placed(const placed *pl, const cpu_set_t *all, int off) {
+  cpu_set_t want;
+
+  ASSERT_EQ(pl->done_calls, 1);
+  ASSERT(pl->ok);
+  want = *all;
+  if (off >= 0) {
+    ASSERT(CPU_ISSET(off, all));
+    CPU_CLR(off, &want);
+  }
+  ASSERT(CPU_EQUAL(&pl->set, &want));
+}
+
+/* With two CPUs or more, a pool with more threads than that keeps its
+** workers off the loop thread's CPU by default, and a smaller one does not;
+** loop_cpu KEEP moves every pool off the same CPU, SHARE none. With one
+** CPU no pool keeps off it. */
+static void test_placement(op_loop_cpu mode) {
+  cpu_set_t all;
+  op_config cfg;
+  op_runtime *rt;
+  placed wide = { 0 }, narrow = { 0 };
+  int ncpus, w, n;
+
+  ASSERT_OK(sched_getaffinity(0, sizeof all, &all));
+  ncpus = CPU_COUNT(&all);
+  op_config_init(&cfg);
+  ASSERT_OK(op_config_pool(&cfg, "wide", ncpus + 1, 0));
+  ASSERT_OK(op_config_pool(&cfg, "narrow", 1, 0));
+  cfg.loop_cpu = mode;
+  ASSERT_OK(op_runtime_new(&cfg, &rt));
+  ASSERT_EQ(off_cpu(rt, "wide"), -1); /* not started yet */
+  ASSERT_OK(op_submit(rt, "wide", work_where, done_where, &wide));
+  ASSERT_OK(op_submit(rt, "narrow", work_where, done_where, &narrow));
+  ASSERT_OK(op_runtime_run(rt));
+  w = off_cpu(rt, "wide");
+  n = off_cpu(rt, "narrow");
+  check_placed(&wide, &all, w);
+  check_placed(&narrow, &all, n);
+  if (ncpus < 2 || mode == OP_LOOP_CPU_SHARE) {
+    ASSERT_EQ(w, -1);
+    ASSERT_EQ(n, -1);
+  } else if (mode == OP_LOOP_CPU_KEEP) {
+    ASSERT(w >= 0);
+    ASSERT_EQ(n, w);
+  } else {
+    ASSERT(w >= 0);
+    ASSERT_EQ(n, -1);
+  }
+  ASSERT_OK(op_runtime_free(rt));
+}
+
 int main(void) {
   test_errors();
   test_many();
@@ -513,6 +601,9 @@ int main(void) {
   test_busy_poll(0);
   test_hold();
   test_hold_long_batch();
+  test_placement(OP_LOOP_CPU_AUTO);
+  test_placement(OP_LOOP_CPU_KEEP);
+  test_placement(OP_LOOP_CPU_SHARE);
   printf("test-pool: ok\n");
   return 0;
 }
