@@ -197,6 +197,8 @@ struct op_task {
                       what it submits is held for the batch (pool.c) */
   uint8_t counted; /* its end is counted in the pool's statistics */
   uint8_t failed;  /* set by the work: the operation failed (statistics) */
+  uint8_t lazy;    /* its submitter suspends at once: held until the resume
+                      ends, so waking a worker is not counted in it (pool.c) */
   atomic_int stop; /* 0, or OP_ECANCELED / OP_ETIMEDOUT requested */
   int status;      /* worker's outcome: 0, OP_ESCRIPT, OP_ECANCELED,
                       OP_ETIMEDOUT, OP_ENOMEM (no room for the outcome) */
@@ -752,7 +754,7 @@ struct op_runtime {
 
   uint64_t inflight;   /* pool tasks submitted and not completed */
   int hold_submits;    /* op__pool_submit holds tasks until op__pool_flush */
-  int held;            /* it held Lua tasks for a deep queue (pool.c) */
+  int held;            /* it held Lua tasks: deep queue, run (pool.c) */
   unsigned hold_n;     /* C completions while holding (pool.c) */
   uint64_t hold_since; /* when holding began (pool.c) */
   uint64_t nsubmits;   /* tasks submitted (loop thread) */

@@ -68,6 +68,7 @@ static int offpath_run(lua_State *L) {
   op__check_suspend(L, "offpath.run");
   lt = op__task_new(L, p, 2, lua_gettop(L) - 2, timeout, "offpath.run",
                     OP_USE_RUN);
+  ((op_task *)lt)->lazy = 1; /* the caller suspends next */
   op__task_enqueue(L, lt, 1);
   return op__task_await(L, lt, 0, "offpath.run", 1);
 }

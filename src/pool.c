@@ -36,6 +36,13 @@
 ** is queued for op__pool_is_queued, and op__pool_stop_task takes it off
 ** the pending list.
 **
+** The task of an offpath.run is held too (t->lazy): its caller suspends
+** at once, so nothing is lost by queueing it when the resume ends (the end
+** of co_run, sched.c), and the wake-up of a sleeping worker, a system call
+** that costs 10-25 us on a VM when the worker's CPU is idle, is no longer
+** part of the handler's time. launch and schedule are queued at once: their
+** caller goes on, and the task should start meanwhile.
+**
 ** Lua tasks are held the same way while the queue is deep (HOLD_DEPTH):
 ** the workers have work for a while, and a loop thread that takes the
 ** pool lock per submit fights them for it (with 1024 tasks in flight a
@@ -808,7 +815,8 @@ static void enqueue(op_pool *p, op_task *t) {
   } else {
     q = p->q_seen = atomic_load_explicit(&p->queued, memory_order_relaxed);
     /* Or workers have plenty queued. */
-    hold = rt->hold_submits || (t->kind == OP_TASK_LUA && q >= HOLD_DEPTH);
+    hold = rt->hold_submits || t->lazy ||
+           (t->kind == OP_TASK_LUA && q >= HOLD_DEPTH);
   }
   if (q + p->npend >= p->hwm) {
     if (p->npend > 0) /* q is the batch's start: read it now */

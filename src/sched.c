@@ -594,6 +594,10 @@ static void co_run(op_co *c, int nargs) {
   rt->grp = saved_grp;
   op__hist_add(&rt->call_hist, op__ticker_since(&rt->ticker, t0) + c->prep_ns);
   c->prep_ns = 0;
+  /* What it submitted as it suspended (offpath.run) is queued now, after
+  ** the time was taken: see "Held submits" in pool.c. */
+  if (rt->held && !rt->hold_submits)
+    op__pool_release(rt);
 
   c->quiet = 0;
   if (status == LUA_YIELD) {
