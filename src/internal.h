@@ -197,8 +197,8 @@ struct op_task {
                       what it submits is held for the batch (pool.c) */
   uint8_t counted; /* its end is counted in the pool's statistics */
   uint8_t failed;  /* set by the work: the operation failed (statistics) */
-  uint8_t lazy;    /* its submitter suspends at once: held until the resume
-                      ends, so waking a worker is not counted in it (pool.c) */
+  uint8_t lazy;    /* submitted by a handler: a worker it must wake is
+                      posted when the resume ends (op__co_lazy_submit) */
   atomic_int stop; /* 0, or OP_ECANCELED / OP_ETIMEDOUT requested */
   int status;      /* worker's outcome: 0, OP_ESCRIPT, OP_ECANCELED,
                       OP_ETIMEDOUT, OP_ENOMEM (no room for the outcome) */
@@ -304,8 +304,11 @@ op_runtime *op__pool_rt(op_pool *p);
 ** books of its pool, its end counted unless it was counted when it was
 ** asked to stop. Nothing for a task of no pool (a block section). */
 void op__pool_returned(op_task *t);
+/* Post the sleepers that lazy submits (op_task.lazy) took off their
+** pools' lists: the wake-ups put off until the submitter's resume ends. */
+void op__pool_wake_later(op_runtime *rt);
 /* Queue the tasks held so far (completions of C tasks, deep queues) and
-** stop holding. */
+** stop holding; post the wake-ups put off (op__pool_wake_later). */
 void op__pool_release(op_runtime *rt);
 /* The end of a drained batch: op__pool_release, then queue the parked
 ** tasks that now fit. */
@@ -557,6 +560,13 @@ int op__can_suspend(lua_State *L);
 /* Raise "cannot suspend: <call> ..." unless L may suspend.  [-0, +0, e] */
 void op__check_suspend(lua_State *L, const char *call);
 
+/* Whether the task about to be submitted from L may be lazy (op_task.lazy):
+** L is the running handler coroutine, with no hook but ours. After the
+** submit, op__co_lazy_submitted(L) bounds how long the wake-up waits if
+** the resume goes on.  [-0, +0, -] */
+int op__co_lazy_ok(lua_State *L);
+void op__co_lazy_submitted(lua_State *L);
+
 /* A handler coroutine ready to run: reused if one finished earlier, else
 ** made. Owned by the scheduler; set on_end/data before starting it.
 ** Returns NULL if it cannot be made (out of memory).  [-0, +0, -] */
@@ -754,7 +764,8 @@ struct op_runtime {
 
   uint64_t inflight;   /* pool tasks submitted and not completed */
   int hold_submits;    /* op__pool_submit holds tasks until op__pool_flush */
-  int held;            /* it held Lua tasks: deep queue, run (pool.c) */
+  int held;            /* it held Lua tasks for a deep queue (pool.c) */
+  int wakes_later;     /* a pool has wake_later posts to make (pool.c) */
   unsigned hold_n;     /* C completions while holding (pool.c) */
   uint64_t hold_since; /* when holding began (pool.c) */
   uint64_t nsubmits;   /* tasks submitted (loop thread) */

@@ -36,12 +36,15 @@
 ** is queued for op__pool_is_queued, and op__pool_stop_task takes it off
 ** the pending list.
 **
-** The task of an offpath.run is held too (t->lazy): its caller suspends
-** at once, so nothing is lost by queueing it when the resume ends (the end
-** of co_run, sched.c), and the wake-up of a sleeping worker, a system call
-** that costs 10-25 us on a VM when the worker's CPU is idle, is no longer
-** part of the handler's time. launch and schedule are queued at once: their
-** caller goes on, and the task should start meanwhile.
+** Lazy wake-ups. A task a handler submits (t->lazy: run, launch,
+** schedule from a handler coroutine) is queued at once, but the sleeper it
+** needs is only taken off p->sleepers, onto p->wake_later; it is posted
+** when the handler's resume ends (co_run, sched.c), or after a bounded
+** number of VM instructions if the resume goes on (sched.c's lazy hook),
+** or at the latest before the loop thread blocks (op__pool_release). A
+** post is a system call that costs 10-25 us on a VM when the worker's CPU
+** is idle; it then falls between handlers instead of inside the one that
+** offloads. A worker that is awake meanwhile takes the task anyway.
 **
 ** Lua tasks are held the same way while the queue is deep (HOLD_DEPTH):
 ** the workers have work for a while, and a loop thread that takes the
@@ -170,6 +173,7 @@ struct op_pool {
 
   /* Loop thread only. */
   op_task *pend_head, *pend_tail; /* submitted during a drain (flush) */
+  op_worker *wake_later;          /* sleepers taken for lazy submits, to post */
   uint32_t npend;
   uint32_t q_seen; /* p->queued when the held batch began (enqueue) */
   uint32_t hwm;
@@ -815,8 +819,7 @@ static void enqueue(op_pool *p, op_task *t) {
   } else {
     q = p->q_seen = atomic_load_explicit(&p->queued, memory_order_relaxed);
     /* Or workers have plenty queued. */
-    hold = rt->hold_submits || t->lazy ||
-           (t->kind == OP_TASK_LUA && q >= HOLD_DEPTH);
+    hold = rt->hold_submits || (t->kind == OP_TASK_LUA && q >= HOLD_DEPTH);
   }
   if (q + p->npend >= p->hwm) {
     if (p->npend > 0) /* q is the batch's start: read it now */
@@ -843,7 +846,12 @@ static void enqueue(op_pool *p, op_task *t) {
     /* A burst of submits wakes each sleeping worker once. */
     wake = take_sleepers(p, 1);
     uv_mutex_unlock(&p->mu);
-    if (wake != NULL) {
+    if (wake != NULL && t->lazy) {
+      /* Off the sleepers' list already: posted by op__pool_wake_later. */
+      wake->next_sleeper = p->wake_later;
+      p->wake_later = wake;
+      rt->wakes_later = 1;
+    } else if (wake != NULL) {
       rt->woke_worker = 1;
       wake_all(wake);
     }
@@ -874,7 +882,9 @@ int op__pool_submit(op_pool *p, op_task *t, int park) {
     enqueue(p, t);
     return 0;
   }
-  /* Parked, queued as room comes (flush_parked). */
+  /* Parked, queued as room comes (flush_parked): its submitter is long
+  ** gone by then, so the worker it needs is woken at once. */
+  t->lazy = 0;
   list_append(&p->park_head, &p->park_tail, t);
   t->queued = IN_PARKED;
   p->nparked++;
@@ -1117,6 +1127,7 @@ void op__pool_free(op_pool *p, op_remnant *r) {
   int i, ghosts;
 
   op__pool_flush(p);
+  op__pool_wake_later(p->rt);
   uv_mutex_lock(&p->mu);
   p->stopping = 1;
   set_avail(p, 1);
@@ -1357,9 +1368,26 @@ int op_submit(op_runtime *rt, const char *pool, op_work_fn work,
 
 /* ---- the end of a batch ---- */
 
+void op__pool_wake_later(op_runtime *rt) {
+  op_worker *wake;
+  int i;
+
+  if (!rt->wakes_later)
+    return;
+  rt->wakes_later = 0;
+  for (i = 0; i < rt->npools; i++) {
+    if ((wake = rt->pools[i]->wake_later) != NULL) {
+      rt->pools[i]->wake_later = NULL;
+      rt->woke_worker = 1;
+      wake_all(wake);
+    }
+  }
+}
+
 void op__pool_release(op_runtime *rt) {
   int i;
 
+  op__pool_wake_later(rt);
   if (!rt->hold_submits && !rt->held)
     return;
   rt->hold_submits = rt->held = 0;

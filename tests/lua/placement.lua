@@ -3,7 +3,7 @@
 -- more threads than the process may use CPUs keeps its workers off the
 -- loop thread's CPU, a smaller one does not; "keep" and "share" say so
 -- for every pool. Reads /proc/thread-self/status (Linux).
--- LABELS: core
+-- LABELS: core tsan
 local T = require "_tap"
 local offpath = require "offpath"
 

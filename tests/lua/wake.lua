@@ -1,0 +1,81 @@
+-- SPDX-License-Identifier: MIT
+-- wake.lua - a handler's submits wake sleeping workers when its resume
+-- ends, or, if the resume goes on computing, soon after the submit: a
+-- task launched before a long computation runs during it. A handler with
+-- a debug hook of its own keeps it.
+-- LABELS: core tsan
+local T = require "_tap"
+local offpath = require "offpath"
+
+offpath.configure { pools = { sleepy = { threads = 1 } } }
+
+local now = offpath.now
+
+-- Let the pool's worker finish its spin and go to sleep.
+local function asleep()
+  offpath.run("sleepy", function() end)
+  offpath.sleep(0.05)
+end
+
+-- Compute on the main thread for s seconds, in Lua.
+local function compute(s)
+  local e, n = now() + s, 0
+  while now() < e do n = n + 1 end
+  return n
+end
+
+local function started() return offpath.now() end
+
+T.test("a task launched before a long computation starts during it", function()
+  asleep()
+  local t0 = now()
+  local t = offpath.launch("sleepy", started)
+  compute(0.3)
+  local at = t:wait()
+  T.ok(at - t0 < 0.15, string.format("started %.3f s after the launch", at - t0))
+end)
+
+T.test("so does a schedule", function()
+  asleep()
+  local t0, at = now(), nil
+  offpath.schedule { pool = "sleepy", onexecute = started,
+    onresult = function(_, _, r) at = r end }
+  compute(0.3)
+  while not at do offpath.sleep(0.01) end
+  T.ok(at - t0 < 0.15, string.format("started %.3f s after the schedule", at - t0))
+end)
+
+T.test("a handler's own debug hook stays, and its task still starts", function()
+  asleep()
+  local calls = 0
+  local function hook() calls = calls + 1 end
+  debug.sethook(hook, "", 100)
+  local t0 = now()
+  local t = offpath.launch("sleepy", started)
+  local h, mask, count = debug.gethook()
+  compute(0.3)
+  debug.sethook()
+  T.eq(h, hook)
+  T.eq(mask, "")
+  T.eq(count, 100)
+  T.ok(calls > 0)
+  local at = t:wait()
+  T.ok(at - t0 < 0.15, string.format("started %.3f s after the launch", at - t0))
+end)
+
+T.test("many handlers offloading at once: each task ends once", function()
+  asleep()
+  local n, done = 200, 0
+  for i = 1, n do
+    offpath.go(function()
+      local r = offpath.run("sleepy", function(x) return x + 1 end, i)
+      T.eq(r, i + 1)
+      done = done + 1
+    end)
+  end
+  while done < n do offpath.sleep(0.01) end
+  T.eq(done, n)
+  local st = offpath.stats().pools.sleepy
+  T.eq(st.inflight, 0)
+  T.eq(st.completed, st.submitted)
+end)
