@@ -103,10 +103,13 @@ typedef enum op_block_policy {
 ** wakes up, sleeps or takes a timer interrupt on that CPU stalls the
 ** handler running there; a pool kept off it costs the process one CPU of
 ** parallelism in that pool. The CPU is the one the loop thread runs on
-** when the first such pool starts; the loop thread itself is not pinned. */
+** when the first such pool starts; the loop thread itself is not pinned.
+** Workers start with the CPUs the loop thread may use, and it is those
+** that are counted: a loop thread pinned to one CPU keeps every worker
+** there. */
 typedef enum op_loop_cpu {
-  OP_LOOP_CPU_AUTO = 0, /* pools with more threads than the process may use
-                            CPUs (waiting, not computing) keep off it */
+  OP_LOOP_CPU_AUTO = 0, /* pools with more threads than the loop thread may
+                           use CPUs (waiting, not computing) keep off it */
   OP_LOOP_CPU_KEEP = 1, /* every pool keeps off it (2 CPUs or more) */
   OP_LOOP_CPU_SHARE = 2 /* no pool keeps off it: the kernel places all */
 } op_loop_cpu;
@@ -150,9 +153,9 @@ typedef struct op_config {
                                starts */
 } op_config;
 
-/* Fill cfg with the defaults: io (4 threads) and cpu (one per core) pools,
-** drain at shutdown, block budget 0.1 s with the abort policy, spin_us 50,
-** 1 GiB per worker VM. */
+/* Fill cfg with the defaults: io (4 threads) and cpu (one per CPU the
+** calling thread may run on) pools, drain at shutdown, block budget 0.1 s
+** with the abort policy, spin_us 50, 1 GiB per worker VM. */
 OP_EXTERN void op_config_init(op_config *cfg);
 
 /* Add or override one pool in cfg. Returns 0, OP_EINVAL for a bad name or

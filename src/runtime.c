@@ -14,13 +14,15 @@
 /* ---- configuration ---- */
 
 void op_config_init(op_config *cfg) {
-  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  /* The CPUs this thread may run on (taskset, cpusets), not the machine's:
+  ** the count pool.c's place() compares pools with. */
+  unsigned cpus = uv_available_parallelism();
 
   memset(cfg, 0, sizeof *cfg);
   cfg->pools[0].name = "io";
   cfg->pools[0].threads = 4;
   cfg->pools[1].name = "cpu";
-  cfg->pools[1].threads = cores > 0 ? (int)cores : 1;
+  cfg->pools[1].threads = cpus == 0 ? 1 : cpus > 1024 ? 1024 : (int)cpus;
   cfg->npools = 2;
   cfg->shutdown = OP_SHUTDOWN_DRAIN;
   cfg->block_budget = 0.1;

@@ -2,7 +2,9 @@
 -- placement.lua - where workers run (configure{loop_cpu=}): a pool with
 -- more threads than the process may use CPUs keeps its workers off the
 -- loop thread's CPU, a smaller one does not; "keep" and "share" say so
--- for every pool. Reads /proc/thread-self/status (Linux).
+-- for every pool; the cpu pool has a thread per CPU the process may use.
+-- Reads /proc/thread-self/status (Linux). tests/sh/host-placement.sh runs
+-- it on one CPU too.
 -- LABELS: core tsan
 local T = require "_tap"
 local offpath = require "offpath"
@@ -57,6 +59,14 @@ T.test("a pool with no more threads than CPUs runs on all of them", function()
   local _, n, off = placed("narrow")
   T.eq(off, nil)
   T.eq(n, ncpus)
+end)
+
+T.test("the cpu pool: a thread per CPU the process may use, on all of them", function()
+  local set, n, off = placed("cpu")
+  T.eq(offpath.stats().pools.cpu.threads, ncpus)
+  T.eq(off, nil)
+  T.eq(n, ncpus)
+  for c in pairs(main_cpus) do T.ok(set[c], "cpu " .. c) end
 end)
 
 T.test("loop_cpu: keep moves every pool starting after it off the same CPU", function()
