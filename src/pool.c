@@ -1403,4 +1403,5 @@ void op__pool_batch_end(op_runtime *rt) {
   for (i = 0; i < rt->npools; i++)
     if (rt->pools[i]->park_head != NULL)
       flush_parked(rt->pools[i]);
+  op__pool_wake_later(rt); /* none from flush_parked: nothing may be left */
 }
