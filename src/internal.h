@@ -197,8 +197,8 @@ struct op_task {
                       what it submits is held for the batch (pool.c) */
   uint8_t counted; /* its end is counted in the pool's statistics */
   uint8_t failed;  /* set by the work: the operation failed (statistics) */
-  uint8_t lazy;    /* submitted by a handler: a worker it must wake is
-                      posted when the resume ends (op__co_lazy_submit) */
+  uint8_t lazy;    /* its submitter suspends next (offpath.run): a worker
+                      it must wake is posted when the resume ends (pool.c) */
   atomic_int stop; /* 0, or OP_ECANCELED / OP_ETIMEDOUT requested */
   int status;      /* worker's outcome: 0, OP_ESCRIPT, OP_ECANCELED,
                       OP_ETIMEDOUT, OP_ENOMEM (no room for the outcome) */
@@ -559,13 +559,6 @@ int op__can_suspend(lua_State *L);
 
 /* Raise "cannot suspend: <call> ..." unless L may suspend.  [-0, +0, e] */
 void op__check_suspend(lua_State *L, const char *call);
-
-/* Whether the task about to be submitted from L may be lazy (op_task.lazy):
-** L is the running handler coroutine, with no hook but ours. After the
-** submit, op__co_lazy_submitted(L) bounds how long the wake-up waits if
-** the resume goes on.  [-0, +0, -] */
-int op__co_lazy_ok(lua_State *L);
-void op__co_lazy_submitted(lua_State *L);
 
 /* A handler coroutine ready to run: reused if one finished earlier, else
 ** made. Owned by the scheduler; set on_end/data before starting it.

@@ -68,7 +68,7 @@ static int offpath_run(lua_State *L) {
   op__check_suspend(L, "offpath.run");
   lt = op__task_new(L, p, 2, lua_gettop(L) - 2, timeout, "offpath.run",
                     OP_USE_RUN);
-  ((op_task *)lt)->lazy = 1; /* a handler that suspends next: no hook */
+  ((op_task *)lt)->lazy = 1; /* its handler suspends next */
   op__task_enqueue(L, lt, 1);
   return op__task_await(L, lt, 0, "offpath.run", 1);
 }
@@ -76,12 +76,8 @@ static int offpath_run(lua_State *L) {
 /* Queue the task on top of L as launch and schedule do: suspend while the
 ** queue is full if the caller can, else raise.  [-0, +0 or yield, e] */
 static int enqueue_or_wait(lua_State *L, op_ltask *lt, const char *call) {
-  int lazy = op__co_lazy_ok(L), rc;
+  int rc = op__task_enqueue(L, lt, op__can_suspend(L));
 
-  ((op_task *)lt)->lazy = (uint8_t)lazy;
-  rc = op__task_enqueue(L, lt, op__can_suspend(L));
-  if (lazy)
-    op__co_lazy_submitted(L);
   if (rc == OP_EAGAIN)
     return luaL_error(L,
                       "queue full: %s on pool '%s' (raise its queue size or "

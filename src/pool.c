@@ -36,15 +36,16 @@
 ** is queued for op__pool_is_queued, and op__pool_stop_task takes it off
 ** the pending list.
 **
-** Lazy wake-ups. A task a handler submits (t->lazy: run, launch,
-** schedule from a handler coroutine) is queued at once, but the sleeper it
-** needs is only taken off p->sleepers, onto p->wake_later; it is posted
-** when the handler's resume ends (co_run, sched.c), or after a bounded
-** number of VM instructions if the resume goes on (sched.c's lazy hook),
-** or at the latest before the loop thread blocks (op__pool_release). A
-** post is a system call that costs 10-25 us on a VM when the worker's CPU
-** is idle; it then falls between handlers instead of inside the one that
-** offloads. A worker that is awake meanwhile takes the task anyway.
+** Lazy wake-ups. The task of an offpath.run (t->lazy), whose handler
+** suspends right after the submit, is queued at once, but the sleeper it
+** needs is only taken off p->sleepers, onto p->wake_later, and posted when
+** the resume ends (co_run, sched.c); op__pool_release, op__pool_batch_end
+** and op__pool_free post whatever is left. A post is a system call that
+** costs 10-25 us on a VM when the worker's CPU is idle; it then falls
+** between handlers instead of inside the one that offloads. A worker that
+** is awake meanwhile takes the task anyway. launch and schedule wake at
+** once: their caller goes on, maybe in C or in another coroutine, where
+** nothing could post for it (a count hook was tried: it sees neither).
 **
 ** Lua tasks are held the same way while the queue is deep (HOLD_DEPTH):
 ** the workers have work for a while, and a loop thread that takes the

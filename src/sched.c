@@ -232,34 +232,6 @@ void op__check_suspend(lua_State *L, const char *call) {
              call);
 }
 
-/* ---- lazy submits ----
-**
-** A handler's submit that must wake a sleeping worker leaves the wake-up,
-** a system call of 10-25 us on a VM when the worker's CPU is idle, until
-** the resume ends (co_run), so that it falls between handlers; the task
-** itself is queued at once, for a worker that is awake (pool.c). If the
-** resume goes on, a count hook posts the wake-up after LAZY_COUNT more VM
-** instructions: a task launched before a long computation does not wait
-** for its end. The hook is ours only while the coroutine has no other. */
-#define LAZY_COUNT 1000
-
-static void lazy_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
-  lua_sethook(L, NULL, 0, 0);
-  op__pool_wake_later(op__co(L)->rt);
-}
-
-int op__co_lazy_ok(lua_State *L) {
-  lua_Hook h = lua_gethook(L);
-
-  return (h == NULL || h == lazy_hook) && op__can_suspend(L);
-}
-
-void op__co_lazy_submitted(lua_State *L) {
-  if (op__co(L)->rt->wakes_later && lua_gethook(L) == NULL)
-    lua_sethook(L, lazy_hook, LUA_MASKCOUNT, LAZY_COUNT);
-}
-
 /* Resolve w with the error text, then abort the operation behind it with
 ** code (OP_ETIMEDOUT, OP_ECANCELED): a deadline and a cancel end a wait
 ** the same way. */
@@ -622,9 +594,7 @@ static void co_run(op_co *c, int nargs) {
   rt->grp = saved_grp;
   op__hist_add(&rt->call_hist, op__ticker_since(&rt->ticker, t0) + c->prep_ns);
   c->prep_ns = 0;
-  /* The wake-ups its submits put off, now that the time is taken. */
-  if (lua_gethook(c->L) == lazy_hook)
-    lua_sethook(c->L, NULL, 0, 0);
+  /* The wake-up its offpath.run put off, now that the time is taken. */
   op__pool_wake_later(rt);
 
   c->quiet = 0;

@@ -1,9 +1,9 @@
 -- SPDX-License-Identifier: MIT
--- wake.lua - a handler's submits wake sleeping workers when its resume
--- ends, or, if the resume goes on computing, soon after the submit: a
--- task launched before a long computation runs during it. A handler with
--- a debug hook of its own keeps it. Runs parked behind a full queue start
--- when room comes.
+-- wake.lua - an offpath.run wakes the sleeping worker it needs when its
+-- handler suspends; launch and schedule wake theirs at once, so a task
+-- launched before a long computation runs during it. A handler's own debug
+-- hook is left alone. Runs parked behind a full queue start when room
+-- comes.
 -- LABELS: core tsan
 local T = require "_tap"
 local offpath = require "offpath"
@@ -33,6 +33,16 @@ T.test("a task launched before a long computation starts during it", function()
   local t0 = now()
   local t = offpath.launch("sleepy", started)
   compute(1)
+  local at = t:wait()
+  T.ok(at - t0 < 0.5, string.format("started %.3f s after the launch", at - t0))
+end)
+
+T.test("so does one launched before a blocking call in C", function()
+  asleep()
+  local t0 = now()
+  local t = offpath.launch("sleepy", started)
+  T.eq(debug.gethook(), nil) -- nothing of offpath's shows
+  os.execute("sleep 1")
   local at = t:wait()
   T.ok(at - t0 < 0.5, string.format("started %.3f s after the launch", at - t0))
 end)
