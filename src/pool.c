@@ -858,7 +858,6 @@ static void enqueue(op_pool *p, op_task *t) {
     }
   }
   rt->nsubmits++;
-  p->submitted++;
 }
 
 int op__pool_submit(op_pool *p, op_task *t, int park) {
@@ -879,6 +878,7 @@ int op__pool_submit(op_pool *p, op_task *t, int park) {
   t->pool = p;
   t->t_submit = op__ticker_read(&p->rt->ticker);
   book(p);
+  p->submitted++; /* queued now or parked: it ends once, counted either way */
   if (!wait) {
     enqueue(p, t);
     return 0;

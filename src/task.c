@@ -1019,7 +1019,8 @@ static void task_stop(op_ltask *lt, int code) {
       op__pool_stop_task(lt->t.pool, &lt->t, code);
     if ((w = lt->submit_wait) != 0) {
       lt->submit_wait = 0;
-      op__wait_cancel(lt->rt, w, "cancelled", code);
+      op__wait_cancel(lt->rt, w, code == OP_ETIMEDOUT ? "timeout" : "cancelled",
+                      code);
     }
   } else if (lt->co != NULL && lt->co->wait != 0) {
     op__wait_cancel(lt->rt, lt->co->wait,

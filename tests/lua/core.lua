@@ -10,6 +10,7 @@ offpath.configure { pools = {
   deep = { threads = 1, queue = 4096 },
   wide = { threads = 1, queue = 80000 },
   hw = { threads = 2, queue = 100 },
+  park1 = { threads = 1, queue = 1 },
 } }
 
 T.test("run returns every value kind", function()
@@ -171,6 +172,25 @@ T.test("a running task times out, its worker is reused", function()
   T.eq(offpath.run("small", function() return "alive" end), "alive")
   local st = offpath.stats().pools.small
   T.eq(st.timedout, 2)
+end)
+
+T.test("a launch whose deadline passes while it waits for room says timeout", function()
+  -- The worker sleeps; a coroutine's launches fill the queue and park
+  -- behind it, so the next launch parks too (parked tasks go first).
+  local busy = offpath.launch("park1", function() offpath.sleep(0.3) end)
+  local filler = offpath.go(function()
+    for _ = 1, 3 do offpath.launch("park1", function() end) end
+  end)
+  offpath.sleep(0.01)
+  T.eq(filler:status(), "running") -- suspended in a launch
+  local e = T.err("^timeout", offpath.launch, { pool = "park1", timeout = 0.05 },
+    function() end)
+  T.ok(e:find("offpath.launch", 1, true), e)
+  busy:wait(); filler:wait()
+  while offpath.stats().pools.park1.inflight > 0 do offpath.sleep(0.01) end
+  local st = offpath.stats().pools.park1 -- the parked one counts as submitted
+  T.eq(st.timedout, 1)
+  T.eq(st.submitted, st.completed + st.failed + st.timedout + st.cancelled)
 end)
 
 T.test("cancel a running and a queued task", function()
