@@ -104,10 +104,10 @@
 ** there: with 64 workers sleeping 10 ms each, a handler's p99 on a 2-CPU
 ** VM was 8-13 us against 4.9 us with no workers; kept off that CPU,
 ** 4.0-7.4 us. So by default (op_config.loop_cpu) a pool with more threads
-** than the process may use CPUs (a pool that waits rather than computes:
-** one CPU fewer costs it nothing) keeps its workers off the CPU the loop
-** thread ran on when the first such pool started (place(), then each
-** worker's keep_off()). The loop thread is not pinned: the kernel keeps a
+** than the loop thread may use CPUs (a pool that waits rather than
+** computes: one CPU fewer costs it nothing) keeps its workers off the CPU
+** the loop thread ran on when the first such pool started (place(), then
+** each worker's keep_off(); workers start with the loop thread's CPUs). The loop thread is not pinned: the kernel keeps a
 ** thread that wakes up on its last CPU when that CPU is idle, and nothing
 ** else of ours runs there. Smaller pools, which may be computing on every
 ** CPU, are left where the kernel puts them.
@@ -1404,5 +1404,5 @@ void op__pool_batch_end(op_runtime *rt) {
   for (i = 0; i < rt->npools; i++)
     if (rt->pools[i]->park_head != NULL)
       flush_parked(rt->pools[i]);
-  op__pool_wake_later(rt); /* none from flush_parked: nothing may be left */
+  op__pool_wake_later(rt); /* nothing put off outlives a batch */
 }
