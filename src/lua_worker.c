@@ -359,7 +359,7 @@ static int block_body(lua_State *L) {
 ** suspend, and it allocates no coroutine per section. */
 static void block_run(op_runtime *rt, op_task *t) {
   lua_State *L = rt->L;
-  int top = lua_gettop(L), status;
+  int top = lua_gettop(L);
   const char *msg;
   char obuf[64];
   size_t len;
@@ -371,8 +371,7 @@ static void block_run(op_runtime *rt, op_task *t) {
   lua_pushcfunction(L, block_body);
   lua_pushlightuserdata(L, t);
   rt->depth++;
-  status = op__pcall(L, 1, 0, NULL);
-  if (status != LUA_OK) {
+  if (op__pcall(L, 1, 0, NULL) != LUA_OK) {
     if (lua_type(L, -1) == LUA_TSTRING)
       msg = lua_tolstring(L, -1, &len);
     else

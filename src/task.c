@@ -879,14 +879,13 @@ static void run_schedule(lua_State *L, op_ltask *lt) {
   op_runtime *rt = lt->rt;
   uint64_t t0 = op__ticker_read(&rt->ticker);
   sched_run sr;
-  int top = lua_gettop(L), status;
+  int top = lua_gettop(L);
 
   sr.lt = lt;
   sr.called = sr.in_cb = sr.timed = 0;
   lua_pushcfunction(L, run_schedule_p); /* allocates nothing */
   lua_pushlightuserdata(L, &sr);
-  status = op__pcall(L, 1, 0, op__traceback);
-  if (status != LUA_OK) {
+  if (op__pcall(L, 1, 0, op__traceback) != LUA_OK) {
     if (sr.in_cb) { /* the callback raised */
       rt->depth--;
       rt->call_errors++;
