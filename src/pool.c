@@ -39,11 +39,13 @@
 ** Lazy wake-ups. The task of an offpath.run (t->lazy), whose handler
 ** suspends right after the submit, is queued at once, but the sleeper it
 ** needs is only taken off p->sleepers, onto p->wake_later, and posted when
-** the resume ends (co_run, sched.c); op__pool_release, op__pool_batch_end
-** and op__pool_free post whatever is left. A post is a system call that
-** costs 10-25 us on a VM when the worker's CPU is idle; it then falls
-** between handlers instead of inside the one that offloads. A worker that
-** is awake meanwhile takes the task anyway. launch and schedule wake at
+** the resume ends (co_run, sched.c), which follows at once: offpath.run
+** is only made from a handler coroutine. op__pool_release (before the
+** loop blocks) and op__pool_free post whatever is left all the same. A
+** parked task wakes its worker when it is queued: its submitter is gone.
+** A post is a system call that costs 10-25 us on a VM when the worker's
+** CPU is idle; it then falls between handlers instead of inside the one
+** that offloads. A worker that is awake meanwhile takes the task anyway. launch and schedule wake at
 ** once: their caller goes on, maybe in C or in another coroutine, where
 ** nothing could post for it (a count hook was tried: it sees neither).
 **
@@ -273,23 +275,14 @@ static void ghost_exit(op_worker *w) {
 
 /* ---- where workers run ---- */
 
-/* The CPUs the calling thread may run on, or 0 if that is not known. */
-static int cpus_allowed(void) {
-#if defined(__linux__) && defined(CPU_COUNT)
-  cpu_set_t set;
-
-  if (sched_getaffinity(0, sizeof set, &set) == 0)
-    return CPU_COUNT(&set);
-#endif
-  return 0;
-}
-
 /* The CPU p's workers are to keep off, or -1 (see "Where workers run" in
 ** the DESIGN block). Decided on the loop thread when p first starts: the
 ** loop thread's CPU then, kept for every pool after. */
 static int place(op_pool *p) {
   op_runtime *rt = p->rt;
-  int ncpus = cpus_allowed(), keep;
+  /* The CPUs the loop thread may run on: the count op_config_init sizes
+  ** the cpu pool by. */
+  int ncpus = (int)uv_available_parallelism(), keep;
 
   switch (rt->cfg.loop_cpu) {
   case OP_LOOP_CPU_KEEP:
@@ -1404,5 +1397,4 @@ void op__pool_batch_end(op_runtime *rt) {
   for (i = 0; i < rt->npools; i++)
     if (rt->pools[i]->park_head != NULL)
       flush_parked(rt->pools[i]);
-  op__pool_wake_later(rt); /* nothing put off outlives a batch */
 }
