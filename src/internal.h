@@ -62,6 +62,8 @@ int op__buf_append(op_buf *b, const void *p, size_t n);
 
 /* The memory of one Lua VM: what it holds and its limit. Written by the
 ** thread running the VM; `used` may be read from any thread. */
+/* Small blocks a VM freed, kept for its next allocations (alloc.c). */
+#define OP_VM_CLASSES 32 /* blocks of 16, 32, .. 512 bytes */
 typedef struct op_vmem {
   atomic_size_t used; /* bytes held now */
   size_t limit;       /* 0: none */
@@ -70,15 +72,22 @@ typedef struct op_vmem {
   /* Arms hook on every thread of the VM that may be running, or NULL for
   ** L alone. */
   void (*arm)(struct op_vmem *m);
-  lua_State *L;    /* the VM */
-  uint8_t refused; /* the last growing request was refused */
-  uint8_t over;    /* granted past the limit: the hook must raise */
-  uint8_t hit;     /* a request was refused for the limit */
+  lua_State *L;              /* the VM */
+  uint8_t refused;           /* the last growing request was refused */
+  uint8_t over;              /* granted past the limit: the hook must raise */
+  uint8_t hit;               /* a request was refused for the limit */
+  void *free[OP_VM_CLASSES]; /* free[k]: blocks of 16 (k + 1) bytes, linked
+                                through their first word */
+  size_t nfree;              /* bytes in free[] */
 } op_vmem;
 
 /* Make a VM (luaL_newstate) that allocates through m, with m->limit and
 ** m->hook as set by the caller. Returns NULL on out of memory. */
 lua_State *op__vm_new(op_vmem *m);
+/* Close a VM made by op__vm_new, and free what m still keeps. */
+void op__vm_close(lua_State *L, op_vmem *m);
+/* Give the small blocks m keeps for reuse back to malloc. */
+void op__vm_trim(op_vmem *m);
 /* Bytes m's VM holds now. Thread: any. */
 size_t op__vm_used(const op_vmem *m);
 /* Tests: fail the n-th growing Lua allocation from now and the k - 1 after

@@ -304,7 +304,7 @@ int op__wvm_open(op_worker *w) {
     lua_pushlightuserdata(L, w);
     if (op__pcall(L, 1, 0, NULL) != LUA_OK ||
         (w->xfer = op__xfer_new(L, w->rt->protos)) == NULL) {
-      lua_close(L);
+      op__vm_close(L, &w->mem);
       L = NULL;
     }
   }
@@ -363,7 +363,7 @@ void op__wvm_close(op_worker *w) {
   if (w->xfer != NULL)
     op__xfer_free(w->xfer);
   if (w->L != NULL)
-    lua_close(w->L);
+    op__vm_close(w->L, &w->mem);
   w->xfer = NULL;
   w->L = NULL;
   self = NULL;
@@ -382,6 +382,7 @@ int op__wvm_idle(op_worker *w, uv_mutex_t *mu) {
     return 0;
   uv_mutex_unlock(mu);
   lua_gc(w->L, LUA_GCCOLLECT, 0);
+  op__vm_trim(&w->mem);
   w->mem.rest = op__vm_used(&w->mem);
 #ifdef __GLIBC__
   malloc_trim(TRIM_KEEP); /* free pages inside the heaps go back too */
