@@ -44,8 +44,9 @@
 ** allocations to malloc (a pipelined round trip's task objects came from
 ** the lists one time in three). Kept blocks are not counted in `used`
 ** (Lua no longer holds them); they go back to malloc when an idle worker
-** trims its VM (op__vm_trim) and when the VM closes (op__vm_close). Under
-** ASan they are poisoned while kept, all but the link.
+** trims its VM (op__vm_trim), when the VM closes (op__vm_close), and when
+** malloc fails (then asked once more). Under ASan they are poisoned while
+** kept, all but the link.
 **
 ** Failure injection. op__alloc_fail(n, k, w) makes the n-th growing
 ** request from now, and the k - 1 after it, fail in whatever VM makes them
@@ -200,6 +201,14 @@ void op__vm_trim(op_vmem *m) {
   m->nfree = 0;
 }
 
+/* The block of nsize > 0 bytes Lua asked for: new (ptr NULL) or ptr
+** resized. */
+static void *grant(op_vmem *m, void *ptr, size_t nsize) {
+  if (ptr == NULL)
+    return nsize <= CLASS_MAX ? take(m, nsize) : malloc(nsize);
+  return realloc(ptr, nsize <= CLASS_MAX ? CLASS_SIZE(CLASS_OF(nsize)) : nsize);
+}
+
 static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   op_vmem *m = ud;
   size_t used = atomic_load_explicit(&m->used, memory_order_relaxed);
@@ -224,10 +233,12 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
       m->refused = 0;
     }
   }
-  if (ptr == NULL)
-    np = nsize <= CLASS_MAX ? take(m, nsize) : malloc(nsize);
-  else
-    np = realloc(ptr, nsize <= CLASS_MAX ? CLASS_SIZE(CLASS_OF(nsize)) : nsize);
+  np = grant(m, ptr, nsize);
+  if (np == NULL && m->nfree > 0) {
+    /* What the lists keep may be what malloc lacks. */
+    op__vm_trim(m);
+    np = grant(m, ptr, nsize);
+  }
   if (np == NULL)
     return NULL;
   atomic_store_explicit(&m->used, used - old + nsize, memory_order_relaxed);

@@ -142,7 +142,7 @@ static void test_lua(void) {
   static const char code[] =
       "local t, n = {}, 0\n"
       "for round = 1, 20 do\n"
-      "  for i = 1, 2000 do t[i] = { i, tostring(i), string.rep('x', i % 300) } end\n"
+      "  for i = 1, 2000 do t[i] = { i, tostring(i), ('x'):rep(i % 300) } end\n"
       "  for i = 1, 2000 do n = n + t[i][1] + #t[i][3] end\n"
       "  t = {}\n"
       "  collectgarbage()\n"
