@@ -32,21 +32,28 @@
 ** by the thousand (a task object per task, coroutine frames, strings).
 ** With more than one thread in the process, each malloc and free takes
 ** its arena's lock: a locked instruction, which also waits for the stores
-** before it. A VM is used by one thread at a time, so the small blocks it
-** frees are kept in lists of its own (m->free), one per 16-byte class, and
-** handed out again without a lock. A small block is always allocated at
-** its class's size, so any block of a class serves any request of it; a
-** block that may be smaller (luaL_newstate's own, made before vm_alloc
-** took over) goes to free(). What is kept is bounded by what the VM holds
-** at the time, within KEEP_MIN and KEEP_MAX bytes: a generational
-** collection lets the heap double, then frees the old garbage at once. A
-** quarter of the heap sent most of that burst to free() and the next
-** allocations to malloc (a pipelined round trip's task objects came from
-** the lists one time in three). Kept blocks are not counted in `used`
-** (Lua no longer holds them); they go back to malloc when an idle worker
-** trims its VM (op__vm_trim), when the VM closes (op__vm_close), and when
-** malloc fails (then asked once more). Under ASan they are poisoned while
-** kept, all but the link.
+** before it. A VM is used by one thread at a time, so the addresses of the
+** small blocks it frees are kept in rings of its own (m->kept), one per
+** size class, and the blocks handed out again without a lock; a block is
+** not written to while kept. The classes are glibc's chunk sizes (16 k +
+** 24 usable bytes), and a small block is always allocated at its class's
+** size, so rounding costs no memory and any block of a class serves any
+** request of it. A freed block is kept only if malloc_usable_size shows
+** it is of its class's size: not one that may be smaller (luaL_newstate's
+** own, made before vm_alloc took over), nor one much bigger (a big array
+** realloc shrank keeps its mapped page). What is kept is counted at the
+** blocks' usable size and bounded by what the VM holds at the time, within
+** KEEP_MIN and KEEP_MAX bytes: a generational collection lets the heap
+** grow, then frees the old garbage at once, and a quarter of the heap as
+** the bound sent most of that burst to free() (a pipelined round trip's
+** task objects came from the rings one time in three). Kept blocks are not
+** counted in `used` (Lua no longer holds them). They go back to malloc
+** when the VM closes (op__vm_close), when malloc fails (then asked once
+** more), and when a worker about to sleep keeps more than KEEP_MIN
+** (op__vm_trim_due); the main VM keeps up to KEEP_MAX for as long as it runs.
+** Under ASan nothing is kept: its quarantine sees every free, so a late
+** write to a freed Lua object is still reported (tests/c/test-alloc.c
+** runs under TSan too, where the rings are used).
 **
 ** Failure injection. op__alloc_fail(n, k, w) makes the n-th growing
 ** request from now, and the k - 1 after it, fail in whatever VM makes them
@@ -68,24 +75,16 @@
 #define OP_ASAN 1
 #endif
 #endif
-#ifdef OP_ASAN
-#include <sanitizer/asan_interface.h>
-/* The link stays readable: LeakSanitizer does not look into poisoned
-** memory, and would take the blocks after it for leaks (a stuck worker's
-** VM is never closed). */
-#define POISON(p, n)                                                           \
-  ASAN_POISON_MEMORY_REGION((char *)(p) + sizeof(void *), (n) - sizeof(void *))
-#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
-#else
-#define POISON(p, n)   ((void)(p), (void)(n))
-#define UNPOISON(p, n) ((void)(p), (void)(n))
-#endif
 
-#define CLASS_MAX     ((size_t)OP_VM_CLASSES * 16) /* bigger blocks: malloc */
-#define KEEP_MIN      ((size_t)64 << 10)
-#define KEEP_MAX      ((size_t)8 << 20)
-#define CLASS_OF(n)   (((n)-1) >> 4) /* index in m->free of n > 0 bytes */
-#define CLASS_SIZE(k) (((size_t)(k) + 1) << 4)
+/* Only where a block's size can be told (malloc_usable_size), and not
+** under ASan, whose quarantine then sees every free. */
+#if defined(__GLIBC__) && !defined(OP_ASAN)
+#define KEEP_BLOCKS 1
+#endif
+#define KEEP_MIN  ((size_t)64 << 10)
+#define KEEP_MAX  ((size_t)2 << 20)
+#define CLASS_MAX ((size_t)16 * (OP_VM_CLASSES - 1) + 24) /* more: malloc */
+
 
 /* Failure injection: requests left before failing (0: off), and how many
 ** fail then. Relaxed: the tests arm it while only the loop thread runs
@@ -153,52 +152,84 @@ static int over_limit(op_vmem *m, size_t used, size_t grow) {
   return 1;
 }
 
+#ifdef KEEP_BLOCKS
+/* The size of the blocks of class k, and the class of a request of
+** 0 < n <= CLASS_MAX bytes. */
+static size_t class_size(size_t k) {
+  return 16 * k + 24;
+}
+
+static size_t class_of(size_t n) {
+  return n <= 24 ? 0 : (n - 9) >> 4;
+}
+
 /* A block of n bytes (0 < n <= CLASS_MAX), at its class's size. */
 static void *take(op_vmem *m, size_t n) {
-  size_t k = CLASS_OF(n);
-  void **b = m->free[k];
+  size_t k = class_of(n);
+  op_vmkept *r = &m->kept[k];
+  void *b;
 
-  if (b == NULL)
-    return malloc(CLASS_SIZE(k));
-  UNPOISON(b, CLASS_SIZE(k));
-  m->free[k] = *b;
-  m->nfree -= CLASS_SIZE(k);
+  if (r->n == 0)
+    return malloc(class_size(k));
+  b = r->v[(r->head + r->n - 1) & (r->cap - 1)]; /* the newest: cache-warm */
+  r->n--;
+  m->nfree -= class_size(k);
   return b;
 }
 
-/* Keep the freed block p, which Lua allocated at n bytes (0 < n <=
-** CLASS_MAX), if there is room and it is its class's size; or free it. */
-static void give(op_vmem *m, void *p, size_t n, size_t used) {
-  size_t k = CLASS_OF(n);
-  size_t cap = used < KEEP_MIN ? KEEP_MIN : used > KEEP_MAX ? KEEP_MAX : used;
+/* Room for one more address in r. */
+static int ring_grow(op_vmkept *r) {
+  uint32_t cap = r->cap ? 2 * r->cap : 64, i;
+  void **v = malloc(cap * sizeof *v);
 
-#ifdef __GLIBC__
-  if (m->nfree + CLASS_SIZE(k) <= cap &&
-      malloc_usable_size(p) >= CLASS_SIZE(k)) {
-    *(void **)p = m->free[k];
-    POISON(p, CLASS_SIZE(k));
-    m->free[k] = p;
-    m->nfree += CLASS_SIZE(k);
-    return;
-  }
-#else
-  (void)m, (void)k, (void)cap, (void)used; /* no way to tell p's size */
-#endif
-  free(p);
+  if (v == NULL)
+    return -1;
+  for (i = 0; i < r->n; i++)
+    v[i] = r->v[(r->head + i) & (r->cap - 1)];
+  free(r->v);
+  r->v = v;
+  r->head = 0;
+  r->cap = cap;
+  return 0;
 }
 
+/* Keep the freed block p, which Lua had at n bytes (0 < n <= CLASS_MAX),
+** if it is of its class's size and there is room; or free it. */
+static void give(op_vmem *m, void *p, size_t n, size_t used) {
+  size_t k = class_of(n), size = class_size(k), have = malloc_usable_size(p);
+  size_t cap = used < KEEP_MIN ? KEEP_MIN : used > KEEP_MAX ? KEEP_MAX : used;
+  op_vmkept *r = &m->kept[k];
+
+  if (have < size || have >= size + 16 || m->nfree + size > cap ||
+      (r->n == r->cap && ring_grow(r) != 0)) {
+    free(p);
+    return;
+  }
+  r->v[(r->head + r->n) & (r->cap - 1)] = p;
+  r->n++;
+  m->nfree += size;
+}
+#else
+#define take(m, n)       ((void)(m), malloc(n))
+#define give(m, p, n, u) ((void)(m), (void)(n), (void)(u), free(p))
+#endif
+
 void op__vm_trim(op_vmem *m) {
-  void **b;
+  op_vmkept *r;
   int k;
 
   for (k = 0; k < OP_VM_CLASSES; k++) {
-    while ((b = m->free[k]) != NULL) {
-      UNPOISON(b, CLASS_SIZE(k));
-      m->free[k] = *b;
-      free(b);
-    }
+    r = &m->kept[k];
+    for (; r->n > 0; r->n--, r->head = (r->head + 1) & (r->cap - 1))
+      free(r->v[r->head]);
+    free(r->v);
+    memset(r, 0, sizeof *r);
   }
   m->nfree = 0;
+}
+
+int op__vm_trim_due(const op_vmem *m) {
+  return m->nfree > KEEP_MIN;
 }
 
 /* The block of nsize > 0 bytes Lua asked for: new (ptr NULL) or ptr
@@ -206,7 +237,11 @@ void op__vm_trim(op_vmem *m) {
 static void *grant(op_vmem *m, void *ptr, size_t nsize) {
   if (ptr == NULL)
     return nsize <= CLASS_MAX ? take(m, nsize) : malloc(nsize);
-  return realloc(ptr, nsize <= CLASS_MAX ? CLASS_SIZE(CLASS_OF(nsize)) : nsize);
+#ifdef KEEP_BLOCKS
+  if (nsize <= CLASS_MAX)
+    nsize = class_size(class_of(nsize));
+#endif
+  return realloc(ptr, nsize);
 }
 
 static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
@@ -251,7 +286,7 @@ lua_State *op__vm_new(op_vmem *m) {
   atomic_store_explicit(&m->used, 0, memory_order_relaxed);
   m->L = NULL;
   m->refused = m->over = m->hit = 0;
-  memset(m->free, 0, sizeof m->free);
+  memset(m->kept, 0, sizeof m->kept);
   m->nfree = 0;
   /* luaL_newstate's panic and warning functions, then our allocator: its
   ** blocks are realloc/free blocks too, and `used` starts from the count. */

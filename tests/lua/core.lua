@@ -511,6 +511,12 @@ T.test("busy polling: waits, callbacks, timers and coroutines", function()
   local slow = offpath.launch("two", function() offpath.sleep(5) return "slow" end)
   ticker:wait() -- the main thread's timers fire while tasks are in flight
   T.eq(ticks, 5)
+  -- It starts once the 200 are through: 40 ms of sleeps at the least, and
+  -- more on a loaded machine.
+  local t0 = offpath.now()
+  while slow:status() == "queued" and offpath.now() - t0 < 10 do
+    offpath.sleep(0.01)
+  end
   T.eq(slow:status(), "running")
   for i = 1, 200 do T.eq(ts[i]:wait(), i * 2) end
   T.eq(slow:cancel(), true)
