@@ -42,7 +42,8 @@
 ** it is of its class's size: not one that may be smaller (luaL_newstate's
 ** own, made before vm_alloc took over), nor one much bigger (a big array
 ** realloc shrank keeps its mapped page). What is kept is counted at the
-** blocks' usable size and bounded by what the VM holds at the time, within
+** blocks' usable size (the rings add at most a third of it, for the
+** smallest class) and bounded by what the VM holds at the time, within
 ** KEEP_MIN and KEEP_MAX bytes: a generational collection lets the heap
 ** grow, then frees the old garbage at once, and a quarter of the heap as
 ** the bound sent most of that burst to free() (a pipelined round trip's
@@ -84,7 +85,6 @@
 #define KEEP_MIN  ((size_t)64 << 10)
 #define KEEP_MAX  ((size_t)2 << 20)
 #define CLASS_MAX ((size_t)16 * (OP_VM_CLASSES - 1) + 24) /* more: malloc */
-
 
 /* Failure injection: requests left before failing (0: off), and how many
 ** fail then. Relaxed: the tests arm it while only the loop thread runs
@@ -270,7 +270,7 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   }
   np = grant(m, ptr, nsize);
   if (np == NULL && m->nfree > 0) {
-    /* What the lists keep may be what malloc lacks. */
+    /* What the rings keep may be what malloc lacks. */
     op__vm_trim(m);
     np = grant(m, ptr, nsize);
   }
