@@ -28,34 +28,6 @@
 ** Lua's memory errors never call the message handler, so only the hooked
 ** path can say where it happened.
 **
-** Small blocks kept for reuse. Lua frees and allocates the same few sizes
-** by the thousand (a task object per task, coroutine frames, strings).
-** With more than one thread in the process, each malloc and free takes
-** its arena's lock: a locked instruction, which also waits for the stores
-** before it. A VM is used by one thread at a time, so the addresses of the
-** small blocks it frees are kept in rings of its own (m->kept), one per
-** size class, and the blocks handed out again without a lock; a block is
-** not written to while kept. The classes are glibc's chunk sizes (16 k +
-** 24 usable bytes), and a small block is always allocated at its class's
-** size, so rounding costs no memory and any block of a class serves any
-** request of it. A freed block is kept only if malloc_usable_size shows
-** it is of its class's size: not one that may be smaller (luaL_newstate's
-** own, made before vm_alloc took over), nor one much bigger (a big array
-** realloc shrank keeps its mapped page). What is kept is counted at the
-** blocks' usable size (the rings add at most a third of it, for the
-** smallest class) and bounded by what the VM holds at the time, within
-** KEEP_MIN and KEEP_MAX bytes: a generational collection lets the heap
-** grow, then frees the old garbage at once, and a quarter of the heap as
-** the bound sent most of that burst to free() (a pipelined round trip's
-** task objects came from the rings one time in three). Kept blocks are not
-** counted in `used` (Lua no longer holds them). They go back to malloc
-** when the VM closes (op__vm_close), when malloc fails (then asked once
-** more), and when a worker about to sleep keeps more than KEEP_MIN
-** (op__vm_trim_due); the main VM keeps up to KEEP_MAX for as long as it runs.
-** Under ASan nothing is kept: its quarantine sees every free, so a late
-** write to a freed Lua object is still reported (tests/c/test-alloc.c
-** runs under TSan too, where the rings are used).
-**
 ** Failure injection. op__alloc_fail(n, k, w) makes the n-th growing
 ** request from now, and the k - 1 after it, fail in whatever VM makes them
 ** (only in worker VMs if w is set; tests/c/test-oom.c sweeps n). Two in a row defeat Lua's retry after an
@@ -63,28 +35,8 @@
 */
 #include <string.h>
 #include <strings.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 
 #include "internal.h"
-
-#if defined(__SANITIZE_ADDRESS__)
-#define OP_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define OP_ASAN 1
-#endif
-#endif
-
-/* Only where a block's size can be told (malloc_usable_size), and not
-** under ASan, whose quarantine then sees every free. */
-#if defined(__GLIBC__) && !defined(OP_ASAN)
-#define KEEP_BLOCKS 1
-#endif
-#define KEEP_MIN  ((size_t)64 << 10)
-#define KEEP_MAX  ((size_t)2 << 20)
-#define CLASS_MAX ((size_t)16 * (OP_VM_CLASSES - 1) + 24) /* more: malloc */
 
 /* Failure injection: requests left before failing (0: off), and how many
 ** fail then. Relaxed: the tests arm it while only the loop thread runs
@@ -152,98 +104,6 @@ static int over_limit(op_vmem *m, size_t used, size_t grow) {
   return 1;
 }
 
-#ifdef KEEP_BLOCKS
-/* The size of the blocks of class k, and the class of a request of
-** 0 < n <= CLASS_MAX bytes. */
-static size_t class_size(size_t k) {
-  return 16 * k + 24;
-}
-
-static size_t class_of(size_t n) {
-  return n <= 24 ? 0 : (n - 9) >> 4;
-}
-
-/* A block of n bytes (0 < n <= CLASS_MAX), at its class's size. */
-static void *take(op_vmem *m, size_t n) {
-  size_t k = class_of(n);
-  op_vmkept *r = &m->kept[k];
-  void *b;
-
-  if (r->n == 0)
-    return malloc(class_size(k));
-  b = r->v[(r->head + r->n - 1) & (r->cap - 1)]; /* the newest: cache-warm */
-  r->n--;
-  m->nfree -= class_size(k);
-  return b;
-}
-
-/* Room for one more address in r. */
-static int ring_grow(op_vmkept *r) {
-  uint32_t cap = r->cap ? 2 * r->cap : 64, i;
-  void **v = malloc(cap * sizeof *v);
-
-  if (v == NULL)
-    return -1;
-  for (i = 0; i < r->n; i++)
-    v[i] = r->v[(r->head + i) & (r->cap - 1)];
-  free(r->v);
-  r->v = v;
-  r->head = 0;
-  r->cap = cap;
-  return 0;
-}
-
-/* Keep the freed block p, which Lua had at n bytes (0 < n <= CLASS_MAX),
-** if it is of its class's size and there is room; or free it. */
-static void give(op_vmem *m, void *p, size_t n, size_t used) {
-  size_t k = class_of(n), size = class_size(k), have = malloc_usable_size(p);
-  size_t cap = used < KEEP_MIN ? KEEP_MIN : used > KEEP_MAX ? KEEP_MAX : used;
-  op_vmkept *r = &m->kept[k];
-
-  if (have < size || have >= size + 16 || m->nfree + size > cap ||
-      (r->n == r->cap && ring_grow(r) != 0)) {
-    free(p);
-    return;
-  }
-  r->v[(r->head + r->n) & (r->cap - 1)] = p;
-  r->n++;
-  m->nfree += size;
-}
-#else
-#define take(m, n)       ((void)(m), malloc(n))
-#define give(m, p, n, u) ((void)(m), (void)(n), (void)(u), free(p))
-#endif
-
-void op__vm_trim(op_vmem *m) {
-  op_vmkept *r;
-  int k;
-
-  for (k = 0; k < OP_VM_CLASSES; k++) {
-    r = &m->kept[k];
-    for (; r->n > 0; r->n--, r->head = (r->head + 1) & (r->cap - 1))
-      free(r->v[r->head]);
-    free(r->v);
-    memset(r, 0, sizeof *r);
-  }
-  m->nfree = 0;
-}
-
-int op__vm_trim_due(const op_vmem *m) {
-  return m->nfree > KEEP_MIN;
-}
-
-/* The block of nsize > 0 bytes Lua asked for: new (ptr NULL) or ptr
-** resized. */
-static void *grant(op_vmem *m, void *ptr, size_t nsize) {
-  if (ptr == NULL)
-    return nsize <= CLASS_MAX ? take(m, nsize) : malloc(nsize);
-#ifdef KEEP_BLOCKS
-  if (nsize <= CLASS_MAX)
-    nsize = class_size(class_of(nsize));
-#endif
-  return realloc(ptr, nsize);
-}
-
 static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   op_vmem *m = ud;
   size_t used = atomic_load_explicit(&m->used, memory_order_relaxed);
@@ -251,10 +111,7 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   void *np;
 
   if (nsize == 0) {
-    if (old > 0 && old <= CLASS_MAX)
-      give(m, ptr, old, used);
-    else
-      free(ptr);
+    free(ptr);
     atomic_store_explicit(&m->used, used - old, memory_order_relaxed);
     return NULL;
   }
@@ -268,12 +125,7 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
       m->refused = 0;
     }
   }
-  np = grant(m, ptr, nsize);
-  if (np == NULL && m->nfree > 0) {
-    /* What the rings keep may be what malloc lacks. */
-    op__vm_trim(m);
-    np = grant(m, ptr, nsize);
-  }
+  np = ptr == NULL ? malloc(nsize) : realloc(ptr, nsize);
   if (np == NULL)
     return NULL;
   atomic_store_explicit(&m->used, used - old + nsize, memory_order_relaxed);
@@ -286,8 +138,6 @@ lua_State *op__vm_new(op_vmem *m) {
   atomic_store_explicit(&m->used, 0, memory_order_relaxed);
   m->L = NULL;
   m->refused = m->over = m->hit = 0;
-  memset(m->kept, 0, sizeof m->kept);
-  m->nfree = 0;
   /* luaL_newstate's panic and warning functions, then our allocator: its
   ** blocks are realloc/free blocks too, and `used` starts from the count. */
   L = luaL_newstate();
@@ -300,12 +150,6 @@ lua_State *op__vm_new(op_vmem *m) {
   lua_setallocf(L, vm_alloc, m);
   m->L = L;
   return L;
-}
-
-void op__vm_close(lua_State *L, op_vmem *m) {
-  lua_close(L);
-  op__vm_trim(m);
-  m->L = NULL;
 }
 
 size_t op__vm_used(const op_vmem *m) {

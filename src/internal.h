@@ -62,13 +62,6 @@ int op__buf_append(op_buf *b, const void *p, size_t n);
 
 /* The memory of one Lua VM: what it holds and its limit. Written by the
 ** thread running the VM; `used` may be read from any thread. */
-/* Small blocks a VM freed, kept for its next allocations (alloc.c): one
-** ring of block addresses per size class. */
-#define OP_VM_CLASSES 32 /* blocks of 24, 40, .. 520 bytes */
-typedef struct op_vmkept {
-  void **v;              /* cap slots (a power of two), or NULL */
-  uint32_t head, n, cap; /* the blocks are v[head .. head + n - 1 mod cap] */
-} op_vmkept;
 typedef struct op_vmem {
   atomic_size_t used; /* bytes held now */
   size_t limit;       /* 0: none */
@@ -81,19 +74,11 @@ typedef struct op_vmem {
   uint8_t refused; /* the last growing request was refused */
   uint8_t over;    /* granted past the limit: the hook must raise */
   uint8_t hit;     /* a request was refused for the limit */
-  op_vmkept kept[OP_VM_CLASSES]; /* kept[k]: blocks of 16 k + 24 bytes */
-  size_t nfree;                  /* bytes kept */
 } op_vmem;
 
 /* Make a VM (luaL_newstate) that allocates through m, with m->limit and
 ** m->hook as set by the caller. Returns NULL on out of memory. */
 lua_State *op__vm_new(op_vmem *m);
-/* Close a VM made by op__vm_new, and free what m still keeps. */
-void op__vm_close(lua_State *L, op_vmem *m);
-/* Give the small blocks m keeps for reuse back to malloc. Due when its
-** thread is about to wait: m keeps more than a small VM would. */
-void op__vm_trim(op_vmem *m);
-int op__vm_trim_due(const op_vmem *m);
 /* Bytes m's VM holds now. Thread: any. */
 size_t op__vm_used(const op_vmem *m);
 /* Tests: fail the n-th growing Lua allocation from now and the k - 1 after

@@ -257,7 +257,7 @@ int op_runtime_free(op_runtime *rt) {
     if (rt->xfer != NULL)
       op__xfer_free(rt->xfer);
     if (!rt->borrowed) {
-      op__vm_close(rt->L, &rt->mem);
+      lua_close(rt->L);
     } else {
       /* The caller's state no longer names a runtime. */
       lua_pushnil(rt->L);

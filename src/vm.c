@@ -62,7 +62,7 @@ lua_State *op__new_state(op_runtime *rt, op_vmem *mem) {
   lua_pushcfunction(L, new_state_p);
   lua_pushlightuserdata(L, rt);
   if (op__pcall(L, 1, 0, NULL) != LUA_OK) {
-    op__vm_close(L, mem);
+    lua_close(L);
     return NULL;
   }
   return L;

@@ -304,7 +304,7 @@ int op__wvm_open(op_worker *w) {
     lua_pushlightuserdata(L, w);
     if (op__pcall(L, 1, 0, NULL) != LUA_OK ||
         (w->xfer = op__xfer_new(L, w->rt->protos)) == NULL) {
-      op__vm_close(L, &w->mem);
+      lua_close(L);
       L = NULL;
     }
   }
@@ -363,36 +363,25 @@ void op__wvm_close(op_worker *w) {
   if (w->xfer != NULL)
     op__xfer_free(w->xfer);
   if (w->L != NULL)
-    op__vm_close(w->L, &w->mem);
+    lua_close(w->L);
   w->xfer = NULL;
   w->L = NULL;
   self = NULL;
 }
 
-/* About to sleep keeping more small blocks than a small VM keeps: give
-** them back to malloc (alloc.c op__vm_trim_due). About to sleep with a heap
-** that more than doubled, by IDLE_GROWTH bytes or more, since set-up or
-** the last such collection (a big argument or result, a task that built
-** a large table): collect it, and give the freed memory back to the
-** system. Either with mu released. Returns whether it did either.
+/* About to sleep with a heap that more than doubled, by IDLE_GROWTH bytes
+** or more, since set-up or the last such collection (a big argument or
+** result, a task that built a large table): collect it with mu released,
+** and give the freed memory back to the system. Returns whether it did.
 ** Thread: worker, with mu held. */
 int op__wvm_idle(op_worker *w, uv_mutex_t *mu) {
   size_t used;
 
-  if (w->L == NULL)
-    return 0;
-  if (op__vm_trim_due(&w->mem)) {
-    uv_mutex_unlock(mu);
-    op__vm_trim(&w->mem);
-    uv_mutex_lock(mu);
-    return 1;
-  }
-  if ((used = op__vm_used(&w->mem)) <= 2 * w->mem.rest ||
+  if (w->L == NULL || (used = op__vm_used(&w->mem)) <= 2 * w->mem.rest ||
       used - w->mem.rest < IDLE_GROWTH)
     return 0;
   uv_mutex_unlock(mu);
   lua_gc(w->L, LUA_GCCOLLECT, 0);
-  op__vm_trim(&w->mem);
   w->mem.rest = op__vm_used(&w->mem);
 #ifdef __GLIBC__
   malloc_trim(TRIM_KEEP); /* free pages inside the heaps go back too */

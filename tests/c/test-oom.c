@@ -12,10 +12,7 @@
 ** C allocations fail the same way: the linker sends the malloc, calloc and
 ** realloc calls of liboffpath's own objects (and this file's) through the
 ** wrappers below (cmake/tests.cmake links this test with --wrap), which
-** fail the n-th call once armed; swept over submit and completion. A VM's
-** allocator gives back the blocks it keeps when malloc fails (not under
-** ASan, where it keeps none: under TSan).
-** LABELS: tsan
+** fail the n-th call once armed; swept over submit and completion.
 */
 #include <string.h>
 
@@ -374,34 +371,8 @@ static void test_cmalloc(void) {
   ASSERT_EQ(op_runtime_free(rt_c) & ~OP_ESCRIPT, 0);
 }
 
-/* When malloc fails, a VM's allocator gives back the small blocks it
-** keeps (alloc.c) and asks once more: what it keeps may be what malloc
-** lacks. */
-static void test_kept_blocks(void) {
-#if !defined(__SANITIZE_ADDRESS__) /* nothing is kept under ASan */
-  op_vmem mem;
-  lua_State *L;
-  lua_Alloc f;
-  void *ud, *p;
-
-  memset(&mem, 0, sizeof mem);
-  ASSERT((L = op__vm_new(&mem)) != NULL);
-  f = lua_getallocf(L, &ud);
-  ASSERT((p = f(ud, NULL, LUA_TTABLE, 64)) != NULL);
-  f(ud, p, 64, 0);
-  ASSERT_EQ(mem.nfree, 72);
-  atomic_store(&fail_in, 1); /* the next malloc fails */
-  ASSERT((p = f(ud, NULL, LUA_TTABLE, 200)) != NULL);
-  ASSERT_EQ(atomic_load(&fail_in), 0);
-  ASSERT_EQ(mem.nfree, 0);
-  f(ud, p, 200, 0);
-  op__vm_close(L, &mem);
-#endif
-}
-
 int main(void) {
   setvbuf(stdout, NULL, _IOLBF, 0);
-  test_kept_blocks();
   sweep("runtime start", run_start);
   sweep("worker start", run_worker_start);
   test_handlers();
