@@ -45,9 +45,10 @@
 ** parked task wakes its worker when it is queued: its submitter is gone.
 ** A post is a system call that costs 10-25 us on a VM when the worker's
 ** CPU is idle; it then falls between handlers instead of inside the one
-** that offloads. A worker that is awake meanwhile takes the task anyway. launch and schedule wake at
-** once: their caller goes on, maybe in C or in another coroutine, where
-** nothing could post for it (a count hook was tried: it sees neither).
+** that offloads. A worker that is awake meanwhile takes the task anyway.
+** launch and schedule wake at once: their caller goes on, maybe in C or
+** in another coroutine, where nothing could post for it (a count hook was
+** tried: it sees neither).
 **
 ** Lua tasks are held the same way while the queue is deep (HOLD_DEPTH):
 ** the workers have work for a while, and a loop thread that takes the
@@ -109,10 +110,11 @@
 ** than the loop thread may use CPUs (a pool that waits rather than
 ** computes: one CPU fewer costs it nothing) keeps its workers off the CPU
 ** the loop thread ran on when the first such pool started (place(), then
-** each worker's keep_off(); workers start with the loop thread's CPUs). The loop thread is not pinned: the kernel keeps a
-** thread that wakes up on its last CPU when that CPU is idle, and nothing
-** else of ours runs there. Smaller pools, which may be computing on every
-** CPU, are left where the kernel puts them.
+** each worker's keep_off(); workers start with the loop thread's CPUs).
+** The loop thread is not pinned: the kernel keeps a thread that wakes up
+** on its last CPU when that CPU is idle, and nothing else of ours runs
+** there. Smaller pools, which may be computing on every CPU, are left
+** where the kernel puts them.
 **
 ** Workers run under SCHED_BATCH where there is one (Linux): the kernel
 ** then does not let a worker that wakes up preempt the loop thread on

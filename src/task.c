@@ -1008,6 +1008,7 @@ static void task_end(op_ltask *lt, int state) {
 
 /* Stop lt early with code (OP_ECANCELED or OP_ETIMEDOUT). */
 static void task_stop(op_ltask *lt, int code) {
+  const char *why = code == OP_ETIMEDOUT ? "timeout" : "cancelled";
   op_wait_id w;
 
   if (lt->state >= OP_TASK_DONE)
@@ -1018,12 +1019,10 @@ static void task_stop(op_ltask *lt, int code) {
       op__pool_stop_task(lt->t.pool, &lt->t, code);
     if ((w = lt->submit_wait) != 0) {
       lt->submit_wait = 0;
-      op__wait_cancel(lt->rt, w, code == OP_ETIMEDOUT ? "timeout" : "cancelled",
-                      code);
+      op__wait_cancel(lt->rt, w, why, code);
     }
   } else if (lt->co != NULL && lt->co->wait != 0) {
-    op__wait_cancel(lt->rt, lt->co->wait,
-                    code == OP_ETIMEDOUT ? "timeout" : "cancelled", code);
+    op__wait_cancel(lt->rt, lt->co->wait, why, code);
   }
   maybe_release(lt);
 }
