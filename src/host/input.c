@@ -9,9 +9,10 @@
 ** DESIGN
 **
 ** Each source reads into its own line splitter and hands complete lines to
-** the engine in src_pump() (h->deliver, which engine.c installs), at most
-** HOST_PUMP_BATCH per loop turn (sources take turns; host_pump_soon()
-** carries on the next turn). Reading is on
+** the engine in src_pump() (h->deliver, which engine.c installs):
+** HOST_PUMP_BATCH per loop turn, more while the turn is under HOST_PUMP_NS
+** (host_pump_take(); sources take turns, host_pump_soon() carries on the
+** next turn). Reading is on
 ** only while the splitter holds no complete line (a file: few lines) and
 ** the engine is not blocked, so a blocked engine stops every input:
 **
@@ -53,7 +54,7 @@
 #define UDP_BATCH  16
 #define UDP_DGRAM  65536
 
-static void src_pump(src *s, int *budget);
+static void src_pump(src *s, pump_budget *b);
 static void stream_alloc_cb(uv_handle_t *hd, size_t suggested, uv_buf_t *b);
 static void stream_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *b);
 static void udp_poll_cb(uv_poll_t *p, int status, int events);
@@ -258,7 +259,7 @@ static void pause_note(host *h) {
   }
 }
 
-static void src_pump(src *s, int *budget) {
+static void src_pump(src *s, pump_budget *b) {
   host *h = s->h;
   const char *line;
   size_t len;
@@ -267,11 +268,11 @@ static void src_pump(src *s, int *budget) {
   if (s->closing || s->kind == SRC_TCP_SERVER)
     return;
   if (s->kind == SRC_RSTREAM) {
-    rstream_pump(s, budget);
+    rstream_pump(s, b);
     pause_note(h);
     return;
   }
-  while (!engine_blocked(h) && *budget > 0) {
+  while (!engine_blocked(h) && host_pump_take(b)) {
     r = ls_next(&s->ls, s->eof, &line, &len);
     if (r == LS_NONE) {
       if (s->eof) {
@@ -292,7 +293,6 @@ static void src_pump(src *s, int *budget) {
       continue;
     }
     h->deliver(h, s, line, len);
-    (*budget)--;
     if (s->closing)
       return;
   }
@@ -307,16 +307,17 @@ static void src_pump(src *s, int *budget) {
 ** is h->pump. */
 static void pump_all(host *h) {
   src *s, *next;
-  int more = 0, budget;
+  int more = 0;
+  uint64_t t0 = uv_hrtime();
+  pump_budget b;
 
   if (h->pumping)
     return;
   h->pumping = 1;
   for (s = h->srcs; s != NULL; s = s->next) {
-    budget = HOST_PUMP_BATCH;
-    src_pump(s, &budget);
-    if (budget == 0)
-      more = 1;
+    host_pump_budget(&b, t0);
+    src_pump(s, &b);
+    more |= b.spent;
   }
   h->pumping = 0;
   for (s = h->srcs; s != NULL; s = next) {
@@ -337,12 +338,13 @@ void input_setup(host *h) {
 /* After new bytes arrived on s: hand them over now, and go on next turn
 ** if the batch was used up. */
 static void src_fed(src *s) {
-  int budget = HOST_PUMP_BATCH;
+  pump_budget b;
 
   if (s->h->pumping)
     return;
-  src_pump(s, &budget);
-  if (budget == 0)
+  host_pump_budget(&b, uv_hrtime());
+  src_pump(s, &b);
+  if (b.spent)
     host_pump_soon(s->h);
 }
 

@@ -78,6 +78,38 @@ check "long line: reported with its line number" contains "$T/err" "$T/long.txt 
 check "long line: counted" contains "$T/err" "too long 1"
 
 # --output writes to a file; a table is written as JSON.
+# Slow handlers still let the loop turn: a coroutine that yields with
+# sleep(0) is resumed within two loop turns, so at most 2 x 64 records
+# pass in between when every handler outlasts the turn's 100 us.
+cat > "$T/turns.lua" <<'EOF'
+local offpath = require "offpath"
+local n, since, most, resumes = 0, 0, 0, 0
+function on_start()
+  offpath.go(function()
+    while n < 1000 do
+      offpath.sleep(0)
+      resumes = resumes + 1
+      most = math.max(most, since)
+      since = 0
+    end
+  end)
+end
+function on_event()
+  n, since = n + 1, since + 1
+  local t = offpath.now() + 200e-6
+  while offpath.now() < t do end
+end
+function on_stop()
+  print(resumes, most)
+end
+EOF
+seq 1 1000 > "$T/thousand.txt"
+"$OFFPATH" run "$T/turns.lua" --input "$T/thousand.txt" > "$T/out" 2> "$T/err"
+check "slow handlers: exit 0" test $? = 0
+read -r resumes most < "$T/out"
+check "slow handlers: the coroutine ran meanwhile" test "${resumes:-0}" -ge 7
+check "slow handlers: at most 128 records between its turns" test "${most:-999}" -le 128
+
 printf 'function on_event(e, r) e:emit({line = r, n = #r}) end\n' > "$T/tbl.lua"
 printf 'abc\n' | "$OFFPATH" run "$T/tbl.lua" --output "$T/o.json" > "$T/out" 2> "$T/err"
 check "output file: JSON record" test "$(cat "$T/o.json")" = '{"line":"abc","n":3}'
