@@ -67,24 +67,6 @@ void host_pump_soon(host *h) {
     uv_idle_start(&h->pump_idle, pump_cb);
 }
 
-void host_pump_budget(pump_budget *b, uint64_t t0) {
-  b->left = HOST_PUMP_BATCH;
-  b->spent = 0;
-  b->t0 = t0;
-}
-
-int host_pump_take(pump_budget *b) {
-  if (b->left == 0) {
-    if (uv_hrtime() - b->t0 >= HOST_PUMP_NS) {
-      b->spent = 1;
-      return 0;
-    }
-    b->left = HOST_PUMP_BATCH;
-  }
-  b->left--;
-  return 1;
-}
-
 static void stop_cb(uv_timer_t *t) {
   host *h = t->data;
 

@@ -20,8 +20,8 @@
 #define HOST_MAX_INPUTS  64
 #define HOST_MAX_LINE    (1024 * 1024) /* longer lines are dropped */
 #define HOST_OUT_HIGH    (8u << 20)    /* output bytes that pause inputs */
-#define HOST_PUMP_BATCH  64            /* records per source per turn, */
-#define HOST_PUMP_NS     100000        /* then more while the turn is short */
+#define HOST_PUMP_BATCH  64            /* records per source per round */
+#define HOST_PUMP_NS     100000        /* rounds while a pump is younger */
 #define HOST_REPORTS_SEC 20            /* error messages printed per second */
 #define HOST_LAT_SAMPLE  16            /* fast records: 1 in 16 timed */
 #define HOST_LAT_FAST_NS 1000          /* fast: no suspension, under 1 us */
@@ -328,24 +328,6 @@ void host_report_flush(host *h);
 /* Records may move again (a handler ended, output drained, a stream read
 ** entries): pump the inputs (h->pump) on the next loop turn. */
 void host_pump_soon(host *h);
-
-/* How many records a source may still hand over in this loop turn. A loop
-** turn costs microseconds (a poll with no timeout, the idle and timer
-** phases), as much as ten trivial handlers: so a source gets
-** HOST_PUMP_BATCH records, and batches more while less than HOST_PUMP_NS
-** has passed since t0, the start of the pump. Slow handlers still give
-** the loop its turn after HOST_PUMP_BATCH records. */
-typedef struct pump_budget {
-  int left;      /* records before the next look at the clock */
-  uint8_t spent; /* host_pump_take() said no: the source may have more */
-  uint64_t t0;   /* uv_hrtime() when the pump began */
-} pump_budget;
-
-/* A budget of HOST_PUMP_BATCH for a pump that began at t0. */
-void host_pump_budget(pump_budget *b, uint64_t t0);
-/* Whether one more record may go now: spends one, refilling a spent budget
-** while the turn is young; else sets b->spent. */
-int host_pump_take(pump_budget *b);
 /* Stop on the next loop turn (h->stop), as on a first SIGINT: from inside
 ** a handler, whose input is being read. */
 void host_stop_soon(host *h);
@@ -433,7 +415,7 @@ static inline int engine_blocked(const host *h) {
 /* Make s (a new SRC_RSTREAM source) the consumer that spec names.
 ** Returns 0, or -1 with a message in err (s is left as it was). */
 int rstream_open(src *s, const char *spec, char *err, size_t errlen);
-void rstream_pump(src *s, pump_budget *b);
+void rstream_pump(src *s, int *budget);
 void rstream_read(src *s);
 void rstream_close(src *s);
 void rstream_destroy(src *s);

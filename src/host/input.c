@@ -9,12 +9,16 @@
 ** DESIGN
 **
 ** Each source reads into its own line splitter and hands complete lines to
-** the engine in src_pump() (h->deliver, which engine.c installs):
-** HOST_PUMP_BATCH per loop turn, more while the turn is under HOST_PUMP_NS
-** (host_pump_take(); sources take turns, host_pump_soon() carries on the
-** next turn). Reading is on
-** only while the splitter holds no complete line (a file: few lines) and
-** the engine is not blocked, so a blocked engine stops every input:
+** the engine in src_pump() (h->deliver, which engine.c installs),
+** HOST_PUMP_BATCH at a time. A loop turn costs microseconds (a poll, the
+** idle and timer phases), as much as ten trivial handlers, so pump_all()
+** goes round the sources, a batch each, while one has more and less than
+** HOST_PUMP_NS has passed since the pump began; slow handlers still let
+** the loop turn after one round. A read callback hands over one batch
+** (src_fed). What is left waits for the next turn (host_pump_soon()).
+** Reading is on only while the splitter holds no complete line (a file:
+** few lines) and the engine is not blocked, so a blocked engine stops
+** every input:
 **
 **   file    one uv_fs_read (libuv's threads) of up to READ_MAX bytes at
 **           a time, the next one when less than READ_CHUNK bytes of lines
@@ -54,7 +58,7 @@
 #define UDP_BATCH  16
 #define UDP_DGRAM  65536
 
-static void src_pump(src *s, pump_budget *b);
+static void src_pump(src *s, int *budget);
 static void stream_alloc_cb(uv_handle_t *hd, size_t suggested, uv_buf_t *b);
 static void stream_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *b);
 static void udp_poll_cb(uv_poll_t *p, int status, int events);
@@ -259,7 +263,7 @@ static void pause_note(host *h) {
   }
 }
 
-static void src_pump(src *s, pump_budget *b) {
+static void src_pump(src *s, int *budget) {
   host *h = s->h;
   const char *line;
   size_t len;
@@ -268,11 +272,11 @@ static void src_pump(src *s, pump_budget *b) {
   if (s->closing || s->kind == SRC_TCP_SERVER)
     return;
   if (s->kind == SRC_RSTREAM) {
-    rstream_pump(s, b);
+    rstream_pump(s, budget);
     pause_note(h);
     return;
   }
-  while (!engine_blocked(h) && host_pump_take(b)) {
+  while (!engine_blocked(h) && *budget > 0) {
     r = ls_next(&s->ls, s->eof, &line, &len);
     if (r == LS_NONE) {
       if (s->eof) {
@@ -293,6 +297,7 @@ static void src_pump(src *s, pump_budget *b) {
       continue;
     }
     h->deliver(h, s, line, len);
+    (*budget)--;
     if (s->closing)
       return;
   }
@@ -303,22 +308,27 @@ static void src_pump(src *s, pump_budget *b) {
   src_want(s, need);
 }
 
-/* Pump every source, each a batch; go on next turn if one has more. This
-** is h->pump. */
+/* Pump the sources in rounds, each a batch per round, while one has more
+** and the pump has run under HOST_PUMP_NS; go on next turn if one still
+** has more. This is h->pump. */
 static void pump_all(host *h) {
   src *s, *next;
-  int more = 0;
-  uint64_t t0 = uv_hrtime();
-  pump_budget b;
+  int more, budget;
+  uint64_t t0;
 
   if (h->pumping)
     return;
   h->pumping = 1;
-  for (s = h->srcs; s != NULL; s = s->next) {
-    host_pump_budget(&b, t0);
-    src_pump(s, &b);
-    more |= b.spent;
-  }
+  t0 = uv_hrtime();
+  do {
+    more = 0;
+    for (s = h->srcs; s != NULL; s = s->next) {
+      budget = HOST_PUMP_BATCH;
+      src_pump(s, &budget);
+      if (budget == 0)
+        more = 1;
+    }
+  } while (more && uv_hrtime() - t0 < HOST_PUMP_NS);
   h->pumping = 0;
   for (s = h->srcs; s != NULL; s = next) {
     next = s->next;
@@ -338,13 +348,12 @@ void input_setup(host *h) {
 /* After new bytes arrived on s: hand them over now, and go on next turn
 ** if the batch was used up. */
 static void src_fed(src *s) {
-  pump_budget b;
+  int budget = HOST_PUMP_BATCH;
 
   if (s->h->pumping)
     return;
-  host_pump_budget(&b, uv_hrtime());
-  src_pump(s, &b);
-  if (b.spent)
+  src_pump(s, &budget);
+  if (budget == 0)
     host_pump_soon(s->h);
 }
 

@@ -883,7 +883,7 @@ static void push_entry(lua_State *L, const rentry *e) {
 }
 
 /* Hand queued entries to on_event while the engine takes them. */
-void rstream_pump(src *s, pump_budget *b) {
+void rstream_pump(src *s, int *budget) {
   rstream *rs = s->rs;
   host *h = rs->h;
   lua_State *L = h->L;
@@ -891,8 +891,7 @@ void rstream_pump(src *s, pump_budget *b) {
   rentry *e;
   int rc;
 
-  while (!engine_blocked(h) && (e = rs->queue.head) != NULL &&
-         host_pump_take(b)) {
+  while (!engine_blocked(h) && *budget > 0 && (e = rs->queue.head) != NULL) {
     list_remove(&rs->queue, e);
     e->where = E_NONE;
     s->lineno++;
@@ -908,6 +907,7 @@ void rstream_pump(src *s, pump_budget *b) {
     e->where = E_FLIGHT;
     push_entry(L, e);
     rc = h->deliver_entry(h, s, e->data, e->len, e, err, sizeof err);
+    (*budget)--;
     if (rc == 0) {
       host_report(h, "input %s entry %s: %s", s->name, e->id, err);
       dead_letter(e, err);
