@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: MIT
 # host-inputs.sh - records from stdin (a pipe, a file), files, a FIFO and
 # several inputs at once; line splitting (CRLF, blank lines, a last line
-# without a newline, lines too long); the engine methods in the summary.
+# without a newline, lines too long); how inputs take turns with each
+# other and with the loop; the engine methods in the summary.
 # LABELS: host
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 . "$(dirname "$0")/_host.sh"
