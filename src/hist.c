@@ -93,7 +93,7 @@ uint64_t op__hist_count_le(const op_hist *h, uint64_t ns) {
 /* ---- the interval clock ---- */
 
 #define NS_MARK       ((uint64_t)1 << 63)      /* a reading in ns, not ticks */
-#define CAL_FIRST_NS  50000000u                /* first rate after 50 ms */
+#define CAL_FIRST_NS  10000000u                /* first rate after 10 ms */
 #define CAL_WINDOW_NS ((uint64_t)60000000000u) /* then over the last 60 s */
 #define CAL_SLACK     20000 /* ticks: counter reads around a clock read */
 
@@ -188,12 +188,22 @@ static uint64_t ticks_ns(const op_ticker *k, uint64_t d) {
 #endif
 }
 
+/* A reading in ns was taken at now: measure the rate if the counter is
+** usable and the anchor is old enough. Costs no clock read before that. */
+static void calibrate_ns(op_ticker *k, uint64_t now) {
+  if (k->ok && k->mult == 0 && now > k->ns0 && now - k->ns0 >= CAL_FIRST_NS)
+    calibrate(k);
+}
+
 uint64_t op__ticker_span(op_ticker *k, uint64_t from, uint64_t to) {
   if ((from ^ to) & NS_MARK) /* the rate became known between them */
     return op__ticker_since(k, from);
-  if (to <= from)
-    return 0;
-  return (to & NS_MARK) ? to - from : ticks_ns(k, to - from);
+  if (to & NS_MARK) {
+    /* A user of spans alone (the C API's pools) measures the rate too. */
+    calibrate_ns(k, to & ~NS_MARK);
+    return to > from ? to - from : 0;
+  }
+  return to > from ? ticks_ns(k, to - from) : 0;
 }
 
 uint64_t op__ticker_since(op_ticker *k, uint64_t from) {
@@ -202,8 +212,7 @@ uint64_t op__ticker_since(op_ticker *k, uint64_t from) {
   if (from & NS_MARK) {
     now = uv_hrtime();
     from &= ~NS_MARK;
-    if (k->ok && k->mult == 0)
-      calibrate(k);
+    calibrate_ns(k, now);
     return now > from ? now - from : 0;
   }
   now = counter();

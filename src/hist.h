@@ -36,7 +36,7 @@ uint64_t op__hist_count_le(const op_hist *h, uint64_t ns);
 ** Where the CPU's time-stamp counter runs at a constant rate (x86 with an
 ** invariant TSC) a reading is that counter, which costs a third of a
 ** clock_gettime() on a virtual machine (10 against 26 ns here, twice per
-** handler resume); its rate is measured against uv_hrtime() once 50 ms
+** handler resume); its rate is measured against uv_hrtime() once 10 ms
 ** have passed, again each time the span has doubled, and past a minute
 ** over the last minute or two. Until then, and where there is no such
 ** counter, a reading is uv_hrtime() (marked, so an interval that began
@@ -55,7 +55,7 @@ uint64_t op__ticker_read(const op_ticker *k);
 ** as across CPUs whose counters differ). May measure the rate. */
 uint64_t op__ticker_since(op_ticker *k, uint64_t from);
 /* Nanoseconds from the reading from to the later reading to (0 if to is
-** not later). */
+** not later). May measure the rate, from the clock read in to. */
 uint64_t op__ticker_span(op_ticker *k, uint64_t from, uint64_t to);
 
 #endif

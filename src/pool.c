@@ -1303,12 +1303,12 @@ static void ctask_complete(op_task *t) {
 
   if (!rt->hold_submits) {
     rt->hold_submits = 1;
-    rt->hold_since = uv_hrtime();
+    rt->hold_since = op__ticker_read(&rt->ticker);
   } else if ((++rt->hold_n & 15) == 0 &&
-             uv_hrtime() - rt->hold_since > HOLD_NS) {
+             op__ticker_since(&rt->ticker, rt->hold_since) > HOLD_NS) {
     op__pool_release(rt); /* a long batch queues what it held so far */
     rt->hold_submits = 1;
-    rt->hold_since = uv_hrtime();
+    rt->hold_since = op__ticker_read(&rt->ticker);
   }
   /* Keep it for the next op_submit: no malloc per C task. */
   if (rt->nfree_ctasks < MAX_FREE_CTASKS) {
