@@ -198,11 +198,14 @@ static void calibrate_ns(op_ticker *k, uint64_t now) {
 uint64_t op__ticker_span(op_ticker *k, uint64_t from, uint64_t to) {
   if ((from ^ to) & NS_MARK) /* the rate became known between them */
     return op__ticker_since(k, from);
+  /* A user of spans alone (the C API's pools) measures the rate too, and
+  ** again when it is due, as op__ticker_since does. */
   if (to & NS_MARK) {
-    /* A user of spans alone (the C API's pools) measures the rate too. */
     calibrate_ns(k, to & ~NS_MARK);
     return to > from ? to - from : 0;
   }
+  if (to >= k->recal)
+    calibrate(k);
   return to > from ? ticks_ns(k, to - from) : 0;
 }
 
