@@ -760,7 +760,7 @@ struct op_runtime {
   int held;            /* it held Lua tasks for a deep queue (pool.c) */
   int wakes_later;     /* a pool has wake_later posts to make (pool.c) */
   unsigned hold_n;     /* C completions while holding (pool.c) */
-  uint64_t hold_since; /* when holding began: a reading of ticker (pool.c) */
+  uint64_t hold_since; /* when holding began, by rt->ticker (pool.c) */
   uint64_t nsubmits;   /* tasks submitted (loop thread) */
   uint64_t yield_mark; /* nsubmits at the last yield */
   int woke_worker;     /* a submit woke a sleeping worker */
